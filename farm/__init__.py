@@ -1,0 +1,138 @@
+"""farm: an inference farm for llama.cpp models built on Celery.
+
+A request's path, module by module:
+
+    farm.infer() / farm.submit() / `farm submit`      (farm/: no llama.cpp needed)
+      -> request.py   validate fields and ranges into one Request
+      -> submit.py    model known? fits its context? a live worker? record usage "queued",
+                      then Celery send_task to the model's queue at the request's priority
+      -> queue.py     queue names, priority mapping, the Celery app and transport options
+           ... Redis ...
+      -> workers/main.py   `farm worker`: loads the model, warms it up, then consumes
+      -> workers/tasks.py  the Celery task: runs one job, streams tokens, records usage once
+      -> workers/host.py   ModelHost: the llama.cpp model and the generation loop
+      -> results.py   Job.stream() / Job.result(): tokens and the Completion come back
+      -> registry/    tables, migrations and queries: models, workers, leases, usage
+
+Example:
+
+    import farm
+    c = farm.infer("Why is the sky blue?", model="gemma3-270m", priority="high")
+    print(c.text, c.usage.completion_tokens)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal, overload
+
+from farm.errors import (
+    FarmError,
+    FarmUnavailable,
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    JobTimeout,
+    NoLiveWorker,
+    UnknownJob,
+    UnknownModel,
+)
+from farm.request import Message, Request
+from farm.results import Completion, Job, Timings, Usage
+
+__all__ = [
+    "Completion",
+    "FarmError",
+    "FarmUnavailable",
+    "InvalidRequest",
+    "Job",
+    "JobCancelled",
+    "JobFailed",
+    "JobTimeout",
+    "Message",
+    "NoLiveWorker",
+    "Request",
+    "Stream",
+    "Timings",
+    "UnknownJob",
+    "UnknownModel",
+    "Usage",
+    "infer",
+    "job",
+    "submit",
+]
+
+
+class Stream:
+    """Tokens of a running job as they are generated; `.completion` is set at the end."""
+
+    def __init__(self, job: Job, timeout: float | None):
+        self.job = job
+        self._tokens = job.stream(timeout)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._tokens
+
+    @property
+    def completion(self) -> Completion | None:
+        return self.job.completion
+
+
+def submit(
+    prompt: str | None = None,
+    *,
+    model: str,
+    messages: list[dict[str, str]] | None = None,
+    priority: Literal["high", "normal", "low"] = "normal",
+    session: str = "default",
+    wait_for_worker: float = 0.0,
+    **params: Any,
+) -> Job:
+    """Queue a prompt (or chat `messages`) for `model` and return its Job at once.
+
+    `params` are sampling and stopping fields, flat (`temperature=0.2, max_tokens=64`) or
+    nested (`sampling={...}, stopping={...}`).
+
+    Raises InvalidRequest, UnknownModel, NoLiveWorker or FarmUnavailable; in each case
+    nothing was queued.
+    """
+    from farm.submit import build, submit_request
+
+    request = build(
+        prompt, model=model, messages=messages, priority=priority, session=session, **params
+    )
+    return submit_request(request, wait_for_worker=wait_for_worker)
+
+
+@overload
+def infer(
+    prompt: str | None = ..., *, stream: Literal[False] = ..., **kwargs: Any
+) -> Completion: ...
+@overload
+def infer(prompt: str | None = ..., *, stream: Literal[True], **kwargs: Any) -> Stream: ...
+def infer(
+    prompt: str | None = None,
+    *,
+    stream: bool = False,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Completion | Stream:
+    """Run a prompt and wait for it: the Completion, or with `stream=True` its tokens.
+
+    Takes the same arguments as `submit`. Raises what `submit` raises, then JobFailed,
+    JobCancelled, or JobTimeout after `timeout` seconds.
+
+        for token in farm.infer("Count to five", model="gemma3-270m", stream=True):
+            print(token, end="", flush=True)
+    """
+    job_ = submit(prompt, **kwargs)
+    if stream:
+        return Stream(job_, timeout)
+    return job_.result(timeout)
+
+
+def job(job_id: str) -> Job:
+    """The Job with this id (to check its status, wait for it or cancel it)."""
+    j = Job(job_id)
+    j.status()  # raises UnknownJob for an id the registry has never seen
+    return j

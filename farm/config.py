@@ -1,0 +1,159 @@
+"""farm's settings: one typed object, read from `FARM_*` environment variables.
+
+With nothing set, farm runs on the embedded default: `farm up` starts a local
+Redis-compatible server and writes its address to `<home>/farm.json`; every other command
+finds it there. `FARM_BROKER_URL` and `FARM_DATABASE_URL` switch every command to real
+servers instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from farm.errors import ConfigError, FarmUnavailable
+
+
+def _default_home() -> Path:
+    return Path.home() / ".local" / "share" / "farm"
+
+
+class Settings(BaseSettings):
+    """Everything farm can be configured with. Each field is `FARM_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FARM_", extra="ignore")
+
+    home: Path = Field(
+        default_factory=_default_home,
+        description="Folder for the embedded farm: its state file, broker data and SQLite registry.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker (Redis). Unset: use the farm that `farm up` started here.",
+    )
+    result_url: str | None = Field(
+        default=None,
+        description="Celery result backend and token streams (Redis). Unset: the broker's URL.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the registry. Unset: SQLite at <home>/registry.db.",
+    )
+    default_model: str = Field(
+        default="gemma3-270m", description="Model used when a command names none."
+    )
+    flower_user: str = Field(default="farm", description="Flower's basic-auth user.")
+    flower_password: str | None = Field(
+        default=None, description="Flower's basic-auth password. Unset: Flower refuses to start."
+    )
+    connect_timeout: float = Field(
+        default=3.0, gt=0, description="Seconds to wait for the broker before giving up."
+    )
+    visibility_timeout: int = Field(
+        default=3600,
+        gt=0,
+        description="Seconds before Redis redelivers an unacknowledged job. Must exceed "
+        "job_time_limit, or long generations run twice.",
+    )
+    job_time_limit: int = Field(
+        default=1800, gt=0, description="Hard limit in seconds on one job's generation."
+    )
+    job_expires: int = Field(
+        default=3600,
+        gt=0,
+        description="Seconds a queued job may wait before it is dropped instead of run.",
+    )
+    stream_ttl: int = Field(
+        default=3600, gt=0, description="Seconds a job's token stream is kept after it ends."
+    )
+    heartbeat_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between a worker's lease renewals."
+    )
+    lease_ttl: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a lease lives without renewal; after that the worker counts as lost.",
+    )
+    log_prompts: bool = Field(
+        default=False, description="Show prompts in logs and Flower. Off: prompts are user data."
+    )
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> Settings:
+        if self.job_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                f"FARM_JOB_TIME_LIMIT ({self.job_time_limit}s) must be below "
+                f"FARM_VISIBILITY_TIMEOUT ({self.visibility_timeout}s), or Redis hands a long "
+                "job to a second worker while the first still runs it"
+            )
+        if self.lease_ttl <= self.heartbeat_interval:
+            raise ValueError("FARM_LEASE_TTL must be longer than FARM_HEARTBEAT_INTERVAL")
+        return self
+
+    # -- derived --------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        """Where a running `farm up` records its broker's address."""
+        return self.home / "farm.json"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'registry.db'}"
+
+    def resolved_broker_url(self) -> str:
+        """The broker to use: FARM_BROKER_URL, else the embedded farm running here."""
+        if self.broker_url:
+            return self.broker_url
+        state = read_state(self.state_file)
+        if state is None:
+            raise FarmUnavailable(
+                "no farm is running here: start one with `farm up` in another shell, "
+                "or set FARM_BROKER_URL to your Redis (e.g. redis://host:6379/0)"
+            )
+        return str(state["broker_url"])
+
+    def resolved_result_url(self) -> str:
+        return self.result_url or self.resolved_broker_url()
+
+
+def read_state(path: Path) -> dict[str, object] | None:
+    """The state file of a running embedded farm, or None when none runs."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = state.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return None
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    try:
+        return Settings()
+    except ValueError as e:
+        raise ConfigError(f"invalid farm settings: {e}") from e
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and `farm up` change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,65 @@
+"""The connections one process keeps: settings, the Celery app, Redis and the registry URL.
+
+Built lazily on first use and shared by the client, the CLI and the worker, so that every
+part of a process talks to the same farm with the same transport options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+from celery import Celery
+
+from farm.config import Settings, get_settings, reset_settings
+from farm.queue import make_app
+
+
+@dataclass
+class FarmContext:
+    settings: Settings
+
+    @cached_property
+    def broker_url(self) -> str:
+        return self.settings.resolved_broker_url()
+
+    @cached_property
+    def result_url(self) -> str:
+        return self.settings.result_url or self.broker_url
+
+    @cached_property
+    def database_url(self) -> str:
+        return self.settings.resolved_database_url()
+
+    @cached_property
+    def app(self) -> Celery:
+        return make_app(self.settings, self.broker_url, self.result_url)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """Redis for token streams and cancel flags (the result backend's server)."""
+        return redis.Redis.from_url(
+            self.result_url,
+            socket_connect_timeout=self.settings.connect_timeout,
+            decode_responses=True,
+        )
+
+
+_context: FarmContext | None = None
+
+
+def get_context() -> FarmContext:
+    global _context
+    if _context is None:
+        _context = FarmContext(get_settings())
+    return _context
+
+
+def reset_context() -> None:
+    """Forget settings and connections (after the environment changed)."""
+    global _context
+    if _context is not None and "app" in _context.__dict__:
+        _context.app.close()
+    _context = None
+    reset_settings()

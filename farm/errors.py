@@ -1,0 +1,74 @@
+"""Every error farm raises on purpose, in one tree.
+
+    FarmError                  base of everything below; catch this to catch all of farm's errors
+    +-- ConfigError            settings are missing or contradict each other
+    +-- FarmUnavailable        the broker or the registry cannot be reached
+    +-- InvalidRequest         a request field is unknown, missing or out of range (names the field)
+    +-- UnknownModel           the model is not in the registry (lists the known ones)
+    +-- ModelExists            `farm models add` for a name that is already registered
+    +-- NoLiveWorker           no worker holds a live lease for the model (says how to start one)
+    +-- UnknownJob             a job id the farm has no record of
+    +-- JobError               base of what happens to a job after it was queued
+        +-- JobFailed          the worker could not serve the job (prompt too long, engine error)
+        +-- JobCancelled       the job was cancelled before or while it ran
+        +-- JobTimeout         the caller stopped waiting; the job may still run
+    +-- WorkerStartError       `farm worker` cannot start: model file missing or not a GGUF
+
+Every message says what was wrong and what to do next. Errors raised on a worker travel to
+the client through Celery's JSON result backend, which rebuilds them from this module, so the
+worker-side errors live here and not in `workers/`.
+"""
+
+from __future__ import annotations
+
+
+class FarmError(Exception):
+    """Base class of every error farm raises on purpose."""
+
+
+class ConfigError(FarmError):
+    """Settings are missing or contradict each other."""
+
+
+class FarmUnavailable(FarmError):
+    """The broker or the registry cannot be reached."""
+
+
+class InvalidRequest(FarmError):
+    """A request field is unknown, missing or out of range."""
+
+
+class UnknownModel(FarmError):
+    """The model is not in the registry."""
+
+
+class ModelExists(FarmError):
+    """A model with this name is already registered."""
+
+
+class NoLiveWorker(FarmError):
+    """No worker holds a live lease for the model."""
+
+
+class UnknownJob(FarmError):
+    """The farm has no record of this job id."""
+
+
+class JobError(FarmError):
+    """Something happened to a job after it was queued."""
+
+
+class JobFailed(JobError):
+    """The worker could not serve the job."""
+
+
+class JobCancelled(JobError):
+    """The job was cancelled."""
+
+
+class JobTimeout(JobError):
+    """The caller stopped waiting for the job; it may still run."""
+
+
+class WorkerStartError(FarmError):
+    """A worker cannot start serving its model."""

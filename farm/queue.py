@@ -1,0 +1,126 @@
+"""Queues, priorities, Redis keys and the Celery app: the one place that names them.
+
+Nothing else in farm builds a queue name or a Redis key by string formatting.
+
+Priorities on the Redis transport: each queue is ten Redis lists, one per priority step,
+and the worker pops from the lowest number first, so **0 is the highest priority** (the
+reverse of RabbitMQ). The named priorities map onto those steps here and nowhere else.
+A message sent with no priority gets `DEFAULT_PRIORITY` (normal) from Celery; kombu would
+otherwise file it under 0 and let it jump the queue.
+
+The transport options below must be the same in clients, workers and Flower: a producer
+with ten steps and a consumer with kombu's default four would strand messages for good.
+They are built by `transport_options()` and every Celery app farm makes uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from farm.config import Settings
+from farm.request import Priority
+
+# -- priorities -------------------------------------------------------------------------
+PRIORITY_STEPS: list[int] = list(range(10))
+PRIORITIES: dict[str, int] = {"high": 0, "normal": 5, "low": 9}
+DEFAULT_PRIORITY = PRIORITIES["normal"]
+
+
+def priority_number(priority: Priority) -> int:
+    """The broker's number for a named priority (0 is served first)."""
+    return PRIORITIES[priority]
+
+
+def priority_name(number: int) -> str:
+    """The named priority nearest to a broker number, for display."""
+    return min(PRIORITIES, key=lambda name: abs(PRIORITIES[name] - number))
+
+
+# -- names ----------------------------------------------------------------------------
+TASK_NAME = "farm.generate"
+QUEUE_PREFIX = "farm.model."
+KEY_PREFIX = "farm:"
+
+
+def queue_name(model: str) -> str:
+    """The Celery queue a model's jobs go to. Model names never contain the transport's sep."""
+    return f"{QUEUE_PREFIX}{model}"
+
+
+def model_of_queue(queue: str) -> str | None:
+    return queue.removeprefix(QUEUE_PREFIX) if queue.startswith(QUEUE_PREFIX) else None
+
+
+def priority_list_key(model: str, step: int) -> str:
+    """The Redis list holding a model's queued jobs at one priority step (kombu's layout)."""
+    # kombu's Redis transport names the list `<queue>` for step 0 and `<queue><sep><step>`
+    # otherwise, with sep = "\x06\x16" (its default, which farm keeps).
+    return queue_name(model) if step == 0 else f"{queue_name(model)}\x06\x16{step}"
+
+
+def stream_key(job_id: str) -> str:
+    """The Redis stream a job's tokens and final event are written to."""
+    return f"{KEY_PREFIX}job:{job_id}:stream"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set when a job is cancelled; the worker checks it before and between tokens."""
+    return f"{KEY_PREFIX}job:{job_id}:cancel"
+
+
+# -- the Celery app -----------------------------------------------------------------------
+def transport_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "queue_order_strategy": "priority",
+        "priority_steps": PRIORITY_STEPS,
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        # How long a publish may retry before the client reports the broker as unreachable.
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 1,
+    }
+
+
+def make_app(settings: Settings, broker_url: str, result_url: str | None = None) -> Celery:
+    """The Celery app shared by clients, workers and Flower."""
+    app = Celery("farm", broker=broker_url, backend=result_url or broker_url)
+    app.conf.update(
+        # JSON only, on the wire and in results: never pickle.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        broker_transport_options=transport_options(settings),
+        result_backend_transport_options={"socket_connect_timeout": settings.connect_timeout},
+        redis_socket_connect_timeout=settings.connect_timeout,
+        broker_connection_timeout=settings.connect_timeout,
+        broker_connection_retry_on_startup=True,
+        task_default_priority=DEFAULT_PRIORITY,
+        task_default_queue="farm.default",
+        task_create_missing_queues=True,
+        # Priority holds only if a worker holds no job beyond the one it runs.
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        task_time_limit=settings.job_time_limit,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+        result_expires=24 * 3600,
+        result_extended=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        enable_utc=True,
+    )
+    return app

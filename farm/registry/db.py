@@ -1,0 +1,116 @@
+"""Engines, sessions and migrations for the registry.
+
+SQLite (WAL mode) by default, PostgreSQL through FARM_DATABASE_URL. The caller owns the
+transaction: `transaction()` opens one and commits it when the block ends; query functions
+in `queries.py` take the session and never commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from farm.errors import ConfigError, FarmUnavailable
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str) -> Engine:
+    """One engine per database URL for the life of the process."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; farm installs psycopg 3.
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return create_engine(url, pool_pre_ping=True, connect_args=_connect_timeout(parsed))
+
+
+def _connect_timeout(parsed: Any) -> dict[str, Any]:
+    return {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # WAL with synchronous=NORMAL stays consistent after a crash and skips an fsync per commit.
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+@lru_cache(maxsize=8)
+def _sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[Session]:
+    """A session whose work is committed when the block ends and rolled back on error."""
+    try:
+        with _sessionmaker(url).begin() as session:
+            yield session
+    except OperationalError as e:
+        raise FarmUnavailable(
+            f"cannot use the registry at {_safe(url)}: {e.orig}; check FARM_DATABASE_URL "
+            "and run `farm db upgrade`"
+        ) from e
+
+
+def _safe(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# -- migrations -----------------------------------------------------------------------------
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the registry's schema up to `revision` (creating the database file if needed)."""
+    from alembic import command
+
+    cfg = alembic_config(url)
+    with get_engine(url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def require_schema(url: str) -> None:
+    """Raise a clear error when the registry has not been migrated yet."""
+    try:
+        with get_engine(url).connect() as conn:
+            migrated = inspect(conn).has_table("alembic_version")
+    except OperationalError as e:
+        raise FarmUnavailable(f"cannot reach the registry at {_safe(url)}: {e.orig}") from e
+    if not migrated:
+        raise ConfigError(
+            f"the registry at {_safe(url)} has no tables yet: run `farm db upgrade` "
+            "(or `farm up`, which does it for you)"
+        )

@@ -1,0 +1,278 @@
+"""Reads and writes on the registry. Every function takes the caller's session; none commits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from farm.errors import ModelExists, UnknownModel
+from farm.registry.tables import (
+    TERMINAL_STATUSES,
+    LeaseRecord,
+    ModelRecord,
+    UsageRecord,
+    WorkerRecord,
+    utcnow,
+)
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def add_model(
+    s: Session,
+    *,
+    name: str,
+    path: str,
+    n_ctx: int = 4096,
+    n_gpu_layers: int = -1,
+    chat_format: str | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> ModelRecord:
+    if s.scalar(select(ModelRecord).where(ModelRecord.name == name)) is not None:
+        raise ModelExists(
+            f"a model named '{name}' is already registered; remove it first with "
+            f"`farm models remove {name}` or pick another name"
+        )
+    record = ModelRecord(
+        name=name,
+        path=path,
+        n_ctx=n_ctx,
+        n_gpu_layers=n_gpu_layers,
+        chat_format=chat_format,
+        defaults=defaults or {},
+        enabled=True,
+    )
+    s.add(record)
+    s.flush()
+    return record
+
+
+def list_models(s: Session) -> list[ModelRecord]:
+    return list(s.scalars(select(ModelRecord).order_by(ModelRecord.name)))
+
+
+def get_model(s: Session, name: str) -> ModelRecord:
+    """The enabled model called `name`, or UnknownModel listing the known ones."""
+    record = s.scalar(select(ModelRecord).where(ModelRecord.name == name))
+    if record is None or not record.enabled:
+        known = ", ".join(m.name for m in list_models(s) if m.enabled) or "none yet"
+        raise UnknownModel(
+            f"unknown model '{name}'; known: {known}; add one with `farm models add NAME PATH.gguf`"
+        )
+    return record
+
+
+def remove_model(s: Session, name: str) -> None:
+    record = get_model(s, name)
+    s.delete(record)
+
+
+# -- workers and leases ----------------------------------------------------------------------
+
+
+def register_worker(
+    s: Session, *, worker_id: str, host: str, pid: int, device: str, versions: dict[str, Any]
+) -> WorkerRecord:
+    """Record a worker (again, if a previous process used the same id)."""
+    worker = s.get(WorkerRecord, worker_id)
+    if worker is None:
+        worker = WorkerRecord(id=worker_id)
+        s.add(worker)
+    now = utcnow()
+    worker.host, worker.pid, worker.device, worker.versions = host, pid, device, versions
+    worker.state, worker.current_job, worker.started_at, worker.heartbeat_at = (
+        "starting",
+        None,
+        now,
+        now,
+    )
+    s.flush()
+    return worker
+
+
+def take_lease(s: Session, *, worker_id: str, model: str, device: str, ttl: float) -> None:
+    """The worker holds `model`: only called once the model is loaded and warmed up."""
+    now = utcnow()
+    s.execute(
+        delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id, LeaseRecord.model == model)
+    )
+    s.add(
+        LeaseRecord(
+            worker_id=worker_id,
+            model=model,
+            device=device,
+            acquired_at=now,
+            expires_at=now + timedelta(seconds=ttl),
+        )
+    )
+    s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id).values(state="ready"))
+
+
+def heartbeat(s: Session, *, worker_id: str, ttl: float) -> int:
+    """Renew the worker's leases; returns how many it holds."""
+    now = utcnow()
+    s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id).values(heartbeat_at=now))
+    result = s.execute(
+        update(LeaseRecord)
+        .where(LeaseRecord.worker_id == worker_id)
+        .values(expires_at=now + timedelta(seconds=ttl))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def set_worker_job(s: Session, *, worker_id: str, job_id: str | None) -> None:
+    s.execute(
+        update(WorkerRecord)
+        .where(WorkerRecord.id == worker_id)
+        .values(current_job=job_id, state="busy" if job_id else "ready")
+    )
+
+
+def release_worker(s: Session, *, worker_id: str) -> None:
+    """The worker stopped: drop its leases and mark it stopped."""
+    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
+    s.execute(
+        update(WorkerRecord)
+        .where(WorkerRecord.id == worker_id)
+        .values(state="stopped", current_job=None)
+    )
+
+
+def live_leases(s: Session, model: str | None = None) -> list[LeaseRecord]:
+    query = select(LeaseRecord).where(LeaseRecord.expires_at > utcnow())
+    if model is not None:
+        query = query.where(LeaseRecord.model == model)
+    return list(s.scalars(query.order_by(LeaseRecord.model, LeaseRecord.worker_id)))
+
+
+def list_workers(s: Session) -> list[WorkerRecord]:
+    return list(s.scalars(select(WorkerRecord).order_by(WorkerRecord.id)))
+
+
+def mark_lost_workers(s: Session) -> list[str]:
+    """Workers whose leases all expired without a clean stop are lost. Returns their ids."""
+    live = select(LeaseRecord.worker_id).where(LeaseRecord.expires_at > utcnow())
+    lost = list(
+        s.scalars(
+            select(WorkerRecord.id).where(
+                WorkerRecord.state.in_(("ready", "busy")), WorkerRecord.id.not_in(live)
+            )
+        )
+    )
+    if lost:
+        s.execute(update(WorkerRecord).where(WorkerRecord.id.in_(lost)).values(state="lost"))
+        s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id.in_(lost)))
+    return lost
+
+
+# -- usage ------------------------------------------------------------------------------------
+
+
+def _insert_ignoring_duplicates(s: Session, values: dict[str, Any]) -> None:
+    dialect = s.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    s.execute(
+        insert(UsageRecord).values(**values).on_conflict_do_nothing(index_elements=["job_id"])
+    )
+
+
+def record_queued(
+    s: Session, *, job_id: str, session: str, model: str, priority: str, submitted_at: datetime
+) -> None:
+    _insert_ignoring_duplicates(
+        s,
+        {
+            "job_id": job_id,
+            "session": session,
+            "model": model,
+            "priority": priority,
+            "status": "queued",
+            "submitted_at": submitted_at,
+        },
+    )
+
+
+def record_started(
+    s: Session,
+    *,
+    job_id: str,
+    session: str,
+    model: str,
+    priority: str,
+    worker_id: str,
+    submitted_at: datetime,
+) -> bool:
+    """Mark the job running on `worker_id`. False when it already ended (a redelivery)."""
+    record_queued(
+        s, job_id=job_id, session=session, model=model, priority=priority, submitted_at=submitted_at
+    )
+    result = s.execute(
+        update(UsageRecord)
+        .where(UsageRecord.job_id == job_id, UsageRecord.status.not_in(TERMINAL_STATUSES))
+        .values(status="running", worker_id=worker_id, started_at=utcnow())
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def record_finished(s: Session, *, job_id: str, status: str, **fields: Any) -> bool:
+    """Complete the job's usage row once; a second delivery of the same job changes nothing.
+
+    Returns True when this call wrote the row.
+    """
+    assert status in TERMINAL_STATUSES, status
+    result = s.execute(
+        update(UsageRecord)
+        .where(UsageRecord.job_id == job_id, UsageRecord.status.not_in(TERMINAL_STATUSES))
+        .values(status=status, finished_at=utcnow(), **fields)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def get_usage(s: Session, job_id: str) -> UsageRecord | None:
+    return s.scalar(select(UsageRecord).where(UsageRecord.job_id == job_id))
+
+
+def delete_usage(s: Session, job_id: str) -> None:
+    s.execute(delete(UsageRecord).where(UsageRecord.job_id == job_id))
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    session: str
+    model: str
+    jobs: int
+    succeeded: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    generation_ms: float
+
+
+def usage_totals(s: Session, *, session: str | None = None) -> list[UsageTotal]:
+    """Jobs and tokens per session and model."""
+    succeeded = func.sum(case((UsageRecord.status == "succeeded", 1), else_=0))
+    failed = func.sum(case((UsageRecord.status == "failed", 1), else_=0))
+    query = select(
+        UsageRecord.session,
+        UsageRecord.model,
+        func.count(),
+        succeeded,
+        failed,
+        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.generation_ms), 0.0),
+    ).group_by(UsageRecord.session, UsageRecord.model)
+    if session is not None:
+        query = query.where(UsageRecord.session == session)
+    rows = s.execute(query.order_by(UsageRecord.session, UsageRecord.model)).all()
+    return [
+        UsageTotal(
+            r[0], r[1], int(r[2]), int(r[3] or 0), int(r[4] or 0), int(r[5]), int(r[6]), float(r[7])
+        )
+        for r in rows
+    ]

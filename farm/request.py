@@ -1,0 +1,161 @@
+"""The unit of work: one validated request that crosses the wire as plain JSON.
+
+A request has three parts, kept apart on purpose:
+
+- routing and accounting: `model`, `priority`, `session` (never passed to llama.cpp);
+- the input: a raw `prompt` or chat `messages` (exactly one);
+- generation: `sampling` (how tokens are drawn) and `stopping` (when generation ends).
+
+Both the nested form `{"sampling": {...}, "stopping": {...}}` and the flat form
+`{"temperature": 0.2, "max_tokens": 64}` are accepted; the flat one is folded into the
+nested one. Unknown fields and out-of-range values are refused with a message naming the
+field, before anything is queued.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.errors import InvalidRequest
+
+Priority = Literal["high", "normal", "low"]
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MODEL_NAME_RULE = "1-64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+MAX_TOKENS_LIMIT = 32768
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(_Strict):
+    """How the next token is drawn. None means the model's default, then llama.cpp's."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    repeat_penalty: float | None = Field(default=None, ge=0.0, le=10.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    penalty_last_n: int | None = Field(
+        default=None, ge=0, le=MAX_TOKENS_LIMIT, description="tokens the penalties look back on"
+    )
+    mirostat_mode: Literal[0, 1, 2] | None = None
+    mirostat_tau: float | None = Field(default=None, gt=0.0, le=20.0)
+    mirostat_eta: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+
+
+class Stopping(_Strict):
+    """When generation ends: whichever comes first."""
+
+    stop: tuple[str, ...] = Field(default=(), max_length=16)
+    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
+    max_time_ms: int | None = Field(default=None, gt=0, le=24 * 3600 * 1000)
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+
+SAMPLING_FIELDS = frozenset(Sampling.model_fields)
+STOPPING_FIELDS = frozenset(Stopping.model_fields)
+
+
+class Request(_Strict):
+    """One prompt for one model. Build it with `make_request` to get farm's error messages."""
+
+    model: str = Field(description="registered model name")
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    sampling: Sampling = Sampling()
+    stopping: Stopping = Stopping()
+    priority: Priority = "normal"
+    session: str = Field(default="default", min_length=1, max_length=128)
+    submitted_at: float | None = Field(
+        default=None, description="client clock at submit, epoch seconds; set by submit"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_flat_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for group, names in (("sampling", SAMPLING_FIELDS), ("stopping", STOPPING_FIELDS)):
+            flat = {k: data.pop(k) for k in list(data) if k in names}
+            if not flat:
+                continue
+            nested = data.get(group) or {}
+            if isinstance(nested, BaseModel):
+                nested = nested.model_dump(exclude_defaults=True)
+            both = sorted(set(flat) & set(nested))
+            if both:
+                raise ValueError(f"{', '.join(both)} given both flat and inside '{group}'")
+            data[group] = {**nested, **flat}
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not MODEL_NAME_RE.match(v):
+            raise ValueError(f"model names are {MODEL_NAME_RULE}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Request:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must hold at least one message")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("'prompt' must not be empty")
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-safe dict that travels as the task's argument."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def make_request(data: dict[str, Any]) -> Request:
+    """Validate `data` into a Request, or raise InvalidRequest naming each bad field."""
+    try:
+        return Request.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequest(describe_errors(e)) from e
+
+
+def describe_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown field '{loc}'; see `farm submit --help` for the known ones")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        got = ""
+        if err["loc"] and err["type"] != "missing" and not isinstance(err.get("input"), dict):
+            shown = repr(err.get("input"))
+            got = f" (got {shown[:40] + '...' if len(shown) > 40 else shown})"
+        if not err["loc"]:
+            lines.append(f"invalid request: {msg}")
+        else:
+            lines.append(f"invalid '{loc}': {msg}{got}")
+    return "; ".join(lines)

