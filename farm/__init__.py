@@ -4,7 +4,7 @@ A request's path, module by module:
 
     farm.infer() / farm.submit() / `farm submit`      (farm/: no llama.cpp needed)
       -> request.py   validate fields and ranges into one Request
-      -> submit.py    model known? fits its context? a live worker? record usage "queued",
+      -> enqueue.py   model known? fits its context? a live worker? record usage "queued",
                       then Celery send_task to the model's queue at the request's priority
       -> queue.py     queue names, priority mapping, the Celery app and transport options
            ... Redis ...
@@ -96,7 +96,7 @@ def submit(
     Raises InvalidRequest, UnknownModel, NoLiveWorker or FarmUnavailable; in each case
     nothing was queued.
     """
-    from farm.submit import build, submit_request
+    from farm.enqueue import build, submit_request
 
     request = build(
         prompt, model=model, messages=messages, priority=priority, session=session, **params

@@ -7,6 +7,7 @@ with exit status 1; nothing is half-queued.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -95,7 +96,7 @@ def submit(
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for the result")] = None,
 ) -> None:
     """Queue a prompt; print its tokens as they are generated."""
-    from farm.submit import build, submit_request
+    from farm.enqueue import build, submit_request
 
     text = sys.stdin.read() if prompt == "-" else prompt
     params = {
@@ -158,10 +159,8 @@ def _follow(job: Any, *, as_json: bool, timeout: float | None) -> None:
         # The user gave up on the answer: stop the generation instead of letting it burn on.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         cancelled = False
-        try:
+        with contextlib.suppress(FarmError):
             cancelled = job.cancel()
-        except FarmError:
-            pass
         err.print(
             f"\n[yellow]interrupted[/]: job {job.id} "
             + ("cancelled" if cancelled else "had already ended"),
@@ -224,7 +223,7 @@ def up(
         reset_context()
         err.print('[green]farm is up[/]: try `farm submit "Why is the sky blue?"` in another shell')
         if ask is not None:
-            from farm.submit import build, submit_request
+            from farm.enqueue import build, submit_request
 
             job = submit_request(build(ask, model=farm_.models[0]))
             _follow(job, as_json=False, timeout=None)
@@ -339,7 +338,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     from farm.registry import queries, transaction
 
     with transaction(_db_url()) as s:
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "name": m.name,
                 "path": m.path,

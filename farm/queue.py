@@ -5,8 +5,9 @@ Nothing else in farm builds a queue name or a Redis key by string formatting.
 Priorities on the Redis transport: each queue is ten Redis lists, one per priority step,
 and the worker pops from the lowest number first, so **0 is the highest priority** (the
 reverse of RabbitMQ). The named priorities map onto those steps here and nowhere else.
-A message sent with no priority gets `DEFAULT_PRIORITY` (normal) from Celery; kombu would
-otherwise file it under 0 and let it jump the queue.
+A message sent with no priority gets `DEFAULT_PRIORITY` (normal) from `route_job`, a Celery
+router; kombu would otherwise file it under 0 and let it jump the queue. (Celery's
+`task_default_priority` covers `apply_async` only, not `send_task` by name.)
 
 The transport options below must be the same in clients, workers and Flower: a producer
 with ten steps and a consumer with kombu's default four would strand messages for good.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from farm.config import Settings
 from farm.request import Priority
@@ -85,9 +87,32 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def route_job(
+    name: str, args: Any, kwargs: Any, options: dict[str, Any], **_: Any
+) -> dict[str, Any]:
+    """Celery router: a job sent without a priority is normal; explicit options win."""
+    return {"priority": DEFAULT_PRIORITY} if name == TASK_NAME else {}
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend, minus the pub/sub subscription made on every send.
+
+    farm's clients wait on the job's token stream, not on Celery's result channel; the
+    subscription cost a round trip per submit and, with Redis down, a 20-second reconnect
+    loop that ends with "the Celery application must be restarted".
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+RESULT_BACKEND = f"{__name__}.{ResultBackend.__name__}"
+
+
 def make_app(settings: Settings, broker_url: str, result_url: str | None = None) -> Celery:
     """The Celery app shared by clients, workers and Flower."""
-    app = Celery("farm", broker=broker_url, backend=result_url or broker_url)
+    backend = f"{RESULT_BACKEND}+{result_url or broker_url}"
+    app = Celery("farm", broker=broker_url, backend=backend)
     app.conf.update(
         # JSON only, on the wire and in results: never pickle.
         task_serializer="json",
@@ -101,6 +126,7 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
         broker_connection_timeout=settings.connect_timeout,
         broker_connection_retry_on_startup=True,
         task_default_priority=DEFAULT_PRIORITY,
+        task_routes=(route_job,),
         task_default_queue="farm.default",
         task_create_missing_queues=True,
         # Priority holds only if a worker holds no job beyond the one it runs.

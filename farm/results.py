@@ -109,7 +109,7 @@ class Job:
                     )
                 block_ms = max(1, min(block_ms, int(left * 1000)))
             try:
-                reply = r.xread({key: last}, block=block_ms, count=256)
+                reply: Any = r.xread({key: last}, block=block_ms, count=256)
             except redis.RedisError as e:
                 raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
             if not reply:

@@ -59,7 +59,7 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
         models = queries.list_models(s)
         leases = queries.live_leases(s)
         workers = queries.list_workers(s)
-        model_rows = [
+        model_rows: list[dict[str, Any]] = [
             {
                 "name": m.name,
                 "enabled": m.enabled,

@@ -135,7 +135,9 @@ class FarmUnderTest:
             os.environ[key] = self.env[key]
         reset_context()
 
-    def farm(self, *args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    def farm(
+        self, *args: str, timeout: float = 120, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
         """Run the `farm` CLI against this farm."""
         return subprocess.run(
             [sys.executable, "-m", "farm.cli", *args],
@@ -155,8 +157,9 @@ class FarmUnderTest:
         self.workers.append(proc)
         return proc
 
-    def wait_for_lease(self, model: str = MODEL, proc: subprocess.Popen[bytes] | None = None,
-                       timeout: float = 90) -> None:
+    def wait_for_lease(
+        self, model: str = MODEL, proc: subprocess.Popen[bytes] | None = None, timeout: float = 90
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:

@@ -6,7 +6,7 @@ import sys
 
 def test_import_farm_does_not_load_llama_cpp_or_workers():
     code = (
-        "import sys, farm, farm.cli, farm.submit, farm.results, farm.status, farm.embedded\n"
+        "import sys, farm, farm.cli, farm.enqueue, farm.results, farm.status, farm.embedded\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'workers'))\n"
         "print(','.join(bad))\n"
     )

@@ -20,7 +20,7 @@ def test_high_priority_is_served_first_on_redis():
 
 def test_each_named_priority_has_its_own_step():
     assert set(PRIORITIES.values()) <= set(PRIORITY_STEPS)
-    assert PRIORITY_STEPS == list(range(10))
+    assert list(range(10)) == PRIORITY_STEPS
     assert {priority_name(n) for n in PRIORITIES.values()} == set(PRIORITIES)
 
 

@@ -112,7 +112,11 @@ def test_usage_totals_per_session_and_model(migrated_db):
             [("alice", "succeeded", 5), ("alice", "succeeded", 7), ("bob", "failed", 0)]
         ):
             queries.record_queued(
-                s, job_id=f"j{i}", session=session, model="gemma", priority="normal",
+                s,
+                job_id=f"j{i}",
+                session=session,
+                model="gemma",
+                priority="normal",
                 submitted_at=now,
             )
             queries.record_finished(

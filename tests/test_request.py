@@ -9,7 +9,12 @@ from farm.request import make_request
 def test_flat_and_nested_forms_build_the_same_request():
     flat = make_request({"model": "m", "prompt": "hi", "temperature": 0.2, "max_tokens": 9})
     nested = make_request(
-        {"model": "m", "prompt": "hi", "sampling": {"temperature": 0.2}, "stopping": {"max_tokens": 9}}
+        {
+            "model": "m",
+            "prompt": "hi",
+            "sampling": {"temperature": 0.2},
+            "stopping": {"max_tokens": 9},
+        }
     )
     assert flat == nested
     assert flat.sampling.temperature == 0.2
@@ -21,11 +26,24 @@ def test_every_sampling_and_stopping_field_is_accepted():
         {
             "model": "m",
             "prompt": "hi",
-            "temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.1, "typical_p": 0.95,
-            "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5,
-            "penalty_last_n": 32, "mirostat_mode": 2, "mirostat_tau": 4.0, "mirostat_eta": 0.2,
-            "seed": 7, "stop": ["\n\n"], "max_tokens": 5, "max_time_ms": 1000,
-            "priority": "high", "session": "alice",
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 20,
+            "min_p": 0.1,
+            "typical_p": 0.95,
+            "repeat_penalty": 1.1,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "penalty_last_n": 32,
+            "mirostat_mode": 2,
+            "mirostat_tau": 4.0,
+            "mirostat_eta": 0.2,
+            "seed": 7,
+            "stop": ["\n\n"],
+            "max_tokens": 5,
+            "max_time_ms": 1000,
+            "priority": "high",
+            "session": "alice",
         }
     )
     wire = req.to_wire()
@@ -68,7 +86,9 @@ def test_unknown_fields_are_refused_by_name():
 
 def test_a_field_given_flat_and_nested_is_refused():
     with pytest.raises(InvalidRequest, match="temperature given both flat and inside 'sampling'"):
-        make_request({"model": "m", "prompt": "hi", "temperature": 1, "sampling": {"temperature": 1}})
+        make_request(
+            {"model": "m", "prompt": "hi", "temperature": 1, "sampling": {"temperature": 1}}
+        )
 
 
 def test_exactly_one_of_prompt_and_messages():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import JobFailed, WorkerStartError
-from farm.request import SAMPLING_FIELDS, Message, Request
+from farm.request import SAMPLING_FIELDS, Message, Request, Stopping
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ class ModelHost:
 
     def warm_up(self) -> None:
         """One short generation, so the first real job does not pay for first-use costs."""
-        self.generate(Request(model=self.spec.name, prompt="Hello", stopping={"max_tokens": 1}))
+        self.generate(
+            Request(model=self.spec.name, prompt="Hello", stopping=Stopping(max_tokens=1))
+        )
 
     def close(self) -> None:
         if self.llm is not None:

@@ -147,7 +147,7 @@ class JobRunner:
 
     def _previous_completion(self, job_id: str) -> dict[str, Any] | None:
         """The Completion an earlier delivery of this job already produced, if still kept."""
-        last = self.ctx.redis.xrevrange(stream_key(job_id), count=1)
+        last: Any = self.ctx.redis.xrevrange(stream_key(job_id), count=1)
         if last and last[0][1].get("kind") == DONE:
             return Completion.model_validate_json(last[0][1]["completion"]).model_dump(mode="json")
         return None

@@ -175,7 +175,7 @@ def mark_lost_workers(s: Session) -> list[str]:
 
 def _insert_ignoring_duplicates(s: Session, values: dict[str, Any]) -> None:
     dialect = s.get_bind().dialect.name
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
     s.execute(
         insert(UsageRecord).values(**values).on_conflict_do_nothing(index_elements=["job_id"])
     )

@@ -35,6 +35,7 @@ def submit_request(
     giving up with NoLiveWorker (0: fail at once when none does).
     """
     ctx = ctx or get_context()
+    ctx.broker_url  # noqa: B018 - fails first, and clearly, when no farm is running here
     _check_servable(ctx, request, wait_for_worker)
     job_id = str(uuid.uuid4())
     now = time.time()

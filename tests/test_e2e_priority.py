@@ -1,0 +1,55 @@
+"""The priority proof: with the worker busy, 5 low then 5 high jobs are queued, and every
+high job runs before any low one. A job sent with no priority waits behind high ones.
+"""
+
+import pytest
+from sqlalchemy import select
+
+import farm
+from farm.context import get_context
+from farm.queue import TASK_NAME, queue_name
+from farm.registry import transaction
+from farm.registry.tables import UsageRecord
+from farm.status import job_status, queue_depths
+from tests.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_until_running(job: farm.Job) -> None:
+    stream = job.stream(timeout=60)
+    next(stream)  # the first token: the worker is on it
+
+
+def test_high_priority_jobs_overtake_queued_low_ones(farm_client):
+    busy = farm.submit("Tell me a long story about the sea.", model=MODEL, max_tokens=150)
+    wait_until_running(busy)
+    lows = [farm.submit(f"low {i}", model=MODEL, priority="low", max_tokens=2) for i in range(5)]
+    # A message that names no priority must not jump the queue: it gets "normal".
+    request = farm.Request(model=MODEL, prompt="no priority", stopping={"max_tokens": 2})
+    plain = get_context().app.send_task(
+        TASK_NAME, args=[request.to_wire()], queue=queue_name(MODEL)
+    )
+    highs = [farm.submit(f"high {i}", model=MODEL, priority="high", max_tokens=2) for i in range(5)]
+
+    depth = queue_depths(get_context(), [MODEL])[MODEL]
+    assert depth == {"high": 5, "normal": 1, "low": 5}
+    assert job_status(highs[0].id)["position"] == 1
+    assert job_status(lows[-1].id)["position"] == 11
+
+    for job in [busy, *lows, *highs]:
+        job.result(timeout=120)
+    plain.get(timeout=60)
+
+    with transaction(farm_client.database_url) as s:
+        started = {
+            row.job_id: row.started_at
+            for row in s.scalars(
+                select(UsageRecord).where(
+                    UsageRecord.job_id.in_([j.id for j in lows + highs] + [plain.id])
+                )
+            )
+        }
+    last_high = max(started[j.id] for j in highs)
+    first_low = min(started[j.id] for j in lows)
+    assert last_high < started[plain.id] < first_low

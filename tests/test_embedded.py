@@ -1,0 +1,76 @@
+"""`farm up` with nothing configured: its own broker, a SQLite registry, a Gemma worker;
+other `farm` commands find it with no flags; Ctrl-C stops it all."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def bare_env(home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update({"FARM_HOME": str(home), "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def farm(env, *args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_farm_up_ask_once_answers_a_prompt_and_stops(tmp_path):
+    r = farm(bare_env(tmp_path), "up", "--ask", "Why is the sky blue?", "--once", timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()  # the streamed answer
+    assert "farm is up" in r.stderr and "farm stopped" in r.stderr
+    assert not (tmp_path / "farm.json").exists()
+
+
+def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
+    env = bare_env(tmp_path)
+    r = farm(env, "submit", "hi")
+    assert r.returncode == 1 and "no farm is running here: start one with `farm up`" in r.stderr
+
+    up = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert up.stderr is not None
+        for line in up.stderr:
+            if "farm is up" in line:
+                break
+        else:
+            pytest.fail(f"farm up exited with {up.wait()}")
+        state = json.loads((tmp_path / "farm.json").read_text())
+        assert state["broker_url"].startswith("redis://127.0.0.1:")
+
+        r = farm(env, "submit", "Hello", "--max-tokens", "4", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["usage"]["completion_tokens"] > 0
+
+        second = farm(env, "up")
+        assert second.returncode == 1 and "a farm is already running here" in second.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    assert up.returncode == 0
+    assert not (tmp_path / "farm.json").exists()
+    deadline = time.monotonic() + 5
+    while farm(env, "submit", "hi").returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "no farm is running here" in farm(env, "submit", "hi").stderr

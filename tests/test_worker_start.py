@@ -1,0 +1,64 @@
+"""A worker whose model cannot load exits non-zero with the reason and holds no lease."""
+
+import subprocess
+import sys
+
+import pytest
+
+from farm.registry import queries, transaction, upgrade
+
+
+@pytest.fixture
+def env(tmp_path, redis_url):
+    db = f"sqlite:///{tmp_path / 'registry.db'}"
+    upgrade(db)
+    return db, {
+        "FARM_HOME": str(tmp_path),
+        "FARM_BROKER_URL": redis_url,
+        "FARM_DATABASE_URL": db,
+        "PATH": "/usr/bin:/bin",
+    }
+
+
+def run_worker(env, model):
+    return subprocess.run(
+        [sys.executable, "-m", "workers", "--model", model],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, "does not exist"), (b"not a model at all", "is not a GGUF file")],
+)
+def test_a_missing_or_non_gguf_model_file_stops_the_worker(env, tmp_path, content, expected):
+    db, environ = env
+    path = tmp_path / "broken.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    with transaction(db) as s:
+        queries.add_model(s, name="broken", path=str(path))
+    r = run_worker(environ, "broken")
+    assert r.returncode == 2
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    with transaction(db) as s:
+        assert queries.live_leases(s) == [] and queries.list_workers(s) == []
+
+
+def test_a_model_missing_from_the_registry_stops_the_worker(env):
+    _, environ = env
+    r = run_worker(environ, "nope")
+    assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
+
+
+def test_a_truncated_gguf_is_refused_by_llama_cpp(env, tmp_path):
+    db, environ = env
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    with transaction(db) as s:
+        queries.add_model(s, name="truncated", path=str(path))
+    r = run_worker(environ, "truncated")
+    assert r.returncode == 2 and "could not load model 'truncated'" in r.stderr
