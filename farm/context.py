@@ -6,7 +6,7 @@ part of a process talks to the same farm with the same transport options.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
@@ -19,6 +19,8 @@ from farm.queue import make_app
 @dataclass
 class FarmContext:
     settings: Settings
+    # model -> (monotonic expiry, context size): models recently seen served by a live worker.
+    servable: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     @cached_property
     def broker_url(self) -> str:

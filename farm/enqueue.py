@@ -70,17 +70,26 @@ def submit_request(
     return Job(job_id, request.model, ctx)
 
 
+SERVABLE_CACHE_S = 1.0
+
+
 def _check_servable(ctx: FarmContext, request: Request, wait_for_worker: float) -> None:
+    """Raise unless the model is known, the request fits it, and a live worker serves it.
+
+    A model seen served is trusted for SERVABLE_CACHE_S, which keeps two registry reads
+    off every submit in a burst; a job that still finds no worker expires from its queue.
+    """
+    cached = ctx.servable.get(request.model)
+    if cached is not None and cached[0] > time.monotonic():
+        _check_fits(request, request.model, cached[1])
+        return
     deadline = time.monotonic() + wait_for_worker
     while True:
         with transaction(ctx.database_url) as s:
             model = queries.get_model(s, request.model)
-            if request.stopping.max_tokens > model.n_ctx:
-                raise InvalidRequest(
-                    f"invalid 'stopping.max_tokens': {request.stopping.max_tokens} is more than "
-                    f"model '{model.name}' can hold (context {model.n_ctx} tokens)"
-                )
+            _check_fits(request, model.name, model.n_ctx)
             if queries.live_leases(s, request.model):
+                ctx.servable[model.name] = (time.monotonic() + SERVABLE_CACHE_S, model.n_ctx)
                 return
         if time.monotonic() >= deadline:
             raise NoLiveWorker(
@@ -89,6 +98,14 @@ def _check_servable(ctx: FarmContext, request: Request, wait_for_worker: float) 
                 "--wait-for-worker SECONDS to wait for one"
             )
         time.sleep(0.25)
+
+
+def _check_fits(request: Request, model: str, n_ctx: int) -> None:
+    if request.stopping.max_tokens > n_ctx:
+        raise InvalidRequest(
+            f"invalid 'stopping.max_tokens': {request.stopping.max_tokens} is more than "
+            f"model '{model}' can hold (context {n_ctx} tokens)"
+        )
 
 
 def _argsrepr(request: Request, ctx: FarmContext) -> str:

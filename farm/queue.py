@@ -16,6 +16,7 @@ They are built by `transport_options()` and every Celery app farm makes uses it.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from celery import Celery
@@ -133,7 +134,9 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
         worker_prefetch_multiplier=1,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_track_started=True,
+        # No STARTED state nor task-sent event: each is a Redis round trip on every job's
+        # path. Flower sees starts through worker events; farm's status is the registry's.
+        task_track_started=False,
         task_time_limit=settings.job_time_limit,
         task_publish_retry_policy={
             "max_retries": 2,
@@ -144,9 +147,31 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
         result_expires=24 * 3600,
         result_extended=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         enable_utc=True,
     )
     return app
+
+
+def requeue_unacked(app: Celery, job_id: str) -> bool:
+    """Put a job held by a dead worker back at the front of its queue, now.
+
+    Redis has no acks: kombu keeps delivered messages in its `unacked` hash and restores
+    them only after the visibility timeout. The registry knows which worker died holding
+    which job, so find that job's message and restore it with kombu's own `restore_by_tag`
+    (atomic: of several callers, one restores it). False when it is not held there.
+    """
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        client = channel.client
+        for tag, raw in client.hscan_iter(channel.unacked_key):
+            try:
+                headers = json.loads(raw)[0]["headers"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            if headers.get("id") == job_id:
+                channel.qos.restore_by_tag(tag, leftmost=True)
+                return True
+    return False

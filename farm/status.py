@@ -16,6 +16,7 @@ from rich.table import Table
 from farm.context import FarmContext, get_context
 from farm.errors import UnknownJob
 from farm.queue import PRIORITIES, PRIORITY_STEPS, priority_list_key, priority_name
+from farm.recovery import reap_lost_workers
 from farm.registry import queries, transaction
 
 
@@ -54,8 +55,8 @@ def queue_position(ctx: FarmContext, model: str, job_id: str) -> int | None:
 def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
     ctx = ctx or get_context()
     now = datetime.now(UTC)
+    reap_lost_workers(ctx)
     with transaction(ctx.database_url) as s:
-        queries.mark_lost_workers(s)
         models = queries.list_models(s)
         leases = queries.live_leases(s)
         workers = queries.list_workers(s)

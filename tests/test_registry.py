@@ -63,7 +63,9 @@ def test_a_lease_is_live_until_it_expires_then_the_worker_is_lost(migrated_db):
         s.execute(update(LeaseRecord).values(expires_at=past))
     with transaction(migrated_db) as s:
         assert queries.live_leases(s, "gemma") == []
-        assert queries.mark_lost_workers(s) == ["w1"]
+        queries.set_worker_job(s, worker_id="w1", job_id="j9")
+        assert queries.claim_lost_workers(s) == [("w1", "j9")]
+        assert queries.claim_lost_workers(s) == []  # claimed once
         assert queries.list_workers(s)[0].state == "lost"
 
 
@@ -81,9 +83,10 @@ def test_usage_is_written_once_per_job_even_when_delivered_twice(migrated_db):
     args = {"job_id": "j1", "session": "alice", "model": "gemma", "priority": "high"}
     with transaction(migrated_db) as s:
         queries.record_queued(s, submitted_at=now, **args)
-    for tokens in (10, 99):  # the second delivery must not overwrite the first
+    for tokens, before in ((10, None), (99, "succeeded")):
+        # The second delivery learns the job already ended and must not overwrite it.
         with transaction(migrated_db) as s:
-            queries.record_started(s, worker_id="w1", submitted_at=now, **args)
+            assert queries.record_started(s, worker_id="w1", submitted_at=now, **args) == before
             queries.record_finished(
                 s, job_id="j1", status="succeeded", prompt_tokens=3, completion_tokens=tokens
             )
@@ -98,7 +101,7 @@ def test_a_job_the_client_never_recorded_still_gets_one_usage_row(migrated_db):
     now = datetime.now(UTC)
     args = {"job_id": "j2", "session": "s", "model": "gemma", "priority": "normal"}
     with transaction(migrated_db) as s:
-        assert queries.record_started(s, worker_id="w1", submitted_at=now, **args)
+        assert queries.record_started(s, worker_id="w1", submitted_at=now, **args) is None
         queries.record_finished(s, job_id="j2", status="failed", error="boom")
     with transaction(migrated_db) as s:
         row = queries.get_usage(s, "j2")

@@ -15,6 +15,7 @@ import threading
 from importlib.metadata import PackageNotFoundError, version
 
 from farm.context import FarmContext
+from farm.recovery import reap_lost_workers
 from farm.registry import queries, transaction
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Membership:
                                 device=self.device,
                                 ttl=settings.lease_ttl,
                             )
+                reap_lost_workers(self.ctx)
             except Exception:
                 log.exception("heartbeat of worker %s failed; retrying", self.worker_id)
 

@@ -44,20 +44,13 @@ class JobRunner:
         request = Request.model_validate(payload)
         ctx, r = self.ctx, self.ctx.redis
         started_wall = time.time()
-        if r.exists(cancel_key(job_id)):
-            self._end(job_id, "cancelled")
-            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
-            task.update_state(state=states.REVOKED)
-            raise Ignore()
         host = self.hosts.get(request.model)
         if host is None:
-            return self._fail(
-                job_id, request, f"worker {self.worker_id} does not serve model '{request.model}'"
-            )
+            return self._fail(job_id, f"worker {self.worker_id} does not serve '{request.model}'")
 
         submitted = request.submitted_at or started_wall
         with transaction(ctx.database_url) as s:
-            fresh = queries.record_started(
+            ended = queries.record_started(
                 s,
                 job_id=job_id,
                 session=request.session,
@@ -66,13 +59,17 @@ class JobRunner:
                 worker_id=self.worker_id,
                 submitted_at=datetime.fromtimestamp(submitted, UTC),
             )
-            queries.set_worker_job(s, worker_id=self.worker_id, job_id=job_id)
-        if not fresh:
+            if ended is None:
+                queries.set_worker_job(s, worker_id=self.worker_id, job_id=job_id)
+        if ended == "cancelled":
+            log.info("job %s was cancelled while queued; skipped", job_id)
+            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            task.update_state(state=states.REVOKED)
+            raise Ignore()
+        if ended is not None:
             previous = self._previous_completion(job_id)
             if previous is not None:
                 log.warning("job %s was delivered again after it ended; not run twice", job_id)
-                with transaction(ctx.database_url) as s:
-                    queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
                 return previous
             log.warning("job %s was delivered again after it ended; running it again", job_id)
 
@@ -100,7 +97,7 @@ class JobRunner:
                 time_limit_s=ctx.settings.job_time_limit,
             )
         except JobFailed as e:
-            return self._fail(job_id, request, str(e))
+            return self._fail(job_id, str(e))
         finally:
             with transaction(ctx.database_url) as s:
                 queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
@@ -156,7 +153,7 @@ class JobRunner:
         with transaction(self.ctx.database_url) as s:
             queries.record_finished(s, job_id=job_id, status=status, **fields)
 
-    def _fail(self, job_id: str, request: Request, reason: str) -> dict[str, Any]:
+    def _fail(self, job_id: str, reason: str) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
         self._end(job_id, "failed", error=reason, worker_id=self.worker_id)
         publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)

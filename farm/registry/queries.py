@@ -154,19 +154,22 @@ def list_workers(s: Session) -> list[WorkerRecord]:
     return list(s.scalars(select(WorkerRecord).order_by(WorkerRecord.id)))
 
 
-def mark_lost_workers(s: Session) -> list[str]:
-    """Workers whose leases all expired without a clean stop are lost. Returns their ids."""
+def claim_lost_workers(s: Session) -> list[tuple[str, str | None]]:
+    """Mark workers whose leases all expired as lost, and return (worker, job it held).
+
+    Each lost worker is returned to exactly one caller (UPDATE ... RETURNING), so only one
+    process requeues its job.
+    """
     live = select(LeaseRecord.worker_id).where(LeaseRecord.expires_at > utcnow())
-    lost = list(
-        s.scalars(
-            select(WorkerRecord.id).where(
-                WorkerRecord.state.in_(("ready", "busy")), WorkerRecord.id.not_in(live)
-            )
-        )
-    )
+    rows = s.execute(
+        update(WorkerRecord)
+        .where(WorkerRecord.state.in_(("ready", "busy")), WorkerRecord.id.not_in(live))
+        .values(state="lost")
+        .returning(WorkerRecord.id, WorkerRecord.current_job)
+    ).all()
+    lost = [(str(r[0]), r[1]) for r in rows]
     if lost:
-        s.execute(update(WorkerRecord).where(WorkerRecord.id.in_(lost)).values(state="lost"))
-        s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id.in_(lost)))
+        s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id.in_([w for w, _ in lost])))
     return lost
 
 
@@ -206,17 +209,29 @@ def record_started(
     priority: str,
     worker_id: str,
     submitted_at: datetime,
-) -> bool:
-    """Mark the job running on `worker_id`. False when it already ended (a redelivery)."""
-    record_queued(
-        s, job_id=job_id, session=session, model=model, priority=priority, submitted_at=submitted_at
-    )
+) -> str | None:
+    """Mark the job running on `worker_id`.
+
+    Returns None when it now runs here, else the status it had already ended with
+    (succeeded, failed or cancelled: a redelivery, or a job cancelled while queued).
+    """
+    running = {"status": "running", "worker_id": worker_id, "started_at": utcnow()}
     result = s.execute(
         update(UsageRecord)
         .where(UsageRecord.job_id == job_id, UsageRecord.status.not_in(TERMINAL_STATUSES))
-        .values(status="running", worker_id=worker_id, started_at=utcnow())
+        .values(**running)
     )
-    return bool(getattr(result, "rowcount", 0))
+    if getattr(result, "rowcount", 0):
+        return None
+    ended = s.scalar(select(UsageRecord.status).where(UsageRecord.job_id == job_id))
+    if ended is not None:
+        return ended
+    # Sent by a producer that did not record it (celery call, a raw send_task).
+    record_queued(
+        s, job_id=job_id, session=session, model=model, priority=priority, submitted_at=submitted_at
+    )
+    s.execute(update(UsageRecord).where(UsageRecord.job_id == job_id).values(**running))
+    return None
 
 
 def record_finished(s: Session, *, job_id: str, status: str, **fields: Any) -> bool:

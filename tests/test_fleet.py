@@ -1,0 +1,115 @@
+"""The fleet on real Redis and PostgreSQL: two workers started as two hosts share a model's
+queue, show up in `farm status`, survive a kill -9 of one of them mid-job, and stop
+gracefully."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from sqlalchemy import select
+
+import farm
+from farm.registry import queries, transaction
+from farm.registry.tables import UsageRecord
+from tests.conftest import (
+    MODEL,
+    REDIS_URL,
+    FarmUnderTest,
+    drop_pg_database,
+    make_pg_database,
+    prepare_registry,
+)
+
+pytestmark = pytest.mark.e2e
+
+# Its own Redis database, so the session's other worker never takes these jobs.
+FLEET_REDIS = REDIS_URL.rsplit("/", 1)[0] + "/14"
+
+
+@pytest.fixture
+def fleet(redis_url, pg_server, tmp_path):
+    client = redis.Redis.from_url(FLEET_REDIS)
+    client.flushdb()
+    db = make_pg_database(pg_server)
+    f = FarmUnderTest(tmp_path, FLEET_REDIS, db)
+    prepare_registry(db)
+    a = f.start_worker(name="gemma3-270m@host-a")
+    b = f.start_worker(name="gemma3-270m@host-b")
+    f.wait_for_lease(proc=a)
+    deadline = time.monotonic() + 90
+    while True:
+        with transaction(db) as s:
+            if len(queries.live_leases(s, MODEL)) == 2:
+                break
+        assert time.monotonic() < deadline, "second worker never leased the model"
+        time.sleep(0.1)
+    f.activate()
+    yield f
+    f.stop_workers()
+    client.flushdb()
+    drop_pg_database(pg_server, db)
+
+
+def running_on(f: FarmUnderTest, job: farm.Job) -> str:
+    stream = job.stream(timeout=60)
+    next(stream)
+    with transaction(f.database_url) as s:
+        row = queries.get_usage(s, job.id)
+        assert row is not None and row.worker_id
+        return row.worker_id
+
+
+def test_status_shows_both_workers_sharing_the_model(fleet):
+    status = json.loads(fleet.farm("status", "--json").stdout)
+    [model] = status["models"]
+    assert model["workers"] == ["gemma3-270m@host-a", "gemma3-270m@host-b"]
+    assert {w["id"] for w in status["workers"]} == set(model["workers"])
+    assert all(w["state"] == "ready" and w["device"] == "cpu" for w in status["workers"])
+    r = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "farm.app", "inspect", "active_queues", "--json"],
+        env=fleet.env, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    queues = json.loads(r.stdout)
+    assert set(queues) == set(model["workers"])
+    assert all(q[0]["name"] == f"farm.model.{MODEL}" for q in queues.values())
+
+
+def test_a_job_on_a_killed_worker_completes_on_the_other_with_one_usage_row(fleet):
+    job = farm.submit("Tell me a long story about the sea.", model=MODEL, max_tokens=200)
+    victim = running_on(fleet, job)
+    proc = fleet.workers[0] if victim.endswith("host-a") else fleet.workers[1]
+    killed_at = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    c = farm.Job(job.id).result(timeout=120)
+    recovery = time.monotonic() - killed_at
+    print(f"\nkill -9 of {victim} mid-job: job {job.id} completed on {c.worker} "
+          f"{recovery:.1f}s later (lease ttl {fleet.env['FARM_LEASE_TTL']}s)")
+    assert c.worker != victim and c.usage.completion_tokens > 0
+    assert recovery < 60  # kombu alone would wait for the visibility timeout (an hour)
+    with transaction(fleet.database_url) as s:
+        rows = list(s.scalars(select(UsageRecord).where(UsageRecord.job_id == job.id)))
+        workers = {w.id: w.state for w in queries.list_workers(s)}
+    assert len(rows) == 1 and rows[0].status == "succeeded" and rows[0].worker_id == c.worker
+    assert workers[victim] == "lost"
+
+
+def test_sigterm_lets_the_running_generation_finish_then_drops_the_lease(fleet):
+    job = farm.submit("Tell me a long story about the sea.", model=MODEL, max_tokens=60,
+                      temperature=0)
+    worker = running_on(fleet, job)
+    proc = fleet.workers[0] if worker.endswith("host-a") else fleet.workers[1]
+    proc.send_signal(signal.SIGTERM)
+    c = job.result(timeout=120)
+    assert c.worker == worker and c.usage.completion_tokens == 60  # not cut short
+    assert proc.wait(60) == 0
+    with transaction(fleet.database_url) as s:
+        assert [lease.worker_id for lease in queries.live_leases(s, MODEL)] != [worker]
+        assert {w.id: w.state for w in queries.list_workers(s)}[worker] == "stopped"
