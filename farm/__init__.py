@@ -125,7 +125,8 @@ def infer(
         for token in farm.infer("Count to five", model="gemma3-270m", stream=True):
             print(token, end="", flush=True)
     """
-    job_ = submit(prompt, **kwargs)
+    # Without a reader for them, the worker skips writing each token to Redis.
+    job_ = submit(prompt, stream_tokens=stream, **kwargs)
     if stream:
         return Stream(job_, timeout)
     return job_.result(timeout)

@@ -85,6 +85,9 @@ class Request(_Strict):
     stopping: Stopping = Stopping()
     priority: Priority = "normal"
     session: str = Field(default="default", min_length=1, max_length=128)
+    stream_tokens: bool = Field(
+        default=True, description="write each piece of text to the job's stream as it comes"
+    )
     submitted_at: float | None = Field(
         default=None, description="client clock at submit, epoch seconds; set by submit"
     )

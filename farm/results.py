@@ -70,7 +70,11 @@ class Job:
             if row is None:
                 raise UnknownJob(f"no job with id '{self.id}'; `farm usage` lists recent jobs")
             self.model = row.model
-            return row.status
+            status = row.status
+        if status in ("queued", "running"):
+            # The worker sends the final event a moment before it writes the usage row.
+            status = stream_outcome(self._ctx.redis, self.id) or status
+        return status
 
     # -- waiting -------------------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> Completion:
@@ -170,6 +174,15 @@ class Job:
         # Workers drop revoked ids on receipt; the cancel flag covers workers that miss it.
         ctx.app.control.revoke(self.id)
         return True
+
+
+_OUTCOMES = {DONE: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}
+
+
+def stream_outcome(r: redis.Redis, job_id: str) -> str | None:
+    """succeeded, failed or cancelled when the job's stream ends with its final event."""
+    last: Any = r.xrevrange(stream_key(job_id), count=1)
+    return _OUTCOMES.get(last[0][1].get("kind")) if last else None
 
 
 def publish(

@@ -18,6 +18,7 @@ from farm.errors import UnknownJob
 from farm.queue import PRIORITIES, PRIORITY_STEPS, priority_list_key, priority_name
 from farm.recovery import reap_lost_workers
 from farm.registry import queries, transaction
+from farm.results import stream_outcome
 
 
 def queue_depths(ctx: FarmContext, models: list[str]) -> dict[str, dict[str, int]]:
@@ -106,6 +107,8 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
             "finish_reason": row.finish_reason,
             "error": row.error,
         }
+    if info["status"] in ("queued", "running"):
+        info["status"] = stream_outcome(ctx.redis, job_id) or info["status"]
     if info["status"] == "queued":
         info["position"] = queue_position(ctx, info["model"], job_id)
     return {k: v for k, v in info.items() if v is not None}

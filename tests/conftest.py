@@ -183,6 +183,27 @@ class FarmUnderTest:
         self.workers.clear()
 
 
+def finished_usage(database_url: str, job_id: str, timeout: float = 10) -> list[object]:
+    """The job's usage rows once it is written as ended.
+
+    The worker sends a job's final event before it writes the usage row, so a caller that
+    got the result may look a moment before the row is complete.
+    """
+    from sqlalchemy import select
+
+    from farm.registry.tables import TERMINAL_STATUSES, UsageRecord
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with transaction(database_url) as s:
+            rows = list(s.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id)))
+        if rows and all(r.status in TERMINAL_STATUSES for r in rows):
+            return rows  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"usage of job {job_id} not written within {timeout}s: {rows}")
+        time.sleep(0.02)
+
+
 def prepare_registry(database_url: str) -> None:
     upgrade(database_url)
     with transaction(database_url) as s:

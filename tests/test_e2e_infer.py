@@ -14,14 +14,13 @@ from farm.context import get_context
 from farm.queue import TASK_NAME, queue_name
 from farm.registry import queries, transaction
 from farm.registry.tables import UsageRecord
-from tests.conftest import MODEL
+from tests.conftest import MODEL, finished_usage
 
 pytestmark = pytest.mark.e2e
 
 
 def usage_rows(db_url: str, job_id: str) -> list[UsageRecord]:
-    with transaction(db_url) as s:
-        return list(s.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id)))
+    return finished_usage(db_url, job_id)  # type: ignore[return-value]
 
 
 def test_infer_returns_text_token_counts_and_timings(farm_client):
@@ -180,8 +179,9 @@ def _count(db_url: str) -> int:
 
 
 def test_usage_totals_reflect_finished_jobs(farm_client):
-    farm.infer("Hi", model=MODEL, session="usage-test", max_tokens=3, timeout=60)
-    farm.infer("Hi", model=MODEL, session="usage-test", max_tokens=3, timeout=60)
+    for _ in range(2):
+        c = farm.infer("Hi", model=MODEL, session="usage-test", max_tokens=3, timeout=60)
+        finished_usage(farm_client.database_url, c.job_id)
     with transaction(farm_client.database_url) as s:
         [total] = queries.usage_totals(s, session="usage-test")
     assert total.jobs == 2 and total.succeeded == 2 and total.completion_tokens > 0

@@ -11,16 +11,15 @@ import time
 
 import pytest
 import redis
-from sqlalchemy import select
 
 import farm
 from farm.registry import queries, transaction
-from farm.registry.tables import UsageRecord
 from tests.conftest import (
     MODEL,
     REDIS_URL,
     FarmUnderTest,
     drop_pg_database,
+    finished_usage,
     make_pg_database,
     prepare_registry,
 )
@@ -39,7 +38,7 @@ def fleet(redis_url, pg_server, tmp_path):
     f = FarmUnderTest(tmp_path, FLEET_REDIS, db)
     prepare_registry(db)
     a = f.start_worker(name="gemma3-270m@host-a")
-    b = f.start_worker(name="gemma3-270m@host-b")
+    f.start_worker(name="gemma3-270m@host-b")
     f.wait_for_lease(proc=a)
     deadline = time.monotonic() + 90
     while True:
@@ -72,7 +71,10 @@ def test_status_shows_both_workers_sharing_the_model(fleet):
     assert all(w["state"] == "ready" and w["device"] == "cpu" for w in status["workers"])
     r = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "farm.app", "inspect", "active_queues", "--json"],
-        env=fleet.env, capture_output=True, text=True, timeout=60,
+        env=fleet.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     queues = json.loads(r.stdout)
@@ -90,20 +92,24 @@ def test_a_job_on_a_killed_worker_completes_on_the_other_with_one_usage_row(flee
 
     c = farm.Job(job.id).result(timeout=120)
     recovery = time.monotonic() - killed_at
-    print(f"\nkill -9 of {victim} mid-job: job {job.id} completed on {c.worker} "
-          f"{recovery:.1f}s later (lease ttl {fleet.env['FARM_LEASE_TTL']}s)")
+    print(
+        f"\nkill -9 of {victim} mid-job: job {job.id} completed on {c.worker} "
+        f"{recovery:.1f}s later (lease ttl {fleet.env['FARM_LEASE_TTL']}s)"
+    )
     assert c.worker != victim and c.usage.completion_tokens > 0
     assert recovery < 60  # kombu alone would wait for the visibility timeout (an hour)
+    rows = finished_usage(fleet.database_url, job.id)
     with transaction(fleet.database_url) as s:
-        rows = list(s.scalars(select(UsageRecord).where(UsageRecord.job_id == job.id)))
         workers = {w.id: w.state for w in queries.list_workers(s)}
-    assert len(rows) == 1 and rows[0].status == "succeeded" and rows[0].worker_id == c.worker
+    assert len(rows) == 1
+    assert (rows[0].status, rows[0].worker_id) == ("succeeded", c.worker)  # type: ignore[attr-defined]
     assert workers[victim] == "lost"
 
 
 def test_sigterm_lets_the_running_generation_finish_then_drops_the_lease(fleet):
-    job = farm.submit("Tell me a long story about the sea.", model=MODEL, max_tokens=60,
-                      temperature=0)
+    job = farm.submit(
+        "Tell me a long story about the sea.", model=MODEL, max_tokens=60, temperature=0
+    )
     worker = running_on(fleet, job)
     proc = fleet.workers[0] if worker.endswith("host-a") else fleet.workers[1]
     proc.send_signal(signal.SIGTERM)

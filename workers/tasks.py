@@ -66,19 +66,25 @@ class JobRunner:
             publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
             task.update_state(state=states.REVOKED)
             raise Ignore()
-        if ended is not None:
+        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+        if ended is not None or redelivered:
             previous = self._previous_completion(job_id)
             if previous is not None:
+                # A delivery before this one finished the job (and may have died before its
+                # acknowledgement, or even before its usage write): do not generate twice.
                 log.warning("job %s was delivered again after it ended; not run twice", job_id)
+                self._end(job_id, "succeeded", **_usage_fields(previous, self.worker_id))
                 return previous
-            log.warning("job %s was delivered again after it ended; running it again", job_id)
+            if ended is not None:
+                log.warning("job %s was delivered again after it ended; running it again", job_id)
 
         stream_ttl = ctx.settings.job_time_limit + ctx.settings.stream_ttl
         first = [True]
 
         def on_text(piece: str) -> None:
-            publish(r, job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
-            first[0] = False
+            if request.stream_tokens:
+                publish(r, job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
+                first[0] = False
 
         last_check = [time.monotonic()]
 
@@ -98,9 +104,6 @@ class JobRunner:
             )
         except JobFailed as e:
             return self._fail(job_id, str(e))
-        finally:
-            with transaction(ctx.database_url) as s:
-                queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
 
         queue_wait_ms = max(0.0, (started_wall - submitted) * 1000)
         fields = {
@@ -128,10 +131,12 @@ class JobRunner:
             ),
             worker=self.worker_id,
         )
-        self._end(job_id, "succeeded", **fields)
+        # The caller waits for this event: send it first, then write the usage row. Should
+        # the worker die in between, the redelivered job finds this event and writes usage.
         publish(
             r, job_id, DONE, ttl=ctx.settings.stream_ttl, completion=completion.model_dump_json()
         )
+        self._end(job_id, "succeeded", **fields)
         log.info(
             "job %s done: %d+%d tokens, %s, %.0f ms",
             job_id,
@@ -150,14 +155,29 @@ class JobRunner:
         return None
 
     def _end(self, job_id: str, status: str, **fields: Any) -> None:
+        """Complete the usage row (once) and free the worker, in one transaction."""
         with transaction(self.ctx.database_url) as s:
             queries.record_finished(s, job_id=job_id, status=status, **fields)
+            queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
 
     def _fail(self, job_id: str, reason: str) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
         self._end(job_id, "failed", error=reason, worker_id=self.worker_id)
         publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
+
+
+def _usage_fields(completion: dict[str, Any], worker_id: str) -> dict[str, Any]:
+    c = Completion.model_validate(completion)
+    return {
+        "prompt_tokens": c.usage.prompt_tokens,
+        "completion_tokens": c.usage.completion_tokens,
+        "finish_reason": c.finish_reason,
+        "queue_wait_ms": c.timings.queue_wait_ms,
+        "ttft_ms": c.timings.ttft_ms,
+        "generation_ms": c.timings.generation_ms,
+        "worker_id": c.worker or worker_id,
+    }
 
 
 def register_task(app: Celery, runner: JobRunner) -> Task:
