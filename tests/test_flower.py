@@ -1,0 +1,102 @@
+"""Flower on a running farm, in a real headless Chromium: the worker and a finished task
+appear, the prompt does not, and pages need the password. The screenshot is kept in
+test-artifacts/."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import farm
+from tests.conftest import ARTIFACTS, IN_CI, MODEL
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=5000",
+    "--window-size=1280,800",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def chromium(tmp_path, *args: str) -> str:
+    binary = shutil.which("chromium")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("Debian's chromium is required when CI=true")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    r = subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    return r.stdout
+
+
+@pytest.fixture
+def flower(live_farm, tmp_path):
+    port = free_port()
+    env = {**live_farm.env, "FARM_FLOWER_PASSWORD": "s3cret"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "flower", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/healthcheck", timeout=2).read()
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, "farm flower exited"
+            assert time.monotonic() < deadline, "Flower did not come up"
+            time.sleep(0.2)
+    yield port
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_flower_shows_the_worker_and_a_finished_task_without_its_prompt(
+    farm_client, flower, tmp_path
+):
+    secret_prompt = "my private question about the sky"
+    c = farm.infer(secret_prompt, model=MODEL, max_tokens=4, timeout=60)
+
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"http://127.0.0.1:{flower}/workers", timeout=5)
+    assert denied.value.code == 401
+
+    base = f"http://farm:s3cret@127.0.0.1:{flower}"
+    workers_page = chromium(tmp_path, "--dump-dom", f"{base}/workers")
+    assert c.worker in workers_page
+    tasks_page = chromium(tmp_path, "--dump-dom", f"{base}/tasks")
+    assert c.job_id in tasks_page and "farm.generate" in tasks_page
+    task_page = chromium(tmp_path, "--dump-dom", f"{base}/task/{c.job_id}")
+    assert "prompt of 33 chars" in task_page and secret_prompt not in task_page
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "flower-tasks.png"
+    shot.unlink(missing_ok=True)
+    chromium(tmp_path, f"--screenshot={shot}", f"{base}/tasks")
+    assert shot.stat().st_size > 10_000
