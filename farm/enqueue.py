@@ -1,9 +1,14 @@
-"""Submitting a job: validate, check the registry, record it, then queue it.
+"""Submitting a job: validate, check the registry, queue it, record it.
 
     request -> model known and enabled? -> fits its context? -> a live worker holds it?
-            -> usage row "queued" + Celery send_task, in one registry transaction
+            -> Celery send_task to the model's queue at the request's priority
+            -> usage row "queued" (unless the worker already wrote "running")
 
-If the broker refuses the message, the transaction rolls back: nothing is half-queued.
+If the broker refuses the message, nothing is recorded: nothing is half-queued. The row is
+written after the send, not before, so that its commit overlaps the job instead of
+delaying it (on SQLite it would also hold the write lock the worker needs to mark the job
+running). Both sides insert the row if it is missing and never overwrite the other's, so
+the row is the same whichever lands first.
 """
 
 from __future__ import annotations
@@ -40,32 +45,36 @@ def submit_request(
     job_id = str(uuid.uuid4())
     now = time.time()
     request = request.model_copy(update={"submitted_at": now})
-    with transaction(ctx.database_url) as s:
-        queries.record_queued(
-            s,
-            job_id=job_id,
-            session=request.session,
-            model=request.model,
-            priority=request.priority,
-            submitted_at=datetime.fromtimestamp(now, UTC),
+    try:
+        ctx.app.send_task(
+            TASK_NAME,
+            args=[request.to_wire()],
+            task_id=job_id,
+            queue=queue_name(request.model),
+            priority=priority_number(request.priority),
+            expires=ctx.settings.job_expires,
+            # What Flower and logs show instead of the prompt, which is user data.
+            argsrepr=_argsrepr(request, ctx),
+            kwargsrepr="{}",
         )
-        try:
-            ctx.app.send_task(
-                TASK_NAME,
-                args=[request.to_wire()],
-                task_id=job_id,
-                queue=queue_name(request.model),
-                priority=priority_number(request.priority),
-                expires=ctx.settings.job_expires,
-                # What Flower and logs show instead of the prompt, which is user data.
-                argsrepr=_argsrepr(request, ctx),
-                kwargsrepr="{}",
+    except BrokerError as e:
+        raise FarmUnavailable(
+            f"cannot reach the broker at {ctx.broker_url}: {e}; is `farm up` running, "
+            "or is FARM_BROKER_URL right?"
+        ) from e
+    try:
+        with transaction(ctx.database_url) as s:
+            queries.record_queued(
+                s,
+                job_id=job_id,
+                session=request.session,
+                model=request.model,
+                priority=request.priority,
+                submitted_at=datetime.fromtimestamp(now, UTC),
             )
-        except BrokerError as e:
-            raise FarmUnavailable(
-                f"cannot reach the broker at {ctx.broker_url}: {e}; is `farm up` running, "
-                "or is FARM_BROKER_URL right?"
-            ) from e
+    except FarmUnavailable:
+        # The job is queued; the worker writes its row when it starts it.
+        log.warning("job %s is queued but the registry could not record it yet", job_id)
     log.info("queued job %s for model %s at priority %s", job_id, request.model, request.priority)
     return Job(job_id, request.model, ctx)
 
