@@ -8,6 +8,8 @@
     +-- ModelExists            `farm models add` for a name that is already registered
     +-- NoLiveWorker           no worker holds a live lease for the model (says how to start one)
     +-- UnknownJob             a job id the farm has no record of
+    +-- UnknownWorker          `farm models load|unload --worker` names no live worker
+    +-- ControlFailed          a worker refused a control command, or did not answer
     +-- JobError               base of what happens to a job after it was queued
         +-- JobFailed          the worker could not serve the job (prompt too long, engine error)
         +-- JobCancelled       the job was cancelled before or while it ran
@@ -52,6 +54,14 @@ class NoLiveWorker(FarmError):
 
 class UnknownJob(FarmError):
     """The farm has no record of this job id."""
+
+
+class UnknownWorker(FarmError):
+    """No live worker has this id."""
+
+
+class ControlFailed(FarmError):
+    """A worker refused a control command, or did not answer it in time."""
 
 
 class JobError(FarmError):

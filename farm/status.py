@@ -65,7 +65,14 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
             {
                 "name": m.name,
                 "enabled": m.enabled,
-                "workers": sorted(lease.worker_id for lease in leases if lease.model == m.name),
+                "workers": sorted(
+                    lease.worker_id for lease in leases if lease.model == m.name and lease.loaded
+                ),
+                "on_demand": sorted(
+                    lease.worker_id
+                    for lease in leases
+                    if lease.model == m.name and not lease.loaded
+                ),
             }
             for m in models
         ]
@@ -78,7 +85,15 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
                 "current_job": w.current_job,
                 "uptime_s": round((now - _aware(w.started_at)).total_seconds()),
                 "heartbeat_age_s": round((now - _aware(w.heartbeat_at)).total_seconds(), 1),
-                "models": sorted(lease.model for lease in leases if lease.worker_id == w.id),
+                "models": sorted(
+                    lease.model for lease in leases if lease.worker_id == w.id and lease.loaded
+                ),
+                "on_demand": sorted(
+                    lease.model for lease in leases if lease.worker_id == w.id and not lease.loaded
+                ),
+                "pinned": sorted(
+                    lease.model for lease in leases if lease.worker_id == w.id and lease.pinned
+                ),
             }
             for w in workers
             if w.state != "stopped"
@@ -120,16 +135,19 @@ def _aware(dt: datetime) -> datetime:
 
 
 def render_fleet(fleet: dict[str, Any], console: Console) -> None:
-    models = Table("model", "workers", *(f"queued {p}" for p in PRIORITIES), title="models")
+    models = Table(
+        "model", "loaded on", "on demand", *(f"queued {p}" for p in PRIORITIES), title="models"
+    )
     for m in fleet["models"]:
         models.add_row(
             m["name"],
-            ", ".join(m["workers"]) or "[red]none[/]",
+            ", ".join(m["workers"]) or ("-" if m["on_demand"] else "[red]none[/]"),
+            ", ".join(m["on_demand"]) or "-",
             *(str(m["queued"][p]) for p in PRIORITIES),
         )
     console.print(models)
     workers = Table(
-        "worker", "host", "device", "state", "models", "job", "up", "heartbeat", title="workers"
+        "worker", "host", "device", "state", "loaded", "job", "up", "heartbeat", title="workers"
     )
     for w in fleet["workers"]:
         workers.add_row(

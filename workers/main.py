@@ -1,10 +1,11 @@
-"""`farm worker --model NAME`: load a model, then serve its queue with a Celery worker.
+"""`farm worker`: load models, then serve their queues with a Celery worker.
 
-    registry record -> ModelHost.load -> warm-up generation -> Celery worker on the model's
-    queue (solo pool, prefetch 1) -> on worker_ready: register + lease + heartbeat
+    registry records -> ModelCache.preload (pinned first, then what fits the budget)
+    -> warm-up generation each -> Celery worker on the models' queues (solo pool, prefetch 1)
+    -> on worker_ready: register + lease every model (loaded or on demand) + heartbeat
     -> on shutdown: the running job finishes, then the leases are dropped
 
-The model loads before the worker consumes: a worker whose model fails to load exits
+The models load before the worker consumes: a worker whose model fails to load exits
 non-zero with the reason and never holds a lease.
 """
 
@@ -23,8 +24,10 @@ from farm.errors import FarmError
 from farm.queue import queue_name
 from farm.registry import queries, transaction
 from farm.registry.db import require_schema
-from workers.heartbeat import Membership
-from workers.host import ModelHost, ModelSpec
+from workers import control
+from workers.heartbeat import Membership, claim_device
+from workers.host import ModelSpec
+from workers.models import ModelCache, parse_size
 from workers.tasks import JobRunner, register_task
 
 log = logging.getLogger("farm.worker")
@@ -33,7 +36,6 @@ EXIT_START_FAILED = 2
 
 
 def load_spec(database_url: str, model: str) -> ModelSpec:
-    require_schema(database_url)
     with transaction(database_url) as s:
         record = queries.get_model(s, model)
         return ModelSpec(
@@ -46,46 +48,75 @@ def load_spec(database_url: str, model: str) -> ModelSpec:
         )
 
 
-def default_worker_id(model: str) -> str:
-    return f"{model}-{os.getpid()}@{socket.gethostname()}"
+def default_worker_id(models: list[str], device: str | None) -> str:
+    who = models[0] if len(models) == 1 else "farm"
+    return f"{who}-{device if device is not None else os.getpid()}@{socket.gethostname()}"
 
 
-def serve(model: str, *, name: str | None = None, loglevel: str = "INFO") -> int:
-    """Load `model` and serve its queue until stopped. Returns the exit status."""
+def serve(
+    models: list[str],
+    *,
+    name: str | None = None,
+    device: str | None = None,
+    memory_budget: str | None = None,
+    pinned: list[str] | None = None,
+    keep_alive: float | None = None,
+    loglevel: str = "INFO",
+) -> int:
+    """Load `models` and serve their queues until stopped. Returns the exit status."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = get_context()
     if not ctx.settings.log_prompts:
         # Celery logs each task's return value, which holds the generated text: user data.
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
-    worker_id = name or default_worker_id(model)
+    if device is not None:
+        # llama.cpp's CUDA backend then sees only this GPU, as its device 0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    worker_id = name or default_worker_id(models, device)
+    device_label = "cpu" if device is None else f"gpu{device}"
+    membership: Membership | None = None
     try:
-        spec = load_spec(ctx.database_url, model)
-        host = ModelHost(spec)
-        host.load()
-        host.warm_up()
+        require_schema(ctx.database_url)
+        claim_device(ctx, worker_id, device_label)
+        specs = [load_spec(ctx.database_url, m) for m in models]
+        cache = ModelCache(
+            specs,
+            budget=parse_size(memory_budget) if memory_budget else None,
+            pinned=frozenset(pinned or ()),
+            keep_alive=keep_alive,
+            on_change=lambda: membership.sync() if membership else None,
+        )
+        cache.preload()
+        if device is None:
+            device_label = cache.device()
         app = ctx.app
     except FarmError as e:
-        print(f"farm worker: cannot serve '{model}': {e}", file=sys.stderr)
+        print(f"farm worker: cannot serve {', '.join(models)}: {e}", file=sys.stderr)
         return EXIT_START_FAILED
 
-    register_task(app, JobRunner(ctx, worker_id, {model: host}))
-    membership = Membership(ctx, worker_id, host.device, [model])
+    register_task(app, JobRunner(ctx, worker_id, cache))
+    membership = Membership(ctx, worker_id, cache, device_label)
+    control.bind(cache, membership, lambda m: load_spec(ctx.database_url, m))
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
         membership.join()
-        print(f"farm worker {worker_id}: serving '{model}' on {host.device}", flush=True)
+        print(
+            f"farm worker {worker_id}: serving {', '.join(models)} on {device_label} "
+            f"(loaded: {', '.join(cache.loaded()) or 'none'})",
+            flush=True,
+        )
 
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:
         membership.leave()
-        host.close()
+        cache.close()
 
     app.worker_main(
         [
             "worker",
             f"--hostname={worker_id}",
-            f"--queues={queue_name(model)}",
+            f"--queues={','.join(queue_name(m) for m in models)}",
             "--pool=solo",
             "--concurrency=1",
             "--prefetch-multiplier=1",
@@ -100,11 +131,29 @@ def serve(model: str, *, name: str | None = None, loglevel: str = "INFO") -> int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="farm worker", description=__doc__)
-    parser.add_argument("--model", required=True, help="registered model to serve")
+    parser.add_argument("--model", action="append", default=[], help="a model to serve")
+    parser.add_argument("--models", default="", help="models to serve, comma separated")
     parser.add_argument("--name", help="worker id (default MODEL-PID@HOST)")
+    parser.add_argument("--device", help="GPU index to use (sets CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--memory-budget", help="most memory for loaded models, e.g. 20GiB")
+    parser.add_argument("--pin", action="append", default=[], help="a model never unloaded")
+    parser.add_argument(
+        "--keep-alive", type=float, help="unload a model unused for this many seconds"
+    )
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
-    return serve(args.model, name=args.name, loglevel=args.loglevel)
+    models = list(dict.fromkeys(args.model + [m for m in args.models.split(",") if m]))
+    if not models:
+        parser.error("name a model: --model NAME or --models A,B")
+    return serve(
+        models,
+        name=args.name,
+        device=args.device,
+        memory_budget=args.memory_budget,
+        pinned=args.pin,
+        keep_alive=args.keep_alive,
+        loglevel=args.loglevel,
+    )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from celery import Celery, Task, states
 from celery.exceptions import Ignore
 
 from farm.context import FarmContext
-from farm.errors import JobFailed
+from farm.errors import FarmError, JobFailed
 from farm.queue import TASK_NAME, cancel_key, stream_key
 from farm.registry import queries, transaction
 from farm.request import Request
 from farm.results import CANCELLED, DONE, FAILED, TOKEN, Completion, Timings, Usage, publish
-from workers.host import ModelHost
+from workers.models import ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,17 @@ CANCEL_CHECK_INTERVAL_S = 0.2
 class JobRunner:
     """Runs jobs for the models this worker hosts."""
 
-    def __init__(self, ctx: FarmContext, worker_id: str, hosts: dict[str, ModelHost]):
+    def __init__(self, ctx: FarmContext, worker_id: str, models: ModelCache):
         self.ctx = ctx
         self.worker_id = worker_id
-        self.hosts = hosts
+        self.models = models
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
         request = Request.model_validate(payload)
         ctx, r = self.ctx, self.ctx.redis
         started_wall = time.time()
-        host = self.hosts.get(request.model)
-        if host is None:
+        if request.model not in self.models.specs:
             return self._fail(job_id, f"worker {self.worker_id} does not serve '{request.model}'")
 
         submitted = request.submitted_at or started_wall
@@ -96,13 +95,15 @@ class JobRunner:
             return bool(r.exists(cancel_key(job_id)))
 
         try:
-            gen = host.generate(
-                request,
-                on_text=on_text,
-                should_cancel=should_cancel,
-                time_limit_s=ctx.settings.job_time_limit,
-            )
-        except JobFailed as e:
+            # Loads the model first if it is not loaded (on demand); holds it for the job.
+            with self.models.use(request.model) as host:
+                gen = host.generate(
+                    request,
+                    on_text=on_text,
+                    should_cancel=should_cancel,
+                    time_limit_s=ctx.settings.job_time_limit,
+                )
+        except FarmError as e:
             return self._fail(job_id, str(e))
 
         queue_wait_ms = max(0.0, (started_wall - submitted) * 1000)

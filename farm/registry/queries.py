@@ -95,22 +95,43 @@ def register_worker(
     return worker
 
 
-def take_lease(s: Session, *, worker_id: str, model: str, device: str, ttl: float) -> None:
-    """The worker holds `model`: only called once the model is loaded and warmed up."""
+@dataclass(frozen=True)
+class LeaseSpec:
+    model: str
+    loaded: bool = True
+    pinned: bool = False
+    size_bytes: int = 0
+
+
+def set_leases(
+    s: Session, *, worker_id: str, device: str, leases: list[LeaseSpec], ttl: float
+) -> None:
+    """The worker serves exactly these models now (loaded or on demand); mark it ready."""
     now = utcnow()
-    s.execute(
-        delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id, LeaseRecord.model == model)
-    )
-    s.add(
-        LeaseRecord(
-            worker_id=worker_id,
-            model=model,
-            device=device,
-            acquired_at=now,
-            expires_at=now + timedelta(seconds=ttl),
+    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
+    for lease in leases:
+        s.add(
+            LeaseRecord(
+                worker_id=worker_id,
+                model=lease.model,
+                device=device,
+                loaded=lease.loaded,
+                pinned=lease.pinned,
+                size_bytes=lease.size_bytes,
+                acquired_at=now,
+                expires_at=now + timedelta(seconds=ttl),
+            )
         )
+    s.execute(
+        update(WorkerRecord)
+        .where(WorkerRecord.id == worker_id, WorkerRecord.state.in_(("starting", "lost")))
+        .values(state="ready")
     )
-    s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id).values(state="ready"))
+
+
+def take_lease(s: Session, *, worker_id: str, model: str, device: str, ttl: float) -> None:
+    """The worker holds one loaded model (and only that one)."""
+    set_leases(s, worker_id=worker_id, device=device, leases=[LeaseSpec(model)], ttl=ttl)
 
 
 def heartbeat(s: Session, *, worker_id: str, ttl: float) -> int:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -19,6 +20,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -86,6 +89,10 @@ class LeaseRecord(Base):
     worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE"))
     model: Mapped[str] = mapped_column(String(64), index=True)
     device: Mapped[str] = mapped_column(String(64))
+    # False: the worker may serve the model but loads it on the first job that needs it.
+    loaded: Mapped[bool] = mapped_column(default=True, server_default=true())
+    pinned: Mapped[bool] = mapped_column(default=False, server_default=false())
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
 
