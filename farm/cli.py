@@ -201,17 +201,67 @@ def up(
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", help="models to serve (repeatable)")
     ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="serve a profile of the models file (FARM_MODELS_FILE)")
+    ] = None,
     ask: Annotated[str | None, typer.Option(help="once ready, answer this prompt")] = None,
     once: Annotated[bool, typer.Option(help="with --ask: stop after answering")] = False,
+    grace: Annotated[
+        float, typer.Option(help="seconds a stopping worker may finish its job")
+    ] = 30.0,
 ) -> None:
-    """Start a whole farm here: broker, registry and one worker per model. Ctrl-C stops it."""
+    """Start a whole farm here: broker, registry and one worker per model. Ctrl-C stops it.
+
+    With FARM_BROKER_URL set, no broker is started: the workers join that farm."""
+    _run_farm(model, profile, ask, once, grace)
+
+
+@app.command()
+@friendly
+def fleet(
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="models to serve (repeatable)")
+    ] = None,
+    profile: Annotated[str | None, typer.Option(help="serve a profile of the models file")] = None,
+    grace: Annotated[
+        float, typer.Option(help="seconds a stopping worker may finish its job")
+    ] = 30.0,
+) -> None:
+    """Run and supervise this host's workers for a farm elsewhere (FARM_BROKER_URL)."""
+    if not get_settings().broker_url:
+        from farm.errors import ConfigError
+
+        raise ConfigError(
+            "farm fleet joins an existing farm: set FARM_BROKER_URL (and FARM_DATABASE_URL) "
+            "to its servers, or use `farm up` for a farm on this machine alone"
+        )
+    _run_farm(model, profile, None, False, grace)
+
+
+def _run_farm(
+    model: list[str] | None, profile: str | None, ask: str | None, once: bool, grace: float
+) -> None:
     from farm.context import reset_context
     from farm.embedded import DEFAULT_MODEL, EmbeddedFarm
 
     settings = get_settings()
+    models = list(model or [])
+    catalog = None
+    if profile is not None:
+        from farm.catalog import load_catalog
+
+        path = settings.resolved_models_file()
+        catalog, _ = load_catalog(path, settings.model_dirs)
+        if profile not in catalog.profiles:
+            from farm.errors import InvalidRequest
+
+            known = ", ".join(catalog.profiles) or "none"
+            raise InvalidRequest(f"no profile '{profile}' in {path}; profiles there: {known}")
+        models += [m for m in catalog.profiles[profile].models if m not in models]
     farm_ = EmbeddedFarm(
-        settings, model or [DEFAULT_MODEL], say=lambda m: err.print(m, highlight=False)
+        settings, models or [DEFAULT_MODEL], say=lambda m: err.print(m, highlight=False)
     )
+    farm_.catalog = catalog
 
     def _term(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -234,7 +284,7 @@ def up(
         err.print("stopping: workers finish their current job first")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        farm_.stop()
+        farm_.stop(grace)
         err.print("farm stopped")
 
 
@@ -312,6 +362,9 @@ def models_add(
 
     if not MODEL_NAME_RE.match(name):
         raise InvalidRequest(f"invalid model name '{name}': model names are {MODEL_NAME_RULE}")
+    from farm.catalog import confine
+
+    path = confine(path, get_settings().model_dirs)
     if not path.is_file():
         raise InvalidRequest(f"no file at {path}; give the path of a .gguf file")
     with path.open("rb") as f:
@@ -329,6 +382,72 @@ def models_add(
             chat_format=chat_format,
         )
     out.print(f"added model {name} ({path}); serve it with `farm worker --model {name}`")
+
+
+@models_app.command("apply")
+@friendly
+def models_apply(
+    file: Annotated[
+        Path | None, typer.Argument(help="models file (default FARM_MODELS_FILE)")
+    ] = None,
+) -> None:
+    """Register or update every model of a models file; nothing is applied if it has errors."""
+    from farm.catalog import apply_catalog, load_catalog
+
+    settings = get_settings()
+    catalog, _ = load_catalog(file or settings.resolved_models_file(), settings.model_dirs)
+    added, updated = apply_catalog(_db_url(), catalog)
+    out.print(
+        f"added: {', '.join(added) or 'none'}; updated: {', '.join(updated) or 'none'}; "
+        f"profiles: {', '.join(catalog.profiles) or 'none'}"
+    )
+
+
+@models_app.command("scan")
+@friendly
+def models_scan(
+    folder: Path,
+    add: Annotated[bool, typer.Option("--add", help="register the files found")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Find GGUF files under a folder and show what they say about themselves."""
+    from dataclasses import asdict
+
+    from farm.catalog import confine, scan, suggest_name
+    from farm.registry import queries, transaction
+
+    folder = confine(folder, get_settings().model_dirs)
+    found = scan(folder)
+    if as_json:
+        print(
+            json.dumps([asdict(i) | {"name": suggest_name(Path(i.path))} for i in found], indent=2)
+        )
+    else:
+        table = Table(
+            "name", "architecture", "params", "quant", "context", "template", "size", "path"
+        )
+        for i in found:
+            table.add_row(
+                suggest_name(Path(i.path)),
+                i.architecture or "?",
+                i.size_label or f"{i.parameters / 1e9:.2f}B",
+                i.quantization or "?",
+                str(i.context_length or "?"),
+                "yes" if i.has_chat_template else "no",
+                f"{i.file_bytes / 1024**2:.0f} MiB",
+                i.path,
+            )
+        out.print(table)
+    if add:
+        with transaction(_db_url()) as s:
+            known = {m.name for m in queries.list_models(s)}
+            for i in found:
+                name = suggest_name(Path(i.path))
+                if name in known:
+                    continue
+                n_ctx = min(i.context_length or 4096, 8192)
+                queries.add_model(s, name=name, path=i.path, n_ctx=n_ctx)
+                out.print(f"added {name}")
 
 
 @models_app.command("list")

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
         default=None,
         description="SQLAlchemy URL of the registry. Unset: SQLite at <home>/registry.db.",
     )
+    models_file: Path | None = Field(
+        default=None,
+        description="TOML catalog of models and profiles. Unset: <home>/models.toml if it exists.",
+    )
+    model_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Folders model files must lie in (JSON list). Empty: any path is allowed.",
+    )
     default_model: str = Field(
         default="gemma3-270m", description="Model used when a command names none."
     )
@@ -101,6 +109,9 @@ class Settings(BaseSettings):
     def state_file(self) -> Path:
         """Where a running `farm up` records its broker's address."""
         return self.home / "farm.json"
+
+    def resolved_models_file(self) -> Path:
+        return self.models_file or self.home / "models.toml"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

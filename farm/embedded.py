@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -71,6 +72,7 @@ class EmbeddedFarm:
         self.broker: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.broker_url = settings.broker_url or ""
+        self.catalog: Any = None  # a models file's Catalog to apply before the workers start
         self.database_url = settings.resolved_database_url()
 
     # -- starting -----------------------------------------------------------------------------
@@ -86,6 +88,10 @@ class EmbeddedFarm:
             self._start_broker()
         self._write_state()
         upgrade(self.database_url)
+        if self.catalog is not None:
+            from farm.catalog import apply_catalog
+
+            apply_catalog(self.database_url, self.catalog)
         if DEFAULT_MODEL in self.models:
             register_default_model(self.database_url)
         for model in self.models:
@@ -195,26 +201,46 @@ class EmbeddedFarm:
         return "\n".join(text.splitlines()[-lines:])
 
     # -- running and stopping --------------------------------------------------------------------
-    def watch(self) -> None:
-        """Block until a worker exits or the process is told to stop."""
+    def watch(self, *, max_backoff: float = 30.0, poll: float = 0.2) -> None:
+        """Supervise the workers until told to stop: a worker that exits is reported (exit
+        status and the end of its log) and started again, waiting 1 s, then 2 s, 4 s ... up
+        to `max_backoff` while it keeps failing; one that ran for a minute starts at 1 s."""
+        backoff = dict.fromkeys(self.workers, 1.0)
+        started = dict.fromkeys(self.workers, time.monotonic())
+        restart_at: dict[str, float] = {}
         while True:
-            for model, proc in self.workers.items():
-                if proc.poll() is not None:
-                    raise WorkerStartError(
-                        f"the worker for '{model}' exited with status {proc.returncode}:\n"
-                        + self.log_tail(model)
-                    )
-            time.sleep(0.5)
+            now = time.monotonic()
+            for model, proc in list(self.workers.items()):
+                if model in restart_at:
+                    if now >= restart_at[model]:
+                        del restart_at[model]
+                        self._start_worker(model)
+                        started[model] = now
+                        self.say(f"worker   {model} restarted (pid {self.workers[model].pid})")
+                    continue
+                if proc.poll() is None:
+                    continue
+                if now - started[model] > 60:
+                    backoff[model] = 1.0
+                self.say(
+                    f"worker   {model} exited with status {proc.returncode}; restarting in "
+                    f"{backoff[model]:g}s. Last lines of {self._log(model)}:\n"
+                    + self.log_tail(model, 10)
+                )
+                restart_at[model] = now + backoff[model]
+                backoff[model] = min(backoff[model] * 2, max_backoff)
+            time.sleep(poll)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM every worker (each finishes its current job), SIGKILL after `grace`."""
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for model, proc in self.workers.items():
             try:
-                proc.wait(STOP_GRACE_S)
+                proc.wait(grace)
             except subprocess.TimeoutExpired:
-                self.say(f"worker   {model} did not stop within {STOP_GRACE_S:g}s; killing it")
+                self.say(f"worker   {model} did not stop within {grace:g}s; killing it")
                 proc.kill()
                 proc.wait()
         if self.broker is not None and self.broker.poll() is None:

@@ -1,0 +1,203 @@
+"""The model catalog: a TOML file of models and named profiles, and `farm models scan`.
+
+    model_dirs = ["/models"]              # model paths must lie inside these (optional)
+
+    [models.gemma3-270m]
+    path = "gemma-3-270m-q4_k_m.gguf"     # relative paths are looked up in model_dirs
+    n_ctx = 4096
+    chat_format = "gemma"
+    defaults = { temperature = 0.7 }
+
+    [profiles.fast]
+    models = ["gemma3-270m"]
+
+`farm models apply FILE` checks the whole file first (names, fields, paths inside the model
+folders, GGUF headers, profiles naming known models) and applies nothing if anything is
+wrong, naming the line and field of each problem. `farm up --profile fast` applies the
+file, then starts a worker for each model of the profile.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from farm.errors import InvalidRequest
+from farm.gguf_info import read_gguf_info
+from farm.registry import queries, transaction
+from farm.request import MODEL_NAME_RE, MODEL_NAME_RULE, Sampling
+
+
+class CatalogError(InvalidRequest):
+    """The models file has errors; nothing was applied."""
+
+
+class CatalogModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    n_ctx: int = Field(default=4096, ge=16, le=1 << 20)
+    n_gpu_layers: int = Field(default=-1, ge=-1)
+    chat_format: str | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("defaults")
+    @classmethod
+    def _sampling_defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
+        Sampling.model_validate(v)  # unknown or out-of-range sampling fields fail here
+        return v
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(min_length=1)
+
+
+class Catalog(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_dirs: list[str] = Field(default_factory=list)
+    models: dict[str, CatalogModel] = Field(default_factory=dict)
+    profiles: dict[str, Profile] = Field(default_factory=dict)
+
+
+# -- paths -------------------------------------------------------------------------------------
+def confine(path: Path, roots: list[Path]) -> Path:
+    """The resolved path, which must lie inside one of `roots` (when any are configured)."""
+    resolved = path.expanduser().resolve()
+    if roots and not any(resolved.is_relative_to(r.expanduser().resolve()) for r in roots):
+        folders = ", ".join(str(r) for r in roots)
+        raise InvalidRequest(
+            f"{path} is outside the model folders ({folders}); move it there or add its "
+            "folder to FARM_MODEL_DIRS"
+        )
+    return resolved
+
+
+def _locate(raw: str, roots: list[Path], base: Path) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        candidates = [r / path for r in roots] + [base / path]
+        path = next((c for c in candidates if c.exists()), candidates[0])
+    return path
+
+
+# -- loading and checking -------------------------------------------------------------------------
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The line where `loc` (e.g. ("models", "gemma", "n_ctx")) is written, best effort."""
+    lines = text.splitlines()
+    if len(loc) >= 2 and loc[0] in ("models", "profiles"):
+        header = re.compile(rf'^\s*\[\s*{loc[0]}\s*\.\s*"?{re.escape(str(loc[1]))}"?\s*\]')
+        for i, line in enumerate(lines):
+            if header.match(line):
+                if len(loc) == 2:
+                    return i + 1
+                key = re.compile(rf"^\s*{re.escape(str(loc[2]))}\s*=")
+                for j in range(i + 1, len(lines)):
+                    if lines[j].lstrip().startswith("["):
+                        break
+                    if key.match(lines[j]):
+                        return j + 1
+                return i + 1
+    if not loc:
+        return None
+    top = re.compile(rf"^\s*{re.escape(str(loc[0]))}\s*=")
+    return next((i + 1 for i, line in enumerate(lines) if top.match(line)), None)
+
+
+def load_catalog(path: Path, extra_roots: list[Path] | None = None) -> tuple[Catalog, list[Path]]:
+    """Parse and check the whole file. CatalogError lists every problem with its line."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CatalogError(f"cannot read the models file {path}: {e.strerror}") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CatalogError(f"{path}: {e}") from e
+    problems: list[str] = []
+
+    def problem(loc: tuple[Any, ...], msg: str) -> None:
+        line = _line_of(text, loc)
+        where = f"{path}:{line}" if line else str(path)
+        problems.append(f"{where}: {'.'.join(str(p) for p in loc)}: {msg}")
+
+    try:
+        catalog = Catalog.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            problem(loc, msg)
+        raise CatalogError(
+            "the models file has errors; nothing was applied:\n" + "\n".join(problems)
+        ) from e
+
+    roots = [(path.parent / d).expanduser() for d in catalog.model_dirs] + list(extra_roots or [])
+    for name, model in catalog.models.items():
+        if not MODEL_NAME_RE.match(name):
+            problem(("models", name), f"invalid model name: names are {MODEL_NAME_RULE}")
+            continue
+        try:
+            file = confine(_locate(model.path, roots, path.parent), roots)
+            if not file.is_file():
+                raise InvalidRequest(f"no file at {file}")
+            read_gguf_info(file)
+            model.path = str(file)
+        except InvalidRequest as e:
+            problem(("models", name, "path"), str(e))
+    for pname, profile in catalog.profiles.items():
+        for m in profile.models:
+            if m not in catalog.models:
+                problem(("profiles", pname, "models"), f"names '{m}', which is not in [models]")
+    if problems:
+        raise CatalogError(
+            "the models file has errors; nothing was applied:\n" + "\n".join(problems)
+        )
+    return catalog, roots
+
+
+def apply_catalog(database_url: str, catalog: Catalog) -> tuple[list[str], list[str]]:
+    """Register or update every model of the catalog, in one transaction. (added, updated)"""
+    added, updated = [], []
+    with transaction(database_url) as s:
+        existing = {m.name: m for m in queries.list_models(s)}
+        for name, model in catalog.models.items():
+            record = existing.get(name)
+            if record is None:
+                queries.add_model(s, name=name, **model.model_dump())
+                added.append(name)
+                continue
+            changed = False
+            for field, value in model.model_dump().items():
+                if getattr(record, field) != value:
+                    setattr(record, field, value)
+                    changed = True
+            if changed or not record.enabled:
+                record.enabled = True
+                updated.append(name)
+    return added, updated
+
+
+def scan(folder: Path) -> list[Any]:
+    """GGUF files under `folder` with their metadata (files that fail to read are skipped)."""
+    found = []
+    for file in sorted(folder.expanduser().rglob("*.gguf")):
+        try:
+            found.append(read_gguf_info(file))
+        except InvalidRequest:
+            continue
+    return found
+
+
+def suggest_name(file: Path) -> str:
+    """A valid model name from a file name: 'Gemma-3-270M.Q4_K_M.gguf' -> 'gemma-3-270m.q4_k_m'."""
+    stem = re.sub(r"[^a-z0-9._-]+", "-", file.stem.lower()).strip("-._")
+    return (stem or "model")[:64]

@@ -1,0 +1,196 @@
+"""The models file, GGUF metadata and `farm models scan`: every problem named with its line,
+nothing applied when anything is wrong, paths kept inside the model folders."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from farm.catalog import CatalogError, apply_catalog, load_catalog, suggest_name
+from farm.errors import InvalidRequest
+from farm.gguf_info import read_gguf_info
+from farm.registry import queries, transaction, upgrade
+from tests.conftest import gemma_path
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    try:  # a real file inside the folder (a symbolic link out of it would be refused)
+        os.link(gemma_path(), folder / "gemma.gguf")
+    except OSError:
+        shutil.copy(gemma_path(), folder / "gemma.gguf")
+    (folder / "linked-out.gguf").symlink_to(gemma_path())
+    (folder / "junk.gguf").write_text("not a model")
+    return folder
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """\
+model_dirs = ["models"]
+
+[models.gemma-small]
+path = "gemma.gguf"
+n_ctx = 2048
+chat_format = "gemma"
+defaults = { temperature = 0.5 }
+
+[profiles.fast]
+models = ["gemma-small"]
+"""
+
+
+def test_gguf_metadata_is_read_from_the_header():
+    info = read_gguf_info(Path(gemma_path()))
+    assert (info.architecture, info.quantization, info.size_label) == ("gemma3", "Q4_K_M", "270M")
+    assert info.context_length == 32768 and info.parameters == 268_098_176
+    assert not info.has_chat_template  # the base model ships none: farm uses the registry's
+
+
+def test_a_truncated_or_foreign_file_is_not_a_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00")
+    with pytest.raises(InvalidRequest, match="not a readable GGUF file"):
+        read_gguf_info(bad)
+    bad.write_text("hello")
+    with pytest.raises(InvalidRequest, match="is not a GGUF file"):
+        read_gguf_info(bad)
+
+
+def test_a_good_models_file_is_applied_and_its_profile_read(tmp_path, model_dir):
+    catalog, _ = load_catalog(write(tmp_path, GOOD))
+    assert catalog.profiles["fast"].models == ["gemma-small"]
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(db)
+    assert apply_catalog(db, catalog) == (["gemma-small"], [])
+    assert apply_catalog(db, catalog) == ([], [])  # applying again changes nothing
+    with transaction(db) as s:
+        record = queries.get_model(s, "gemma-small")
+        assert record.n_ctx == 2048 and record.defaults == {"temperature": 0.5}
+        assert Path(record.path) == (model_dir / "gemma.gguf").resolve()
+
+
+def test_every_error_is_named_with_its_line_and_nothing_is_applied(tmp_path, model_dir):
+    outside = tmp_path / "elsewhere.gguf"
+    outside.symlink_to(gemma_path())
+    text = f"""\
+model_dirs = ["models"]
+
+[models.ok]
+path = "gemma.gguf"
+
+[models.Bad_Name]
+path = "gemma.gguf"
+
+[models.wrong]
+path = "gemma.gguf"
+n_ctx = 4
+temprature = 1
+
+[models.junk]
+path = "junk.gguf"
+
+[models.escaped]
+path = "{outside}"
+
+[profiles.fast]
+models = ["ok", "missing"]
+"""
+    path = write(tmp_path, text)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    message = str(info.value)
+    assert f"{path}:11: models.wrong.n_ctx: Input should be greater than or equal to 16" in message
+    assert f"{path}:12: models.wrong.temprature: unknown field" in message
+    # Field errors stop before the file checks; fix them and the rest are reported.
+    text = text.replace("n_ctx = 4\ntemprature = 1\n", "")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(write(tmp_path, text))
+    message = str(info.value)
+    assert f"{path}:6: models.Bad_Name: invalid model name" in message
+    assert f"{path}:13: models.junk.path:" in message and "is not a GGUF file" in message
+    assert f"{path}:16: models.escaped.path:" in message and "outside the model folders" in message
+    assert f"{path}:19: profiles.fast.models: names 'missing'" in message
+    assert "nothing was applied" in message
+
+
+def test_a_toml_syntax_error_names_its_line(tmp_path):
+    with pytest.raises(CatalogError, match="line 2"):
+        load_catalog(write(tmp_path, "[models.a]\npath = \n"))
+
+
+def test_scan_finds_gguf_files_and_adds_them(tmp_path, model_dir):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    env = {**os.environ, "FARM_HOME": str(tmp_path), "FARM_DATABASE_URL": db}
+    upgrade(db)
+    r = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "models", "scan", str(model_dir), "--json", "--add"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout.split("\nadded")[0])
+    assert [f["name"] for f in found] == ["gemma", "linked-out"]
+    assert found[0]["quantization"] == "Q4_K_M"
+    with transaction(db) as s:
+        assert [m.name for m in queries.list_models(s)] == ["gemma", "linked-out"]
+
+
+def test_model_paths_outside_the_model_folders_are_refused(tmp_path, model_dir):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(db)
+    env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path),
+        "FARM_DATABASE_URL": db,
+        "FARM_MODEL_DIRS": json.dumps([str(model_dir)]),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "models", "add", "g", gemma_path()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "outside the model folders" in r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "farm.cli",
+            "models",
+            "add",
+            "g",
+            str(model_dir / "linked-out.gguf"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "outside the model folders" in r.stderr  # a link out counts
+    r = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "models", "add", "g", str(model_dir / "gemma.gguf")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_suggested_names_are_valid_model_names():
+    assert suggest_name(Path("/m/Gemma-3-270M.Q4_K_M.gguf")) == "gemma-3-270m.q4_k_m"
+    assert suggest_name(Path("/m/My Model (v2).gguf")) == "my-model-v2"
