@@ -21,6 +21,7 @@ from farm.context import FarmContext, get_context
 from farm.errors import FarmUnavailable, JobCancelled, JobFailed, JobTimeout, UnknownJob
 from farm.queue import cancel_key, stream_key
 from farm.registry import queries, transaction
+from farm.registry.tables import TERMINAL_STATUSES
 
 # Event kinds on a job's stream.
 TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
@@ -64,14 +65,14 @@ class Job:
 
     # -- state --------------------------------------------------------------------------------
     def status(self) -> str:
-        """queued, running, succeeded, failed or cancelled (from the registry)."""
+        """queued, running, succeeded, failed, cancelled or expired (from the registry)."""
         with transaction(self._ctx.database_url) as s:
             row = queries.get_usage(s, self.id)
             if row is None:
                 raise UnknownJob(f"no job with id '{self.id}'; `farm usage` lists recent jobs")
             self.model = row.model
             status = row.status
-        if status in ("queued", "running"):
+        if status not in TERMINAL_STATUSES:
             # The worker sends the final event a moment before it writes the usage row.
             status = stream_outcome(self._ctx.redis, self.id) or status
         return status
@@ -165,7 +166,7 @@ class Job:
             row = queries.get_usage(s, self.id)
             if row is None:
                 raise UnknownJob(f"no job with id '{self.id}'; `farm usage` lists recent jobs")
-            if row.status in ("succeeded", "failed", "cancelled"):
+            if row.status in TERMINAL_STATUSES:
                 return False
             ctx.redis.set(cancel_key(self.id), "1", ex=ctx.settings.job_expires + 3600)
             if row.status == "queued":

@@ -16,8 +16,9 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_revoked, worker_ready, worker_shutdown
 
 from farm.context import get_context
 from farm.errors import FarmError
@@ -94,7 +95,8 @@ def serve(
         print(f"farm worker: cannot serve {', '.join(models)}: {e}", file=sys.stderr)
         return EXIT_START_FAILED
 
-    register_task(app, JobRunner(ctx, worker_id, cache))
+    runner = JobRunner(ctx, worker_id, cache)
+    register_task(app, runner)
     membership = Membership(ctx, worker_id, cache, device_label)
     control.bind(cache, membership, lambda m: load_spec(ctx.database_url, m))
 
@@ -106,6 +108,12 @@ def serve(
             f"(loaded: {', '.join(cache.loaded()) or 'none'})",
             flush=True,
         )
+
+    @task_revoked.connect(weak=False)
+    def _revoked(request: Any = None, expired: bool = False, **_: object) -> None:
+        # Cancelled jobs are recorded by whoever cancelled them; expired ones only here.
+        if expired and request is not None:
+            runner.expired(request.id, getattr(request, "expires", None))
 
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:

@@ -161,6 +161,17 @@ class JobRunner:
             queries.record_finished(s, job_id=job_id, status=status, **fields)
             queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
 
+    def expired(self, job_id: str, expires: Any) -> None:
+        """Celery dropped the job unrun: it waited past its expiry (the caller gave up)."""
+        reason = (
+            f"the job expired in its queue (at {expires}) before a worker was free; it was "
+            "not run. The submitting side sets the expiry: FARM_JOB_EXPIRES"
+        )
+        log.warning("job %s expired in its queue; dropped", job_id)
+        with transaction(self.ctx.database_url) as s:
+            queries.record_finished(s, job_id=job_id, status="expired", error=reason)
+        publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+
     def _fail(self, job_id: str, reason: str) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
         self._end(job_id, "failed", error=reason, worker_id=self.worker_id)

@@ -107,7 +107,7 @@ class UsageRecord(Base):
     session: Mapped[str] = mapped_column(String(128), index=True)
     model: Mapped[str] = mapped_column(String(64), index=True)
     priority: Mapped[str] = mapped_column(String(8))
-    # queued, running, succeeded, failed, cancelled
+    # queued, running, succeeded, failed, cancelled, expired
     status: Mapped[str] = mapped_column(String(16))
     worker_id: Mapped[str | None] = mapped_column(String(255))
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -122,4 +122,4 @@ class UsageRecord(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
 
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")
