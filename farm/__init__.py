@@ -81,7 +81,7 @@ class Stream:
 def submit(
     prompt: str | None = None,
     *,
-    model: str,
+    model: str | None = None,
     messages: list[dict[str, str]] | None = None,
     priority: Literal["high", "normal", "low"] = "normal",
     session: str = "default",
@@ -90,14 +90,18 @@ def submit(
 ) -> Job:
     """Queue a prompt (or chat `messages`) for `model` and return its Job at once.
 
+    `model` defaults to FARM_DEFAULT_MODEL (gemma3-270m).
+
     `params` are sampling and stopping fields, flat (`temperature=0.2, max_tokens=64`) or
     nested (`sampling={...}, stopping={...}`).
 
     Raises InvalidRequest, UnknownModel, NoLiveWorker or FarmUnavailable; in each case
     nothing was queued.
     """
+    from farm.config import get_settings
     from farm.enqueue import build, submit_request
 
+    model = model or get_settings().default_model
     request = build(
         prompt, model=model, messages=messages, priority=priority, session=session, **params
     )

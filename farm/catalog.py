@@ -186,15 +186,31 @@ def apply_catalog(database_url: str, catalog: Catalog) -> tuple[list[str], list[
     return added, updated
 
 
-def scan(folder: Path) -> list[Any]:
-    """GGUF files under `folder` with their metadata (files that fail to read are skipped)."""
-    found = []
-    for file in sorted(folder.expanduser().rglob("*.gguf")):
+def scan(folder: Path) -> tuple[list[Any], list[str]]:
+    """GGUF files under `folder` with their metadata, and a reason for each file skipped."""
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise InvalidRequest(f"{folder} is not a folder")
+    found, skipped = [], []
+    for file in sorted(folder.rglob("*.gguf")):
         try:
             found.append(read_gguf_info(file))
-        except InvalidRequest:
-            continue
-    return found
+        except InvalidRequest as e:
+            skipped.append(str(e))
+    return found, skipped
+
+
+# Architectures whose GGUFs often ship without a chat template, and llama-cpp-python's
+# format for them.
+CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "chatml",
+                "qwen3": "chatml", "llama": "llama-3", "mistral": "mistral-instruct"}  # fmt: skip
+
+
+def default_chat_format(info: Any) -> str | None:
+    """The chat format to record for a GGUF: none when it carries its own template."""
+    if info.has_chat_template:
+        return None
+    return CHAT_FORMATS.get(info.architecture or "")
 
 
 def suggest_name(file: Path) -> str:

@@ -18,7 +18,9 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import redis
 import typer
+from kombu.exceptions import OperationalError as KombuOperationalError
 from rich.console import Console
 from rich.table import Table
 
@@ -30,14 +32,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 models_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
 db_app = typer.Typer(help="The registry's schema.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: piped output keeps ids and paths whole instead of folding at 80 columns.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -49,14 +53,17 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FarmError as e:
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            message = str(e)
+        except (redis.RedisError, KombuOperationalError, ConnectionError) as e:
+            message = f"cannot reach the farm's Redis: {e}; is `farm up` running, or FARM_BROKER_URL right?"
+        err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
     return wrapper  # type: ignore[return-value]
 
 
 def _db_url() -> str:
-    return get_settings().resolved_database_url()
+    return get_settings().existing_database_url()
 
 
 # -- jobs -----------------------------------------------------------------------------------------
@@ -134,20 +141,36 @@ def submit(
     if no_wait:
         print(job.id)
         return
+    signal.signal(signal.SIGTERM, _interrupt)  # killed while following: cancel, as Ctrl-C does
     _follow(job, as_json=as_json, timeout=timeout)
 
 
-def _follow(job: Any, *, as_json: bool, timeout: float | None) -> None:
-    """Stream a job's tokens to stdout (or wait and print JSON); Ctrl-C cancels the job."""
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _follow(
+    job: Any, *, as_json: bool, timeout: float | None, cancel_on_interrupt: bool = True
+) -> None:
+    """Stream a job's tokens to stdout (or wait and print JSON).
+
+    Ctrl-C cancels the job when this command submitted it; `farm result` only stops waiting.
+    """
     try:
         if as_json:
             completion = job.result(timeout)
             print(completion.model_dump_json(indent=2))
             return
-        for piece in job.stream(timeout):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        wrote = False
+        try:
+            for piece in job.stream(timeout):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                wrote = True
+        finally:
+            if wrote:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
         c = job.completion
         err.print(
             f"[dim]{c.job_id} · {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens · "
@@ -156,6 +179,12 @@ def _follow(job: Any, *, as_json: bool, timeout: float | None) -> None:
             highlight=False,
         )
     except KeyboardInterrupt:
+        if not cancel_on_interrupt:
+            err.print(
+                f"\nstopped waiting; job {job.id} goes on (`farm cancel {job.id}` stops it)",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
         # The user gave up on the answer: stop the generation instead of letting it burn on.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         cancelled = False
@@ -179,7 +208,7 @@ def result(
     """Wait for a job and print its text (or its Completion as JSON)."""
     import farm
 
-    _follow(farm.job(job_id), as_json=as_json, timeout=timeout)
+    _follow(farm.job(job_id), as_json=as_json, timeout=timeout, cancel_on_interrupt=False)
 
 
 @app.command()
@@ -262,6 +291,7 @@ def _run_farm(
         settings, models or [DEFAULT_MODEL], say=lambda m: err.print(m, highlight=False)
     )
     farm_.catalog = catalog
+    farm_.refuse_if_running()
 
     def _term(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -290,7 +320,7 @@ def _run_farm(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(ctx: typer.Context) -> None:
-    """Serve one model's queue: `farm worker --model NAME [--name ID]` (needs farm[worker])."""
+    """Serve models' queues: `farm worker --model NAME` (see `farm worker --help`; needs the worker extra)."""
     if importlib.util.find_spec("llama_cpp") is None:
         err.print(
             "error: the worker needs llama-cpp-python: `pip install 'farm[worker]'` "
@@ -367,11 +397,25 @@ def models_add(
     path = confine(path, get_settings().model_dirs)
     if not path.is_file():
         raise InvalidRequest(f"no file at {path}; give the path of a .gguf file")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise InvalidRequest(f"{path} is not a GGUF file")
+    from farm.catalog import default_chat_format
+    from farm.gguf_info import read_gguf_info
+
+    info = read_gguf_info(path)  # InvalidRequest when it is not a GGUF
     if n_ctx < 16:
         raise InvalidRequest(f"invalid --n-ctx {n_ctx}: give at least 16 tokens")
+    if info.context_length and n_ctx > info.context_length:
+        raise InvalidRequest(
+            f"invalid --n-ctx {n_ctx}: {path.name} was trained for {info.context_length} tokens; "
+            f"give at most {info.context_length}"
+        )
+    if chat_format is None:
+        chat_format = default_chat_format(info)
+        if chat_format is None and not info.has_chat_template:
+            err.print(
+                f"note: {path.name} has no chat template; chat requests need --chat-format "
+                "(a llama-cpp-python format such as chatml)",
+                highlight=False,
+            )
     with transaction(_db_url()) as s:
         queries.add_model(
             s,
@@ -413,11 +457,15 @@ def models_scan(
     """Find GGUF files under a folder and show what they say about themselves."""
     from dataclasses import asdict
 
-    from farm.catalog import confine, scan, suggest_name
+    from farm.catalog import confine, default_chat_format, scan, suggest_name
     from farm.registry import queries, transaction
 
     folder = confine(folder, get_settings().model_dirs)
-    found = scan(folder)
+    found, skipped = scan(folder)
+    for reason in skipped:
+        err.print(f"skipped: {reason}", highlight=False)
+    if not found:
+        err.print(f"no GGUF files found under {folder}")
     if as_json:
         print(
             json.dumps([asdict(i) | {"name": suggest_name(Path(i.path))} for i in found], indent=2)
@@ -446,8 +494,11 @@ def models_scan(
                 if name in known:
                     continue
                 n_ctx = min(i.context_length or 4096, 8192)
-                queries.add_model(s, name=name, path=i.path, n_ctx=n_ctx)
-                out.print(f"added {name}")
+                chat_format = default_chat_format(i)
+                queries.add_model(s, name=name, path=i.path, n_ctx=n_ctx, chat_format=chat_format)
+                out.print(
+                    f"added {name} (context {n_ctx}, chat: {chat_format or 'its own template'})"
+                )
 
 
 @models_app.command("list")
@@ -533,6 +584,10 @@ def usage(
     if as_json:
         print(json.dumps([asdict(t) for t in totals], indent=2))
         return
+    if not totals:
+        where = f" for session '{session}'" if session else ""
+        out.print(f"no usage recorded{where} yet")
+        return
     table = Table(
         "session", "model", "jobs", "ok", "failed", "prompt tok", "completion tok", "gen s"
     )
@@ -556,7 +611,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Create or migrate the registry's tables (Alembic)."""
     from farm.registry.db import current_revision, upgrade
 
-    url = _db_url()
+    url = get_settings().resolved_database_url()
     upgrade(url, revision)
     out.print(f"registry at revision {current_revision(url)}")
 

@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     )
     flower_user: str = Field(default="farm", description="Flower's basic-auth user.")
     flower_password: str | None = Field(
-        default=None, description="Flower's basic-auth password. Unset: Flower refuses to start."
+        default=None,
+        description="Flower's basic-auth password. Unset: Flower serves localhost only, "
+        "without a password.",
     )
     connect_timeout: float = Field(
         default=3.0, gt=0, description="Seconds to wait for the broker before giving up."
@@ -117,6 +119,16 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.home / 'registry.db'}"
+
+    def existing_database_url(self) -> str:
+        """The registry to read: like resolved_database_url, but on the embedded default it
+        must have been created (by `farm up` or `farm db upgrade`) already."""
+        if not self.database_url and not (self.home / "registry.db").exists():
+            raise FarmUnavailable(
+                f"no farm has been set up in {self.home}: start one with `farm up`, or set "
+                "FARM_DATABASE_URL (and FARM_BROKER_URL) to your farm's servers"
+            )
+        return self.resolved_database_url()
 
     def resolved_broker_url(self) -> str:
         """The broker to use: FARM_BROKER_URL, else the embedded farm running here."""

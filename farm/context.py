@@ -32,7 +32,7 @@ class FarmContext:
 
     @cached_property
     def database_url(self) -> str:
-        return self.settings.resolved_database_url()
+        return self.settings.existing_database_url()
 
     @cached_property
     def app(self) -> Celery:

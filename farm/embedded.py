@@ -76,13 +76,16 @@ class EmbeddedFarm:
         self.database_url = settings.resolved_database_url()
 
     # -- starting -----------------------------------------------------------------------------
-    def start(self) -> None:
+    def refuse_if_running(self) -> None:
         running = read_state(self.settings.state_file)
         if running is not None:
             raise ConfigError(
                 f"a farm is already running here (pid {running['pid']}, broker "
                 f"{running['broker_url']}); use it, or stop it with Ctrl-C in its shell"
             )
+
+    def start(self) -> None:
+        self.refuse_if_running()
         self.settings.home.mkdir(parents=True, exist_ok=True)
         if not self.broker_url:
             self._start_broker()

@@ -103,7 +103,7 @@ def _check_servable(ctx: FarmContext, request: Request, wait_for_worker: float) 
         if time.monotonic() >= deadline:
             raise NoLiveWorker(
                 f"no worker is serving model '{request.model}'; start one with "
-                f"`farm worker --model {request.model}` (or `farm up`), or pass "
+                f"`farm worker --model {request.model}` (or `farm up --model {request.model}`), or pass "
                 "--wait-for-worker SECONDS to wait for one"
             )
         time.sleep(0.25)

@@ -145,7 +145,8 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
             "interval_max": 1,
         },
         result_expires=24 * 3600,
-        result_extended=True,
+        # Not result_extended: it would keep each job's arguments (the prompt) in Redis.
+        result_extended=False,
         worker_send_task_events=True,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
@@ -172,6 +173,7 @@ def requeue_unacked(app: Celery, job_id: str) -> bool:
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
             if headers.get("id") == job_id:
-                channel.qos.restore_by_tag(tag, leftmost=True)
+                # leftmost=False: RPUSH, the end BRPOP takes from, so it runs next.
+                channel.qos.restore_by_tag(tag, leftmost=False)
                 return True
     return False

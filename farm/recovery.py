@@ -1,8 +1,11 @@
 """Lost workers and their jobs: a worker whose leases expired is lost, and the job it held
 goes back to the front of its queue at once instead of after Redis's visibility timeout.
 
-Every worker runs `reap_lost_workers` on each heartbeat, and `farm status` runs it too; the
-registry hands each lost worker to exactly one of them.
+Every worker runs `reap_lost_workers` on each heartbeat; the registry hands each lost
+worker to exactly one of them. Workers only: lease expiry is judged by the reaper's clock,
+and a laptop running `farm status` with a skewed clock must not requeue running jobs.
+The requeue happens inside the claiming transaction: if Redis cannot be reached, the claim
+rolls back and the next heartbeat tries again.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ log = logging.getLogger(__name__)
 
 def reap_lost_workers(ctx: FarmContext) -> list[tuple[str, str | None, bool]]:
     """Mark lost workers and requeue their jobs. Returns (worker, job, requeued) each."""
-    with transaction(ctx.database_url) as s:
-        lost = queries.claim_lost_workers(s)
     reaped = []
-    for worker_id, job_id in lost:
-        requeued = bool(job_id) and requeue_unacked(ctx.app, str(job_id))
+    with transaction(ctx.database_url) as s:
+        for worker_id, job_id in queries.claim_lost_workers(s):
+            requeued = bool(job_id) and requeue_unacked(ctx.app, str(job_id))
+            reaped.append((worker_id, job_id, requeued))
+    for worker_id, job_id, requeued in reaped:
         if job_id:
             log.warning(
                 "worker %s is lost; its job %s %s",
@@ -32,5 +36,4 @@ def reap_lost_workers(ctx: FarmContext) -> list[tuple[str, str | None, bool]]:
             )
         else:
             log.warning("worker %s is lost (it held no job)", worker_id)
-        reaped.append((worker_id, job_id, requeued))
     return reaped

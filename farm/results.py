@@ -69,7 +69,9 @@ class Job:
         with transaction(self._ctx.database_url) as s:
             row = queries.get_usage(s, self.id)
             if row is None:
-                raise UnknownJob(f"no job with id '{self.id}'; `farm usage` lists recent jobs")
+                raise UnknownJob(
+                    f"no job with id '{self.id}'; check the id (`farm submit --no-wait` prints one)"
+                )
             self.model = row.model
             status = row.status
         if status not in TERMINAL_STATUSES:
@@ -101,7 +103,7 @@ class Job:
         key = stream_key(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
         last = "0"
-        checked_backend = False
+        next_check = time.monotonic() + 1.0
         while True:
             block_ms = 1000
             if deadline is not None:
@@ -118,10 +120,11 @@ class Job:
             except redis.RedisError as e:
                 raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
             if not reply:
-                if not checked_backend:
-                    # The stream may have expired long ago: ask the result backend once.
-                    checked_backend = True
-                    if self._from_backend():
+                if time.monotonic() >= next_check:
+                    # Nothing on the stream: it may have expired long ago, or the job may
+                    # have ended without writing to it. Ask the backend and the registry.
+                    next_check = time.monotonic() + 5.0
+                    if self._settled():
                         return
                 continue
             for entry_id, fields in reply[0][1]:
@@ -141,6 +144,24 @@ class Job:
         if kind == CANCELLED:
             raise JobCancelled(f"job {self.id} was cancelled")
         raise JobFailed(f"job {self.id} failed: {fields.get('error', 'no reason given')}")
+
+    def _settled(self) -> bool:
+        """True when the job's outcome is known elsewhere than its stream (and was applied)."""
+        if self._from_backend():
+            return True
+        with transaction(self._ctx.database_url) as s:
+            row = queries.get_usage(s, self.id)
+            status, error = (row.status, row.error) if row else (None, None)
+        if status == "cancelled":
+            raise JobCancelled(f"job {self.id} was cancelled")
+        if status in ("failed", "expired"):
+            raise JobFailed(f"job {self.id} {status}: {error or 'no reason recorded'}")
+        if status == "succeeded":
+            raise UnknownJob(
+                f"job {self.id} succeeded, but its text is no longer kept (results are kept "
+                "for FARM_STREAM_TTL seconds on the stream and 24 hours in the result backend)"
+            )
+        return False
 
     def _from_backend(self) -> bool:
         """True when Celery's backend already holds the outcome (and it was applied)."""
@@ -162,19 +183,35 @@ class Job:
         Returns False when the job had already ended.
         """
         ctx = self._ctx
+        # Set the flag first: a worker starting the job from now on sees it.
+        _redis_call(ctx.redis.set, cancel_key(self.id), "1", ex=ctx.settings.job_expires + 3600)
         with transaction(ctx.database_url) as s:
             row = queries.get_usage(s, self.id)
             if row is None:
-                raise UnknownJob(f"no job with id '{self.id}'; `farm usage` lists recent jobs")
+                raise UnknownJob(
+                    f"no job with id '{self.id}'; check the id (`farm submit --no-wait` prints one)"
+                )
             if row.status in TERMINAL_STATUSES:
                 return False
-            ctx.redis.set(cancel_key(self.id), "1", ex=ctx.settings.job_expires + 3600)
-            if row.status == "queued":
-                queries.record_finished(s, job_id=self.id, status="cancelled")
-                publish(ctx.redis, self.id, CANCELLED, ttl=ctx.settings.stream_ttl)
-        # Workers drop revoked ids on receipt; the cancel flag covers workers that miss it.
-        ctx.app.control.revoke(self.id)
+            # Only a job no worker has started is cancelled here; a running one sees the flag.
+            cancelled_queued = queries.cancel_if_queued(s, job_id=self.id)
+        if cancelled_queued:
+            publish(ctx.redis, self.id, CANCELLED, ttl=ctx.settings.stream_ttl)
+        try:
+            # Workers drop revoked ids on receipt; the registry row covers workers that miss it.
+            ctx.app.control.revoke(self.id)
+        except OSError as e:
+            raise FarmUnavailable(
+                f"cancelled in the registry, but could not tell workers: {e}"
+            ) from e
         return True
+
+
+def _redis_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except redis.RedisError as e:
+        raise FarmUnavailable(f"cannot reach Redis: {e}; is the farm running?") from e
 
 
 _OUTCOMES = {DONE: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}

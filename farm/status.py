@@ -16,7 +16,6 @@ from rich.table import Table
 from farm.context import FarmContext, get_context
 from farm.errors import UnknownJob
 from farm.queue import PRIORITIES, PRIORITY_STEPS, priority_list_key, priority_name
-from farm.recovery import reap_lost_workers
 from farm.registry import queries, transaction
 from farm.results import stream_outcome
 
@@ -56,7 +55,6 @@ def queue_position(ctx: FarmContext, model: str, job_id: str) -> int | None:
 def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
     ctx = ctx or get_context()
     now = datetime.now(UTC)
-    reap_lost_workers(ctx)
     with transaction(ctx.database_url) as s:
         models = queries.list_models(s)
         leases = queries.live_leases(s)
@@ -76,12 +74,13 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
             }
             for m in models
         ]
+        live_ids = {lease.worker_id for lease in leases}
         worker_rows = [
             {
                 "id": w.id,
                 "host": w.host,
                 "device": w.device,
-                "state": w.state,
+                "state": _shown_state(w.state, w.id in live_ids),
                 "current_job": w.current_job,
                 "uptime_s": round((now - _aware(w.started_at)).total_seconds()),
                 "heartbeat_age_s": round((now - _aware(w.heartbeat_at)).total_seconds(), 1),
@@ -109,7 +108,9 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
     with transaction(ctx.database_url) as s:
         row = queries.get_usage(s, job_id)
         if row is None:
-            raise UnknownJob(f"no job with id '{job_id}'; `farm usage` lists sessions and models")
+            raise UnknownJob(
+                f"no job with id '{job_id}'; check the id (`farm submit --no-wait` prints one)"
+            )
         info: dict[str, Any] = {
             "job": row.job_id,
             "status": row.status,
@@ -117,7 +118,7 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
             "priority": row.priority,
             "session": row.session,
             "worker": row.worker_id,
-            "submitted": row.submitted_at,
+            "submitted": _aware(row.submitted_at),
             "tokens": f"{row.prompt_tokens}+{row.completion_tokens}",
             "finish_reason": row.finish_reason,
             "error": row.error,
@@ -127,6 +128,11 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
     if info["status"] == "queued":
         info["position"] = queue_position(ctx, info["model"], job_id)
     return {k: v for k, v in info.items() if v is not None}
+
+
+def _shown_state(state: str, has_live_lease: bool) -> str:
+    # A serving worker whose leases expired is lost, even before a worker reaps it.
+    return "lost" if state in ("ready", "busy") and not has_live_lease else state
 
 
 def _aware(dt: datetime) -> datetime:

@@ -7,7 +7,10 @@ import sys
 import time
 
 import pytest
+from sqlalchemy import select
 
+from farm.registry import transaction
+from farm.registry.tables import UsageRecord
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.e2e
@@ -86,12 +89,12 @@ def test_cancel_of_an_unknown_job_says_so(live_farm):
 
 def test_models_list_usage_and_status_show_the_farm(live_farm):
     models = json.loads(live_farm.farm("models", "list", "--json").stdout)
-    assert [m["name"] for m in models] == [MODEL] and models[0]["workers"] == 1
+    assert {m["name"]: m["workers"] for m in models}[MODEL] == 1
     live_farm.farm("submit", "hi", "--max-tokens", "2", "--session", "usage-cli")
     usage = json.loads(live_farm.farm("usage", "--session", "usage-cli", "--json").stdout)
     assert usage[0]["jobs"] == 1 and usage[0]["model"] == MODEL
     status = json.loads(live_farm.farm("status", "--json").stdout)
-    assert status["models"][0]["name"] == MODEL and status["models"][0]["workers"]
+    assert {m["name"]: m for m in status["models"]}[MODEL]["workers"]
     assert any(w["state"] in ("ready", "busy") for w in status["workers"])
     table = live_farm.farm("status")
     assert table.returncode == 0 and MODEL in table.stdout
@@ -120,13 +123,41 @@ def test_ctrl_c_while_streaming_cancels_the_job_and_exits_cleanly(live_farm):
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert b"cancelled" in stderr and b"Traceback" not in stderr
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        usage = json.loads(live_farm.farm("usage", "--session", "ctrl-c", "--json").stdout)
-        if usage and usage[0]["jobs"] == 1 and usage[0]["succeeded"] == 0:
+    deadline = time.monotonic() + 15
+    while True:
+        with transaction(live_farm.database_url) as s:
+            row = s.scalar(select(UsageRecord).where(UsageRecord.session == "ctrl-c"))
+        if row is not None and row.status == "cancelled":
             break
-        time.sleep(0.2)
-    assert usage[0]["completion_tokens"] < 2000
+        assert time.monotonic() < deadline, f"job not cancelled: {row and row.status}"
+        time.sleep(0.1)
+    assert 0 < row.completion_tokens < 2000
+
+
+def test_ctrl_c_on_farm_result_stops_waiting_but_leaves_the_job_running(live_farm):
+    r = live_farm.farm("submit", "Tell me a long story.", "--max-tokens", "300", "--no-wait")
+    job_id = r.stdout.strip()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "result", job_id],
+        env=live_farm.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.read(1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"goes on" in stderr
+    status = json.loads(live_farm.farm("status", job_id, "--json").stdout)["status"]
+    assert status in ("running", "succeeded")
+    live_farm.farm("cancel", job_id)
+
+
+def test_models_add_refuses_a_context_beyond_what_the_model_was_trained_for(live_farm):
+    from tests.conftest import gemma_path
+
+    r = live_farm.farm("models", "add", "too-long", gemma_path(), "--n-ctx", "999999")
+    assert r.returncode == 1 and "trained for 32768 tokens; give at most 32768" in r.stderr
 
 
 def test_models_add_refuses_bad_names_and_non_gguf_files(live_farm, tmp_path):

@@ -66,6 +66,15 @@ def test_chat_messages_use_the_models_chat_format(farm_client):
     assert c.usage.completion_tokens > 0 and c.text.strip()
 
 
+def test_a_system_message_is_kept_even_where_the_chat_format_has_no_system_role(farm_client):
+    user = [{"role": "user", "content": "Say hello."}]
+    system = [{"role": "system", "content": "You are a pirate who answers in rhymes."}]
+    plain = farm.infer(model=MODEL, messages=user, max_tokens=1, timeout=60)
+    with_system = farm.infer(model=MODEL, messages=system + user, max_tokens=1, timeout=60)
+    # llama-cpp-python's gemma format drops system messages; farm folds them into the turn.
+    assert with_system.usage.prompt_tokens > plain.usage.prompt_tokens + 5
+
+
 def test_generation_stops_at_a_stop_string_which_is_not_returned(farm_client):
     c = farm.infer(
         "Count: 1, 2, 3,", model=MODEL, temperature=0, max_tokens=48, stop=["6"], timeout=60
@@ -85,6 +94,15 @@ def test_submit_returns_at_once_with_a_job_to_follow(farm_client):
     c = job.result(timeout=60)
     assert c.job_id == job.id and job.status() == "succeeded"
     assert farm.job(job.id).result(timeout=5).text == c.text
+
+
+def test_a_malformed_job_from_another_producer_fails_and_the_worker_goes_on(farm_client):
+    bad = get_context().app.send_task(
+        TASK_NAME, args=[{"model": MODEL, "temperature": 99}], queue=queue_name(MODEL)
+    )
+    with pytest.raises(farm.JobFailed, match="invalid request"):
+        farm.Job(bad.id).result(timeout=60)
+    assert farm.infer("Hello", model=MODEL, max_tokens=2, timeout=60).usage.completion_tokens > 0
 
 
 def test_a_prompt_longer_than_the_context_fails_and_the_worker_serves_the_next(farm_client):

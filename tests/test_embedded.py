@@ -41,6 +41,10 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
     env = bare_env(tmp_path)
     r = farm(env, "submit", "hi")
     assert r.returncode == 1 and "no farm is running here: start one with `farm up`" in r.stderr
+    for command in (["status"], ["usage"], ["models", "list"], ["result", "some-id"]):
+        r = farm(env, *command)
+        assert r.returncode == 1 and "start one with `farm up`" in r.stderr, command
+    assert not (tmp_path / "registry.db").exists()  # asking created nothing
 
     up = subprocess.Popen(
         [sys.executable, "-m", "farm.cli", "up"],

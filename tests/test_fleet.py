@@ -55,11 +55,13 @@ def fleet(redis_url, pg_server, tmp_path):
 
 
 def running_on(f: FarmUnderTest, job: farm.Job) -> str:
+    """The worker running `job`, once it has produced its first token."""
     stream = job.stream(timeout=60)
     next(stream)
     with transaction(f.database_url) as s:
         row = queries.get_usage(s, job.id)
-        assert row is not None and row.worker_id
+        state = None if row is None else (row.status, row.worker_id, row.started_at)
+        assert row is not None and row.worker_id, f"job {job.id} streams but its row is {state}"
         return row.worker_id
 
 
@@ -85,25 +87,33 @@ def test_status_shows_both_workers_sharing_the_model(fleet):
 def test_a_job_on_a_killed_worker_completes_on_the_other_with_one_usage_row(fleet):
     job = farm.submit("Tell me a long story about the sea.", model=MODEL, max_tokens=200)
     victim = running_on(fleet, job)
+    # Keep the other worker busy and queue one more job behind: the killed worker's job must
+    # go back to the front of the queue, ahead of it.
+    busy = farm.submit("Tell me another long story.", model=MODEL, max_tokens=500)
+    survivor = running_on(fleet, busy)
+    assert survivor != victim
+    behind = farm.submit("Queued behind", model=MODEL, max_tokens=2)
     proc = fleet.workers[0] if victim.endswith("host-a") else fleet.workers[1]
     killed_at = time.monotonic()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
+    assert busy.status() == "running"  # still busy when the lost job is requeued (lease ttl 4 s)
     c = farm.Job(job.id).result(timeout=120)
     recovery = time.monotonic() - killed_at
     print(
         f"\nkill -9 of {victim} mid-job: job {job.id} completed on {c.worker} "
         f"{recovery:.1f}s later (lease ttl {fleet.env['FARM_LEASE_TTL']}s)"
     )
-    assert c.worker != victim and c.usage.completion_tokens > 0
+    assert c.worker == survivor and c.usage.completion_tokens > 0
     assert recovery < 60  # kombu alone would wait for the visibility timeout (an hour)
-    rows = finished_usage(fleet.database_url, job.id)
+    behind.result(timeout=60)
+    [row] = finished_usage(fleet.database_url, job.id)
+    [behind_row] = finished_usage(fleet.database_url, behind.id)
+    assert (row.status, row.worker_id) == ("succeeded", c.worker)  # type: ignore[attr-defined]
+    assert row.started_at < behind_row.started_at  # type: ignore[attr-defined]
     with transaction(fleet.database_url) as s:
-        workers = {w.id: w.state for w in queries.list_workers(s)}
-    assert len(rows) == 1
-    assert (rows[0].status, rows[0].worker_id) == ("succeeded", c.worker)  # type: ignore[attr-defined]
-    assert workers[victim] == "lost"
+        assert {w.id: w.state for w in queries.list_workers(s)}[victim] == "lost"
 
 
 def test_sigterm_lets_the_running_generation_finish_then_drops_the_lease(fleet):
@@ -117,5 +127,5 @@ def test_sigterm_lets_the_running_generation_finish_then_drops_the_lease(fleet):
     assert c.worker == worker and c.usage.completion_tokens == 60  # not cut short
     assert proc.wait(60) == 0
     with transaction(fleet.database_url) as s:
-        assert [lease.worker_id for lease in queries.live_leases(s, MODEL)] != [worker]
+        assert worker not in [lease.worker_id for lease in queries.live_leases(s, MODEL)]
         assert {w.id: w.state for w in queries.list_workers(s)}[worker] == "stopped"

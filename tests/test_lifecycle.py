@@ -94,7 +94,7 @@ def test_a_pinned_model_is_never_evicted(farm_of_three):
 
 def test_load_and_unload_on_a_live_worker_and_idle_unload(farm_of_three):
     f = farm_of_three
-    start(f, "--models", "gemma-a", "--keep-alive", "4")
+    start(f, "--models", "gemma-a", "--keep-alive", "6")
     r = f.farm("models", "load", "gemma-b", "--worker", "multi@test")
     assert r.returncode == 0, r.stderr
     assert "loaded gemma-b" in r.stdout and "gemma-b" in loaded(f)
@@ -110,7 +110,7 @@ def test_load_and_unload_on_a_live_worker_and_idle_unload(farm_of_three):
     bad = f.farm("models", "load", "nope", "--worker", "multi@test")
     assert bad.returncode == 1 and "unknown model 'nope'" in bad.stderr
 
-    deadline = time.monotonic() + 20  # keep-alive 4 s, checked on each 1 s heartbeat
+    deadline = time.monotonic() + 25  # keep-alive 6 s, checked on each 1 s heartbeat
     while loaded(f) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert loaded(f) == set()
@@ -129,3 +129,27 @@ def test_two_workers_cannot_claim_the_same_device(farm_of_three):
     )
     assert out.returncode == 2
     assert "device gpu0" in out.stderr and "already used by worker first@test" in out.stderr
+
+
+def test_a_worker_restarted_under_its_name_requeues_the_job_it_died_with(farm_of_three):
+    f = farm_of_three
+    start(f, "--models", "gemma-a", name="solo@test")
+    job = farm.submit("Tell me a long story.", model="gemma-a", max_tokens=150)
+    next(job.stream(timeout=60))  # running
+    victim = f.workers.pop()
+    victim.kill()
+    victim.wait()
+    restarted_at = time.monotonic()
+    start(f, "--models", "gemma-a", name="solo@test")  # as systemd would, at once
+    c = job.result(timeout=120)
+    # The lease of the dead process never expires on its own (the new one renews it), so
+    # only the restart's requeue can bring the job back before the visibility timeout.
+    assert c.worker == "solo@test" and time.monotonic() - restarted_at < 60
+    dup = subprocess.run(
+        [sys.executable, "-m", "workers", "--models", "gemma-b", "--name", "solo@test"],
+        env=f.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dup.returncode == 2 and "a worker named solo@test is already running here" in dup.stderr

@@ -34,13 +34,17 @@ def _summary(cache: ModelCache) -> dict[str, Any]:
 def farm_load_model(state: Any, model: str) -> dict[str, Any]:
     """Load a model now (evicting least recently used ones to fit), and serve its queue."""
     cache: ModelCache = _bound["cache"]
+    new = model not in cache.specs
     try:
-        if model not in cache.specs:
+        if new:
             cache.add(_bound["load_spec"](model))
-            state.consumer.add_task_queue(queue_name(model))
         cache.load(model)
     except FarmError as e:
+        if new:  # leave no trace: no lease, no queue, for a model this worker cannot load
+            cache.remove(model)
         return {"error": str(e)}
+    if new:
+        state.consumer.add_task_queue(queue_name(model))
     _bound["membership"].sync()
     return {"ok": f"loaded {model}", **_summary(cache)}
 

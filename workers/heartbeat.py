@@ -14,17 +14,23 @@ import os
 import platform
 import socket
 import threading
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
+
+from sqlalchemy import select
 
 from farm.context import FarmContext
 from farm.errors import WorkerStartError
+from farm.queue import requeue_unacked
 from farm.recovery import reap_lost_workers
 from farm.registry import queries, transaction
 from farm.registry.queries import LeaseSpec
-from farm.registry.tables import WorkerRecord
+from farm.registry.tables import WorkerRecord, utcnow
 from workers.models import ModelCache
 
 log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("starting", "ready", "busy")
 
 
 def versions() -> dict[str, str]:
@@ -37,53 +43,104 @@ def versions() -> dict[str, str]:
     return found
 
 
-def claim_device(ctx: FarmContext, worker_id: str, device: str) -> None:
-    """Refuse to start when a live worker on this host already uses `device` (not 'cpu')."""
-    if device == "cpu":
-        return
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
+    """Take the worker's id and device, or refuse with the reason. Run before loading.
+
+    - The same id alive elsewhere (a fresh heartbeat, or a live process on this host): refuse.
+    - The same id whose process died (restarted under systemd, say): its job goes back to
+      the queue now, instead of waiting for a lease to expire under the new process.
+    - The same device (not 'cpu') used by another live worker on this host: refuse.
+    """
     host = socket.gethostname()
+    fresh = utcnow() - timedelta(seconds=ctx.settings.lease_ttl)
     with transaction(ctx.database_url) as s:
-        for lease in queries.live_leases(s):
-            worker = s.get(WorkerRecord, lease.worker_id)
-            if worker and worker.id != worker_id and worker.host == host and lease.device == device:
+        old = s.get(WorkerRecord, worker_id)
+        if old is not None and old.state in ACTIVE_STATES:
+            beating = _aware(old.heartbeat_at) > fresh
+            if old.host == host and old.pid != os.getpid() and _pid_alive(old.pid) and beating:
                 raise WorkerStartError(
-                    f"device {device} on {host} is already used by worker {worker.id} "
-                    f"(pid {worker.pid}); pick another --device or stop that worker"
+                    f"a worker named {worker_id} is already running here (pid {old.pid}); "
+                    "stop it or give this one another --name"
                 )
+            if old.host != host and beating:
+                raise WorkerStartError(
+                    f"a worker named {worker_id} is already running on {old.host}; "
+                    "give this one another --name"
+                )
+            if old.current_job and requeue_unacked(ctx.app, old.current_job):
+                log.warning(
+                    "worker %s died holding job %s; it is queued again", worker_id, old.current_job
+                )
+        if device != "cpu":
+            other = s.scalar(
+                select(WorkerRecord).where(
+                    WorkerRecord.host == host,
+                    WorkerRecord.device == device,
+                    WorkerRecord.id != worker_id,
+                    WorkerRecord.state.in_(ACTIVE_STATES),
+                    WorkerRecord.heartbeat_at > fresh,
+                )
+            )
+            if other is not None:
+                raise WorkerStartError(
+                    f"device {device} on {host} is already used by worker {other.id} "
+                    f"(pid {other.pid}); pick another --device or stop that worker"
+                )
+        queries.register_worker(
+            s, worker_id=worker_id, host=host, pid=os.getpid(), device=device, versions=versions()
+        )
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 class Membership:
     """Registers the worker and keeps its leases in step with its ModelCache."""
 
-    def __init__(self, ctx: FarmContext, worker_id: str, cache: ModelCache, device: str):
+    def __init__(self, ctx: FarmContext, worker_id: str, device: str):
         self.ctx = ctx
         self.worker_id = worker_id
-        self.cache = cache
+        self.cache: ModelCache | None = None
         self.device = device
+        self.begun = False
         self.joined = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def join(self) -> None:
-        """Register the worker, lease its models, and start the heartbeat."""
-        with transaction(self.ctx.database_url) as s:
-            queries.register_worker(
-                s,
-                worker_id=self.worker_id,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                device=self.device,
-                versions=versions(),
-            )
-        self.joined = True
-        self.sync()
-        log.info("worker %s serves %s", self.worker_id, ", ".join(self.cache.specs))
+    def begin(self) -> None:
+        """Claim the id and device (registered as starting) and start the heartbeat."""
+        claim(self.ctx, self.worker_id, self.device)
+        self.begun = True
         self._thread = threading.Thread(target=self._beat, name="farm-heartbeat", daemon=True)
         self._thread.start()
 
+    def join(self, device: str) -> None:
+        """The models are loaded and the consumer is ready: lease them, the worker serves."""
+        self.device = device
+        with transaction(self.ctx.database_url) as s:
+            worker = s.get(WorkerRecord, self.worker_id)
+            if worker is not None:
+                worker.device = device
+        self.joined = True
+        self.sync()
+        log.info(
+            "worker %s serves %s", self.worker_id, ", ".join(self.cache.specs if self.cache else ())
+        )
+
     def sync(self) -> None:
         """Write the cache's models to the registry as this worker's leases."""
-        if not self.joined:
+        if not self.joined or self.cache is None:
             return
         loaded = set(self.cache.loaded())
         leases = [
@@ -105,16 +162,19 @@ class Membership:
             try:
                 with transaction(self.ctx.database_url) as s:
                     held = queries.heartbeat(s, worker_id=self.worker_id, ttl=settings.lease_ttl)
-                if held < len(self.cache.specs):
+                if self.joined and self.cache and held < len(self.cache.specs):
                     # Marked lost during a stall while still alive: lease again.
                     self.sync()
-                self.cache.unload_idle()
-                reap_lost_workers(self.ctx)
+                if self.joined and self.cache:
+                    self.cache.unload_idle()
+                    reap_lost_workers(self.ctx)
             except Exception:
                 log.exception("heartbeat of worker %s failed; retrying", self.worker_id)
 
     def leave(self) -> None:
         """Stop renewing and drop the leases: the worker no longer serves."""
+        if not self.begun:
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

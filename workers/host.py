@@ -226,6 +226,23 @@ class ModelHost:
         return chat_prompt(self.llm, request.messages)
 
 
+# Chat formats in llama-cpp-python that drop system messages; Gemma's own template folds the
+# system text into the first user turn, so farm does that instead of losing it.
+_FOLD_SYSTEM = frozenset({"gemma"})
+
+
+def _fold_system(messages: Sequence[Message]) -> list[Message]:
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    rest = [m for m in messages if m.role != "system"]
+    if not system:
+        return rest
+    for i, m in enumerate(rest):
+        if m.role == "user":
+            rest[i] = Message(role="user", content=f"{system}\n\n{m.content}")
+            return rest
+    return [Message(role="user", content=system), *rest]
+
+
 def chat_prompt(llm: Any, messages: Sequence[Message]) -> tuple[list[int], tuple[str, ...]]:
     """The prompt tokens and extra stop strings llama-cpp-python's chat handler would use.
 
@@ -238,6 +255,8 @@ def chat_prompt(llm: Any, messages: Sequence[Message]) -> tuple[list[int], tuple
     handler = llm.chat_handler or llm._chat_handlers.get(llm.chat_format)
     if handler is None:
         handler = llama_chat_format.get_chat_completion_handler(llm.chat_format)
+    if llm.chat_format in _FOLD_SYSTEM and llm.chat_handler is None:
+        messages = _fold_system(messages)
     stand_in = _CapturingLlama(llm)
     try:
         handler(llama=stand_in, messages=[m.model_dump() for m in messages], stream=False)

@@ -26,7 +26,7 @@ from farm.queue import queue_name
 from farm.registry import queries, transaction
 from farm.registry.db import require_schema
 from workers import control
-from workers.heartbeat import Membership, claim_device
+from workers.heartbeat import Membership
 from workers.host import ModelSpec
 from workers.models import ModelCache, parse_size
 from workers.tasks import JobRunner, register_task
@@ -75,34 +75,35 @@ def serve(
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     worker_id = name or default_worker_id(models, device)
     device_label = "cpu" if device is None else f"gpu{device}"
-    membership: Membership | None = None
+    membership = Membership(ctx, worker_id, device_label)
     try:
         require_schema(ctx.database_url)
-        claim_device(ctx, worker_id, device_label)
         specs = [load_spec(ctx.database_url, m) for m in models]
         cache = ModelCache(
             specs,
             budget=parse_size(memory_budget) if memory_budget else None,
             pinned=frozenset(pinned or ()),
             keep_alive=keep_alive,
-            on_change=lambda: membership.sync() if membership else None,
+            on_change=membership.sync,
         )
+        membership.cache = cache
+        membership.begin()  # claims the id and device; registered as starting
         cache.preload()
         if device is None:
             device_label = cache.device()
         app = ctx.app
     except FarmError as e:
+        membership.leave()
         print(f"farm worker: cannot serve {', '.join(models)}: {e}", file=sys.stderr)
         return EXIT_START_FAILED
 
     runner = JobRunner(ctx, worker_id, cache)
     register_task(app, runner)
-    membership = Membership(ctx, worker_id, cache, device_label)
     control.bind(cache, membership, lambda m: load_spec(ctx.database_url, m))
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        membership.join()
+        membership.join(device_label)
         print(
             f"farm worker {worker_id}: serving {', '.join(models)} on {device_label} "
             f"(loaded: {', '.join(cache.loaded()) or 'none'})",
@@ -113,7 +114,7 @@ def serve(
     def _revoked(request: Any = None, expired: bool = False, **_: object) -> None:
         # Cancelled jobs are recorded by whoever cancelled them; expired ones only here.
         if expired and request is not None:
-            runner.expired(request.id, getattr(request, "expires", None))
+            runner.expired(request.id, getattr(request, "expires", None), request.args)
 
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:

@@ -121,6 +121,14 @@ class ModelCache:
                     f"memory budget is {human(self.budget)}"
                 )
 
+    def remove(self, name: str) -> None:
+        """Stop serving a model added with `add` (after its load failed)."""
+        with self.lock:
+            if name in self.hosts:
+                self._unload(name)
+            self.specs.pop(name, None)
+            self.sizes.pop(name, None)
+
     def preload(self) -> None:
         """Load pinned models, then the others in order while they fit without evicting."""
         order = [n for n in self.specs if n in self.pinned] + [

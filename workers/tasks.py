@@ -17,12 +17,13 @@ from typing import Any
 
 from celery import Celery, Task, states
 from celery.exceptions import Ignore
+from pydantic import ValidationError
 
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
 from farm.queue import TASK_NAME, cancel_key, stream_key
 from farm.registry import queries, transaction
-from farm.request import Request
+from farm.request import Request, describe_errors
 from farm.results import CANCELLED, DONE, FAILED, TOKEN, Completion, Timings, Usage, publish
 from workers.models import ModelCache
 
@@ -41,11 +42,27 @@ class JobRunner:
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
-        request = Request.model_validate(payload)
+        try:
+            request = Request.model_validate(payload)
+        except ValidationError as e:
+            # A producer other than farm's client sent it: fail it, keep serving.
+            return self._fail(job_id, f"invalid request: {describe_errors(e)}")
+        try:
+            return self._run(task, job_id, request)
+        except (Ignore, JobFailed):
+            raise
+        except Exception as e:
+            # Whatever went wrong, the job ends with a reason and the worker goes on.
+            log.exception("job %s failed unexpectedly", job_id)
+            return self._fail(job_id, f"the worker hit an error: {type(e).__name__}: {e}", request)
+
+    def _run(self, task: Task, job_id: str, request: Request) -> dict[str, Any]:
         ctx, r = self.ctx, self.ctx.redis
         started_wall = time.time()
         if request.model not in self.models.specs:
-            return self._fail(job_id, f"worker {self.worker_id} does not serve '{request.model}'")
+            return self._fail(
+                job_id, f"worker {self.worker_id} does not serve '{request.model}'", request
+            )
 
         submitted = request.submitted_at or started_wall
         with transaction(ctx.database_url) as s:
@@ -104,7 +121,7 @@ class JobRunner:
                     time_limit_s=ctx.settings.job_time_limit,
                 )
         except FarmError as e:
-            return self._fail(job_id, str(e))
+            return self._fail(job_id, str(e), request)
 
         queue_wait_ms = max(0.0, (started_wall - submitted) * 1000)
         fields = {
@@ -161,22 +178,44 @@ class JobRunner:
             queries.record_finished(s, job_id=job_id, status=status, **fields)
             queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
 
-    def expired(self, job_id: str, expires: Any) -> None:
+    def expired(self, job_id: str, expires: Any, args: Any) -> None:
         """Celery dropped the job unrun: it waited past its expiry (the caller gave up)."""
         reason = (
             f"the job expired in its queue (at {expires}) before a worker was free; it was "
             "not run. The submitting side sets the expiry: FARM_JOB_EXPIRES"
         )
         log.warning("job %s expired in its queue; dropped", job_id)
-        with transaction(self.ctx.database_url) as s:
-            queries.record_finished(s, job_id=job_id, status="expired", error=reason)
+        try:
+            request: Request | None = Request.model_validate(args[0])
+        except (ValidationError, IndexError, TypeError, KeyError):
+            request = None
+        self._record_end(job_id, "expired", request, error=reason)
         publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
 
-    def _fail(self, job_id: str, reason: str) -> dict[str, Any]:
+    def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
-        self._end(job_id, "failed", error=reason, worker_id=self.worker_id)
+        self._record_end(job_id, "failed", request, error=reason, worker_id=self.worker_id)
+        with transaction(self.ctx.database_url) as s:
+            queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
         publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
+
+    def _record_end(self, job_id: str, status: str, request: Request | None, **fields: Any) -> None:
+        with transaction(self.ctx.database_url) as s:
+            if request is None:
+                queries.record_finished(s, job_id=job_id, status=status, **fields)
+                return
+            submitted = request.submitted_at or time.time()
+            queries.record_ended(
+                s,
+                job_id=job_id,
+                status=status,
+                session=request.session,
+                model=request.model,
+                priority=request.priority,
+                submitted_at=datetime.fromtimestamp(submitted, UTC),
+                **fields,
+            )
 
 
 def _usage_fields(completion: dict[str, Any], worker_id: str) -> dict[str, Any]:
@@ -195,7 +234,17 @@ def _usage_fields(completion: dict[str, Any], worker_id: str) -> dict[str, Any]:
 def register_task(app: Celery, runner: JobRunner) -> Task:
     """Bind the runner to the app as the task clients send by name (`queue.TASK_NAME`)."""
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    # The success event that Flower shows carries repr(result): the generated text, which is
+    # user data. Keep it out unless prompts may be shown (FARM_LOG_PROMPTS).
+    shown = 1024 if runner.ctx.settings.log_prompts else 0
+
+    @app.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        resultrepr_maxsize=shown,
+    )
     def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return runner.run(self, payload)
 

@@ -269,6 +269,35 @@ def record_finished(s: Session, *, job_id: str, status: str, **fields: Any) -> b
     return bool(getattr(result, "rowcount", 0))
 
 
+def record_ended(
+    s: Session,
+    *,
+    job_id: str,
+    status: str,
+    session: str,
+    model: str,
+    priority: str,
+    submitted_at: datetime,
+    **fields: Any,
+) -> bool:
+    """Like record_finished, but first inserts the row if nobody recorded the job yet (the
+    client records it just after sending, so a fast failure on the worker can come first)."""
+    record_queued(
+        s, job_id=job_id, session=session, model=model, priority=priority, submitted_at=submitted_at
+    )
+    return record_finished(s, job_id=job_id, status=status, **fields)
+
+
+def cancel_if_queued(s: Session, *, job_id: str) -> bool:
+    """Mark a job cancelled only if no worker has started it yet (atomic)."""
+    result = s.execute(
+        update(UsageRecord)
+        .where(UsageRecord.job_id == job_id, UsageRecord.status == "queued")
+        .values(status="cancelled", finished_at=utcnow())
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
 def get_usage(s: Session, job_id: str) -> UsageRecord | None:
     return s.scalar(select(UsageRecord).where(UsageRecord.job_id == job_id))
 
