@@ -7,7 +7,9 @@ named by FARM_BROKER_URL / FARM_DATABASE_URL.
 
     python bench/latency.py [--runs-short 40] [--runs-long 10]
 
-Prints medians and p99s in ms, the added latency, and the ratio farm/direct.
+The two calls alternate (direct, farm, direct, farm ...), so that drift in the machine's
+speed hits both alike; "added" is the median (and p99) of the per-pair differences.
+Prints medians in ms, the added latency, and the ratio farm/direct.
 """
 
 from __future__ import annotations
@@ -28,44 +30,18 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def time_calls(fn, runs: int) -> tuple[list[float], int]:
-    fn()  # warm
-    times, tokens = [], 0
+def paired(direct_call, farm_call, runs: int) -> tuple[list[float], list[float], int, int]:
+    """Alternate the two calls, so that drift in machine speed hits both alike."""
+    direct_call(), farm_call()  # warm both
+    d_times, f_times, d_tok, f_tok = [], [], 0, 0
     for _ in range(runs):
         t = time.perf_counter()
-        tokens = fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return times, tokens
-
-
-def direct(path: str, n_ctx: int, runs: dict[int, int]) -> dict[int, tuple[list[float], int]]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)
-    out = {}
-    for max_tokens, n in runs.items():
-
-        def call(mt: int = max_tokens) -> int:
-            r = llm.create_completion(PROMPT, max_tokens=mt, temperature=0.0)
-            return int(r["usage"]["completion_tokens"])
-
-        out[max_tokens] = time_calls(call, n)
-    llm.close()
-    return out
-
-
-def through_farm(model: str, runs: dict[int, int]) -> dict[int, tuple[list[float], int]]:
-    import farm
-
-    out = {}
-    for max_tokens, n in runs.items():
-
-        def call(mt: int = max_tokens) -> int:
-            c = farm.infer(PROMPT, model=model, max_tokens=mt, temperature=0.0, priority="high")
-            return c.usage.completion_tokens
-
-        out[max_tokens] = time_calls(call, n)
-    return out
+        d_tok = direct_call()
+        d_times.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        f_tok = farm_call()
+        f_times.append((time.perf_counter() - t) * 1000)
+    return d_times, f_times, d_tok, f_tok
 
 
 def main() -> int:
@@ -93,25 +69,42 @@ def main() -> int:
         os.environ["FARM_BROKER_URL"] = embedded.broker_url
         reset_context()
     try:
+        import llama_cpp
+
+        import farm
+
         path = default_model_path()
         print(f"model {DEFAULT_MODEL}: {Path(path).name}", file=sys.stderr)
-        d = direct(path, 4096, runs)
-        f = through_farm(DEFAULT_MODEL, runs)
+        llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_gpu_layers=-1, verbose=False)
+        results = {}
+        for max_tokens, n in runs.items():
+
+            def direct_call(mt: int = max_tokens) -> int:
+                r = llm.create_completion(PROMPT, max_tokens=mt, temperature=0.0)
+                return int(r["usage"]["completion_tokens"])
+
+            def farm_call(mt: int = max_tokens) -> int:
+                c = farm.infer(
+                    PROMPT, model=DEFAULT_MODEL, max_tokens=mt, temperature=0.0, priority="high"
+                )
+                return c.usage.completion_tokens
+
+            results[max_tokens] = paired(direct_call, farm_call, n)
+        llm.close()
     finally:
         if embedded is not None:
             embedded.stop()
 
     print(
-        f"{'completion':>12} {'runs':>5} {'tokens':>7} {'direct p50':>11} {'farm p50':>9} "
-        f"{'added p50':>10} {'direct p99':>11} {'farm p99':>9} {'added p99':>10} {'ratio':>6}"
+        f"{'completion':>10} {'runs':>5} {'tokens':>7} {'direct p50':>11} {'farm p50':>9} "
+        f"{'added p50':>10} {'added p99':>10} {'ratio p50':>10}"
     )
-    for max_tokens in runs:
-        (dt, dtok), (ft, ftok) = d[max_tokens], f[max_tokens]
+    for max_tokens, (dt, ft, dtok, ftok) in results.items():
+        added = [f - d for d, f in zip(dt, ft, strict=True)]  # paired: same moment, same load
         d50, f50 = statistics.median(dt), statistics.median(ft)
-        d99, f99 = pct(dt, 0.99), pct(ft, 0.99)
         print(
-            f"{max_tokens:>9} tok {len(dt):>5} {dtok:>3}/{ftok:<3} {d50:>9.1f}ms {f50:>7.1f}ms "
-            f"{f50 - d50:>8.1f}ms {d99:>9.1f}ms {f99:>7.1f}ms {f99 - d99:>8.1f}ms {f50 / d50:>6.3f}"
+            f"{max_tokens:>6} tok {len(dt):>5} {dtok:>3}/{ftok:<3} {d50:>9.1f}ms {f50:>7.1f}ms "
+            f"{statistics.median(added):>8.1f}ms {pct(added, 0.99):>8.1f}ms {f50 / d50:>10.3f}"
         )
     return 0
 
