@@ -25,6 +25,7 @@ from farm.registry.tables import TERMINAL_STATUSES
 
 # Event kinds on a job's stream.
 TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
+RESTART = "restart"  # the worker running the job was lost; another starts it over
 TERMINAL_EVENTS = (DONE, FAILED, CANCELLED)
 
 
@@ -59,6 +60,10 @@ class Job:
         self.model = model
         self._ctx = ctx or get_context()
         self.completion: Completion | None = None
+        # How many times the job started over on another worker while being followed; the
+        # stream then repeats text from the start, and `completion.text` is the final run's.
+        self.restarts = 0
+        self.on_restart: Any = None  # called with the new worker's id, e.g. to tell the user
 
     def __repr__(self) -> str:
         return f"<Job {self.id} model={self.model}>"
@@ -130,7 +135,11 @@ class Job:
             for entry_id, fields in reply[0][1]:
                 last = entry_id
                 kind = fields.get("kind")
-                if kind == TOKEN:
+                if kind == RESTART:
+                    self.restarts += 1
+                    if self.on_restart is not None:
+                        self.on_restart(fields.get("worker"))
+                elif kind == TOKEN:
                     if tokens:
                         yield fields["text"]
                 elif kind in TERMINAL_EVENTS:

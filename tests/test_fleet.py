@@ -99,8 +99,10 @@ def test_a_job_on_a_killed_worker_completes_on_the_other_with_one_usage_row(flee
     proc.wait()
 
     assert busy.status() == "running"  # still busy when the lost job is requeued (lease ttl 4 s)
-    c = farm.Job(job.id).result(timeout=120)
+    followed = farm.Job(job.id)
+    c = followed.result(timeout=120)
     recovery = time.monotonic() - killed_at
+    assert followed.restarts == 1  # streaming readers were told the text starts over
     print(
         f"\nkill -9 of {victim} mid-job: job {job.id} completed on {c.worker} "
         f"{recovery:.1f}s later (lease ttl {fleet.env['FARM_LEASE_TTL']}s)"

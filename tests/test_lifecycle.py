@@ -142,6 +142,7 @@ def test_a_worker_restarted_under_its_name_requeues_the_job_it_died_with(farm_of
     restarted_at = time.monotonic()
     start(f, "--models", "gemma-a", name="solo@test")  # as systemd would, at once
     c = job.result(timeout=120)
+    assert job.restarts == 1
     # The lease of the dead process never expires on its own (the new one renews it), so
     # only the restart's requeue can bring the job back before the visibility timeout.
     assert c.worker == "solo@test" and time.monotonic() - restarted_at < 60

@@ -24,7 +24,17 @@ from farm.errors import FarmError, JobFailed
 from farm.queue import TASK_NAME, cancel_key, stream_key
 from farm.registry import queries, transaction
 from farm.request import Request, describe_errors
-from farm.results import CANCELLED, DONE, FAILED, TOKEN, Completion, Timings, Usage, publish
+from farm.results import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    RESTART,
+    TOKEN,
+    Completion,
+    Timings,
+    Usage,
+    publish,
+)
 from workers.models import ModelCache
 
 log = logging.getLogger(__name__)
@@ -95,6 +105,10 @@ class JobRunner:
                 log.warning("job %s was delivered again after it ended; running it again", job_id)
 
         stream_ttl = ctx.settings.job_time_limit + ctx.settings.stream_ttl
+        if redelivered:
+            # An earlier delivery died part-way: tell streaming readers that the text
+            # starts over (the Completion at the end holds the whole of this run's text).
+            publish(r, job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
         first = [True]
 
         def on_text(piece: str) -> None:

@@ -1,0 +1,54 @@
+"""What every `farm` subcommand shares: the Typer apps, the consoles, and `friendly`,
+which turns farm's errors into one clear line and exit status 1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import redis
+import typer
+from kombu.exceptions import OperationalError as KombuOperationalError
+from rich.console import Console
+
+from farm.config import get_settings
+from farm.errors import FarmError
+
+app = typer.Typer(
+    help="farm: an inference farm for llama.cpp models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+models_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
+db_app = typer.Typer(help="The registry's schema.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(db_app, name="db")
+
+# soft_wrap: piped output keeps ids and paths whole instead of folding at 80 columns.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn farm's errors into one clear line and exit status 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FarmError as e:
+            message = str(e)
+        except (redis.RedisError, KombuOperationalError, ConnectionError) as e:
+            message = f"cannot reach the farm's Redis: {e}; is `farm up` running, or FARM_BROKER_URL right?"
+        err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _db_url() -> str:
+    return get_settings().existing_database_url()

@@ -1,0 +1,165 @@
+"""`farm up`, `farm fleet`, `farm worker`, `farm flower`, `farm status`: running and watching the farm."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from farm.cli.base import app, err, friendly, out
+from farm.cli.jobs import follow
+from farm.config import get_settings
+
+
+@app.command()
+@friendly
+def up(
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="models to serve (repeatable)")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="serve a profile of the models file (FARM_MODELS_FILE)")
+    ] = None,
+    ask: Annotated[str | None, typer.Option(help="once ready, answer this prompt")] = None,
+    once: Annotated[bool, typer.Option(help="with --ask: stop after answering")] = False,
+    grace: Annotated[
+        float, typer.Option(help="seconds a stopping worker may finish its job")
+    ] = 30.0,
+) -> None:
+    """Start a whole farm here: broker, registry and one worker per model. Ctrl-C stops it.
+
+    With FARM_BROKER_URL set, no broker is started: the workers join that farm."""
+    _run_farm(model, profile, ask, once, grace)
+
+
+@app.command()
+@friendly
+def fleet(
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="models to serve (repeatable)")
+    ] = None,
+    profile: Annotated[str | None, typer.Option(help="serve a profile of the models file")] = None,
+    grace: Annotated[
+        float, typer.Option(help="seconds a stopping worker may finish its job")
+    ] = 30.0,
+) -> None:
+    """Run and supervise this host's workers for a farm elsewhere (FARM_BROKER_URL)."""
+    if not get_settings().broker_url:
+        from farm.errors import ConfigError
+
+        raise ConfigError(
+            "farm fleet joins an existing farm: set FARM_BROKER_URL (and FARM_DATABASE_URL) "
+            "to its servers, or use `farm up` for a farm on this machine alone"
+        )
+    _run_farm(model, profile, None, False, grace)
+
+
+def _run_farm(
+    model: list[str] | None, profile: str | None, ask: str | None, once: bool, grace: float
+) -> None:
+    from farm.context import reset_context
+    from farm.embedded import DEFAULT_MODEL, EmbeddedFarm
+
+    settings = get_settings()
+    models = list(model or [])
+    catalog = None
+    if profile is not None:
+        from farm.catalog import load_catalog
+
+        path = settings.resolved_models_file()
+        catalog, _ = load_catalog(path, settings.model_dirs)
+        if profile not in catalog.profiles:
+            from farm.errors import InvalidRequest
+
+            known = ", ".join(catalog.profiles) or "none"
+            raise InvalidRequest(f"no profile '{profile}' in {path}; profiles there: {known}")
+        models += [m for m in catalog.profiles[profile].models if m not in models]
+    farm_ = EmbeddedFarm(
+        settings, models or [DEFAULT_MODEL], say=lambda m: err.print(m, highlight=False)
+    )
+    farm_.catalog = catalog
+    farm_.refuse_if_running()
+
+    def _term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        farm_.start()
+        os.environ["FARM_BROKER_URL"] = farm_.broker_url
+        reset_context()
+        err.print('[green]farm is up[/]: try `farm submit "Why is the sky blue?"` in another shell')
+        if ask is not None:
+            from farm.enqueue import build, submit_request
+
+            job = submit_request(build(ask, model=farm_.models[0]))
+            follow(job, as_json=False, timeout=None)
+            if once:
+                return
+        farm_.watch()
+    except KeyboardInterrupt:
+        err.print("stopping: workers finish their current job first")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        farm_.stop(grace)
+        err.print("farm stopped")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Serve models' queues: `farm worker --model NAME` (see `farm worker --help`; needs the worker extra)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        err.print(
+            "error: the worker needs llama-cpp-python: `pip install 'farm[worker]'` "
+            '(with CMAKE_ARGS="-DGGML_CUDA=on" for NVIDIA GPUs)'
+        )
+        raise typer.Exit(1)
+    # farm never imports workers/: the worker runs as its own program.
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *ctx.args])
+
+
+@app.command()
+@friendly
+def flower(
+    port: Annotated[int, typer.Option(help="port to serve Flower on")] = 5555,
+    address: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+) -> None:
+    """Flower on this farm's broker, with the same transport options and basic auth."""
+    from farm.context import get_context
+
+    settings = get_settings()
+    args = ["flower", f"--port={port}", f"--address={address}"]
+    if settings.flower_password:
+        args.append(f"--basic-auth={settings.flower_user}:{settings.flower_password}")
+    elif address not in ("127.0.0.1", "localhost"):
+        raise typer.BadParameter("set FARM_FLOWER_PASSWORD before serving Flower beyond localhost")
+    get_context().app.start(args)
+
+
+@app.command()
+@friendly
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="a job to show")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Models, workers, leases and queue depth; or one job's state and queue position."""
+    from farm.status import fleet_status, job_status, render_fleet
+
+    if job_id is not None:
+        info = job_status(job_id)
+        if as_json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            for key, value in info.items():
+                out.print(f"{key:>14}  {value}", highlight=False)
+        return
+    fleet = fleet_status()
+    if as_json:
+        print(json.dumps(fleet, indent=2, default=str))
+    else:
+        render_fleet(fleet, out)

@@ -1,0 +1,173 @@
+"""`farm submit`, `farm result`, `farm cancel`: a job from the command line to its answer."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from farm.cli.base import app, err, friendly, out
+from farm.config import get_settings
+from farm.errors import FarmError
+
+Priority = Annotated[str, typer.Option("--priority", "-p", help="high, normal or low")]
+
+
+@app.command()
+@friendly
+def submit(
+    prompt: Annotated[str, typer.Argument(help="the prompt ('-' reads it from stdin)")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="model name")] = None,
+    priority: Priority = "normal",
+    session: Annotated[str, typer.Option(help="session the usage is billed to")] = "default",
+    chat: Annotated[bool, typer.Option("--chat", help="send the prompt as a chat message")] = False,
+    system: Annotated[str | None, typer.Option(help="system message (implies --chat)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="most tokens to generate")] = None,
+    max_time_ms: Annotated[int | None, typer.Option(help="stop generating after this long")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    min_p: Annotated[float | None, typer.Option()] = None,
+    typical_p: Annotated[float | None, typer.Option()] = None,
+    repeat_penalty: Annotated[float | None, typer.Option()] = None,
+    presence_penalty: Annotated[float | None, typer.Option()] = None,
+    frequency_penalty: Annotated[float | None, typer.Option()] = None,
+    penalty_last_n: Annotated[int | None, typer.Option()] = None,
+    mirostat_mode: Annotated[int | None, typer.Option()] = None,
+    mirostat_tau: Annotated[float | None, typer.Option()] = None,
+    mirostat_eta: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the Completion as JSON")] = False,
+    wait_for_worker: Annotated[
+        float, typer.Option(help="seconds to wait for a worker to serve the model")
+    ] = 0.0,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait for the result")] = None,
+) -> None:
+    """Queue a prompt; print its tokens as they are generated."""
+    from farm.enqueue import build, submit_request
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    params = {
+        "max_tokens": max_tokens,
+        "max_time_ms": max_time_ms,
+        "stop": stop or None,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "typical_p": typical_p,
+        "repeat_penalty": repeat_penalty,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "penalty_last_n": penalty_last_n,
+        "mirostat_mode": mirostat_mode,
+        "mirostat_tau": mirostat_tau,
+        "mirostat_eta": mirostat_eta,
+        "seed": seed,
+    }
+    common = {
+        "model": model or get_settings().default_model,
+        "priority": priority,
+        "session": session,
+        **params,
+    }
+    if chat or system:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        request = build(None, messages=messages, **common)
+    else:
+        request = build(text, **common)
+    job = submit_request(request, wait_for_worker=wait_for_worker)
+    if no_wait:
+        print(job.id)
+        return
+    signal.signal(signal.SIGTERM, _interrupt)  # killed while following: cancel, as Ctrl-C does
+    follow(job, as_json=as_json, timeout=timeout)
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def follow(
+    job: Any, *, as_json: bool, timeout: float | None, cancel_on_interrupt: bool = True
+) -> None:
+    """Stream a job's tokens to stdout (or wait and print JSON).
+
+    Ctrl-C cancels the job when this command submitted it; `farm result` only stops waiting.
+    """
+    try:
+        if as_json:
+            completion = job.result(timeout)
+            print(completion.model_dump_json(indent=2))
+            return
+        job.on_restart = lambda worker: err.print(
+            f"\n[the worker running this job was lost; it starts over on {worker}]",
+            highlight=False,
+        )
+        wrote = False
+        try:
+            for piece in job.stream(timeout):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                wrote = True
+        finally:
+            if wrote:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        c = job.completion
+        err.print(
+            f"[dim]{c.job_id} · {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens · "
+            f"{c.finish_reason} · wait {c.timings.queue_wait_ms:.0f} ms · "
+            f"{c.timings.generation_ms:.0f} ms on {c.worker}[/]",
+            highlight=False,
+        )
+    except KeyboardInterrupt:
+        if not cancel_on_interrupt:
+            err.print(
+                f"\nstopped waiting; job {job.id} goes on (`farm cancel {job.id}` stops it)",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
+        # The user gave up on the answer: stop the generation instead of letting it burn on.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cancelled = False
+        with contextlib.suppress(FarmError):
+            cancelled = job.cancel()
+        err.print(
+            f"\n[yellow]interrupted[/]: job {job.id} "
+            + ("cancelled" if cancelled else "had already ended"),
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+
+
+@app.command()
+@friendly
+def result(
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait")] = None,
+) -> None:
+    """Wait for a job and print its text (or its Completion as JSON)."""
+    import farm
+
+    follow(farm.job(job_id), as_json=as_json, timeout=timeout, cancel_on_interrupt=False)
+
+
+@app.command()
+@friendly
+def cancel(job_id: str) -> None:
+    """Cancel a job: a queued one never runs; a running one stops at its next token."""
+    import farm
+
+    if farm.job(job_id).cancel():
+        out.print(f"cancelled {job_id}")
+    else:
+        out.print(f"job {job_id} had already ended; nothing to cancel")

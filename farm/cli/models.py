@@ -1,0 +1,255 @@
+"""`farm models ...`, `farm usage`, `farm db upgrade`: the registry from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from farm.cli.base import _db_url, app, db_app, err, friendly, models_app, out
+from farm.config import get_settings
+
+
+@models_app.command("add")
+@friendly
+def models_add(
+    name: str,
+    path: Path,
+    n_ctx: Annotated[int, typer.Option(help="context size in tokens")] = 4096,
+    n_gpu_layers: Annotated[int, typer.Option(help="layers on the GPU (-1: all)")] = -1,
+    chat_format: Annotated[
+        str | None, typer.Option(help="llama-cpp-python chat format when the GGUF has no template")
+    ] = None,
+) -> None:
+    """Register a GGUF file as a model."""
+    from farm.errors import InvalidRequest
+    from farm.registry import queries, transaction
+    from farm.request import MODEL_NAME_RE, MODEL_NAME_RULE
+
+    if not MODEL_NAME_RE.match(name):
+        raise InvalidRequest(f"invalid model name '{name}': model names are {MODEL_NAME_RULE}")
+    from farm.catalog import confine
+
+    path = confine(path, get_settings().model_dirs)
+    if not path.is_file():
+        raise InvalidRequest(f"no file at {path}; give the path of a .gguf file")
+    from farm.catalog import default_chat_format
+    from farm.gguf_info import read_gguf_info
+
+    info = read_gguf_info(path)  # InvalidRequest when it is not a GGUF
+    if n_ctx < 16:
+        raise InvalidRequest(f"invalid --n-ctx {n_ctx}: give at least 16 tokens")
+    if info.context_length and n_ctx > info.context_length:
+        raise InvalidRequest(
+            f"invalid --n-ctx {n_ctx}: {path.name} was trained for {info.context_length} tokens; "
+            f"give at most {info.context_length}"
+        )
+    if chat_format is None:
+        chat_format = default_chat_format(info)
+        if chat_format is None and not info.has_chat_template:
+            err.print(
+                f"note: {path.name} has no chat template; chat requests need --chat-format "
+                "(a llama-cpp-python format such as chatml)",
+                highlight=False,
+            )
+    with transaction(_db_url()) as s:
+        queries.add_model(
+            s,
+            name=name,
+            path=str(path.resolve()),
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            chat_format=chat_format,
+        )
+    out.print(f"added model {name} ({path}); serve it with `farm worker --model {name}`")
+
+
+@models_app.command("apply")
+@friendly
+def models_apply(
+    file: Annotated[
+        Path | None, typer.Argument(help="models file (default FARM_MODELS_FILE)")
+    ] = None,
+) -> None:
+    """Register or update every model of a models file; nothing is applied if it has errors."""
+    from farm.catalog import apply_catalog, load_catalog
+
+    settings = get_settings()
+    catalog, _ = load_catalog(file or settings.resolved_models_file(), settings.model_dirs)
+    added, updated = apply_catalog(_db_url(), catalog)
+    out.print(
+        f"added: {', '.join(added) or 'none'}; updated: {', '.join(updated) or 'none'}; "
+        f"profiles: {', '.join(catalog.profiles) or 'none'}"
+    )
+
+
+@models_app.command("scan")
+@friendly
+def models_scan(
+    folder: Path,
+    add: Annotated[bool, typer.Option("--add", help="register the files found")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Find GGUF files under a folder and show what they say about themselves."""
+    from dataclasses import asdict
+
+    from farm.catalog import confine, default_chat_format, scan, suggest_name
+    from farm.registry import queries, transaction
+
+    folder = confine(folder, get_settings().model_dirs)
+    found, skipped = scan(folder)
+    for reason in skipped:
+        err.print(f"skipped: {reason}", highlight=False)
+    if not found:
+        err.print(f"no GGUF files found under {folder}")
+    if as_json:
+        print(
+            json.dumps([asdict(i) | {"name": suggest_name(Path(i.path))} for i in found], indent=2)
+        )
+    else:
+        table = Table(
+            "name", "architecture", "params", "quant", "context", "template", "size", "path"
+        )
+        for i in found:
+            table.add_row(
+                suggest_name(Path(i.path)),
+                i.architecture or "?",
+                i.size_label or f"{i.parameters / 1e9:.2f}B",
+                i.quantization or "?",
+                str(i.context_length or "?"),
+                "yes" if i.has_chat_template else "no",
+                f"{i.file_bytes / 1024**2:.0f} MiB",
+                i.path,
+            )
+        out.print(table)
+    if add:
+        with transaction(_db_url()) as s:
+            known = {m.name for m in queries.list_models(s)}
+            for i in found:
+                name = suggest_name(Path(i.path))
+                if name in known:
+                    continue
+                n_ctx = min(i.context_length or 4096, 8192)
+                chat_format = default_chat_format(i)
+                queries.add_model(s, name=name, path=i.path, n_ctx=n_ctx, chat_format=chat_format)
+                out.print(
+                    f"added {name} (context {n_ctx}, chat: {chat_format or 'its own template'})"
+                )
+
+
+@models_app.command("list")
+@friendly
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List registered models and how many workers serve each."""
+    from farm.registry import queries, transaction
+
+    with transaction(_db_url()) as s:
+        rows: list[dict[str, Any]] = [
+            {
+                "name": m.name,
+                "path": m.path,
+                "n_ctx": m.n_ctx,
+                "chat_format": m.chat_format,
+                "workers": len(queries.live_leases(s, m.name)),
+            }
+            for m in queries.list_models(s)
+        ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "context", "chat format", "workers", "path")
+    for r in rows:
+        table.add_row(
+            r["name"], str(r["n_ctx"]), r["chat_format"] or "(GGUF's)", str(r["workers"]), r["path"]
+        )
+    out.print(table)
+
+
+@models_app.command("load")
+@friendly
+def models_load(
+    name: str,
+    worker: Annotated[str, typer.Option(help="worker id (see `farm status`)")],
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the worker")] = 60.0,
+) -> None:
+    """Load a model on a running worker (evicting least recently used ones to fit)."""
+    from farm.control import steer
+
+    answer = steer("load", name, worker, timeout=timeout)
+    out.print(f"{worker}: {answer['ok']}; loaded now: {', '.join(answer['loaded'])}")
+
+
+@models_app.command("unload")
+@friendly
+def models_unload(
+    name: str,
+    worker: Annotated[str, typer.Option(help="worker id (see `farm status`)")],
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the worker")] = 60.0,
+) -> None:
+    """Free a model's memory on a worker (it loads again when a job needs it)."""
+    from farm.control import steer
+
+    answer = steer("unload", name, worker, timeout=timeout)
+    out.print(f"{worker}: {answer['ok']}; loaded now: {', '.join(answer['loaded']) or 'none'}")
+
+
+@models_app.command("remove")
+@friendly
+def models_remove(name: str) -> None:
+    """Remove a model from the registry (its usage history stays)."""
+    from farm.registry import queries, transaction
+
+    with transaction(_db_url()) as s:
+        queries.remove_model(s, name)
+    out.print(f"removed model {name}")
+
+
+@app.command()
+@friendly
+def usage(
+    session: Annotated[str | None, typer.Option(help="only this session")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Jobs and tokens per session and model."""
+    from dataclasses import asdict
+
+    from farm.registry import queries, transaction
+
+    with transaction(_db_url()) as s:
+        totals = queries.usage_totals(s, session=session)
+    if as_json:
+        print(json.dumps([asdict(t) for t in totals], indent=2))
+        return
+    if not totals:
+        where = f" for session '{session}'" if session else ""
+        out.print(f"no usage recorded{where} yet")
+        return
+    table = Table(
+        "session", "model", "jobs", "ok", "failed", "prompt tok", "completion tok", "gen s"
+    )
+    for t in totals:
+        table.add_row(
+            t.session,
+            t.model,
+            str(t.jobs),
+            str(t.succeeded),
+            str(t.failed),
+            str(t.prompt_tokens),
+            str(t.completion_tokens),
+            f"{t.generation_ms / 1000:.1f}",
+        )
+    out.print(table)
+
+
+@db_app.command("upgrade")
+@friendly
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Create or migrate the registry's tables (Alembic)."""
+    from farm.registry.db import current_revision, upgrade
+
+    url = get_settings().resolved_database_url()
+    upgrade(url, revision)
+    out.print(f"registry at revision {current_revision(url)}")
