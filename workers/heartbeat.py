@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sqlalchemy import select
 
+from farm.config import pid_alive
 from farm.context import FarmContext
 from farm.errors import WorkerStartError
 from farm.queue import requeue_unacked
@@ -43,16 +44,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
     """Take the worker's id and device, or refuse with the reason. Run before loading.
 
@@ -67,7 +58,7 @@ def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
         old = s.get(WorkerRecord, worker_id)
         if old is not None and old.state in ACTIVE_STATES:
             beating = _aware(old.heartbeat_at) > fresh
-            if old.host == host and old.pid != os.getpid() and _pid_alive(old.pid) and beating:
+            if old.host == host and old.pid != os.getpid() and pid_alive(old.pid) and beating:
                 raise WorkerStartError(
                     f"a worker named {worker_id} is already running here (pid {old.pid}); "
                     "stop it or give this one another --name"

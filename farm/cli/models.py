@@ -168,32 +168,29 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     out.print(table)
 
 
-@models_app.command("load")
-@friendly
-def models_load(
-    name: str,
-    worker: Annotated[str, typer.Option(help="worker id (see `farm status`)")],
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the worker")] = 60.0,
-) -> None:
-    """Load a model on a running worker (evicting least recently used ones to fit)."""
+WorkerOption = Annotated[str, typer.Option(help="worker id (see `farm status`)")]
+TimeoutOption = Annotated[float, typer.Option(help="seconds to wait for the worker")]
+
+
+def _steer(action: str, name: str, worker: str, timeout: float) -> None:
     from farm.control import steer
 
-    answer = steer("load", name, worker, timeout=timeout)
-    out.print(f"{worker}: {answer['ok']}; loaded now: {', '.join(answer['loaded'])}")
+    answer = steer(action, name, worker, timeout=timeout)
+    out.print(f"{worker}: {answer['ok']}; loaded now: {', '.join(answer['loaded']) or 'none'}")
+
+
+@models_app.command("load")
+@friendly
+def models_load(name: str, worker: WorkerOption, timeout: TimeoutOption = 60.0) -> None:
+    """Load a model on a running worker (evicting least recently used ones to fit)."""
+    _steer("load", name, worker, timeout)
 
 
 @models_app.command("unload")
 @friendly
-def models_unload(
-    name: str,
-    worker: Annotated[str, typer.Option(help="worker id (see `farm status`)")],
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the worker")] = 60.0,
-) -> None:
+def models_unload(name: str, worker: WorkerOption, timeout: TimeoutOption = 60.0) -> None:
     """Free a model's memory on a worker (it loads again when a job needs it)."""
-    from farm.control import steer
-
-    answer = steer("unload", name, worker, timeout=timeout)
-    out.print(f"{worker}: {answer['ok']}; loaded now: {', '.join(answer['loaded']) or 'none'}")
+    _steer("unload", name, worker, timeout)
 
 
 @models_app.command("remove")
