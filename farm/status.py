@@ -80,7 +80,11 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
                 "id": w.id,
                 "host": w.host,
                 "device": w.device,
-                "state": _shown_state(w.state, w.id in live_ids),
+                "state": _shown_state(
+                    w.state,
+                    w.id in live_ids,
+                    (now - _aware(w.heartbeat_at)).total_seconds() > ctx.settings.lease_ttl,
+                ),
                 "current_job": w.current_job,
                 "uptime_s": round((now - _aware(w.started_at)).total_seconds()),
                 "heartbeat_age_s": round((now - _aware(w.heartbeat_at)).total_seconds(), 1),
@@ -95,7 +99,8 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
                 ),
             }
             for w in workers
-            if w.state != "stopped"
+            # Stopped workers, and workers lost over an hour ago, are history, not the fleet.
+            if w.state != "stopped" and (now - _aware(w.heartbeat_at)).total_seconds() < 3600
         ]
     depths = queue_depths(ctx, [m["name"] for m in model_rows])
     for row in model_rows:
@@ -130,9 +135,14 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
     return {k: v for k, v in info.items() if v is not None}
 
 
-def _shown_state(state: str, has_live_lease: bool) -> str:
-    # A serving worker whose leases expired is lost, even before a worker reaps it.
-    return "lost" if state in ("ready", "busy") and not has_live_lease else state
+def _shown_state(state: str, has_live_lease: bool, heartbeat_stale: bool) -> str:
+    # A serving worker whose leases expired is lost, even before a worker reaps it; so is
+    # one that stopped beating while it was still loading its models.
+    if state in ("ready", "busy") and not has_live_lease:
+        return "lost"
+    if state == "starting" and heartbeat_stale:
+        return "lost"
+    return state
 
 
 def _aware(dt: datetime) -> datetime:
