@@ -122,7 +122,12 @@ class Settings(BaseSettings):
 
     def existing_database_url(self) -> str:
         """The registry to read: like resolved_database_url, but on the embedded default it
-        must have been created (by `farm up` or `farm db upgrade`) already."""
+        must have been created (by `farm up` or `farm db upgrade`) already. A running
+        `farm up` that was given FARM_DATABASE_URL tells other shells its registry."""
+        if not self.database_url:
+            state = read_state(self.state_file)
+            if state is not None and state.get("database_url"):
+                return str(state["database_url"])
         if not self.database_url and not (self.home / "registry.db").exists():
             raise FarmUnavailable(
                 f"no farm has been set up in {self.home}: start one with `farm up`, or set "

@@ -4,8 +4,9 @@ goes back to the front of its queue at once instead of after Redis's visibility 
 Every worker runs `reap_lost_workers` on each heartbeat; the registry hands each lost
 worker to exactly one of them. Workers only: lease expiry is judged by the reaper's clock,
 and a laptop running `farm status` with a skewed clock must not requeue running jobs.
-The requeue happens inside the claiming transaction: if Redis cannot be reached, the claim
-rolls back and the next heartbeat tries again.
+The claim is committed before the broker is touched, so a job is never restored twice by a
+claim that later rolls back; if the requeue fails, the claim is undone and the next heartbeat
+tries again.
 """
 
 from __future__ import annotations
@@ -21,12 +22,18 @@ log = logging.getLogger(__name__)
 
 def reap_lost_workers(ctx: FarmContext) -> list[tuple[str, str | None, bool]]:
     """Mark lost workers and requeue their jobs. Returns (worker, job, requeued) each."""
-    reaped = []
     with transaction(ctx.database_url) as s:
-        for worker_id, job_id in queries.claim_lost_workers(s):
+        lost = queries.claim_lost_workers(s)
+    reaped = []
+    for worker_id, job_id in lost:
+        try:
             requeued = bool(job_id) and requeue_unacked(ctx.app, str(job_id))
-            reaped.append((worker_id, job_id, requeued))
-    for worker_id, job_id, requeued in reaped:
+        except Exception:
+            log.exception("could not requeue job %s of lost worker %s; retrying", job_id, worker_id)
+            with transaction(ctx.database_url) as s:
+                queries.unclaim_lost_worker(s, worker_id=worker_id)
+            continue
+        reaped.append((worker_id, job_id, requeued))
         if job_id:
             log.warning(
                 "worker %s is lost; its job %s %s",

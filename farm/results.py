@@ -158,6 +158,11 @@ class Job:
         """True when the job's outcome is known elsewhere than its stream (and was applied)."""
         if self._from_backend():
             return True
+        last: Any = _redis_call(self._ctx.redis.xrevrange, stream_key(self.id), count=1)
+        if last and last[0][1].get("kind") in TERMINAL_EVENTS:
+            # Landed between two reads: the stream has the outcome after all.
+            self._finish(last[0][1]["kind"], last[0][1])
+            return True
         with transaction(self._ctx.database_url) as s:
             row = queries.get_usage(s, self.id)
             status, error = (row.status, row.error) if row else (None, None)

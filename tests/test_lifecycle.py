@@ -30,6 +30,9 @@ def farm_of_three(redis_url, tmp_path):
     with transaction(f.database_url) as s:
         for name in NAMES:
             queries.add_model(s, name=name, path=gemma_path(), n_ctx=512, chat_format="gemma")
+        junk = tmp_path / "junk.gguf"
+        junk.write_text("not a model")
+        queries.add_model(s, name="junk", path=str(junk))
     f.activate()
     yield f
     f.stop_workers()
@@ -104,6 +107,12 @@ def test_load_and_unload_on_a_live_worker_and_idle_unload(farm_of_three):
     assert "gemma-b" not in loaded(f)
     again = f.farm("models", "unload", "gemma-b", "--worker", "multi@test")
     assert again.returncode == 1 and "'gemma-b' is not loaded on this worker" in again.stderr
+
+    broken = f.farm("models", "load", "junk", "--worker", "multi@test")
+    assert broken.returncode == 1 and "is not a GGUF file" in broken.stderr
+    time.sleep(2.5)  # two heartbeats: a failed load must leave no lease behind
+    with transaction(f.database_url) as s:
+        assert "junk" not in {lease.model for lease in queries.live_leases(s)}
 
     bad = f.farm("models", "load", "gemma-a", "--worker", "nobody@nowhere")
     assert bad.returncode == 1 and "no live worker 'nobody@nowhere'" in bad.stderr

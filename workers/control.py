@@ -42,6 +42,7 @@ def farm_load_model(state: Any, model: str) -> dict[str, Any]:
     except FarmError as e:
         if new:  # leave no trace: no lease, no queue, for a model this worker cannot load
             cache.remove(model)
+            _bound["membership"].sync()
         return {"error": str(e)}
     if new:
         state.consumer.add_task_queue(queue_name(model))

@@ -54,6 +54,7 @@ def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
     """
     host = socket.gethostname()
     fresh = utcnow() - timedelta(seconds=ctx.settings.lease_ttl)
+    orphan = None
     with transaction(ctx.database_url) as s:
         old = s.get(WorkerRecord, worker_id)
         if old is not None and old.state in ACTIVE_STATES:
@@ -68,12 +69,9 @@ def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
                     f"a worker named {worker_id} is already running on {old.host}; "
                     "give this one another --name"
                 )
-            if old.current_job and requeue_unacked(ctx.app, old.current_job):
-                log.warning(
-                    "worker %s died holding job %s; it is queued again", worker_id, old.current_job
-                )
+            orphan = old.current_job
         if device != "cpu":
-            other = s.scalar(
+            others = s.scalars(
                 select(WorkerRecord).where(
                     WorkerRecord.host == host,
                     WorkerRecord.device == device,
@@ -82,14 +80,19 @@ def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
                     WorkerRecord.heartbeat_at > fresh,
                 )
             )
-            if other is not None:
-                raise WorkerStartError(
-                    f"device {device} on {host} is already used by worker {other.id} "
-                    f"(pid {other.pid}); pick another --device or stop that worker"
-                )
+            for other in others:
+                if pid_alive(other.pid):  # a dead owner's row does not hold the device
+                    raise WorkerStartError(
+                        f"device {device} on {host} is already used by worker {other.id} "
+                        f"(pid {other.pid}); pick another --device or stop that worker"
+                    )
+        # Also drops the dead predecessor's leases, which would otherwise look alive.
         queries.register_worker(
             s, worker_id=worker_id, host=host, pid=os.getpid(), device=device, versions=versions()
         )
+    # Every refusal is behind us and the claim is committed: only now touch the broker.
+    if orphan and requeue_unacked(ctx.app, orphan):
+        log.warning("worker %s died holding job %s; it is queued again", worker_id, orphan)
 
 
 def _aware(dt: datetime) -> datetime:
@@ -106,6 +109,7 @@ class Membership:
         self.device = device
         self.begun = False
         self.joined = False
+        self._sync_lock = threading.Lock()  # the heartbeat and the main thread both sync
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -123,29 +127,35 @@ class Membership:
             worker = s.get(WorkerRecord, self.worker_id)
             if worker is not None:
                 worker.device = device
+        self._write_leases()
         self.joined = True
-        self.sync()
         log.info(
             "worker %s serves %s", self.worker_id, ", ".join(self.cache.specs if self.cache else ())
         )
 
     def sync(self) -> None:
-        """Write the cache's models to the registry as this worker's leases."""
-        if not self.joined or self.cache is None:
+        """Write the cache's models to the registry as this worker's leases (once joined)."""
+        if self.joined:
+            self._write_leases()
+
+    def _write_leases(self) -> None:
+        cache = self.cache
+        if cache is None:
             return
-        loaded = set(self.cache.loaded())
-        leases = [
-            LeaseSpec(name, name in loaded, name in self.cache.pinned, self.cache.sizes[name])
-            for name in self.cache.specs
-        ]
-        with transaction(self.ctx.database_url) as s:
-            queries.set_leases(
-                s,
-                worker_id=self.worker_id,
-                device=self.device,
-                leases=leases,
-                ttl=self.ctx.settings.lease_ttl,
-            )
+        with self._sync_lock:
+            loaded = set(cache.loaded())
+            leases = [
+                LeaseSpec(name, name in loaded, name in cache.pinned, cache.sizes[name])
+                for name in list(cache.specs)
+            ]
+            with transaction(self.ctx.database_url) as s:
+                queries.set_leases(
+                    s,
+                    worker_id=self.worker_id,
+                    device=self.device,
+                    leases=leases,
+                    ttl=self.ctx.settings.lease_ttl,
+                )
 
     def _beat(self) -> None:
         settings = self.ctx.settings
@@ -153,8 +163,8 @@ class Membership:
             try:
                 with transaction(self.ctx.database_url) as s:
                     held = queries.heartbeat(s, worker_id=self.worker_id, ttl=settings.lease_ttl)
-                if self.joined and self.cache and held < len(self.cache.specs):
-                    # Marked lost during a stall while still alive: lease again.
+                if self.joined and self.cache and held != len(self.cache.specs):
+                    # Marked lost during a stall, or serving more or fewer models: lease again.
                     self.sync()
                 if self.joined and self.cache:
                     self.cache.unload_idle()

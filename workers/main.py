@@ -96,6 +96,9 @@ def serve(
         membership.leave()
         print(f"farm worker: cannot serve {', '.join(models)}: {e}", file=sys.stderr)
         return EXIT_START_FAILED
+    except BaseException:
+        membership.leave()  # Ctrl-C or a crash while loading: no 'starting' row left behind
+        raise
 
     runner = JobRunner(ctx, worker_id, cache)
     register_task(app, runner)

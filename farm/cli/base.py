@@ -50,5 +50,18 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _db_url_for_writes() -> str:
+    """The registry to register models in, created and migrated if this is a fresh home."""
+    from farm.registry import upgrade
+
+    settings = get_settings()
+    try:
+        return settings.existing_database_url()
+    except FarmError:
+        url = settings.resolved_database_url()
+        upgrade(url)
+        return url
+
+
 def _db_url() -> str:
     return get_settings().existing_database_url()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from farm.cli.base import _db_url, app, db_app, err, friendly, models_app, out
+from farm.cli.base import _db_url, _db_url_for_writes, app, db_app, err, friendly, models_app, out
 from farm.config import get_settings
 
 
@@ -55,7 +55,7 @@ def models_add(
                 "(a llama-cpp-python format such as chatml)",
                 highlight=False,
             )
-    with transaction(_db_url()) as s:
+    with transaction(_db_url_for_writes()) as s:
         queries.add_model(
             s,
             name=name,
@@ -79,7 +79,7 @@ def models_apply(
 
     settings = get_settings()
     catalog, _ = load_catalog(file or settings.resolved_models_file(), settings.model_dirs)
-    added, updated = apply_catalog(_db_url(), catalog)
+    added, updated = apply_catalog(_db_url_for_writes(), catalog)
     out.print(
         f"added: {', '.join(added) or 'none'}; updated: {', '.join(updated) or 'none'}; "
         f"profiles: {', '.join(catalog.profiles) or 'none'}"
@@ -126,7 +126,7 @@ def models_scan(
             )
         out.print(table)
     if add:
-        with transaction(_db_url()) as s:
+        with transaction(_db_url_for_writes()) as s:
             known = {m.name for m in queries.list_models(s)}
             for i in found:
                 name = suggest_name(Path(i.path))

@@ -78,7 +78,8 @@ def remove_model(s: Session, name: str) -> None:
 def register_worker(
     s: Session, *, worker_id: str, host: str, pid: int, device: str, versions: dict[str, Any]
 ) -> WorkerRecord:
-    """Record a worker (again, if a previous process used the same id)."""
+    """Record a worker (again, if a previous process used the same id: its leases go)."""
+    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
     worker = s.get(WorkerRecord, worker_id)
     if worker is None:
         worker = WorkerRecord(id=worker_id)
@@ -173,6 +174,15 @@ def live_leases(s: Session, model: str | None = None) -> list[LeaseRecord]:
 
 def list_workers(s: Session) -> list[WorkerRecord]:
     return list(s.scalars(select(WorkerRecord).order_by(WorkerRecord.id)))
+
+
+def unclaim_lost_worker(s: Session, *, worker_id: str) -> None:
+    """Undo a claim whose requeue failed: the next reaper claims the worker again."""
+    s.execute(
+        update(WorkerRecord)
+        .where(WorkerRecord.id == worker_id, WorkerRecord.state == "lost")
+        .values(state="busy")
+    )
 
 
 def claim_lost_workers(s: Session) -> list[tuple[str, str | None]]:
