@@ -124,11 +124,12 @@ class Settings(BaseSettings):
         """The registry to read: like resolved_database_url, but on the embedded default it
         must have been created (by `farm up` or `farm db upgrade`) already. A running
         `farm up` that was given FARM_DATABASE_URL tells other shells its registry."""
-        if not self.database_url:
-            state = read_state(self.state_file)
-            if state is not None and state.get("database_url"):
-                return str(state["database_url"])
-        if not self.database_url and not (self.home / "registry.db").exists():
+        if self.database_url:
+            return self.database_url
+        state = read_state(self.state_file)
+        if state is not None and state.get("database_url"):
+            return str(state["database_url"])
+        if not (self.home / "registry.db").exists():
             raise FarmUnavailable(
                 f"no farm has been set up in {self.home}: start one with `farm up`, or set "
                 "FARM_DATABASE_URL (and FARM_BROKER_URL) to your farm's servers"
@@ -146,9 +147,6 @@ class Settings(BaseSettings):
                 "or set FARM_BROKER_URL to your Redis (e.g. redis://host:6379/0)"
             )
         return str(state["broker_url"])
-
-    def resolved_result_url(self) -> str:
-        return self.result_url or self.resolved_broker_url()
 
 
 def read_state(path: Path) -> dict[str, object] | None:

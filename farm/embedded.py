@@ -166,10 +166,10 @@ class EmbeddedFarm:
             "FARM_DATABASE_URL": self.database_url,
         }
         log_path = self.settings.home / f"worker-{model}.log"
-        log = log_path.open("ab")
-        self.workers[model] = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--model", model], env=env, stdout=log, stderr=log
-        )
+        with log_path.open("ab") as log:  # the child keeps its own copy of the handle
+            self.workers[model] = subprocess.Popen(
+                [sys.executable, "-m", "workers", "--model", model], env=env, stdout=log, stderr=log
+            )
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
         pending = set(self.models)
@@ -253,5 +253,5 @@ class EmbeddedFarm:
             except subprocess.TimeoutExpired:
                 self.broker.kill()
         state = read_state(self.settings.state_file)
-        if (state is not None and state.get("pid") == os.getpid()) or state is None:
+        if state is None or state.get("pid") == os.getpid():  # ours, or stale: not another farm's
             self.settings.state_file.unlink(missing_ok=True)

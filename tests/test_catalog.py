@@ -4,8 +4,6 @@ nothing applied when anything is wrong, paths kept inside the model folders."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from farm.catalog import CatalogError, apply_catalog, load_catalog, suggest_name
 from farm.errors import InvalidRequest
 from farm.gguf_info import read_gguf_info
 from farm.registry import queries, transaction, upgrade
-from tests.conftest import gemma_path
+from tests.conftest import gemma_path, run_cli
 
 
 @pytest.fixture
@@ -133,13 +131,7 @@ def test_scan_finds_gguf_files_and_adds_them(tmp_path, model_dir):
     db = f"sqlite:///{tmp_path / 'r.db'}"
     env = {**os.environ, "FARM_HOME": str(tmp_path), "FARM_DATABASE_URL": db}
     upgrade(db)
-    r = subprocess.run(
-        [sys.executable, "-m", "farm.cli", "models", "scan", str(model_dir), "--json", "--add"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli(env, "models", "scan", str(model_dir), "--json", "--add", timeout=60)
     assert r.returncode == 0, r.stderr
     found = json.loads(r.stdout.split("\nadded")[0])
     assert [f["name"] for f in found] == ["gemma", "linked-out"]
@@ -157,37 +149,11 @@ def test_model_paths_outside_the_model_folders_are_refused(tmp_path, model_dir):
         "FARM_DATABASE_URL": db,
         "FARM_MODEL_DIRS": json.dumps([str(model_dir)]),
     }
-    r = subprocess.run(
-        [sys.executable, "-m", "farm.cli", "models", "add", "g", gemma_path()],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli(env, "models", "add", "g", gemma_path(), timeout=60)
     assert r.returncode == 1 and "outside the model folders" in r.stderr
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "farm.cli",
-            "models",
-            "add",
-            "g",
-            str(model_dir / "linked-out.gguf"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli(env, "models", "add", "g", str(model_dir / "linked-out.gguf"), timeout=60)
     assert r.returncode == 1 and "outside the model folders" in r.stderr  # a link out counts
-    r = subprocess.run(
-        [sys.executable, "-m", "farm.cli", "models", "add", "g", str(model_dir / "gemma.gguf")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli(env, "models", "add", "g", str(model_dir / "gemma.gguf"), timeout=60)
     assert r.returncode == 0, r.stderr
 
 

@@ -4,11 +4,11 @@ other `farm` commands find it with no flags; Ctrl-C stops it all."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+
+from tests.conftest import run_cli, start_farm
 
 pytestmark = pytest.mark.e2e
 
@@ -19,14 +19,7 @@ def bare_env(home):
     return env
 
 
-def farm(env, *args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "farm.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+farm = run_cli
 
 
 def test_farm_up_ask_once_answers_a_prompt_and_stops(tmp_path):
@@ -46,20 +39,8 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
         assert r.returncode == 1 and "start one with `farm up`" in r.stderr, command
     assert not (tmp_path / "registry.db").exists()  # asking created nothing
 
-    up = subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    up = start_farm(env, "up")
     try:
-        assert up.stderr is not None
-        for line in up.stderr:
-            if "farm is up" in line:
-                break
-        else:
-            pytest.fail(f"farm up exited with {up.wait()}")
         state = json.loads((tmp_path / "farm.json").read_text())
         assert state["broker_url"].startswith("redis://127.0.0.1:")
 

@@ -13,7 +13,7 @@ import redis
 
 import farm
 from farm.registry import queries, transaction, upgrade
-from tests.conftest import REDIS_URL, FarmUnderTest, gemma_path
+from tests.conftest import REDIS_URL, FarmUnderTest, gemma_path, run_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -61,13 +61,7 @@ def run(model: str) -> farm.Completion:
 
 
 def test_a_budget_too_small_for_a_model_is_refused_with_the_sizes(farm_of_three):
-    out = subprocess.run(
-        [sys.executable, "-m", "workers", "--models", "gemma-a", "--memory-budget", "100MiB"],
-        env=farm_of_three.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_worker(farm_of_three.env, "--models", "gemma-a", "--memory-budget", "100MiB")
     assert out.returncode == 2
     assert "model 'gemma-a' needs 241 MiB but the memory budget is 100 MiB" in out.stderr
 
@@ -129,13 +123,7 @@ def test_load_and_unload_on_a_live_worker_and_idle_unload(farm_of_three):
 def test_two_workers_cannot_claim_the_same_device(farm_of_three):
     f = farm_of_three
     start(f, "--models", "gemma-a", "--device", "0", name="first@test")
-    out = subprocess.run(
-        [sys.executable, "-m", "workers", "--models", "gemma-b", "--device", "0"],
-        env=f.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_worker(f.env, "--models", "gemma-b", "--device", "0")
     assert out.returncode == 2
     assert "device gpu0" in out.stderr and "already used by worker first@test" in out.stderr
 
@@ -155,11 +143,5 @@ def test_a_worker_restarted_under_its_name_requeues_the_job_it_died_with(farm_of
     # The lease of the dead process never expires on its own (the new one renews it), so
     # only the restart's requeue can bring the job back before the visibility timeout.
     assert c.worker == "solo@test" and time.monotonic() - restarted_at < 60
-    dup = subprocess.run(
-        [sys.executable, "-m", "workers", "--models", "gemma-b", "--name", "solo@test"],
-        env=f.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    dup = run_worker(f.env, "--models", "gemma-b", "--name", "solo@test")
     assert dup.returncode == 2 and "a worker named solo@test is already running here" in dup.stderr

@@ -3,15 +3,13 @@ exit status and log, then restarted; a profile from the models file picks the mo
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import redis
 
 from farm.registry import queries, transaction
-from tests.conftest import REDIS_URL, gemma_path
+from tests.conftest import REDIS_URL, gemma_path, run_cli, start_farm
 
 pytestmark = pytest.mark.e2e
 
@@ -52,17 +50,9 @@ def wait_for(predicate, timeout=60):
 
 
 def test_fleet_serves_a_profile_and_restarts_a_crashed_worker(env):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "fleet", "--profile", "fast"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_farm(env, "fleet", "--profile", "fast")
     try:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            if "farm is up" in line:
-                break
         [first] = lease_pids(env)
         os.kill(first, signal.SIGKILL)
         lines = []
@@ -83,21 +73,9 @@ def test_fleet_serves_a_profile_and_restarts_a_crashed_worker(env):
 
 def test_fleet_needs_a_broker_and_profiles_must_exist(env):
     bare = {k: v for k, v in env.items() if k != "FARM_BROKER_URL"}
-    r = subprocess.run(
-        [sys.executable, "-m", "farm.cli", "fleet", "--model", "tiny"],
-        env=bare,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli(bare, "fleet", "--model", "tiny", timeout=60)
     assert r.returncode == 1 and "farm fleet joins an existing farm" in r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "farm.cli", "up", "--profile", "slow"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli(env, "up", "--profile", "slow", timeout=60)
     assert (
         r.returncode == 1 and "no profile 'slow'" in r.stderr and "profiles there: fast" in r.stderr
     )

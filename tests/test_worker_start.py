@@ -1,11 +1,9 @@
 """A worker whose model cannot load exits non-zero with the reason and holds no lease."""
 
-import subprocess
-import sys
-
 import pytest
 
 from farm.registry import queries, transaction, upgrade
+from tests.conftest import run_worker
 
 
 @pytest.fixture
@@ -20,16 +18,6 @@ def env(tmp_path, redis_url):
     }
 
 
-def run_worker(env, model):
-    return subprocess.run(
-        [sys.executable, "-m", "workers", "--model", model],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.mark.parametrize(
     ("content", "expected"),
     [(None, "does not exist"), (b"not a model at all", "is not a GGUF file")],
@@ -41,7 +29,7 @@ def test_a_missing_or_non_gguf_model_file_stops_the_worker(env, tmp_path, conten
         path.write_bytes(content)
     with transaction(db) as s:
         queries.add_model(s, name="broken", path=str(path))
-    r = run_worker(environ, "broken")
+    r = run_worker(environ, "--model", "broken")
     assert r.returncode == 2
     assert expected in r.stderr and "Traceback" not in r.stderr
     with transaction(db) as s:
@@ -51,7 +39,7 @@ def test_a_missing_or_non_gguf_model_file_stops_the_worker(env, tmp_path, conten
 
 def test_a_model_missing_from_the_registry_stops_the_worker(env):
     _, environ = env
-    r = run_worker(environ, "nope")
+    r = run_worker(environ, "--model", "nope")
     assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
 
 
@@ -61,5 +49,5 @@ def test_a_truncated_gguf_is_refused_by_llama_cpp(env, tmp_path):
     path.write_bytes(b"GGUF" + b"\x00" * 64)
     with transaction(db) as s:
         queries.add_model(s, name="truncated", path=str(path))
-    r = run_worker(environ, "truncated")
+    r = run_worker(environ, "--model", "truncated")
     assert r.returncode == 2 and "could not load model 'truncated'" in r.stderr
