@@ -93,7 +93,9 @@ def submit(
     `model` defaults to FARM_DEFAULT_MODEL (gemma3-270m).
 
     `params` are sampling and stopping fields, flat (`temperature=0.2, max_tokens=64`) or
-    nested (`sampling={...}, stopping={...}`).
+    nested (`sampling={...}, stopping={...}`), and an output constraint: `grammar` (GBNF
+    text) or `response_format` (OpenAI's shape: `{"type": "json_object"}` or
+    `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`).
 
     Raises InvalidRequest, UnknownModel, NoLiveWorker or FarmUnavailable; in each case
     nothing was queued.

@@ -17,6 +17,7 @@ They are built by `transport_options()` and every Celery app farm makes uses it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
@@ -52,10 +53,6 @@ def queue_name(model: str) -> str:
     return f"{QUEUE_PREFIX}{model}"
 
 
-def model_of_queue(queue: str) -> str | None:
-    return queue.removeprefix(QUEUE_PREFIX) if queue.startswith(QUEUE_PREFIX) else None
-
-
 def priority_list_key(model: str, step: int) -> str:
     """The Redis list holding a model's queued jobs at one priority step (kombu's layout)."""
     # kombu's Redis transport names the list `<queue>` for step 0 and `<queue><sep><step>`
@@ -73,6 +70,10 @@ def cancel_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:cancel"
 
 
+# How long a publish may retry before the client reports the broker as unreachable.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
 # -- the Celery app -----------------------------------------------------------------------
 def transport_options(settings: Settings) -> dict[str, Any]:
     return {
@@ -80,11 +81,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "priority_steps": PRIORITY_STEPS,
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": settings.connect_timeout,
-        # How long a publish may retry before the client reports the broker as unreachable.
-        "max_retries": 2,
-        "interval_start": 0,
-        "interval_step": 0.5,
-        "interval_max": 1,
+        **PUBLISH_RETRY,
     }
 
 
@@ -138,12 +135,7 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
         # path. Flower sees starts through worker events; farm's status is the registry's.
         task_track_started=False,
         task_time_limit=settings.job_time_limit,
-        task_publish_retry_policy={
-            "max_retries": 2,
-            "interval_start": 0,
-            "interval_step": 0.5,
-            "interval_max": 1,
-        },
+        task_publish_retry_policy=dict(PUBLISH_RETRY),
         result_expires=24 * 3600,
         # Not result_extended: it would keep each job's arguments (the prompt) in Redis.
         result_extended=False,
@@ -156,24 +148,28 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
     return app
 
 
-def requeue_unacked(app: Celery, job_id: str) -> bool:
-    """Put a job held by a dead worker back at the front of its queue, now.
+def requeue_unacked(app: Celery, job_ids: Iterable[str]) -> set[str]:
+    """Put jobs held by a dead worker back at the front of their queues, now.
 
     Redis has no acks: kombu keeps delivered messages in its `unacked` hash and restores
     them only after the visibility timeout. The registry knows which worker died holding
-    which job, so find that job's message and restore it with kombu's own `restore_by_tag`
-    (atomic: of several callers, one restores it). False when it is not held there.
+    which jobs, so find their messages and restore them with kombu's own `restore_by_tag`
+    (atomic: of several callers, one restores each). Returns the ids found and restored.
     """
+    wanted = set(job_ids)
+    restored: set[str] = set()
+    if not wanted:
+        return restored
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         client = channel.client
         for tag, raw in client.hscan_iter(channel.unacked_key):
             try:
-                headers = json.loads(raw)[0]["headers"]
-            except (ValueError, KeyError, IndexError, TypeError):
+                job_id = json.loads(raw)[0]["headers"].get("id")
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 continue
-            if headers.get("id") == job_id:
+            if job_id in wanted and job_id not in restored:
                 # leftmost=False: RPUSH, the end BRPOP takes from, so it runs next.
                 channel.qos.restore_by_tag(tag, leftmost=False)
-                return True
-    return False
+                restored.add(job_id)
+    return restored

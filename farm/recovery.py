@@ -1,5 +1,6 @@
-"""Lost workers and their jobs: a worker whose leases expired is lost, and the job it held
-goes back to the front of its queue at once instead of after Redis's visibility timeout.
+"""Lost workers and their jobs: a worker whose leases expired is lost, and the jobs it held
+(its usage rows marked running) go back to the front of their queues at once instead of
+after Redis's visibility timeout.
 
 Every worker runs `reap_lost_workers` on each heartbeat; the registry hands each lost
 worker to exactly one of them. Workers only: lease expiry is judged by the reaper's clock,
@@ -20,27 +21,27 @@ from farm.registry import queries, transaction
 log = logging.getLogger(__name__)
 
 
-def reap_lost_workers(ctx: FarmContext) -> list[tuple[str, str | None, bool]]:
-    """Mark lost workers and requeue their jobs. Returns (worker, job, requeued) each."""
+def reap_lost_workers(ctx: FarmContext) -> list[tuple[str, list[str], set[str]]]:
+    """Mark lost workers and requeue their jobs. Returns (worker, jobs, requeued) each."""
     with transaction(ctx.database_url) as s:
         lost = queries.claim_lost_workers(s)
     reaped = []
-    for worker_id, job_id in lost:
+    for worker_id, jobs in lost:
         try:
-            requeued = bool(job_id) and requeue_unacked(ctx.app, str(job_id))
+            requeued = requeue_unacked(ctx.app, jobs)
         except Exception:
-            log.exception("could not requeue job %s of lost worker %s; retrying", job_id, worker_id)
+            log.exception("could not requeue jobs %s of lost worker %s; retrying", jobs, worker_id)
             with transaction(ctx.database_url) as s:
                 queries.unclaim_lost_worker(s, worker_id=worker_id)
             continue
-        reaped.append((worker_id, job_id, requeued))
-        if job_id:
+        reaped.append((worker_id, jobs, requeued))
+        for job_id in jobs:
             log.warning(
                 "worker %s is lost; its job %s %s",
                 worker_id,
                 job_id,
-                "is queued again" if requeued else "was not held by the broker any more",
+                "is queued again" if job_id in requeued else "was not held by the broker any more",
             )
-        else:
+        if not jobs:
             log.warning("worker %s is lost (it held no job)", worker_id)
     return reaped

@@ -71,6 +71,30 @@ class Stopping(_Strict):
         return v
 
 
+class JsonSchema(_Strict):
+    """OpenAI's `response_format.json_schema`: the schema the reply must satisfy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str | None = Field(default=None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is given exactly when type is 'json_schema'")
+        return self
+
+
 SAMPLING_FIELDS = frozenset(Sampling.model_fields)
 STOPPING_FIELDS = frozenset(Stopping.model_fields)
 
@@ -83,6 +107,10 @@ class Request(_Strict):
     messages: tuple[Message, ...] | None = None
     sampling: Sampling = Sampling()
     stopping: Stopping = Stopping()
+    grammar: str | None = Field(
+        default=None, max_length=100_000, description="GBNF grammar the reply must follow"
+    )
+    response_format: ResponseFormat | None = None
     priority: Priority = "normal"
     session: str = Field(default="default", min_length=1, max_length=128)
     stream_tokens: bool = Field(
@@ -118,6 +146,24 @@ class Request(_Strict):
             raise ValueError(f"model names are {MODEL_NAME_RULE}")
         return v
 
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            from farm.grammar import check_gbnf
+
+            check_gbnf(v)  # GrammarSyntaxError is a ValueError: reported as 'grammar'
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Request:
+        if self.grammar is not None and self.response_format not in (
+            None,
+            ResponseFormat(type="text"),
+        ):
+            raise ValueError("give 'grammar' or a JSON 'response_format', not both")
+        return self
+
     @model_validator(mode="after")
     def _one_input(self) -> Request:
         if (self.prompt is None) == (self.messages is None):
@@ -134,7 +180,7 @@ class Request(_Strict):
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON-safe dict that travels as the task's argument."""
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
 def make_request(data: dict[str, Any]) -> Request:

@@ -32,6 +32,8 @@ TERMINAL_EVENTS = (DONE, FAILED, CANCELLED)
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    # Of prompt_tokens, those the worker found in its prompt cache and did not evaluate.
+    cached_tokens: int = 0
 
 
 class Timings(BaseModel):
@@ -158,10 +160,10 @@ class Job:
         """True when the job's outcome is known elsewhere than its stream (and was applied)."""
         if self._from_backend():
             return True
-        last: Any = _redis_call(self._ctx.redis.xrevrange, stream_key(self.id), count=1)
-        if last and last[0][1].get("kind") in TERMINAL_EVENTS:
+        event = _redis_call(last_event, self._ctx.redis, self.id)
+        if event and event[0] in TERMINAL_EVENTS:
             # Landed between two reads: the stream has the outcome after all.
-            self._finish(last[0][1]["kind"], last[0][1])
+            self._finish(*event)
             return True
         with transaction(self._ctx.database_url) as s:
             row = queries.get_usage(s, self.id)
@@ -231,10 +233,16 @@ def _redis_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 _OUTCOMES = {DONE: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}
 
 
+def last_event(r: redis.Redis, job_id: str) -> tuple[str, dict[str, str]] | None:
+    """The kind and fields of the last event on a job's stream, if it has one."""
+    last: Any = r.xrevrange(stream_key(job_id), count=1)
+    return (last[0][1].get("kind", ""), last[0][1]) if last else None
+
+
 def stream_outcome(r: redis.Redis, job_id: str) -> str | None:
     """succeeded, failed or cancelled when the job's stream ends with its final event."""
-    last: Any = r.xrevrange(stream_key(job_id), count=1)
-    return _OUTCOMES.get(last[0][1].get("kind")) if last else None
+    event = last_event(r, job_id)
+    return _OUTCOMES.get(event[0]) if event else None
 
 
 def publish(

@@ -17,6 +17,7 @@ from farm.context import FarmContext, get_context
 from farm.errors import UnknownJob
 from farm.queue import PRIORITIES, PRIORITY_STEPS, priority_list_key, priority_name
 from farm.registry import queries, transaction
+from farm.registry.tables import as_utc
 from farm.results import stream_outcome
 
 
@@ -59,6 +60,7 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
         models = queries.list_models(s)
         leases = queries.live_leases(s)
         workers = queries.list_workers(s)
+        running = queries.running_jobs(s)
         model_rows: list[dict[str, Any]] = [
             {
                 "name": m.name,
@@ -75,33 +77,32 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
             for m in models
         ]
         live_ids = {lease.worker_id for lease in leases}
-        worker_rows = [
-            {
-                "id": w.id,
-                "host": w.host,
-                "device": w.device,
-                "state": _shown_state(
-                    w.state,
-                    w.id in live_ids,
-                    (now - _aware(w.heartbeat_at)).total_seconds() > ctx.settings.lease_ttl,
-                ),
-                "current_job": w.current_job,
-                "uptime_s": round((now - _aware(w.started_at)).total_seconds()),
-                "heartbeat_age_s": round((now - _aware(w.heartbeat_at)).total_seconds(), 1),
-                "models": sorted(
-                    lease.model for lease in leases if lease.worker_id == w.id and lease.loaded
-                ),
-                "on_demand": sorted(
-                    lease.model for lease in leases if lease.worker_id == w.id and not lease.loaded
-                ),
-                "pinned": sorted(
-                    lease.model for lease in leases if lease.worker_id == w.id and lease.pinned
-                ),
-            }
-            for w in workers
+        worker_rows = []
+        for w in workers:
+            age = (now - as_utc(w.heartbeat_at)).total_seconds()
             # Stopped workers, and workers lost over an hour ago, are history, not the fleet.
-            if w.state != "stopped" and (now - _aware(w.heartbeat_at)).total_seconds() < 3600
-        ]
+            if w.state == "stopped" or age >= 3600:
+                continue
+            mine = [lease for lease in leases if lease.worker_id == w.id]
+            worker_rows.append(
+                {
+                    "id": w.id,
+                    "host": w.host,
+                    "device": w.device,
+                    "state": _shown_state(w.state, w.id in live_ids, age > ctx.settings.lease_ttl),
+                    "pid": w.pid,
+                    "jobs": running.get(w.id, []),
+                    "slots_busy": len(running.get(w.id, [])),
+                    "slots": w.slots,
+                    "threads": w.threads,
+                    "tokens_per_s": w.tokens_per_s,
+                    "uptime_s": round((now - as_utc(w.started_at)).total_seconds()),
+                    "heartbeat_age_s": round(age, 1),
+                    "models": sorted(lease.model for lease in mine if lease.loaded),
+                    "on_demand": sorted(lease.model for lease in mine if not lease.loaded),
+                    "pinned": sorted(lease.model for lease in mine if lease.pinned),
+                }
+            )
     depths = queue_depths(ctx, [m["name"] for m in model_rows])
     for row in model_rows:
         row["queued"] = depths[row["name"]]
@@ -123,8 +124,9 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
             "priority": row.priority,
             "session": row.session,
             "worker": row.worker_id,
-            "submitted": _aware(row.submitted_at),
+            "submitted": as_utc(row.submitted_at),
             "tokens": f"{row.prompt_tokens}+{row.completion_tokens}",
+            "cached_tokens": row.cached_tokens or None,
             "finish_reason": row.finish_reason,
             "error": row.error,
         }
@@ -145,11 +147,6 @@ def _shown_state(state: str, has_live_lease: bool, heartbeat_stale: bool) -> str
     return state
 
 
-def _aware(dt: datetime) -> datetime:
-    # SQLite hands back naive datetimes; farm writes UTC everywhere.
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
 def render_fleet(fleet: dict[str, Any], console: Console) -> None:
     models = Table(
         "model", "loaded on", "on demand", *(f"queued {p}" for p in PRIORITIES), title="models"
@@ -163,7 +160,17 @@ def render_fleet(fleet: dict[str, Any], console: Console) -> None:
         )
     console.print(models)
     workers = Table(
-        "worker", "host", "device", "state", "loaded", "job", "up", "heartbeat", title="workers"
+        "worker",
+        "host",
+        "device",
+        "state",
+        "loaded",
+        "slots busy",
+        "tok/s",
+        "threads",
+        "up",
+        "heartbeat",
+        title="workers",
     )
     for w in fleet["workers"]:
         workers.add_row(
@@ -172,7 +179,9 @@ def render_fleet(fleet: dict[str, Any], console: Console) -> None:
             w["device"],
             w["state"],
             ", ".join(w["models"]),
-            w["current_job"] or "-",
+            f"{w['slots_busy']}/{w['slots']}",
+            "-" if w["tokens_per_s"] is None else f"{w['tokens_per_s']:g}",
+            str(w["threads"]),
             f"{w['uptime_s']}s",
             f"{w['heartbeat_age_s']}s ago",
         )

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -29,6 +30,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 REDIS_URL = os.environ.get("FARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PG_URL = os.environ.get("FARM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MODEL = "gemma3-270m"
+LIVE_SLOTS = 8  # slots of the shared live farm's worker
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -135,22 +137,15 @@ class FarmUnderTest:
             os.environ[key] = self.env[key]
         reset_context()
 
-    def farm(
-        self, *args: str, timeout: float = 120, **kw: object
-    ) -> subprocess.CompletedProcess[str]:
+    def farm(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run the `farm` CLI against this farm."""
-        return subprocess.run(
-            [sys.executable, "-m", "farm.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            **kw,  # type: ignore[call-overload]
-        )
+        return run_cli(self.env, *args, timeout=timeout)
 
-    def start_worker(self, model: str = MODEL, name: str | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, model: str = MODEL, name: str | None = None, *extra: str
+    ) -> subprocess.Popen[bytes]:
         log = (self.home / f"worker-{name or model}-{len(self.workers)}.log").open("wb")
-        args = [sys.executable, "-m", "workers", "--model", model]
+        args = [sys.executable, "-m", "workers", "--model", model, *extra]
         if name:
             args += ["--name", name]
         proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
@@ -181,6 +176,42 @@ class FarmUnderTest:
                 proc.kill()
                 proc.wait()
         self.workers.clear()
+
+
+def _run(module: str, env: dict[str, str], args: tuple[str, ...], timeout: float) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`farm ARGS` as a user runs it, in its own process with `env`."""
+    return _run("farm.cli", env, args, timeout)
+
+
+def run_worker(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`farm worker ARGS` until it exits (for workers that must refuse to start)."""
+    return _run("workers", env, args, timeout)
+
+
+def start_farm(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """`farm up|fleet ARGS` in the background, returned once it reports the farm is up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "farm is up" in line:
+            return proc
+    pytest.fail(f"farm {' '.join(args)} exited with {proc.wait()}")
 
 
 def finished_usage(database_url: str, job_id: str, timeout: float = 10) -> list[object]:
@@ -217,11 +248,24 @@ def live_farm(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     home = tmp_path_factory.mktemp("farm-home")
     f = FarmUnderTest(home, redis_url, f"sqlite:///{home / 'registry.db'}")
     prepare_registry(f.database_url)
-    proc = f.start_worker()
+    proc = f.start_worker(MODEL, None, "--parallel", str(LIVE_SLOTS))
     f.wait_for_lease(proc=proc)
     f.activate()
     yield f
     f.stop_workers()
+
+
+def fill_slots(n: int = LIVE_SLOTS, model: str = MODEL, max_tokens: int = 150) -> list[Any]:
+    """Occupy `n` slots with long jobs; returns them once each has produced a token."""
+    import farm
+
+    jobs = [
+        farm.submit(f"Tell me a long story, number {i}.", model=model, max_tokens=max_tokens)
+        for i in range(n)
+    ]
+    for job in jobs:
+        next(job.stream(timeout=120))
+    return jobs
 
 
 @pytest.fixture

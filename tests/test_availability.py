@@ -10,7 +10,7 @@ import pytest
 import farm
 from farm.context import reset_context
 from farm.registry import queries, transaction
-from tests.conftest import MODEL, gemma_path
+from tests.conftest import MODEL, fill_slots, gemma_path
 
 pytestmark = pytest.mark.e2e
 
@@ -57,15 +57,16 @@ def test_waiting_for_a_worker_succeeds_once_one_starts(farm_client, orphan):
 
 
 def test_a_job_that_outwaits_its_expiry_is_dropped_unrun(farm_client, monkeypatch):
+    blockers = fill_slots(max_tokens=100)  # every slot busy: the next job waits
     monkeypatch.setenv("FARM_JOB_EXPIRES", "1")
     reset_context()
     try:
-        blocker = farm.submit("Tell me a long story.", model=MODEL, max_tokens=120)
         late = farm.submit("Too late", model=MODEL, max_tokens=2)
         with pytest.raises(farm.JobFailed, match="expired in its queue .* it was not run"):
             late.result(timeout=60)
         assert late.status() == "expired"
-        blocker.result(timeout=60)
+        for blocker in blockers:
+            blocker.result(timeout=120)
     finally:
         monkeypatch.undo()
         farm_client.activate()

@@ -14,7 +14,7 @@ from farm.context import get_context
 from farm.queue import TASK_NAME, queue_name
 from farm.registry import queries, transaction
 from farm.registry.tables import UsageRecord
-from tests.conftest import MODEL, finished_usage
+from tests.conftest import MODEL, fill_slots, finished_usage
 
 pytestmark = pytest.mark.e2e
 
@@ -178,13 +178,14 @@ def test_cancelling_a_running_job_stops_it_between_tokens(farm_client):
 
 
 def test_a_cancelled_queued_job_never_runs(farm_client):
-    blocker = farm.submit("Tell me a long story.", model=MODEL, max_tokens=120)
+    blockers = fill_slots(max_tokens=100)  # every slot busy: the next job waits
     waiting = farm.submit("Never run me", model=MODEL, max_tokens=4)
     assert waiting.cancel()
     assert waiting.status() == "cancelled"
     with pytest.raises(farm.JobCancelled):
         waiting.result(timeout=5)
-    blocker.result(timeout=60)
+    for blocker in blockers:
+        blocker.result(timeout=120)
     after = farm.infer("Hello", model=MODEL, max_tokens=2, timeout=60)  # the worker moved on
     assert after.usage.completion_tokens > 0
     [row] = usage_rows(farm_client.database_url, waiting.id)

@@ -1,5 +1,7 @@
-"""The priority proof: with the worker busy, 5 low then 5 high jobs are queued, and every
-high job runs before any low one. A job sent with no priority waits behind high ones.
+"""The priority proof: with every slot of the worker busy, 5 low then 5 high jobs are
+queued, and every high job starts before any low one. A job sent with no priority waits
+behind high ones. The worker holds no job it cannot start, so nothing queued waits inside
+it where a later, higher job could not overtake it.
 """
 
 import pytest
@@ -11,19 +13,13 @@ from farm.queue import TASK_NAME, queue_name
 from farm.registry import transaction
 from farm.registry.tables import UsageRecord
 from farm.status import job_status, queue_depths
-from tests.conftest import MODEL
+from tests.conftest import MODEL, fill_slots
 
 pytestmark = pytest.mark.e2e
 
 
-def wait_until_running(job: farm.Job) -> None:
-    stream = job.stream(timeout=60)
-    next(stream)  # the first token: the worker is on it
-
-
-def test_high_priority_jobs_overtake_queued_low_ones(farm_client):
-    busy = farm.submit("Tell me a long story about the sea.", model=MODEL, max_tokens=150)
-    wait_until_running(busy)
+def test_high_priority_jobs_overtake_queued_low_ones_while_every_slot_is_busy(farm_client):
+    busy = fill_slots(max_tokens=150)
     lows = [farm.submit(f"low {i}", model=MODEL, priority="low", max_tokens=2) for i in range(5)]
     # A message that names no priority must not jump the queue: it gets "normal".
     request = farm.Request(model=MODEL, prompt="no priority", stopping={"max_tokens": 2})
@@ -37,7 +33,7 @@ def test_high_priority_jobs_overtake_queued_low_ones(farm_client):
     assert job_status(highs[0].id)["position"] == 1
     assert job_status(lows[-1].id)["position"] == 11
 
-    for job in [busy, *lows, *highs]:
+    for job in [*busy, *lows, *highs]:
         job.result(timeout=120)
     plain.get(timeout=60)
 

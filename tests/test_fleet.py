@@ -37,8 +37,9 @@ def fleet(redis_url, pg_server, tmp_path):
     db = make_pg_database(pg_server)
     f = FarmUnderTest(tmp_path, FLEET_REDIS, db)
     prepare_registry(db)
-    a = f.start_worker(name="gemma3-270m@host-a")
-    f.start_worker(name="gemma3-270m@host-b")
+    # One slot each: a job's worker is then the only thing running it.
+    a = f.start_worker(MODEL, "gemma3-270m@host-a", "--parallel", "1")
+    f.start_worker(MODEL, "gemma3-270m@host-b", "--parallel", "1")
     f.wait_for_lease(proc=a)
     deadline = time.monotonic() + 90
     while True:

@@ -50,7 +50,9 @@ def test_adding_a_model_twice_says_how_to_fix_it(migrated_db):
 def _register(url, worker_id="w1", model="gemma", ttl=30.0):
     with transaction(url) as s:
         queries.register_worker(s, worker_id=worker_id, host="h", pid=1, device="cpu", versions={})
-        queries.take_lease(s, worker_id=worker_id, model=model, device="cpu", ttl=ttl)
+        queries.set_leases(
+            s, worker_id=worker_id, device="cpu", leases=[queries.LeaseSpec(model)], ttl=ttl
+        )
 
 
 def test_a_lease_is_live_until_it_expires_then_the_worker_is_lost(migrated_db):
@@ -63,8 +65,12 @@ def test_a_lease_is_live_until_it_expires_then_the_worker_is_lost(migrated_db):
         s.execute(update(LeaseRecord).values(expires_at=past))
     with transaction(migrated_db) as s:
         assert queries.live_leases(s, "gemma") == []
-        queries.set_worker_job(s, worker_id="w1", job_id="j9")
-        assert queries.claim_lost_workers(s) == [("w1", "j9")]
+        for job in ("j8", "j9"):
+            queries.record_started(
+                s, job_id=job, session="a", model="gemma", priority="normal",
+                worker_id="w1", submitted_at=datetime.now(UTC),
+            )  # fmt: skip
+        assert queries.claim_lost_workers(s) == [("w1", ["j8", "j9"])]
         assert queries.claim_lost_workers(s) == []  # claimed once
         assert queries.list_workers(s)[0].state == "lost"
 

@@ -1,9 +1,11 @@
 """The request type: both forms accepted, every bad field named, nothing else let through."""
 
+import re
+
 import pytest
 
 from farm.errors import InvalidRequest
-from farm.request import make_request
+from farm.request import Request, make_request
 
 
 def test_flat_and_nested_forms_build_the_same_request():
@@ -111,3 +113,79 @@ def test_error_messages_do_not_echo_whole_prompts():
     with pytest.raises(InvalidRequest) as info:
         make_request({"model": "m", "prompt": secret, "temperature": 99})
     assert secret not in str(info.value)
+
+
+# -- output constraints ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        'root ::= "yes" | "no"',
+        'root ::= item ("," item)*\nitem ::= [a-z]+ # a word\n',
+        'root ::= ( "a" | [^\\n\\x41] )? "b"{1,3} . "\\u00e9"',
+        'root ::= x\nx ::= "a"{2,} [0-9]{0,2}',
+    ],
+)
+def test_gbnf_grammars_llama_cpp_accepts_pass_the_submit_check(grammar):
+    assert make_request({"model": "m", "prompt": "p", "grammar": grammar}).grammar == grammar
+
+
+@pytest.mark.parametrize(
+    ("grammar", "reason"),
+    [
+        ('item ::= "a"', "no 'root' rule"),
+        ('root ::= "a" other', "rule 'other' is used but never defined"),
+        ('root ::= ("a"', "expected ')'"),
+        ('root ::= "abc', "unterminated string"),
+        ("root ::= [a-", "unterminated character class"),
+        ('root "a"', "expected '::='"),
+        ('root ::= "a"{3,1}', "maximum is below its minimum"),
+        ('root ::= "\\q"', "unknown escape"),
+    ],
+)
+def test_a_grammar_that_does_not_parse_is_refused_naming_the_field_and_the_line(grammar, reason):
+    with pytest.raises(InvalidRequest, match=f"invalid 'grammar': .*{re.escape(reason)}"):
+        make_request({"model": "m", "prompt": "p", "grammar": grammar})
+
+
+def test_response_format_takes_openais_shapes_and_travels_under_its_own_names():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    r = make_request(
+        {
+            "model": "m",
+            "prompt": "p",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": schema},
+            },
+        }
+    )
+    assert r.to_wire()["response_format"]["json_schema"]["schema"] == schema
+    assert Request.model_validate(r.to_wire()) == r
+    assert make_request({"model": "m", "prompt": "p", "response_format": {"type": "json_object"}})
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "json_schema"},
+        {"type": "xml"},
+        {"type": "json_object", "json_schema": {"schema": {}}},
+    ],
+)
+def test_a_malformed_response_format_is_refused(fmt):
+    with pytest.raises(InvalidRequest, match="'response_format"):
+        make_request({"model": "m", "prompt": "p", "response_format": fmt})
+
+
+def test_grammar_and_a_json_response_format_together_are_refused():
+    with pytest.raises(InvalidRequest, match="not both"):
+        make_request(
+            {
+                "model": "m",
+                "prompt": "p",
+                "grammar": 'root ::= "a"',
+                "response_format": {"type": "json_object"},
+            }
+        )

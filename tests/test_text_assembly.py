@@ -1,11 +1,11 @@
 """Stop strings and streaming: text is cut at the first stop, and no piece of a stop leaks."""
 
-from workers.host import _TextAssembler
+from workers.engine.text import TextAssembler
 
 
 def feed(pieces, stops):
     sent = []
-    asm = _TextAssembler(tuple(stops), sent.append)
+    asm = TextAssembler(tuple(stops), sent.append)
     stopped = False
     for p in pieces:
         if asm.add(p):
@@ -23,7 +23,7 @@ def test_text_is_cut_before_a_stop_string_split_across_tokens():
 
 def test_a_partial_stop_is_held_back_then_released_when_it_is_not_a_stop():
     sent = []
-    asm = _TextAssembler(("STOP",), sent.append)
+    asm = TextAssembler(("STOP",), sent.append)
     asm.add("abc ST")
     assert "".join(sent) == "abc "  # "ST" might begin STOP
     asm.add("ART")

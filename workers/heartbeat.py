@@ -14,7 +14,8 @@ import os
 import platform
 import socket
 import threading
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 
 from sqlalchemy import select
@@ -26,7 +27,8 @@ from farm.queue import requeue_unacked
 from farm.recovery import reap_lost_workers
 from farm.registry import queries, transaction
 from farm.registry.queries import LeaseSpec
-from farm.registry.tables import WorkerRecord, utcnow
+from farm.registry.tables import WorkerRecord, as_utc, utcnow
+from workers.host import EngineOptions
 from workers.models import ModelCache
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
+def claim(
+    ctx: FarmContext, worker_id: str, device: str, *, slots: int = 1, threads: int = 1
+) -> None:
     """Take the worker's id and device, or refuse with the reason. Run before loading.
 
     - The same id alive elsewhere (a fresh heartbeat, or a live process on this host): refuse.
@@ -54,11 +58,11 @@ def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
     """
     host = socket.gethostname()
     fresh = utcnow() - timedelta(seconds=ctx.settings.lease_ttl)
-    orphan = None
+    orphans: list[str] = []
     with transaction(ctx.database_url) as s:
         old = s.get(WorkerRecord, worker_id)
         if old is not None and old.state in ACTIVE_STATES:
-            beating = _aware(old.heartbeat_at) > fresh
+            beating = as_utc(old.heartbeat_at) > fresh
             if old.host == host and old.pid != os.getpid() and pid_alive(old.pid) and beating:
                 raise WorkerStartError(
                     f"a worker named {worker_id} is already running here (pid {old.pid}); "
@@ -69,7 +73,7 @@ def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
                     f"a worker named {worker_id} is already running on {old.host}; "
                     "give this one another --name"
                 )
-            orphan = old.current_job
+            orphans = queries.running_jobs(s, worker_id).get(worker_id, [])
         if device != "cpu":
             others = s.scalars(
                 select(WorkerRecord).where(
@@ -88,15 +92,18 @@ def claim(ctx: FarmContext, worker_id: str, device: str) -> None:
                     )
         # Also drops the dead predecessor's leases, which would otherwise look alive.
         queries.register_worker(
-            s, worker_id=worker_id, host=host, pid=os.getpid(), device=device, versions=versions()
+            s,
+            worker_id=worker_id,
+            host=host,
+            pid=os.getpid(),
+            device=device,
+            versions=versions(),
+            slots=slots,
+            threads=threads,
         )
     # Every refusal is behind us and the claim is committed: only now touch the broker.
-    if orphan and requeue_unacked(ctx.app, orphan):
-        log.warning("worker %s died holding job %s; it is queued again", worker_id, orphan)
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    for job_id in sorted(requeue_unacked(ctx.app, orphans)):
+        log.warning("worker %s died holding job %s; it is queued again", worker_id, job_id)
 
 
 class Membership:
@@ -106,7 +113,9 @@ class Membership:
         self.ctx = ctx
         self.worker_id = worker_id
         self.cache: ModelCache | None = None
+        self.options: EngineOptions | None = None
         self.device = device
+        self._tokens_seen: tuple[float, int] | None = None  # (monotonic, tokens) last beat
         self.begun = False
         self.joined = False
         self._sync_lock = threading.Lock()  # the heartbeat and the main thread both sync
@@ -115,7 +124,8 @@ class Membership:
 
     def begin(self) -> None:
         """Claim the id and device (registered as starting) and start the heartbeat."""
-        claim(self.ctx, self.worker_id, self.device)
+        opts = self.options or EngineOptions()
+        claim(self.ctx, self.worker_id, self.device, slots=opts.slots, threads=opts.threads)
         self.begun = True
         self._thread = threading.Thread(target=self._beat, name="farm-heartbeat", daemon=True)
         self._thread.start()
@@ -162,7 +172,12 @@ class Membership:
         while not self._stop.wait(settings.heartbeat_interval):
             try:
                 with transaction(self.ctx.database_url) as s:
-                    held = queries.heartbeat(s, worker_id=self.worker_id, ttl=settings.lease_ttl)
+                    held = queries.heartbeat(
+                        s,
+                        worker_id=self.worker_id,
+                        ttl=settings.lease_ttl,
+                        tokens_per_s=self._tokens_per_s(),
+                    )
                 if self.joined and self.cache and held != len(self.cache.specs):
                     # Marked lost during a stall, or serving more or fewer models: lease again.
                     self.sync()
@@ -171,6 +186,16 @@ class Membership:
                     reap_lost_workers(self.ctx)
             except Exception:
                 log.exception("heartbeat of worker %s failed; retrying", self.worker_id)
+
+    def _tokens_per_s(self) -> float | None:
+        """Tokens generated per second since the last beat, over all this worker's models."""
+        if self.cache is None:
+            return None
+        now, total = time.monotonic(), self.cache.tokens_generated()
+        last, self._tokens_seen = self._tokens_seen, (now, total)
+        if last is None or now <= last[0]:
+            return None
+        return round(max(0, total - last[1]) / (now - last[0]), 1)
 
     def leave(self) -> None:
         """Stop renewing and drop the leases: the worker no longer serves."""

@@ -1,15 +1,16 @@
-"""ModelHost: one llama.cpp model, loaded once, and the loop that generates from it.
+"""ModelHost: one llama.cpp model, loaded once, and the engine that generates from it.
 
-The loop runs token by token (llama-cpp-python's `Llama.generate`) so that farm controls
-what a farm needs between two tokens: streaming each piece, stop strings, the time limit,
-cooperative cancel, and exact token counts.
+The host owns what is per model: the weights, the tokenizer and chat template (through
+llama-cpp-python's `Llama`, kept with a tiny context of its own), and an `Engine` that runs
+every sequence of that model in one continuous batch. `generate` is the job thread's view:
+tokenize, hand the sequence to the engine, follow its events.
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
-import random
+import os
+import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +19,14 @@ from typing import Any
 
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import SAMPLING_FIELDS, Message, Request, Stopping
+from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation
+from workers.engine import Sequence as EngineSequence
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+# The host's own Llama context only serves tokenization and chat templates.
+_TOKENIZER_CTX = 64
 
 
 @dataclass(frozen=True)
@@ -36,45 +41,40 @@ class ModelSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Generation:
-    text: str
-    finish_reason: str  # stop, length, time, cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: float | None
-    generation_ms: float
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
-# Farm's sampling names -> Llama.generate's keyword names.
-_GENERATE_ARGS = {
-    "temperature": "temp",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "typical_p": "typical_p",
-    "repeat_penalty": "repeat_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "mirostat_mode": "mirostat_mode",
-    "mirostat_tau": "mirostat_tau",
-    "mirostat_eta": "mirostat_eta",
-}
-DEFAULT_PENALTY_LAST_N = 64
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a worker runs each model it loads: a worker's options, not the model's."""
+
+    slots: int = 4
+    threads: int = field(default_factory=available_cores)
+    kv_size: int | None = None  # cells shared by the slots; None: n_ctx x slots
+    n_batch: int = 512
 
 
 class ModelHost:
-    """Holds one loaded model. Not thread-safe: a worker runs one job at a time on it."""
+    """Holds one loaded model and its engine. `generate` may be called from many threads."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, options: EngineOptions | None = None):
         self.spec = spec
+        self.options = options or EngineOptions()
         self.llm: Any = None
+        self.engine: Engine | None = None
         self.device = "cpu"
         self.chat_source = ""
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
-        """Load the GGUF (all layers on the GPU when llama.cpp has one). WorkerStartError if not."""
+        """Load the GGUF (all layers on the GPU when llama.cpp has one) and start its engine.
+
+        WorkerStartError when the file cannot be loaded or the engine's context not created."""
         path = Path(self.spec.path)
         check_gguf(path, self.spec.name)
         import llama_cpp
@@ -84,23 +84,40 @@ class ModelHost:
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
-                n_ctx=self.spec.n_ctx,
+                n_ctx=_TOKENIZER_CTX,
+                n_batch=_TOKENIZER_CTX,
                 n_gpu_layers=self.spec.n_gpu_layers if gpu else 0,
                 verbose=False,
-                last_n_tokens_size=DEFAULT_PENALTY_LAST_N,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise WorkerStartError(
                 f"llama.cpp could not load model '{self.spec.name}' from {path}: {e}"
             ) from e
+        opts = self.options
+        try:
+            self.engine = Engine(
+                self.llm.model,
+                slots=opts.slots,
+                n_ctx=self.spec.n_ctx,
+                kv_size=opts.kv_size,
+                n_batch=opts.n_batch,
+                threads=opts.threads,
+                name=self.spec.name,
+            )
+        except EngineError as e:
+            self.llm.close()
+            raise WorkerStartError(f"model '{self.spec.name}': {e}") from e
         self.device = "cuda" if gpu else "cpu"
         self._choose_chat_format()
         log.info(
-            "loaded model %s (%s) on %s in %.2fs; chat: %s",
+            "loaded model %s (%s) on %s in %.2fs: %d slots, %d KV cells, %d threads; chat: %s",
             self.spec.name,
             path.name,
             self.device,
             time.perf_counter() - started,
+            opts.slots,
+            self.engine.kv_size,
+            opts.threads,
             self.chat_source,
         )
 
@@ -125,6 +142,9 @@ class ModelHost:
         )
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         if self.llm is not None:
             self.llm.close()
             self.llm = None
@@ -137,82 +157,62 @@ class ModelHost:
         on_text: Callable[[str], None] = lambda _: None,
         should_cancel: Callable[[], bool] = lambda: False,
         time_limit_s: float | None = None,
+        label: str = "",
+        poll_s: float = 0.2,
     ) -> Generation:
-        """Run one request to its end. JobFailed when it cannot be served (prompt too long)."""
-        llm = self.llm
+        """Run one request to its end on the engine, alongside whatever else it runs.
+
+        `on_text` gets each piece of text; `should_cancel` is polled every `poll_s` while
+        the sequence runs. JobFailed when it cannot be served (prompt too long, bad grammar).
+        """
+        engine = self.engine
+        assert engine is not None, "generate() before load()"
         started = time.perf_counter()
         tokens, template_stops = self._prompt_tokens(request)
-        n_ctx = llm.n_ctx()
-        if len(tokens) >= n_ctx:
+        if len(tokens) >= self.spec.n_ctx:
             raise JobFailed(
                 f"the prompt is {len(tokens)} tokens but model '{self.spec.name}' holds "
-                f"{n_ctx}; shorten it, or register the model with a larger context (--n-ctx)"
+                f"{self.spec.n_ctx}; shorten it, or register the model with a larger context "
+                "(--n-ctx)"
             )
-        sampling = self._sampling(request)
-        llm.last_n_tokens_size = sampling.pop("penalty_last_n", DEFAULT_PENALTY_LAST_N)
-        seed = sampling.pop("seed", None)
-        llm.set_seed(seed if seed is not None else random.randrange(2**31))
-        kwargs = {_GENERATE_ARGS[k]: v for k, v in sampling.items() if k in _GENERATE_ARGS}
-
         stopping = request.stopping
         limits = [
             s for s in (stopping.max_time_ms and stopping.max_time_ms / 1000, time_limit_s) if s
         ]
-        deadline = started + min(limits) if limits else None
-        max_tokens = min(stopping.max_tokens, n_ctx - len(tokens))
-        text = _TextAssembler(tuple(stopping.stop) + template_stops, on_text)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-        finish, count, ttft = "length", 0, None
-        generator = llm.generate(tokens, reset=True, **kwargs)
-        try:
-            for token in generator:
-                if ttft is None:
-                    ttft = (time.perf_counter() - started) * 1000
-                count += 1
-                if self._ends_turn(token, text.stops):
-                    count -= 1  # like EOS, the end-of-turn token is not part of the reply
-                    finish = "stop"
-                    break
-                if text.add(decoder.decode(llm.detokenize([token]))):
-                    finish = "stop"
-                    break
-                if count >= max_tokens:
-                    break
-                if deadline is not None and time.perf_counter() >= deadline:
-                    finish = "time"
-                    break
-                if should_cancel():
-                    finish = "cancelled"
-                    break
-        finally:
-            generator.close()
-        text.add(decoder.decode(b"", final=True))
-        text.flush()
-        return Generation(
-            text=text.text,
-            finish_reason=finish,
-            prompt_tokens=len(tokens),
-            completion_tokens=count,
-            ttft_ms=ttft,
-            generation_ms=(time.perf_counter() - started) * 1000,
+        seq = EngineSequence(
+            tokens=tokens,
+            max_tokens=stopping.max_tokens,
+            sampling=self._sampling(request),
+            stops=tuple(stopping.stop) + template_stops,
+            grammar=self._grammar(request),
+            deadline=started + min(limits) if limits else None,
+            started=started,
+            label=label,
         )
+        engine.submit(seq)
+        next_check = time.monotonic() + poll_s
+        while True:
+            try:
+                kind, value = seq.events.get(timeout=poll_s)
+            except queue.Empty:
+                kind, value = "", None
+            if kind == TEXT:
+                on_text(value)
+            elif kind == DONE:
+                return value
+            elif kind == FAILED:
+                raise JobFailed(value)
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + poll_s
+                if not seq.cancelled and should_cancel():
+                    seq.cancel()
 
-    def _ends_turn(self, token: int, stops: tuple[str, ...]) -> bool:
-        """End of generation, or a control token that starts a stop string (<end_of_turn>).
+    def _grammar(self, request: Request) -> str | None:
+        """The request's GBNF grammar, its JSON schema converted to one, or None."""
+        from workers.engine.grammar import request_grammar
 
-        Control tokens detokenize to nothing, so a chat template's stop string such as
-        "<end_of_turn>\n" would never match the text; match the token's own name instead.
-        """
-        import llama_cpp
-
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            return True
-        if not llama_cpp.llama_vocab_is_control(vocab, token):
-            return False
-        name = self.llm.detokenize([token], special=True).decode("utf-8", "replace")
-        return bool(name) and any(stop.startswith(name) for stop in stops)
+        return request_grammar(request)
 
     def _sampling(self, request: Request) -> dict[str, Any]:
         defaults = {k: v for k, v in self.spec.defaults.items() if k in SAMPLING_FIELDS}
@@ -281,50 +281,6 @@ class _CapturingLlama:
 
     def create_completion(self, prompt: Sequence[int], stop: Any = None, **_: Any) -> Any:
         raise _Captured(prompt, stop)
-
-
-class _TextAssembler:
-    """Collects generated text, cuts it at the first stop string, and streams what is safe.
-
-    Text that could be the start of a stop string is held back until it is clearly not.
-    """
-
-    def __init__(self, stops: tuple[str, ...], emit: Callable[[str], None]):
-        self.stops = stops
-        self.emit = emit
-        self.text = ""
-        self.sent = 0
-
-    def add(self, piece: str) -> bool:
-        """Add text; True when a stop string was reached (the text ends before it)."""
-        if not piece:
-            return False
-        start = max(0, self.sent - max((len(s) for s in self.stops), default=0))
-        self.text += piece
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-            self.flush()
-            return True
-        self._send(len(self.text) - self._held_back())
-        return False
-
-    def flush(self) -> None:
-        self._send(len(self.text))
-
-    def _held_back(self) -> int:
-        held = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), held, -1):
-                if self.text.endswith(stop[:n]):
-                    held = n
-                    break
-        return held
-
-    def _send(self, upto: int) -> None:
-        if upto > self.sent:
-            self.emit(self.text[self.sent : upto])
-            self.sent = upto
 
 
 def check_gguf(path: Path, name: str) -> None:

@@ -1,7 +1,9 @@
 """`farm worker`: load models, then serve their queues with a Celery worker.
 
     registry records -> ModelCache.preload (pinned first, then what fits the budget)
-    -> warm-up generation each -> Celery worker on the models' queues (solo pool, prefetch 1)
+    -> each model's engine started (--parallel slots) and warmed up
+    -> Celery worker on the models' queues: a thread per slot, prefetch 1 per thread, so it
+       holds no more jobs than it has slots and never a job that waits inside it
     -> on worker_ready: register + lease every model (loaded or on demand) + heartbeat
     -> on shutdown: the running job finishes, then the leases are dropped
 
@@ -27,7 +29,7 @@ from farm.registry import queries, transaction
 from farm.registry.db import require_schema
 from workers import control
 from workers.heartbeat import Membership
-from workers.host import ModelSpec
+from workers.host import EngineOptions, ModelSpec, available_cores
 from workers.models import ModelCache, parse_size
 from workers.tasks import JobRunner, register_task
 
@@ -62,6 +64,9 @@ def serve(
     memory_budget: str | None = None,
     pinned: list[str] | None = None,
     keep_alive: float | None = None,
+    parallel: int | None = None,
+    threads: int | None = None,
+    kv_size: int | None = None,
     loglevel: str = "INFO",
 ) -> int:
     """Load `models` and serve their queues until stopped. Returns the exit status."""
@@ -75,7 +80,11 @@ def serve(
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     worker_id = name or default_worker_id(models, device)
     device_label = "cpu" if device is None else f"gpu{device}"
+    options = EngineOptions(
+        slots=parallel or default_parallel(), threads=threads or available_cores(), kv_size=kv_size
+    )
     membership = Membership(ctx, worker_id, device_label)
+    membership.options = options
     try:
         require_schema(ctx.database_url)
         specs = [load_spec(ctx.database_url, m) for m in models]
@@ -85,6 +94,7 @@ def serve(
             pinned=frozenset(pinned or ()),
             keep_alive=keep_alive,
             on_change=membership.sync,
+            options=options,
         )
         membership.cache = cache
         membership.begin()  # claims the id and device; registered as starting
@@ -109,7 +119,8 @@ def serve(
         membership.join(device_label)
         print(
             f"farm worker {worker_id}: serving {', '.join(models)} on {device_label} "
-            f"(loaded: {', '.join(cache.loaded()) or 'none'})",
+            f"(loaded: {', '.join(cache.loaded()) or 'none'}; {options.slots} slots, "
+            f"{options.threads} threads)",
             flush=True,
         )
 
@@ -129,8 +140,10 @@ def serve(
             "worker",
             f"--hostname={worker_id}",
             f"--queues={','.join(queue_name(m) for m in models)}",
-            "--pool=solo",
-            "--concurrency=1",
+            # A thread per slot: the consumer stays free for control commands (inspect,
+            # Flower) while every slot generates, and a freed slot takes the next job.
+            "--pool=threads",
+            f"--concurrency={options.slots}",
             "--prefetch-multiplier=1",
             "--without-mingle",
             "--without-gossip",
@@ -139,6 +152,28 @@ def serve(
         ]
     )
     return 0
+
+
+def default_parallel() -> int:
+    """Slots per model when --parallel is not given: more on a GPU, where batching pays most."""
+    import llama_cpp
+
+    return 16 if llama_cpp.llama_supports_gpu_offload() else 4
+
+
+def _positive(what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number, not {text!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be at least 1, not {value}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-alive", type=float, help="unload a model unused for this many seconds"
     )
+    parser.add_argument(
+        "--parallel",
+        type=_positive("--parallel"),
+        help="sequences generated together per model (slots); default 16 on a GPU, 4 on CPU",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive("--threads"),
+        help=f"CPU threads for generation and prompts (default: the {available_cores()} cores "
+        "this process may use)",
+    )
+    parser.add_argument(
+        "--kv-size",
+        type=_positive("--kv-size"),
+        help="KV cache cells shared by a model's slots (default: the model's n_ctx x slots)",
+    )
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     models = list(dict.fromkeys(args.model + [m for m in args.models.split(",") if m]))
@@ -164,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         memory_budget=args.memory_budget,
         pinned=args.pin,
         keep_alive=args.keep_alive,
+        parallel=args.parallel,
+        threads=args.threads,
+        kv_size=args.kv_size,
         loglevel=args.loglevel,
     )
 

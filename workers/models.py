@@ -3,8 +3,9 @@
 - A worker may serve several models (`farm worker --models a,b`); it consumes all of
   their queues and loads a model when a job for it arrives (on demand).
 - Loaded models fit the memory budget together. To make room, the least recently used
-  model that is not pinned is unloaded. This happens only between jobs: the cache's lock
-  is held for the whole of a generation, so nothing is unloaded under a running job.
+  model that is not pinned and runs no sequence is unloaded: each job holds its model
+  (`use`) while it runs, so nothing is unloaded under a running sequence. A load that can
+  only fit once running jobs end waits for them.
 - With a keep-alive, a model not used for that long is unloaded (pinned ones stay).
 
 A model's size is its GGUF file's size: the weights llama.cpp maps in. The KV cache comes
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from farm.errors import InvalidRequest, JobFailed, WorkerStartError
-from workers.host import ModelHost, ModelSpec
+from workers.host import EngineOptions, ModelHost, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +63,22 @@ class ModelCache:
         pinned: frozenset[str] = frozenset(),
         keep_alive: float | None = None,
         on_change: Callable[[], None] = lambda: None,
-        host_factory: Callable[[ModelSpec], ModelHost] = ModelHost,
+        options: EngineOptions | None = None,
+        host_factory: Callable[[ModelSpec, EngineOptions], ModelHost] = ModelHost,
     ):
         self.specs = {s.name: s for s in specs}
         self.budget = budget
         self.pinned = set(pinned)
         self.keep_alive = keep_alive
         self.on_change = on_change
+        self.options = options or EngineOptions()
         self._new_host = host_factory
         self.sizes = {s.name: model_size(s) for s in specs}
         self.hosts: OrderedDict[str, ModelHost] = OrderedDict()  # least recently used first
         self.last_used: dict[str, float] = {}
+        self.in_use: dict[str, int] = {}  # running jobs per loaded model
         self.lock = threading.RLock()
+        self.released = threading.Condition(self.lock)  # notified when a job lets go
         self._check_budget()
 
     def _check_budget(self) -> None:
@@ -150,7 +155,7 @@ class ModelCache:
                 raise JobFailed(f"this worker does not serve model '{name}'")
             self._make_room(name)
             started = time.perf_counter()
-            host = self._new_host(spec)
+            host = self._new_host(spec, self.options)
             host.load()
             host.warm_up()
             self.hosts[name] = host
@@ -169,12 +174,18 @@ class ModelCache:
         if self.budget is None:
             return
         need = self.sizes[name]
-        for victim in list(self.hosts):  # least recently used first
-            if self.used + need <= self.budget:
-                return
-            if victim not in self.pinned:
-                log.info("evicting %s (least recently used) to load %s", victim, name)
-                self._unload(victim)
+        while True:
+            for victim in list(self.hosts):  # least recently used first
+                if self.used + need <= self.budget:
+                    return
+                if victim not in self.pinned and not self.in_use.get(victim):
+                    log.info("evicting %s (least recently used) to load %s", victim, name)
+                    self._unload(victim)
+            busy = [n for n in self.hosts if n not in self.pinned and self.in_use.get(n)]
+            if self.used + need <= self.budget or not busy:
+                break
+            # Room is held by models with jobs running: wait for one of them to end.
+            self.released.wait(timeout=1.0)
         if self.used + need > self.budget:
             raise JobFailed(
                 f"cannot load model '{name}' ({human(need)}): the pinned models "
@@ -191,18 +202,35 @@ class ModelCache:
         return True
 
     def _unload(self, name: str) -> None:
+        # Only between jobs: wait until no sequence of this model runs.
+        while self.in_use.get(name):
+            self.released.wait(timeout=1.0)
         self.hosts.pop(name).close()
         log.info("unloaded %s", name)
 
     @contextmanager
     def use(self, name: str) -> Iterator[ModelHost]:
-        """Hold a model for one job: nothing can unload it until the job ends."""
+        """Hold a model for one job: nothing can unload it until the job ends. Many jobs
+        may hold the same model at once; its engine runs them together."""
         with self.lock:
             host = self.load(name)
-            try:
-                yield host
-            finally:
+            self.in_use[name] = self.in_use.get(name, 0) + 1
+        try:
+            yield host
+        finally:
+            with self.lock:
+                self.in_use[name] -= 1
                 self.last_used[name] = time.monotonic()
+                self.released.notify_all()
+
+    def busy_slots(self) -> int:
+        return sum(self.in_use.values())
+
+    def slots(self) -> int:
+        return self.options.slots
+
+    def tokens_generated(self) -> int:
+        return sum(h.engine.tokens_generated for h in list(self.hosts.values()) if h.engine)
 
     def unload_idle(self) -> list[str]:
         """Unload models unused for longer than the keep-alive (never during a job)."""
@@ -212,7 +240,8 @@ class ModelCache:
             now = time.monotonic()
             idle = [
                 n for n in self.hosts
-                if n not in self.pinned and now - self.last_used.get(n, now) > self.keep_alive
+                if n not in self.pinned and not self.in_use.get(n)
+                and now - self.last_used.get(n, now) > self.keep_alive
             ]  # fmt: skip
             for name in idle:
                 self._unload(name)

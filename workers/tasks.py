@@ -1,7 +1,8 @@
 """The Celery task a worker runs for each job: one request in, one Completion out.
 
     cancelled already? -> usage "running" (skip if this job already ended: a redelivery)
-      -> ModelHost.generate, each piece of text appended to the job's Redis stream
+      -> ModelHost.generate (the model's engine runs it beside the worker's other jobs),
+         each piece of text appended to the job's Redis stream
       -> usage completed once (idempotent on the job id) -> final event -> Completion
 
 Whatever the worker cannot serve fails that job with a reason (JobFailed); the worker
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
-from farm.queue import TASK_NAME, cancel_key, stream_key
+from farm.queue import TASK_NAME, cancel_key
 from farm.registry import queries, transaction
 from farm.request import Request, describe_errors
 from farm.results import (
@@ -33,13 +34,12 @@ from farm.results import (
     Completion,
     Timings,
     Usage,
+    last_event,
     publish,
 )
 from workers.models import ModelCache
 
 log = logging.getLogger(__name__)
-
-CANCEL_CHECK_INTERVAL_S = 0.2
 
 
 class JobRunner:
@@ -85,8 +85,6 @@ class JobRunner:
                 worker_id=self.worker_id,
                 submitted_at=datetime.fromtimestamp(submitted, UTC),
             )
-            if ended is None:
-                queries.set_worker_job(s, worker_id=self.worker_id, job_id=job_id)
         if ended == "cancelled":
             log.info("job %s was cancelled while queued; skipped", job_id)
             publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
@@ -99,8 +97,8 @@ class JobRunner:
                 # A delivery before this one finished the job (and may have died before its
                 # acknowledgement, or even before its usage write): do not generate twice.
                 log.warning("job %s was delivered again after it ended; not run twice", job_id)
-                self._end(job_id, "succeeded", **_usage_fields(previous, self.worker_id))
-                return previous
+                self._end(job_id, "succeeded", **_usage_fields(previous))
+                return previous.model_dump(mode="json")
             if ended is not None:
                 log.warning("job %s was delivered again after it ended; running it again", job_id)
 
@@ -116,13 +114,7 @@ class JobRunner:
                 publish(r, job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
                 first[0] = False
 
-        last_check = [time.monotonic()]
-
-        def should_cancel() -> bool:
-            now = time.monotonic()
-            if now - last_check[0] < CANCEL_CHECK_INTERVAL_S:
-                return False
-            last_check[0] = now
+        def should_cancel() -> bool:  # polled by generate() a few times a second
             return bool(r.exists(cancel_key(job_id)))
 
         try:
@@ -133,36 +125,33 @@ class JobRunner:
                     on_text=on_text,
                     should_cancel=should_cancel,
                     time_limit_s=ctx.settings.job_time_limit,
+                    label=job_id,
                 )
         except FarmError as e:
             return self._fail(job_id, str(e), request)
 
         queue_wait_ms = max(0.0, (started_wall - submitted) * 1000)
-        fields = {
-            "prompt_tokens": gen.prompt_tokens,
-            "completion_tokens": gen.completion_tokens,
-            "finish_reason": gen.finish_reason,
-            "queue_wait_ms": queue_wait_ms,
-            "ttft_ms": gen.ttft_ms,
-            "generation_ms": gen.generation_ms,
-            "worker_id": self.worker_id,
-        }
-        if gen.finish_reason == "cancelled":
-            self._end(job_id, "cancelled", **fields)
-            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
-            task.update_state(state=states.REVOKED)
-            raise Ignore()
         completion = Completion(
             job_id=job_id,
             model=request.model,
             text=gen.text,
             finish_reason=gen.finish_reason,
-            usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
+            usage=Usage(
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens,
+                cached_tokens=gen.cached_tokens,
+            ),
             timings=Timings(
                 queue_wait_ms=queue_wait_ms, ttft_ms=gen.ttft_ms, generation_ms=gen.generation_ms
             ),
             worker=self.worker_id,
         )
+        fields = _usage_fields(completion)
+        if gen.finish_reason == "cancelled":
+            self._end(job_id, "cancelled", **fields)
+            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            task.update_state(state=states.REVOKED)
+            raise Ignore()
         # The caller waits for this event: send it first, then write the usage row. Should
         # the worker die in between, the redelivered job finds this event and writes usage.
         publish(
@@ -179,18 +168,32 @@ class JobRunner:
         )
         return completion.model_dump(mode="json")
 
-    def _previous_completion(self, job_id: str) -> dict[str, Any] | None:
+    def _previous_completion(self, job_id: str) -> Completion | None:
         """The Completion an earlier delivery of this job already produced, if still kept."""
-        last: Any = self.ctx.redis.xrevrange(stream_key(job_id), count=1)
-        if last and last[0][1].get("kind") == DONE:
-            return Completion.model_validate_json(last[0][1]["completion"]).model_dump(mode="json")
-        return None
+        event = last_event(self.ctx.redis, job_id)
+        if event is None or event[0] != DONE:
+            return None
+        return Completion.model_validate_json(event[1]["completion"])
 
-    def _end(self, job_id: str, status: str, **fields: Any) -> None:
-        """Complete the usage row (once) and free the worker, in one transaction."""
+    def _end(self, job_id: str, status: str, request: Request | None = None, **fields: Any) -> None:
+        """Complete the usage row (once).
+
+        With the request, the row is first inserted if nobody recorded the job yet (the
+        client records it just after sending, so a fast failure here can come first)."""
         with transaction(self.ctx.database_url) as s:
-            queries.record_finished(s, job_id=job_id, status=status, **fields)
-            queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
+            if request is None:
+                queries.record_finished(s, job_id=job_id, status=status, **fields)
+            else:
+                queries.record_ended(
+                    s,
+                    job_id=job_id,
+                    status=status,
+                    session=request.session,
+                    model=request.model,
+                    priority=request.priority,
+                    submitted_at=datetime.fromtimestamp(request.submitted_at or time.time(), UTC),
+                    **fields,
+                )
 
     def expired(self, job_id: str, expires: Any, args: Any) -> None:
         """Celery dropped the job unrun: it waited past its expiry (the caller gave up)."""
@@ -203,45 +206,27 @@ class JobRunner:
             request: Request | None = Request.model_validate(args[0])
         except (ValidationError, IndexError, TypeError, KeyError):
             request = None
-        self._record_end(job_id, "expired", request, error=reason)
+        self._end(job_id, "expired", request, error=reason)
         publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
 
     def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
-        self._record_end(job_id, "failed", request, error=reason, worker_id=self.worker_id)
-        with transaction(self.ctx.database_url) as s:
-            queries.set_worker_job(s, worker_id=self.worker_id, job_id=None)
+        self._end(job_id, "failed", request, error=reason, worker_id=self.worker_id)
         publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
 
-    def _record_end(self, job_id: str, status: str, request: Request | None, **fields: Any) -> None:
-        with transaction(self.ctx.database_url) as s:
-            if request is None:
-                queries.record_finished(s, job_id=job_id, status=status, **fields)
-                return
-            submitted = request.submitted_at or time.time()
-            queries.record_ended(
-                s,
-                job_id=job_id,
-                status=status,
-                session=request.session,
-                model=request.model,
-                priority=request.priority,
-                submitted_at=datetime.fromtimestamp(submitted, UTC),
-                **fields,
-            )
 
-
-def _usage_fields(completion: dict[str, Any], worker_id: str) -> dict[str, Any]:
-    c = Completion.model_validate(completion)
+def _usage_fields(c: Completion) -> dict[str, Any]:
+    """The usage row's fields for a finished generation."""
     return {
         "prompt_tokens": c.usage.prompt_tokens,
+        "cached_tokens": c.usage.cached_tokens,
         "completion_tokens": c.usage.completion_tokens,
         "finish_reason": c.finish_reason,
         "queue_wait_ms": c.timings.queue_wait_ms,
         "ttft_ms": c.timings.ttft_ms,
         "generation_ms": c.timings.generation_ms,
-        "worker_id": c.worker or worker_id,
+        "worker_id": c.worker,
     }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -41,6 +43,14 @@ def submit(
     mirostat_tau: Annotated[float | None, typer.Option()] = None,
     mirostat_eta: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    grammar: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="a GBNF grammar file the reply must follow"),
+    ] = None,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="a JSON schema file the reply must satisfy"),
+    ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the Completion as JSON")] = False,
     wait_for_worker: Annotated[
@@ -69,6 +79,7 @@ def submit(
         "mirostat_tau": mirostat_tau,
         "mirostat_eta": mirostat_eta,
         "seed": seed,
+        **_constraint(grammar, json_schema),
     }
     common = {
         "model": model or get_settings().default_model,
@@ -89,6 +100,31 @@ def submit(
         return
     signal.signal(signal.SIGTERM, _interrupt)  # killed while following: cancel, as Ctrl-C does
     follow(job, as_json=as_json, timeout=timeout)
+
+
+def _constraint(grammar: Path | None, json_schema: Path | None) -> dict[str, Any]:
+    """--grammar / --json-schema as the request's `grammar` / `response_format`."""
+    from farm.errors import InvalidRequest
+
+    def read(path: Path, flag: str) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"{flag}: cannot read {path}: {e}") from e
+
+    found: dict[str, Any] = {}
+    if grammar is not None:
+        found["grammar"] = read(grammar, "--grammar")
+    if json_schema is not None:
+        try:
+            schema = json.loads(read(json_schema, "--json-schema"))
+        except ValueError as e:
+            raise InvalidRequest(f"--json-schema: {json_schema} is not JSON: {e}") from e
+        found["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": json_schema.stem[:64], "schema": schema},
+        }
+    return found
 
 
 def _interrupt(*_: Any) -> None:

@@ -76,7 +76,15 @@ def remove_model(s: Session, name: str) -> None:
 
 
 def register_worker(
-    s: Session, *, worker_id: str, host: str, pid: int, device: str, versions: dict[str, Any]
+    s: Session,
+    *,
+    worker_id: str,
+    host: str,
+    pid: int,
+    device: str,
+    versions: dict[str, Any],
+    slots: int = 1,
+    threads: int = 1,
 ) -> WorkerRecord:
     """Record a worker (again, if a previous process used the same id: its leases go)."""
     s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
@@ -86,12 +94,8 @@ def register_worker(
         s.add(worker)
     now = utcnow()
     worker.host, worker.pid, worker.device, worker.versions = host, pid, device, versions
-    worker.state, worker.current_job, worker.started_at, worker.heartbeat_at = (
-        "starting",
-        None,
-        now,
-        now,
-    )
+    worker.slots, worker.threads, worker.tokens_per_s = slots, threads, None
+    worker.state, worker.started_at, worker.heartbeat_at = "starting", now, now
     s.flush()
     return worker
 
@@ -130,15 +134,14 @@ def set_leases(
     )
 
 
-def take_lease(s: Session, *, worker_id: str, model: str, device: str, ttl: float) -> None:
-    """The worker holds one loaded model (and only that one)."""
-    set_leases(s, worker_id=worker_id, device=device, leases=[LeaseSpec(model)], ttl=ttl)
-
-
-def heartbeat(s: Session, *, worker_id: str, ttl: float) -> int:
+def heartbeat(s: Session, *, worker_id: str, ttl: float, tokens_per_s: float | None = None) -> int:
     """Renew the worker's leases; returns how many it holds."""
     now = utcnow()
-    s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id).values(heartbeat_at=now))
+    s.execute(
+        update(WorkerRecord)
+        .where(WorkerRecord.id == worker_id)
+        .values(heartbeat_at=now, tokens_per_s=tokens_per_s)
+    )
     result = s.execute(
         update(LeaseRecord)
         .where(LeaseRecord.worker_id == worker_id)
@@ -147,12 +150,15 @@ def heartbeat(s: Session, *, worker_id: str, ttl: float) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def set_worker_job(s: Session, *, worker_id: str, job_id: str | None) -> None:
-    s.execute(
-        update(WorkerRecord)
-        .where(WorkerRecord.id == worker_id)
-        .values(current_job=job_id, state="busy" if job_id else "ready")
-    )
+def running_jobs(s: Session, worker_id: str | None = None) -> dict[str, list[str]]:
+    """The jobs each worker (or one) is running now: its usage rows marked running."""
+    query = select(UsageRecord.worker_id, UsageRecord.job_id).where(UsageRecord.status == "running")
+    if worker_id is not None:
+        query = query.where(UsageRecord.worker_id == worker_id)
+    jobs: dict[str, list[str]] = {}
+    for worker, job in s.execute(query.order_by(UsageRecord.started_at)):
+        jobs.setdefault(str(worker), []).append(str(job))
+    return jobs
 
 
 def release_worker(s: Session, *, worker_id: str) -> None:
@@ -161,7 +167,7 @@ def release_worker(s: Session, *, worker_id: str) -> None:
     s.execute(
         update(WorkerRecord)
         .where(WorkerRecord.id == worker_id)
-        .values(state="stopped", current_job=None)
+        .values(state="stopped", tokens_per_s=None)
     )
 
 
@@ -181,35 +187,39 @@ def unclaim_lost_worker(s: Session, *, worker_id: str) -> None:
     s.execute(
         update(WorkerRecord)
         .where(WorkerRecord.id == worker_id, WorkerRecord.state == "lost")
-        .values(state="busy")
+        .values(state="ready")
     )
 
 
-def claim_lost_workers(s: Session) -> list[tuple[str, str | None]]:
-    """Mark workers whose leases all expired as lost, and return (worker, job it held).
+def claim_lost_workers(s: Session) -> list[tuple[str, list[str]]]:
+    """Mark workers whose leases all expired as lost, and return (worker, jobs it held).
 
     Each lost worker is returned to exactly one caller (UPDATE ... RETURNING), so only one
-    process requeues its job.
+    process requeues its jobs.
     """
     live = select(LeaseRecord.worker_id).where(LeaseRecord.expires_at > utcnow())
     rows = s.execute(
         update(WorkerRecord)
         .where(WorkerRecord.state.in_(("ready", "busy")), WorkerRecord.id.not_in(live))
         .values(state="lost")
-        .returning(WorkerRecord.id, WorkerRecord.current_job)
+        .returning(WorkerRecord.id)
     ).all()
-    lost = [(str(r[0]), r[1]) for r in rows]
+    lost = [str(r[0]) for r in rows]
     if lost:
-        s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id.in_([w for w, _ in lost])))
-    return lost
+        s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id.in_(lost)))
+    return [(w, running_jobs(s, w).get(w, [])) for w in lost]
 
 
 # -- usage ------------------------------------------------------------------------------------
 
 
+def _insert(s: Session) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL)."""
+    return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[s.get_bind().dialect.name]
+
+
 def _insert_ignoring_duplicates(s: Session, values: dict[str, Any]) -> None:
-    dialect = s.get_bind().dialect.name
-    insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    insert = _insert(s)
     s.execute(
         insert(UsageRecord).values(**values).on_conflict_do_nothing(index_elements=["job_id"])
     )
@@ -241,28 +251,29 @@ def record_started(
     worker_id: str,
     submitted_at: datetime,
 ) -> str | None:
-    """Mark the job running on `worker_id`.
+    """Mark the job running on `worker_id`, in one statement.
 
     Returns None when it now runs here, else the status it had already ended with
     (succeeded, failed or cancelled: a redelivery, or a job cancelled while queued).
+    One INSERT ... ON CONFLICT DO UPDATE covers a row the client has not written yet (it
+    writes just after sending, or another producer sent the job) and a row it has, so a
+    concurrent insert can never be misread as a missing or ended job.
     """
     running = {"status": "running", "worker_id": worker_id, "started_at": utcnow()}
-    result = s.execute(
-        update(UsageRecord)
-        .where(UsageRecord.job_id == job_id, UsageRecord.status.not_in(TERMINAL_STATUSES))
-        .values(**running)
+    row = {"job_id": job_id, "session": session, "model": model, "priority": priority}
+    stmt = (
+        _insert(s)(UsageRecord)
+        .values(**row, **running, submitted_at=submitted_at)
+        .on_conflict_do_update(
+            index_elements=["job_id"],
+            set_=running,
+            where=UsageRecord.status.not_in(TERMINAL_STATUSES),
+        )
+        .returning(UsageRecord.status)
     )
-    if getattr(result, "rowcount", 0):
+    if s.execute(stmt).first() is not None:
         return None
-    ended = s.scalar(select(UsageRecord.status).where(UsageRecord.job_id == job_id))
-    if ended is not None:
-        return ended
-    # Sent by a producer that did not record it (celery call, a raw send_task).
-    record_queued(
-        s, job_id=job_id, session=session, model=model, priority=priority, submitted_at=submitted_at
-    )
-    s.execute(update(UsageRecord).where(UsageRecord.job_id == job_id).values(**running))
-    return None
+    return s.scalar(select(UsageRecord.status).where(UsageRecord.job_id == job_id))
 
 
 def record_finished(s: Session, *, job_id: str, status: str, **fields: Any) -> bool:
@@ -310,10 +321,6 @@ def cancel_if_queued(s: Session, *, job_id: str) -> bool:
 
 def get_usage(s: Session, job_id: str) -> UsageRecord | None:
     return s.scalar(select(UsageRecord).where(UsageRecord.job_id == job_id))
-
-
-def delete_usage(s: Session, job_id: str) -> None:
-    s.execute(delete(UsageRecord).where(UsageRecord.job_id == job_id))
 
 
 @dataclass(frozen=True)

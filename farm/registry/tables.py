@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -28,6 +29,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(dt: datetime) -> datetime:
+    """A datetime read back from the registry, in UTC (SQLite hands them back naive)."""
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -73,7 +79,9 @@ class WorkerRecord(Base):
     pid: Mapped[int] = mapped_column(Integer)
     device: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))  # starting, ready, busy, stopped, lost
-    current_job: Mapped[str | None] = mapped_column(String(64))
+    slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    threads: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     versions: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -98,9 +106,12 @@ class LeaseRecord(Base):
 
 
 class UsageRecord(Base):
-    """One row per job: created when it is queued, completed once when it ends."""
+    """One row per job: created when it is queued, completed once when it ends.
+
+    The rows marked running with a worker's id are the jobs that worker holds."""
 
     __tablename__ = "usage"
+    __table_args__ = (Index("ix_usage_worker_id_status", "worker_id", "status"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -111,6 +122,8 @@ class UsageRecord(Base):
     status: Mapped[str] = mapped_column(String(16))
     worker_id: Mapped[str | None] = mapped_column(String(255))
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Of the prompt tokens, those found in the worker's prompt cache (not evaluated again).
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)

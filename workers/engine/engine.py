@@ -1,0 +1,414 @@
+"""The engine: one thread owns a model's llama.cpp context and runs every sequence on it.
+
+    loop:  admit waiting sequences into free slots (the slot whose cached tokens share
+           the longest prefix with the prompt; only the rest is evaluated)
+           build one batch: the next token of every generating slot first, then prompt
+           chunks of the slots still reading their prompt, up to n_batch tokens
+           llama_decode once
+           sample each sequence that produced logits with its own chain; stream its text;
+           end it on a stop, max_tokens, its time limit or cancel, and free its slot
+
+The KV cache is one buffer of `kv_size` cells shared by every slot (`kv_unified`). A slot
+keeps its tokens after its sequence ends (the prompt cache) until the cells are needed.
+When llama_decode finds no room (it returns 1 and changes nothing), the engine frees the
+least recently used idle slot's cache; with none left it stops admitting and lets the
+running sequences go on without prompt chunks; if even that does not fit, the newest
+sequence is ended. The process never aborts for a full cache.
+
+llama.cpp's low-level calls abort the whole process on misuse (a batch over n_batch, the
+logits of a position not marked for output), so every index is checked here before the
+call that would use it. Only this thread calls llama.cpp's context.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence
+from workers.engine.sampling import GrammarError, Sampler, build_sampler
+from workers.engine.text import TextAssembler
+
+log = logging.getLogger(__name__)
+
+MAX_SLOTS = 256  # llama.cpp's limit on n_seq_max
+
+
+class EngineError(RuntimeError):
+    """The engine could not be built (no context could be created for these settings)."""
+
+
+@dataclass(eq=False)
+class Slot:
+    seq_id: int
+    cache: list[int] = field(default_factory=list)  # the tokens this sequence has in the KV cache
+    last_used: float = 0.0
+    job: Sequence | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
+    next_token: int = -1  # sampled, to be fed in the next batch
+    sampler: Sampler | None = None
+    text: TextAssembler | None = None
+    decoder: Any = None
+    generated: int = 0
+    max_tokens: int = 0
+    cached: int = 0
+    ttft_ms: float | None = None
+    admitted: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Continuous batching over one loaded model. Thread-safe: `submit` from any thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        slots: int,
+        n_ctx: int,
+        kv_size: int | None = None,
+        n_batch: int = 512,
+        threads: int = 1,
+        name: str = "",
+    ):
+        if not 1 <= slots <= MAX_SLOTS:
+            raise EngineError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
+        self.name = name
+        self.n_slots = slots
+        self.n_ctx = n_ctx  # the most one sequence may hold: prompt and reply together
+        self.n_batch = n_batch
+        self.threads = threads
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = kv_size or n_ctx * slots
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = slots
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True
+        # A full-size sliding-window cache, so a cached prefix stays usable on models with
+        # sliding-window attention (Gemma 3): otherwise its early positions are dropped.
+        params.swa_full = True
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise EngineError(
+                f"llama.cpp could not create a context of {params.n_ctx} tokens for {slots} "
+                "slots (out of memory?); lower --parallel, --kv-size or the model's --n-ctx"
+            )
+        self.kv_size = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.slots = [Slot(i) for i in range(slots)]
+        self.tokens_generated = 0  # since start, for tokens/s in the heartbeat
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._hold = False  # the KV cache was full: admit nothing until a sequence ends
+        self._prompt_budget = n_batch
+        self._admissions = 0
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the boundary ---------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; its events arrive on `seq.events`."""
+        if len(seq.tokens) >= self.n_ctx:
+            seq.events.put(
+                (
+                    FAILED,
+                    f"the prompt is {len(seq.tokens)} tokens but the model holds {self.n_ctx}",
+                )
+            )
+            return
+        with self._cond:
+            if self._stopping:
+                seq.events.put((FAILED, "the worker is stopping"))
+                return
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None) + len(self._waiting)
+
+    def close(self) -> None:
+        """Stop the loop (sequences still running fail) and free llama.cpp's memory."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        self.ctx = None
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._active():
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                self._admit()
+                if self._active():
+                    self._step()
+        except Exception:
+            log.exception("engine %s stopped on an error", self.name)
+        reason = "the worker's engine stopped"
+        for slot in self._active():
+            self._fail(slot, reason)
+        with self._cond:
+            self._stopping = True
+            for seq in self._waiting:
+                seq.events.put((FAILED, reason))
+            self._waiting.clear()
+
+    def _active(self) -> list[Slot]:
+        return [s for s in self.slots if s.job is not None]
+
+    def _admit(self) -> None:
+        while not self._hold:
+            free = [s for s in self.slots if s.job is None]
+            with self._cond:
+                if not free or not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                seq.events.put((DONE, self._result(seq, "", "cancelled", 0, 0, None)))
+                continue
+            # The free slot sharing the longest prefix; among equals the least recently used.
+            slot = max(free, key=lambda s: (common_prefix(s.cache, seq.tokens), -s.last_used))
+            try:
+                self._start(slot, seq)
+            except GrammarError as e:
+                seq.events.put((FAILED, f"invalid 'grammar': {e}"))
+
+    def _start(self, slot: Slot, seq: Sequence) -> None:
+        sampler = build_sampler(self.vocab, seq.sampling, seq.grammar)
+        keep = common_prefix(slot.cache, seq.tokens)
+        if keep == len(seq.tokens):
+            keep -= 1  # the last prompt token is evaluated again: its logits start the reply
+        if keep < len(slot.cache) and not llama_cpp.llama_memory_seq_rm(
+            self.mem, slot.seq_id, keep, -1
+        ):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # never fails
+            keep = 0
+        del slot.cache[keep:]
+        sampler.prime(seq.tokens)
+        self._admissions += 1
+        slot.job, slot.sampler = seq, sampler
+        slot.pending = list(seq.tokens[keep:])
+        slot.cached = keep
+        slot.generated, slot.ttft_ms, slot.next_token = 0, None, -1
+        slot.max_tokens = min(seq.max_tokens, self.n_ctx - len(seq.tokens))
+        slot.text = TextAssembler(seq.stops, lambda piece: seq.events.put((TEXT, piece)))
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.admitted = self._admissions
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        for slot in self._active():
+            job = slot.job
+            assert job is not None
+            if job.cancelled:
+                self._finish(slot, "cancelled")
+            elif job.deadline is not None and now >= job.deadline:
+                self._finish(slot, "time")
+        generating = [s for s in self._active() if not s.pending]
+        prompting = sorted((s for s in self._active() if s.pending), key=lambda s: s.admitted)
+        if not generating and not prompting:
+            return
+        n = 0
+        outputs: list[tuple[Slot, int]] = []
+        for slot in generating:
+            self._put(n, slot.next_token, len(slot.cache), slot.seq_id, True)
+            outputs.append((slot, n))
+            n += 1
+        chunks: list[tuple[Slot, int]] = []
+        budget = self._prompt_budget
+        for slot in prompting:
+            take = min(self.n_batch - n, budget, len(slot.pending))
+            if take <= 0:
+                break
+            budget -= take
+            last = take == len(slot.pending)
+            start = len(slot.cache)
+            for j in range(take):
+                out = last and j == take - 1
+                self._put(n, slot.pending[j], start + j, slot.seq_id, out)
+                if out:
+                    outputs.append((slot, n))
+                n += 1
+            chunks.append((slot, take))
+        if n == 0:
+            self._kv_full(had_prompt=False)
+            return
+        self.batch.n_tokens = n
+        ret = llama_cpp.llama_decode(self.ctx, self.batch)
+        if ret == 1:
+            self._kv_full(had_prompt=bool(chunks))
+            return
+        if ret != 0:
+            for slot in {s for s, _ in outputs} | {s for s, _ in chunks}:
+                self._fail(slot, f"llama_decode failed with code {ret}")
+            return
+        for slot, take in chunks:
+            slot.cache.extend(slot.pending[:take])
+            del slot.pending[:take]
+        for slot in generating:
+            slot.cache.append(slot.next_token)
+        for slot, index in outputs:
+            self._sample(slot, index)
+
+    def _put(self, i: int, token: int, pos: int, seq_id: int, output: bool) -> None:
+        if not 0 <= i < self.n_batch:  # past n_batch llama.cpp would abort the process
+            raise IndexError(f"batch position {i} outside n_batch {self.n_batch}")
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = output
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        job, sampler, text = slot.job, slot.sampler, slot.text
+        assert job is not None and sampler is not None and text is not None
+        token = sampler.sample(self.ctx, index)
+        if slot.ttft_ms is None:
+            slot.ttft_ms = (time.perf_counter() - job.started) * 1000
+        slot.generated += 1
+        self.tokens_generated += 1
+        if self._ends_turn(token, text.stops):
+            slot.generated -= 1  # like EOS, the end-of-turn token is not part of the reply
+            self._finish(slot, "stop")
+        elif text.add(slot.decoder.decode(self._piece(token))):
+            self._finish(slot, "stop")
+        elif slot.generated >= slot.max_tokens:
+            self._finish(slot, "length")
+        elif job.deadline is not None and time.perf_counter() >= job.deadline:
+            self._finish(slot, "time")
+        elif job.cancelled:
+            self._finish(slot, "cancelled")
+        else:
+            slot.next_token = token
+
+    def _ends_turn(self, token: int, stops: tuple[str, ...]) -> bool:
+        """End of generation, or a control token that starts a stop string (<end_of_turn>).
+
+        Control tokens detokenize to nothing, so a chat template's stop string such as
+        "<end_of_turn>\n" would never match the text; match the token's own name instead.
+        """
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return True
+        if not llama_cpp.llama_vocab_is_control(self.vocab, token):
+            return False
+        name = self._piece(token, special=True).decode("utf-8", "replace")
+        return bool(name) and any(stop.startswith(name) for stop in stops)
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:  # a longer piece than the buffer: -n is its length
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    # -- ending sequences ---------------------------------------------------------------------------
+    def _finish(self, slot: Slot, reason: str) -> None:
+        job, text = slot.job, slot.text
+        assert job is not None and text is not None
+        if reason != "stop":  # a stop string cut the text; nothing may follow it
+            text.add(slot.decoder.decode(b"", final=True))
+        text.flush()
+        result = self._result(
+            job, text.text, reason, slot.generated, slot.cached, slot.ttft_ms, len(job.tokens)
+        )
+        self._release(slot)
+        job.events.put((DONE, result))
+
+    def _fail(self, slot: Slot, reason: str) -> None:
+        job = slot.job
+        assert job is not None
+        log.warning("engine %s: sequence %s failed: %s", self.name, job.label, reason)
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.cache.clear()
+        self._release(slot)
+        job.events.put((FAILED, reason))
+
+    def _release(self, slot: Slot) -> None:
+        if slot.sampler is not None:
+            slot.sampler.free()
+        slot.job, slot.sampler, slot.text, slot.decoder = None, None, None, None
+        slot.pending = []
+        slot.last_used = time.monotonic()
+        # A sequence ended: its cells may be reused, so try the full batch again.
+        self._hold = False
+        self._prompt_budget = self.n_batch
+
+    @staticmethod
+    def _result(
+        job: Sequence,
+        text: str,
+        reason: str,
+        generated: int,
+        cached: int,
+        ttft_ms: float | None,
+        prompt_tokens: int | None = None,
+    ) -> Generation:
+        return Generation(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(job.tokens) if prompt_tokens is None else prompt_tokens,
+            completion_tokens=generated,
+            ttft_ms=ttft_ms,
+            generation_ms=(time.perf_counter() - job.started) * 1000,
+            cached_tokens=cached,
+        )
+
+    def _kv_full(self, *, had_prompt: bool) -> None:
+        """llama_decode found no room: free cached cells, then shrink the batch, then end one."""
+        self._hold = True
+        idle = [s for s in self.slots if s.job is None and s.cache]
+        if idle:
+            slot = min(idle, key=lambda s: s.last_used)
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            slot.cache.clear()
+            return
+        if had_prompt:
+            self._prompt_budget = 0  # running sequences go on; prompts wait for room
+            return
+        newest = max(self._active(), key=lambda s: s.admitted)
+        log.warning(
+            "engine %s: the KV cache (%d cells) is full; ending sequence %s",
+            self.name,
+            self.kv_size,
+            newest.job.label if newest.job else "?",
+        )
+        if newest.pending:
+            self._fail(
+                newest,
+                f"the worker's KV cache ({self.kv_size} tokens shared by {self.n_slots} slots) "
+                "had no room for the prompt; submit it again, or give the worker a larger "
+                "--kv-size",
+            )
+        else:
+            llama_cpp.llama_memory_seq_rm(self.mem, newest.seq_id, -1, -1)
+            newest.cache.clear()
+            self._finish(newest, "length")

@@ -1,0 +1,56 @@
+"""The engine's boundary: a Sequence goes in, events come out.
+
+The job's own thread (a Celery task thread) builds a Sequence from a tokenized request,
+hands it to `Engine.submit`, and reads `Sequence.events` until the final one:
+
+    ("text", str)            a piece of generated text, safe to show
+    ("done", Generation)     the end: text, finish reason, token counts, timings
+    ("failed", str)          the engine could not serve it (the reason)
+
+`cancel()` may be called from any thread; the engine stops the sequence before its next
+token. Nothing above this module knows about slots, batches or ctypes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+TEXT, DONE, FAILED = "text", "done", "failed"
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # stop, length, time, cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    generation_ms: float
+    cached_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the engine sees it."""
+
+    tokens: list[int]
+    max_tokens: int
+    sampling: dict[str, Any] = field(default_factory=dict)
+    stops: tuple[str, ...] = ()
+    grammar: str | None = None
+    deadline: float | None = None  # time.perf_counter() value
+    started: float = field(default_factory=time.perf_counter)
+    label: str = ""  # for logs: the job id
+    events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()

@@ -1,0 +1,156 @@
+"""One sampler chain per sequence, built from a request's sampling fields, and grammars.
+
+The chain follows llama-cpp-python's own order (penalties, then greedy at temperature 0,
+mirostat, or top-k / typical / top-p / min-p / temperature / dist), with its defaults, so
+a request samples as it did on `Llama.generate`.
+
+A grammar is kept out of the chain: on Gemma's 262k vocabulary a grammar sampler applied
+to every candidate costs about 50 ms a token. As llama.cpp's common sampler does, the
+chain picks a token first, the grammar checks that one token, and only when the grammar
+rejects it are the candidates filtered by the grammar and the chain run again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+DEFAULTS: dict[str, Any] = {
+    "temperature": 0.8,
+    "top_k": 40,
+    "top_p": 0.95,
+    "min_p": 0.05,
+    "typical_p": 1.0,
+    "repeat_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "penalty_last_n": 64,
+    "mirostat_mode": 0,
+    "mirostat_tau": 5.0,
+    "mirostat_eta": 0.1,
+}
+
+_TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+
+
+class GrammarError(ValueError):
+    """llama.cpp could not parse a grammar."""
+
+
+@dataclass
+class Sampler:
+    """A sequence's sampler chain, and its grammar when it has one. Engine thread only."""
+
+    chain: Any
+    grammar: Any
+    n_vocab: int
+    penalty_last_n: int
+    penalties: bool
+
+    def prime(self, prompt: list[int]) -> None:
+        """Let the penalties see the prompt's last tokens, as llama-server does."""
+        if self.penalties:
+            for token in prompt[-self.penalty_last_n :]:
+                llama_cpp.llama_sampler_accept(self.chain, token)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        """The next token from the logits at batch position `index` (accepted by the chain)."""
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+        logits = llama_cpp.llama_get_logits_ith(ctx, index)
+        token = self._pick(logits, with_grammar=False)
+        if not self._grammar_allows(token):
+            token = self._pick(logits, with_grammar=True)
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _pick(self, logits: Any, *, with_grammar: bool) -> int:
+        data = np.empty(self.n_vocab, dtype=_TOKEN_DATA)
+        data["id"] = np.arange(self.n_vocab, dtype=np.intc)
+        data["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        data["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=self.n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        if with_grammar:
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
+        if array.selected < 0:
+            raise RuntimeError("the sampler chain selected no token")
+        return int(array.data[array.selected].id)
+
+    def _grammar_allows(self, token: int) -> bool:
+        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+        array = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        return bool(np.isfinite(one[0].logit))
+
+    def free(self) -> None:
+        for sampler in (self.chain, self.grammar):
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+        self.chain = self.grammar = None
+
+
+def build_sampler(vocab: Any, sampling: dict[str, Any], grammar: str | None) -> Sampler:
+    """A sampler for one sequence. GrammarError when llama.cpp rejects the grammar."""
+    p = {**DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
+    n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+    seed = p.get("seed")
+    seed = int(seed) if seed is not None else random.randrange(2**31)
+    grammar_sampler = None
+    if grammar is not None:
+        grammar_sampler = llama_cpp.llama_sampler_init_grammar(
+            vocab, grammar.encode("utf-8"), b"root"
+        )
+        if not grammar_sampler:  # NULL: llama.cpp logged why and returned nothing
+            raise GrammarError("llama.cpp could not parse the grammar")
+
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler: Any) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    penalties = (
+        p["repeat_penalty"] != 1.0 or p["presence_penalty"] != 0.0 or p["frequency_penalty"] != 0.0
+    ) and p["penalty_last_n"] != 0
+    if penalties:
+        add(
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab,
+                p["penalty_last_n"],
+                p["repeat_penalty"],
+                p["frequency_penalty"],
+                p["presence_penalty"],
+            )
+        )
+    temperature = p["temperature"]
+    if temperature == 0.0:
+        add(llama_cpp.llama_sampler_init_greedy())
+    elif p["mirostat_mode"] == 1:
+        add(llama_cpp.llama_sampler_init_temp(temperature))
+        add(
+            llama_cpp.llama_sampler_init_mirostat(
+                n_vocab, seed, p["mirostat_tau"], p["mirostat_eta"], 100
+            )
+        )
+    elif p["mirostat_mode"] == 2:
+        add(llama_cpp.llama_sampler_init_temp(temperature))
+        add(llama_cpp.llama_sampler_init_mirostat_v2(seed, p["mirostat_tau"], p["mirostat_eta"]))
+    else:
+        add(llama_cpp.llama_sampler_init_top_k(p["top_k"]))
+        add(llama_cpp.llama_sampler_init_typical(p["typical_p"], 1))
+        add(llama_cpp.llama_sampler_init_top_p(p["top_p"], 1))
+        add(llama_cpp.llama_sampler_init_min_p(p["min_p"], 1))
+        add(llama_cpp.llama_sampler_init_temp(temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed))
+    return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), penalties)
