@@ -15,6 +15,7 @@ Prints medians in ms, the added latency, and the ratio farm/direct.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -75,17 +76,31 @@ def main() -> int:
 
         path = default_model_path()
         print(f"model {DEFAULT_MODEL}: {Path(path).name}", file=sys.stderr)
-        llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_gpu_layers=-1, verbose=False)
+        # The worker's threads: every core this process may use.
+        threads = len(os.sched_getaffinity(0))
+        llm = llama_cpp.Llama(
+            model_path=path,
+            n_ctx=4096,
+            n_gpu_layers=-1,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        # A new prompt each call: with the same prompt again, llama-cpp-python replays the
+        # previous call's logits and evaluates nothing, which no real request gets.
+        numbers = itertools.count()
         results = {}
         for max_tokens, n in runs.items():
 
             def direct_call(mt: int = max_tokens) -> int:
-                r = llm.create_completion(PROMPT, max_tokens=mt, temperature=0.0)
+                prompt = f"{PROMPT} ({next(numbers)})"
+                r = llm.create_completion(prompt, max_tokens=mt, temperature=0.0)
                 return int(r["usage"]["completion_tokens"])
 
             def farm_call(mt: int = max_tokens) -> int:
+                prompt = f"{PROMPT} ({next(numbers)})"
                 c = farm.infer(
-                    PROMPT, model=DEFAULT_MODEL, max_tokens=mt, temperature=0.0, priority="high"
+                    prompt, model=DEFAULT_MODEL, max_tokens=mt, temperature=0.0, priority="high"
                 )
                 return c.usage.completion_tokens
 

@@ -3,7 +3,7 @@
 import pytest
 
 from farm.registry import queries, transaction, upgrade
-from tests.conftest import run_worker
+from tests.conftest import gemma_path, run_worker
 
 
 @pytest.fixture
@@ -51,3 +51,29 @@ def test_a_truncated_gguf_is_refused_by_llama_cpp(env, tmp_path):
         queries.add_model(s, name="truncated", path=str(path))
     r = run_worker(environ, "--model", "truncated")
     assert r.returncode == 2 and "could not load model 'truncated'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--parallel", "0"], "--parallel must be at least 1, not 0"),
+        (["--parallel", "300"], "--parallel must be at most 256, not 300"),
+        (["--threads", "two"], "--threads must be a whole number, not 'two'"),
+    ],
+)
+def test_impossible_slot_or_thread_counts_are_refused_before_loading(env, args, expected):
+    _, environ = env
+    r = run_worker(environ, "--model", "gemma3-270m", *args)
+    assert r.returncode == 2 and expected in r.stderr
+
+
+def test_a_kv_cache_larger_than_free_memory_stops_the_worker_with_the_numbers(env):
+    db, environ = env
+    with transaction(db) as s:
+        queries.add_model(s, name="gemma3-270m", path=gemma_path(), chat_format="gemma")
+    r = run_worker(environ, "--model", "gemma3-270m", "--parallel", "8", "--kv-size", "400000000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "a KV cache of 400000000 tokens (8 slots) needs about" in r.stderr
+    assert "lower --parallel, --kv-size" in r.stderr
+    with transaction(db) as s:
+        assert queries.live_leases(s) == []

@@ -49,6 +49,18 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux's MemAvailable), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How a worker runs each model it loads: a worker's options, not the model's."""
@@ -95,6 +107,7 @@ class ModelHost:
             ) from e
         opts = self.options
         try:
+            self._check_kv_memory()
             self.engine = Engine(
                 self.llm.model,
                 slots=opts.slots,
@@ -107,6 +120,9 @@ class ModelHost:
         except EngineError as e:
             self.llm.close()
             raise WorkerStartError(f"model '{self.spec.name}': {e}") from e
+        except WorkerStartError:
+            self.llm.close()
+            raise
         self.device = "cuda" if gpu else "cpu"
         self._choose_chat_format()
         log.info(
@@ -120,6 +136,47 @@ class ModelHost:
             opts.threads,
             self.chat_source,
         )
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one KV cell takes (f16 keys and values over every layer), from the GGUF."""
+        meta = self.llm.metadata
+        arch = meta.get("general.architecture", "")
+
+        def number(key: str, default: int) -> int:
+            try:
+                return int(meta.get(f"{arch}.{key}", default))
+            except ValueError:
+                return default
+
+        layers = number("block_count", 32)
+        heads = number("attention.head_count", 32)
+        kv_heads = number("attention.head_count_kv", heads)
+        head_dim = number("embedding_length", 4096) // max(1, heads)
+        k = number("attention.key_length", head_dim)
+        v = number("attention.value_length", head_dim)
+        return layers * kv_heads * (k + v) * 2
+
+    def _check_kv_memory(self) -> None:
+        """Refuse, with the numbers, a KV cache that this machine's free memory cannot hold.
+
+        On the CPU llama.cpp would allocate it and the kernel kill the worker later; on a
+        GPU llama.cpp itself refuses (EngineError)."""
+        opts = self.options
+        cells = opts.kv_size or self.spec.n_ctx * opts.slots
+        need = cells * self.kv_bytes_per_token()
+        free = available_memory()
+        if self.device_is_cpu and free is not None and need > free:
+            raise WorkerStartError(
+                f"model '{self.spec.name}': a KV cache of {cells} tokens ({opts.slots} slots) "
+                f"needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free; lower "
+                "--parallel, --kv-size or the model's --n-ctx"
+            )
+
+    @property
+    def device_is_cpu(self) -> bool:
+        import llama_cpp
+
+        return not llama_cpp.llama_supports_gpu_offload() or self.spec.n_gpu_layers == 0
 
     def _choose_chat_format(self) -> None:
         # The GGUF's own template when it has one; else the format recorded in the registry.

@@ -28,6 +28,7 @@ from farm.queue import queue_name
 from farm.registry import queries, transaction
 from farm.registry.db import require_schema
 from workers import control
+from workers.engine.engine import MAX_SLOTS
 from workers.heartbeat import Membership
 from workers.host import EngineOptions, ModelSpec, available_cores
 from workers.models import ModelCache, parse_size
@@ -161,7 +162,7 @@ def default_parallel() -> int:
     return 16 if llama_cpp.llama_supports_gpu_offload() else 4
 
 
-def _positive(what: str) -> Any:
+def _positive(what: str, most: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -171,6 +172,8 @@ def _positive(what: str) -> Any:
             ) from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{what} must be at least 1, not {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{what} must be at most {most}, not {value}")
         return value
 
     return parse
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--parallel",
-        type=_positive("--parallel"),
+        type=_positive("--parallel", MAX_SLOTS),
         help="sequences generated together per model (slots); default 16 on a GPU, 4 on CPU",
     )
     parser.add_argument(

