@@ -131,6 +131,9 @@ def infer(
         for token in farm.infer("Count to five", model="gemma3-270m", stream=True):
             print(token, end="", flush=True)
     """
+    from farm.enqueue import check_seconds
+
+    check_seconds("timeout", timeout, optional=True)
     # Without a reader for them, the worker skips writing each token to Redis.
     job_ = submit(prompt, stream_tokens=stream, **kwargs)
     if stream:

@@ -12,6 +12,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,6 +90,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a lease lives without renewal; after that the worker counts as lost.",
     )
+    registry_wait: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a worker holds a job while the registry is unreachable at its "
+        "start, retrying, before putting it back in its queue.",
+    )
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."
     )
@@ -147,6 +154,19 @@ class Settings(BaseSettings):
                 "or set FARM_BROKER_URL to your Redis (e.g. redis://host:6379/0)"
             )
         return str(state["broker_url"])
+
+
+def masked(url: str) -> str:
+    """A URL fit to print: its password replaced by '***' (broker, result and database URLs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 def read_state(path: Path) -> dict[str, object] | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from kombu.exceptions import OperationalError as BrokerError
 
+from farm.config import masked
 from farm.context import FarmContext, get_context
 from farm.errors import FarmUnavailable, InvalidRequest, NoLiveWorker
 from farm.queue import TASK_NAME, priority_number, queue_name
@@ -39,6 +40,7 @@ def submit_request(
     `wait_for_worker`: seconds to wait for a worker to start serving the model before
     giving up with NoLiveWorker (0: fail at once when none does).
     """
+    check_seconds("wait_for_worker", wait_for_worker)
     ctx = ctx or get_context()
     ctx.broker_url  # noqa: B018 - fails first, and clearly, when no farm is running here
     _check_servable(ctx, request, wait_for_worker)
@@ -59,7 +61,8 @@ def submit_request(
         )
     except BrokerError as e:
         raise FarmUnavailable(
-            f"cannot reach the broker at {ctx.broker_url}: {e}; is `farm up` running, "
+            f"cannot reach the broker at {masked(ctx.broker_url)}: {_masked_error(e, ctx)}; "
+            "is `farm up` running, "
             "or is FARM_BROKER_URL right?"
         ) from e
     try:
@@ -77,6 +80,24 @@ def submit_request(
         log.warning("job %s is queued but the registry could not record it yet", job_id)
     log.info("queued job %s for model %s at priority %s", job_id, request.model, request.priority)
     return Job(job_id, request.model, ctx)
+
+
+def check_seconds(name: str, value: object, *, optional: bool = False) -> None:
+    """InvalidRequest unless `value` is a number of seconds from 0 to a day (or None)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not 0 <= value <= 86400:  # type: ignore[operator]
+        shown = repr(value)
+        shown = shown[:40] + "..." if len(shown) > 40 else shown
+        raise InvalidRequest(
+            f"invalid '{name}': give seconds, a number from 0 to 86400 (got {shown})"
+        )
+
+
+def _masked_error(e: Exception, ctx: FarmContext) -> str:
+    """The broker error's text, with the broker's URL (and so its password) masked."""
+    return str(e).replace(ctx.broker_url, masked(ctx.broker_url))
 
 
 SERVABLE_CACHE_S = 1.0

@@ -17,14 +17,21 @@ They are built by `transport_options()` and every Celery app farm makes uses it.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
+from queue import Empty
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 from celery.backends.redis import RedisBackend
+from kombu.transport.redis import Channel as RedisChannel
+from kombu.transport.redis import Transport as RedisTransport
 
 from farm.config import Settings
 from farm.request import Priority
+
+log = logging.getLogger(__name__)
 
 # -- priorities -------------------------------------------------------------------------
 PRIORITY_STEPS: list[int] = list(range(10))
@@ -92,6 +99,27 @@ def route_job(
     return {"priority": DEFAULT_PRIORITY} if name == TASK_NAME else {}
 
 
+class Channel(RedisChannel):
+    """kombu's Redis channel, minus one way to kill a worker: a queued item that is not a
+    kombu message (not JSON, or not its envelope) raised out of the consumer and stopped
+    the worker. Such an item was already taken off the list; it is dropped with a log line
+    and the worker goes on."""
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.error("dropped a queued item that is not a farm job (%s: %s)", type(e).__name__, e)
+            raise Empty() from None
+
+
+class Transport(RedisTransport):
+    Channel = Channel
+
+
+TRANSPORT = f"{__name__}:{Transport.__name__}"
+
+
 class ResultBackend(RedisBackend):
     """Celery's Redis result backend, minus the pub/sub subscription made on every send.
 
@@ -111,6 +139,8 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
     """The Celery app shared by clients, workers and Flower."""
     backend = f"{RESULT_BACKEND}+{result_url or broker_url}"
     app = Celery("farm", broker=broker_url, backend=backend)
+    if urlsplit(broker_url).scheme in ("redis", "rediss"):
+        app.conf.broker_transport = TRANSPORT
     app.conf.update(
         # JSON only, on the wire and in results: never pickle.
         task_serializer="json",

@@ -15,9 +15,17 @@ field, before anything is queued.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from farm.errors import InvalidRequest
 
@@ -27,13 +35,31 @@ MODEL_NAME_RULE = "1-64 characters of a-z, 0-9, '.', '_' and '-', starting with 
 MAX_TOKENS_LIMIT = 32768
 
 
+def _valid_text(v: str) -> str:
+    """Text that UTF-8 can carry and a database column can store."""
+    if "\x00" in v:
+        raise ValueError("must not contain NUL characters")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "is not valid Unicode text (it holds lone surrogates: bytes that were not UTF-8)"
+        ) from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+# Latest accepted client clock: year 2286. Past it the value is not a timestamp.
+MAX_TIMESTAMP = 10_000_000_000.0
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class Sampling(_Strict):
@@ -59,7 +85,7 @@ class Sampling(_Strict):
 class Stopping(_Strict):
     """When generation ends: whichever comes first."""
 
-    stop: tuple[str, ...] = Field(default=(), max_length=16)
+    stop: tuple[Text, ...] = Field(default=(), max_length=16)
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
     max_time_ms: int | None = Field(default=None, gt=0, le=24 * 3600 * 1000)
 
@@ -103,21 +129,24 @@ class Request(_Strict):
     """One prompt for one model. Build it with `make_request` to get farm's error messages."""
 
     model: str = Field(description="registered model name")
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: tuple[Message, ...] | None = None
     sampling: Sampling = Sampling()
     stopping: Stopping = Stopping()
-    grammar: str | None = Field(
+    grammar: Text | None = Field(
         default=None, max_length=100_000, description="GBNF grammar the reply must follow"
     )
     response_format: ResponseFormat | None = None
     priority: Priority = "normal"
-    session: str = Field(default="default", min_length=1, max_length=128)
+    session: Text = Field(default="default", min_length=1, max_length=128)
     stream_tokens: bool = Field(
         default=True, description="write each piece of text to the job's stream as it comes"
     )
     submitted_at: float | None = Field(
-        default=None, description="client clock at submit, epoch seconds; set by submit"
+        default=None,
+        ge=0,
+        le=MAX_TIMESTAMP,
+        description="client clock at submit, epoch seconds; set by submit",
     )
 
     @model_validator(mode="before")
@@ -133,6 +162,10 @@ class Request(_Strict):
             nested = data.get(group) or {}
             if isinstance(nested, BaseModel):
                 nested = nested.model_dump(exclude_defaults=True)
+            if not isinstance(nested, dict):
+                raise ValueError(
+                    f"'{group}' must be an object of {group} fields, not {type(nested).__name__}"
+                )
             both = sorted(set(flat) & set(nested))
             if both:
                 raise ValueError(f"{', '.join(both)} given both flat and inside '{group}'")
@@ -191,13 +224,18 @@ def make_request(data: dict[str, Any]) -> Request:
         raise InvalidRequest(describe_errors(e)) from e
 
 
+def _shorten(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else text[:most] + "..."
+
+
 def describe_errors(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        loc = _shorten(".".join(str(p) for p in err["loc"]))
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown field '{loc}'; see `farm submit --help` for the known ones")
+            lines.append(f"unknown field {loc!r}; see `farm submit --help` for the known ones")
             continue
+        loc = loc or "request"
         msg = err["msg"].removeprefix("Value error, ")
         got = ""
         if err["loc"] and err["type"] != "missing" and not isinstance(err.get("input"), dict):

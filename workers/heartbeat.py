@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from farm.config import pid_alive
 from farm.context import FarmContext
-from farm.errors import WorkerStartError
+from farm.errors import FarmUnavailable, WorkerStartError
 from farm.queue import requeue_unacked
 from farm.recovery import reap_lost_workers
 from farm.registry import queries, transaction
@@ -30,6 +30,7 @@ from farm.registry.queries import LeaseSpec
 from farm.registry.tables import WorkerRecord, as_utc, utcnow
 from workers.host import EngineOptions
 from workers.models import ModelCache
+from workers.spool import UsageSpool
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Membership:
         self.options: EngineOptions | None = None
         self.device = device
         self._tokens_seen: tuple[float, int] | None = None  # (monotonic, tokens) last beat
+        self.spool: UsageSpool | None = None
+        self._reap_after = 0.0  # monotonic time before which this worker reaps nobody
         self.begun = False
         self.joined = False
         self._sync_lock = threading.Lock()  # the heartbeat and the main thread both sync
@@ -181,10 +184,19 @@ class Membership:
                 if self.joined and self.cache and held != len(self.cache.specs):
                     # Marked lost during a stall, or serving more or fewer models: lease again.
                     self.sync()
+                if self.spool is not None:
+                    self.spool.flush(self.ctx.database_url)
                 if self.joined and self.cache:
                     self.cache.unload_idle()
-                    reap_lost_workers(self.ctx)
+                    if time.monotonic() >= self._reap_after:
+                        reap_lost_workers(self.ctx)
+            except FarmUnavailable as e:
+                # Nobody could renew a lease meanwhile: after the outage, give every live
+                # worker a lease's time to renew before judging any of them lost.
+                self._reap_after = time.monotonic() + settings.lease_ttl
+                log.warning("heartbeat of worker %s failed; retrying: %s", self.worker_id, e)
             except Exception:
+                self._reap_after = time.monotonic() + settings.lease_ttl
                 log.exception("heartbeat of worker %s failed; retrying", self.worker_id)
 
     def _tokens_per_s(self) -> float | None:

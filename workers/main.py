@@ -32,6 +32,7 @@ from workers.engine.engine import MAX_SLOTS
 from workers.heartbeat import Membership
 from workers.host import EngineOptions, ModelSpec, available_cores
 from workers.models import ModelCache, parse_size
+from workers.spool import UsageSpool
 from workers.tasks import JobRunner, register_task
 
 log = logging.getLogger("farm.worker")
@@ -86,6 +87,8 @@ def serve(
     )
     membership = Membership(ctx, worker_id, device_label)
     membership.options = options
+    spool = UsageSpool(ctx.settings.home / "spool", worker_id)
+    membership.spool = spool  # the heartbeat writes what the spool kept, once it can
     try:
         require_schema(ctx.database_url)
         specs = [load_spec(ctx.database_url, m) for m in models]
@@ -111,8 +114,10 @@ def serve(
         membership.leave()  # Ctrl-C or a crash while loading: no 'starting' row left behind
         raise
 
-    runner = JobRunner(ctx, worker_id, cache)
+    runner = JobRunner(ctx, worker_id, cache, spool)
     register_task(app, runner)
+    _only_farms_task(app)
+    _keep_bodies_out_of_logs()
     control.bind(cache, membership, lambda m: load_spec(ctx.database_url, m))
 
     @worker_ready.connect(weak=False)
@@ -136,7 +141,9 @@ def serve(
         membership.leave()
         cache.close()
 
-    app.worker_main(
+    # app.start, not app.worker_main: it returns the worker's exit status (worker_main drops
+    # it), so a worker that stops on an error exits non-zero for systemd or Docker to see.
+    status = app.start(
         [
             "worker",
             f"--hostname={worker_id}",
@@ -152,7 +159,40 @@ def serve(
             f"--loglevel={loglevel}",
         ]
     )
-    return 0
+    return int(status or 0)
+
+
+def _only_farms_task(app: Any) -> None:
+    """Celery's built-in tasks (celery.backend_cleanup, celery.chord_unlock ...) must not
+    run on a model's queue: unregistered here, such a message is discarded like any
+    unknown task."""
+    from farm.queue import TASK_NAME
+
+    for name in list(app.tasks):
+        if name != TASK_NAME:
+            app.tasks.unregister(name)
+
+
+class _NoBodies(logging.Filter):
+    """Celery logs the whole body of an unknown or invalid message: farm's hold prompts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery.worker.consumer import consumer
+
+        if record.msg is consumer.UNKNOWN_TASK_ERROR:
+            record.msg = "discarded a message for a task this worker does not run (%s)"
+            record.args = (record.args[0],) if isinstance(record.args, tuple) else ()
+        elif record.msg is consumer.INVALID_TASK_ERROR:
+            record.msg = "discarded an invalid message (%s)"
+            record.args = (record.args[0],) if isinstance(record.args, tuple) else ()
+        else:
+            return True
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _keep_bodies_out_of_logs() -> None:
+    logging.getLogger("celery.worker.consumer.consumer").addFilter(_NoBodies())
 
 
 def default_parallel() -> int:

@@ -17,12 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, Task, states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
 from farm.context import FarmContext
-from farm.errors import FarmError, JobFailed
-from farm.queue import TASK_NAME, cancel_key
+from farm.errors import FarmError, FarmUnavailable, JobFailed
+from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key
 from farm.registry import queries, transaction
 from farm.request import Request, describe_errors
 from farm.results import (
@@ -38,6 +38,7 @@ from farm.results import (
     publish,
 )
 from workers.models import ModelCache
+from workers.spool import UsageSpool
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +46,26 @@ log = logging.getLogger(__name__)
 class JobRunner:
     """Runs jobs for the models this worker hosts."""
 
-    def __init__(self, ctx: FarmContext, worker_id: str, models: ModelCache):
+    def __init__(
+        self, ctx: FarmContext, worker_id: str, models: ModelCache, spool: UsageSpool | None = None
+    ):
         self.ctx = ctx
         self.worker_id = worker_id
         self.models = models
+        self.spool = spool or UsageSpool(ctx.settings.home / "spool", worker_id)
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
         try:
             request = Request.model_validate(payload)
         except ValidationError as e:
-            # A producer other than farm's client sent it: fail it, keep serving.
-            return self._fail(job_id, f"invalid request: {describe_errors(e)}")
+            # A producer other than farm's client sent it: fail it (with a row), keep serving.
+            return self._fail(
+                job_id, f"invalid request: {describe_errors(e)}", _stand_in(task, payload)
+            )
         try:
             return self._run(task, job_id, request)
-        except (Ignore, JobFailed):
+        except (Ignore, Reject, JobFailed):
             raise
         except Exception as e:
             # Whatever went wrong, the job ends with a reason and the worker goes on.
@@ -75,16 +81,7 @@ class JobRunner:
             )
 
         submitted = request.submitted_at or started_wall
-        with transaction(ctx.database_url) as s:
-            ended = queries.record_started(
-                s,
-                job_id=job_id,
-                session=request.session,
-                model=request.model,
-                priority=request.priority,
-                worker_id=self.worker_id,
-                submitted_at=datetime.fromtimestamp(submitted, UTC),
-            )
+        ended = self._record_started(job_id, request, submitted)
         if ended == "cancelled":
             log.info("job %s was cancelled while queued; skipped", job_id)
             publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
@@ -168,6 +165,34 @@ class JobRunner:
         )
         return completion.model_dump(mode="json")
 
+    def _record_started(self, job_id: str, request: Request, submitted: float) -> str | None:
+        """Mark the job running. While the registry is unreachable, wait and retry, holding
+        the job (unacknowledged, so a crash meanwhile puts it back): the registry is never
+        the reason a job fails. After `registry_wait` seconds the job goes back to its queue.
+        """
+        delay, deadline = 0.25, time.monotonic() + self.ctx.settings.registry_wait
+        while True:
+            try:
+                with transaction(self.ctx.database_url) as s:
+                    return queries.record_started(
+                        s,
+                        job_id=job_id,
+                        session=request.session,
+                        model=request.model,
+                        priority=request.priority,
+                        worker_id=self.worker_id,
+                        submitted_at=datetime.fromtimestamp(submitted, UTC),
+                    )
+            except FarmUnavailable as e:
+                if time.monotonic() >= deadline:
+                    log.error("registry still unreachable; job %s goes back to its queue", job_id)
+                    raise Reject(str(e), requeue=True) from e
+                log.warning(
+                    "registry unreachable at the start of job %s; retrying in %.1fs", job_id, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def _previous_completion(self, job_id: str) -> Completion | None:
         """The Completion an earlier delivery of this job already produced, if still kept."""
         event = last_event(self.ctx.redis, job_id)
@@ -176,10 +201,26 @@ class JobRunner:
         return Completion.model_validate_json(event[1]["completion"])
 
     def _end(self, job_id: str, status: str, request: Request | None = None, **fields: Any) -> None:
-        """Complete the usage row (once).
+        """Complete the usage row (once); kept in the spool while the registry is down.
 
         With the request, the row is first inserted if nobody recorded the job yet (the
         client records it just after sending, so a fast failure here can come first)."""
+        try:
+            self._write_end(job_id, status, request, **fields)
+        except FarmUnavailable:
+            row = None
+            if request is not None:
+                row = {
+                    "session": request.session,
+                    "model": request.model,
+                    "priority": request.priority,
+                    "submitted_at": request.submitted_at or time.time(),
+                }
+            self.spool.add(job_id, status, row, fields)
+
+    def _write_end(
+        self, job_id: str, status: str, request: Request | None = None, **fields: Any
+    ) -> None:
         with transaction(self.ctx.database_url) as s:
             if request is None:
                 queries.record_finished(s, job_id=job_id, status=status, **fields)
@@ -216,6 +257,24 @@ class JobRunner:
         raise JobFailed(reason)
 
 
+def _stand_in(task: Task, payload: Any) -> Request:
+    """A request to record a malformed job's row by: its model and session where they are
+    usable, else the queue's model and 'unknown'."""
+    queue = str((task.request.delivery_info or {}).get("routing_key") or "")
+    data = payload if isinstance(payload, dict) else {}
+    fields = {
+        "model": data.get("model") if isinstance(data.get("model"), str) else "",
+        "session": data.get("session") if isinstance(data.get("session"), str) else "",
+    }
+    fallback = {"model": queue.removeprefix(QUEUE_PREFIX) or "unknown", "session": "unknown"}
+    for candidate in (fields, {**fields, "session": "unknown"}, fallback):
+        try:
+            return Request.model_validate({"prompt": "-", **candidate})
+        except ValidationError:
+            continue
+    return Request.model_validate({"prompt": "-", "model": "unknown", "session": "unknown"})
+
+
 def _usage_fields(c: Completion) -> dict[str, Any]:
     """The usage row's fields for a finished generation."""
     return {
@@ -242,6 +301,8 @@ def register_task(app: Celery, runner: JobRunner) -> Task:
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
+        # An expected outcome, not a crash: Celery logs it as one line, no traceback.
+        throws=(JobFailed,),
         resultrepr_maxsize=shown,
     )
     def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def submit(
     """Queue a prompt; print its tokens as they are generated."""
     from farm.enqueue import build, submit_request
 
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = _read_stdin() if prompt == "-" else prompt
     params = {
         "max_tokens": max_tokens,
         "max_time_ms": max_time_ms,
@@ -100,6 +100,17 @@ def submit(
         return
     signal.signal(signal.SIGTERM, _interrupt)  # killed while following: cancel, as Ctrl-C does
     follow(job, as_json=as_json, timeout=timeout)
+
+
+def _read_stdin() -> str:
+    from farm.errors import InvalidRequest
+
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(
+            f"the prompt on stdin is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv"
+        ) from e
 
 
 def _constraint(grammar: Path | None, json_schema: Path | None) -> dict[str, Any]:

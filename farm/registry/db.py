@@ -70,7 +70,9 @@ def transaction(url: str) -> Iterator[Session]:
 
 
 def _safe(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
+    from farm.config import masked
+
+    return masked(url)
 
 
 # -- migrations -----------------------------------------------------------------------------

@@ -191,6 +191,17 @@ def unclaim_lost_worker(s: Session, *, worker_id: str) -> None:
     )
 
 
+def mark_worker_lost(s: Session, *, worker_id: str) -> list[str]:
+    """The worker is gone: drop its leases, mark it lost, return the jobs it was running."""
+    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
+    s.execute(
+        update(WorkerRecord)
+        .where(WorkerRecord.id == worker_id, WorkerRecord.state.in_(("starting", "ready", "busy")))
+        .values(state="lost")
+    )
+    return running_jobs(s, worker_id).get(worker_id, [])
+
+
 def claim_lost_workers(s: Session) -> list[tuple[str, list[str]]]:
     """Mark workers whose leases all expired as lost, and return (worker, jobs it held).
 
@@ -282,10 +293,11 @@ def record_finished(s: Session, *, job_id: str, status: str, **fields: Any) -> b
     Returns True when this call wrote the row.
     """
     assert status in TERMINAL_STATUSES, status
+    fields.setdefault("finished_at", utcnow())
     result = s.execute(
         update(UsageRecord)
         .where(UsageRecord.job_id == job_id, UsageRecord.status.not_in(TERMINAL_STATUSES))
-        .values(status=status, finished_at=utcnow(), **fields)
+        .values(status=status, **fields)
     )
     return bool(getattr(result, "rowcount", 0))
 

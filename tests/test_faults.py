@@ -1,0 +1,154 @@
+"""Faults a farm meets in use: a registry outage under load, a start race on PostgreSQL,
+garbage on a model's queue, Celery's own tasks sent to a model's queue, a password in a
+URL. Nothing is lost and no usage row is wrong."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from celery.exceptions import NotRegistered
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+import farm
+from farm.context import get_context, reset_context
+from farm.queue import TASK_NAME, priority_list_key, queue_name
+from farm.registry import transaction
+from farm.registry.tables import UsageRecord
+from tests.conftest import (
+    MODEL,
+    REDIS_URL,
+    FarmUnderTest,
+    drop_pg_database,
+    finished_usage,
+    make_pg_database,
+    prepare_registry,
+)
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.e2e
+
+# Its own Redis database, so the shared live farm's worker never takes these jobs.
+FAULT_REDIS = REDIS_URL.rsplit("/", 1)[0] + "/11"
+
+
+@pytest.fixture(scope="module")
+def pg_farm(redis_url, pg_server, tmp_path_factory):
+    """A worker (8 slots) whose registry is PostgreSQL reached through a proxy the test
+    can cut. The test itself reads the registry directly."""
+    client = redis.Redis.from_url(FAULT_REDIS)
+    client.flushdb()
+    direct = make_pg_database(pg_server)
+    url = make_url(direct)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    prepare_registry(direct)
+    f = FarmUnderTest(tmp_path_factory.mktemp("pg-farm"), FAULT_REDIS, proxied)
+    proc = f.start_worker(MODEL, "pg@test", "--parallel", "8")
+    f.wait_for_lease(proc=proc)
+    f.activate()
+    yield f, direct, proxy
+    f.stop_workers()
+    proxy.cut()
+    client.flushdb()
+    drop_pg_database(pg_server, direct)
+
+
+def rows(db: str, ids: list[str]) -> dict[str, UsageRecord]:
+    with transaction(db) as s:
+        return {
+            r.job_id: r for r in s.scalars(select(UsageRecord).where(UsageRecord.job_id.in_(ids)))
+        }
+
+
+def test_hundreds_of_submits_on_postgresql_leave_no_row_behind(pg_farm):
+    f, db, _ = pg_farm
+    f.activate()
+    with ThreadPoolExecutor(4) as pool:
+        jobs = list(pool.map(lambda i: farm.submit(f"n{i}", model=MODEL, max_tokens=1), range(300)))
+    for job in jobs:
+        job.result(timeout=180)
+    deadline = time.monotonic() + 30
+    while True:
+        found = rows(db, [j.id for j in jobs])
+        if all(r.status == "succeeded" for r in found.values()) and len(found) == len(jobs):
+            break
+        assert time.monotonic() < deadline, {r.status for r in found.values()}
+        time.sleep(0.2)
+    assert all(r.worker_id == "pg@test" and r.completion_tokens == 1 for r in found.values())
+
+
+def test_a_ten_second_registry_outage_under_load_fails_no_job_and_leaves_every_row_right(pg_farm):
+    f, db, proxy = pg_farm
+    f.activate()
+    jobs = [farm.submit(f"Story {i}:", model=MODEL, max_tokens=40) for i in range(24)]
+    next(jobs[0].stream(timeout=60))  # the worker is at it
+    proxy.cut()
+    cut_at = time.monotonic()
+    try:
+        time.sleep(10)
+    finally:
+        proxy.restore()
+    print(f"\nregistry cut for {time.monotonic() - cut_at:.1f}s with {len(jobs)} jobs in play")
+    completions = {j.id: j.result(timeout=180) for j in jobs}  # none failed
+    for job in jobs:
+        [row] = finished_usage(db, job.id, timeout=60)
+        c = completions[job.id]
+        assert (row.status, row.worker_id) == ("succeeded", "pg@test")  # type: ignore[attr-defined]
+        assert row.completion_tokens == c.usage.completion_tokens  # type: ignore[attr-defined]
+        assert row.prompt_tokens == c.usage.prompt_tokens  # type: ignore[attr-defined]
+
+
+def test_garbage_on_a_model_queue_is_dropped_and_the_worker_goes_on(farm_client):
+    r = get_context().redis
+    for junk in (b"not json at all", b"12345", b'{"no": "envelope"}', b"\xff\xfe"):
+        r.lpush(priority_list_key(MODEL, 5), junk)
+    deadline = time.monotonic() + 30
+    while r.llen(priority_list_key(MODEL, 5)):
+        assert time.monotonic() < deadline, "the worker stopped taking from its queue"
+        time.sleep(0.1)
+    assert all(p.poll() is None for p in farm_client.workers)
+    c = farm.infer("Hello", model=MODEL, max_tokens=2, timeout=60)
+    assert c.usage.completion_tokens > 0
+
+
+def test_celerys_own_tasks_do_not_run_on_a_model_queue(farm_client):
+    result = get_context().app.send_task("celery.backend_cleanup", queue=queue_name(MODEL))
+    with pytest.raises(NotRegistered):
+        result.get(timeout=30)
+    log = next(farm_client.home.glob("worker-*.log")).read_text(errors="replace")
+    assert "discarded a message for a task this worker does not run" in log
+    assert "The full contents of the message body" not in log
+
+
+def test_a_malformed_job_fails_with_a_usage_row_and_one_log_line(farm_client):
+    bad = get_context().app.send_task(
+        TASK_NAME,
+        args=[{"model": MODEL, "prompt": "x", "temperature": 99}],
+        queue=queue_name(MODEL),
+    )
+    with pytest.raises(farm.JobFailed, match="invalid request"):
+        farm.Job(bad.id).result(timeout=60)
+    [row] = finished_usage(farm_client.database_url, bad.id)
+    assert (row.status, row.model) == ("failed", MODEL)  # type: ignore[attr-defined]
+    assert "sampling.temperature" in (row.error or "")  # type: ignore[attr-defined]
+    log = next(farm_client.home.glob("worker-*.log")).read_text(errors="replace").splitlines()
+    mine = [i for i, line in enumerate(log) if bad.id in line]
+    assert any("failed: invalid request" in log[i] for i in mine)
+    assert all(not log[i + 1].startswith("Traceback") for i in mine if i + 1 < len(log))
+
+
+def test_the_broker_password_never_appears_in_an_error(farm_client, monkeypatch):
+    monkeypatch.setenv("FARM_BROKER_URL", "redis://:SuperSecret123@127.0.0.1:1/0")
+    reset_context()
+    try:
+        with pytest.raises(farm.FarmUnavailable) as caught:
+            farm.submit("hi", model=MODEL, max_tokens=2)
+    finally:
+        monkeypatch.undo()
+        farm_client.activate()
+    assert "SuperSecret123" not in str(caught.value)
+    assert "redis://:***@127.0.0.1:1/0" in str(caught.value)
