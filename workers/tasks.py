@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
@@ -29,6 +30,7 @@ from farm.results import (
     CANCELLED,
     DONE,
     FAILED,
+    RECONNECT_WINDOW_S,
     RESTART,
     TOKEN,
     Completion,
@@ -84,7 +86,7 @@ class JobRunner:
         ended = self._record_started(job_id, request, submitted)
         if ended == "cancelled":
             log.info("job %s was cancelled while queued; skipped", job_id)
-            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            self._publish(job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
             task.update_state(state=states.REVOKED)
             raise Ignore()
         redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
@@ -103,16 +105,19 @@ class JobRunner:
         if redelivered:
             # An earlier delivery died part-way: tell streaming readers that the text
             # starts over (the Completion at the end holds the whole of this run's text).
-            publish(r, job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
+            self._publish(job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
         first = [True]
 
         def on_text(piece: str) -> None:
             if request.stream_tokens:
-                publish(r, job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
+                self._publish(job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
                 first[0] = False
 
         def should_cancel() -> bool:  # polled by generate() a few times a second
-            return bool(r.exists(cancel_key(job_id)))
+            try:
+                return bool(r.exists(cancel_key(job_id)))
+            except redis.ConnectionError:
+                return False  # Redis restarting: ask again at the next poll
 
         try:
             # Loads the model first if it is not loaded (on demand); holds it for the job.
@@ -146,13 +151,13 @@ class JobRunner:
         fields = _usage_fields(completion)
         if gen.finish_reason == "cancelled":
             self._end(job_id, "cancelled", **fields)
-            publish(r, job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            self._publish(job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
             task.update_state(state=states.REVOKED)
             raise Ignore()
         # The caller waits for this event: send it first, then write the usage row. Should
         # the worker die in between, the redelivered job finds this event and writes usage.
-        publish(
-            r, job_id, DONE, ttl=ctx.settings.stream_ttl, completion=completion.model_dump_json()
+        self._publish(
+            job_id, DONE, ttl=ctx.settings.stream_ttl, completion=completion.model_dump_json()
         )
         self._end(job_id, "succeeded", **fields)
         log.info(
@@ -192,6 +197,20 @@ class JobRunner:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _publish(self, job_id: str, kind: str, **fields: Any) -> None:
+        """An event on the job's stream. A Redis that restarts (farm up restarts its broker)
+        does not fail the job: the write is retried for RECONNECT_WINDOW_S."""
+        deadline, delay = time.monotonic() + RECONNECT_WINDOW_S, 0.1
+        while True:
+            try:
+                publish(self.ctx.redis, job_id, kind, **fields)
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _previous_completion(self, job_id: str) -> Completion | None:
         """The Completion an earlier delivery of this job already produced, if still kept."""
@@ -248,12 +267,12 @@ class JobRunner:
         except (ValidationError, IndexError, TypeError, KeyError):
             request = None
         self._end(job_id, "expired", request, error=reason)
-        publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+        self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
 
     def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
         self._end(job_id, "failed", request, error=reason, worker_id=self.worker_id)
-        publish(self.ctx.redis, job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+        self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
 
 

@@ -103,9 +103,11 @@ def _run_farm(
                 return
         farm_.watch()
     except KeyboardInterrupt:
-        err.print("stopping: workers finish their current job first")
+        err.print(
+            f"stopping: workers finish the jobs they run (up to {grace:g}s; Ctrl-C again to "
+            "stop now, putting them back in the queue)"
+        )
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         farm_.stop(grace)
         err.print("farm stopped")
 

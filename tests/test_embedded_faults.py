@@ -1,0 +1,164 @@
+"""`farm up` under faults: its workers killed mid-job, its broker killed with jobs queued,
+the terminal's Ctrl-C sent to its whole process group, and a restart with jobs queued.
+Nothing is lost; each job has one usage row."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import farm
+from farm.context import get_context, reset_context
+from farm.registry import queries, transaction
+from tests.conftest import finished_usage
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "gemma3-270m"
+
+
+def bare_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update(
+        {
+            "FARM_HOME": str(home),
+            "PYTHONUNBUFFERED": "1",
+            "FARM_HEARTBEAT_INTERVAL": "1",
+            "FARM_LEASE_TTL": "4",
+        }
+    )
+    return env
+
+
+def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`farm up` in a session of its own, as a terminal would run it; back once it is up."""
+    out = log.open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "up"],
+        env=env,
+        stdout=out,
+        stderr=out,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while "farm is up" not in log.read_text(errors="replace").split("farm stopped")[-1]:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    return proc
+
+
+def point_client_at(env: dict[str, str]) -> None:
+    for key in ("FARM_HOME",):
+        os.environ[key] = env[key]
+    for key in ("FARM_BROKER_URL", "FARM_DATABASE_URL"):
+        os.environ.pop(key, None)
+    reset_context()
+
+
+def broker_pid() -> int:
+    return int(get_context().redis.info("server")["process_id"])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def worker_pid(db: str) -> int:
+    with transaction(db) as s:
+        ids = {lease.worker_id for lease in queries.live_leases(s, MODEL)}
+        [pid] = [w.pid for w in queries.list_workers(s) if w.id in ids]
+    return pid
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    home = tmp_path_factory.mktemp("up-home")
+    env = bare_env(home)
+    log = home / "up.log"
+    proc = start_up(env, log)
+    saved = {k: os.environ.get(k) for k in ("FARM_HOME", "FARM_BROKER_URL", "FARM_DATABASE_URL")}
+    point_client_at(env)
+    yield env, home, log, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(90)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    reset_context()
+
+
+def test_a_worker_killed_mid_job_five_times_has_its_job_running_again_within_5s(up):
+    _, home, log, _ = up
+    db = f"sqlite:///{home / 'registry.db'}"
+    recoveries = []
+    for i in range(5):
+        job = farm.submit(f"Tell me a long story ({i}).", model=MODEL, max_tokens=400)
+        restarted: list[float] = []
+        job.on_restart = restarted.append  # called with the new worker's id
+        stream = job.stream(timeout=120)
+        next(stream)
+        killed_at = time.monotonic()
+        os.kill(worker_pid(db), signal.SIGKILL)
+        for _ in stream:
+            if restarted:  # told the job starts over: it runs again
+                break
+        recoveries.append(time.monotonic() - killed_at)
+        job.cancel()  # it runs again: enough, do not wait for 400 tokens
+    print(f"\njob running again after kill -9, 5 times: {[f'{r:.1f}s' for r in recoveries]}")
+    assert max(recoveries) < 5
+    text = log.read_text()
+    assert text.count("of its jobs queued again") == 5
+
+
+def test_the_broker_killed_with_jobs_queued_is_restarted_and_loses_none(up):
+    _, home, log, _ = up
+    jobs = [farm.submit(f"Count to {i}:", model=MODEL, max_tokens=24) for i in range(12)]
+    time.sleep(1.5)  # the append-only file is flushed every second
+    os.kill(broker_pid(), signal.SIGKILL)
+    for job in jobs:
+        c = job.result(timeout=180)
+        assert c.usage.completion_tokens > 0
+    assert "broker   exited with status -9; restarting it on the same port" in log.read_text()
+    db = f"sqlite:///{home / 'registry.db'}"
+    for job in jobs:
+        [row] = finished_usage(db, job.id, timeout=30)
+        assert row.status == "succeeded"  # type: ignore[attr-defined]
+
+
+def test_ctrl_c_to_the_process_group_finishes_the_running_job_and_a_restart_runs_the_queue(up):
+    env, home, log, proc = up
+    running = farm.submit("Tell me a story.", model=MODEL, max_tokens=60)
+    next(running.stream(timeout=120))
+    queued = [farm.submit(f"Later {i}", model=MODEL, max_tokens=4) for i in range(8)]
+    children = [broker_pid(), worker_pid(f"sqlite:///{home / 'registry.db'}")]
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert proc.wait(120) == 0
+    assert not any(alive(pid) for pid in children), "processes of the stopped farm still run"
+    db = f"sqlite:///{home / 'registry.db'}"
+    [row] = finished_usage(db, running.id, timeout=5)
+    assert row.status == "succeeded"  # type: ignore[attr-defined]  # not cut by the Ctrl-C
+
+    again = start_up(env, log)
+    try:
+        point_client_at(env)
+        c = farm.Job(running.id).result(timeout=10)  # results remain readable after a restart
+        assert c.usage.completion_tokens == 60 or c.finish_reason == "stop"
+        for job in queued:
+            assert farm.Job(job.id).result(timeout=180).usage.completion_tokens > 0
+    finally:
+        os.killpg(again.pid, signal.SIGINT)
+        again.wait(90)
