@@ -13,10 +13,12 @@ tries again.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from farm.context import FarmContext
 from farm.queue import requeue_unacked
 from farm.registry import queries, transaction
+from farm.registry.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +58,20 @@ def release_worker(ctx: FarmContext, worker_id: str) -> set[str]:
     for job_id in sorted(requeued):
         log.warning("worker %s is gone; its job %s is queued again", worker_id, job_id)
     return requeued
+
+
+def expire_orphaned_rows(ctx: FarmContext) -> list[str]:
+    """Usage rows of jobs the broker lost: still 'queued' well past FARM_JOB_EXPIRES, when
+    a worker would have run the job or dropped it as expired. They end as expired, with
+    the reason, so that usage matches what the client saw."""
+    settings = ctx.settings
+    cutoff = utcnow() - timedelta(seconds=settings.job_expires + settings.lease_ttl + 60)
+    reason = (
+        f"never started within FARM_JOB_EXPIRES ({settings.job_expires}s): its message was "
+        "lost (a broker restarted without persistence?) or dropped; it was not run"
+    )
+    with transaction(ctx.database_url) as s:
+        expired = queries.expire_stale_queued(s, older_than=cutoff, reason=reason)
+    for job_id in expired:
+        log.warning("job %s was lost before it ran; its usage row now says expired", job_id)
+    return expired

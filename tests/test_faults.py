@@ -4,6 +4,7 @@ URL. Nothing is lost and no usage row is wrong."""
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 import farm
 from farm.context import get_context, reset_context
-from farm.queue import TASK_NAME, priority_list_key, queue_name
+from farm.queue import TASK_NAME, priority_list_key, queue_name, stream_key
 from farm.registry import transaction
 from farm.registry.tables import UsageRecord
 from tests.conftest import (
@@ -26,6 +27,7 @@ from tests.conftest import (
     finished_usage,
     make_pg_database,
     prepare_registry,
+    run_cli,
 )
 from tests.proxy import Proxy
 
@@ -152,3 +154,32 @@ def test_the_broker_password_never_appears_in_an_error(farm_client, monkeypatch)
         farm_client.activate()
     assert "SuperSecret123" not in str(caught.value)
     assert "redis://:***@127.0.0.1:1/0" in str(caught.value)
+
+
+def test_a_job_recorded_as_failed_is_never_run_again_when_delivered_again(farm_client):
+    job = farm.submit("word " * 6000, model=MODEL, max_tokens=4)  # longer than the context
+    with pytest.raises(farm.JobFailed, match="holds 4096"):
+        job.result(timeout=60)
+    [before] = finished_usage(farm_client.database_url, job.id)
+    request = farm.Request.model_validate({"model": MODEL, "prompt": "short now", "max_tokens": 4})
+    get_context().redis.delete(stream_key(job.id))  # only the registry remembers
+    get_context().app.send_task(
+        TASK_NAME, args=[request.to_wire()], task_id=job.id, queue=queue_name(MODEL)
+    )
+    with pytest.raises(farm.JobFailed, match="holds 4096"):
+        farm.Job(job.id).result(timeout=60)
+    [after] = finished_usage(farm_client.database_url, job.id)
+    assert (after.status, after.completion_tokens) == ("failed", 0)  # type: ignore[attr-defined]
+    assert after.finished_at == before.finished_at  # type: ignore[attr-defined]
+
+
+def test_db_upgrade_on_an_unreachable_database_says_so_without_a_traceback(tmp_path):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FARM_")},
+        "FARM_HOME": str(tmp_path),
+        "FARM_DATABASE_URL": "postgresql://farm:Secret42@127.0.0.1:1/farm",
+    }
+    r = run_cli(env, "db", "upgrade", timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot reach the registry at postgresql://farm:***@127.0.0.1:1/farm" in r.stderr
+    assert "Secret42" not in r.stderr

@@ -137,3 +137,22 @@ def test_usage_totals_per_session_and_model(migrated_db):
     assert totals["alice"].jobs == 2 and totals["alice"].completion_tokens == 12
     assert totals["alice"].succeeded == 2 and totals["bob"].failed == 1
     assert [t.session for t in alice_only] == ["alice"]
+
+
+def test_rows_left_queued_long_past_their_expiry_end_as_expired_with_the_reason(migrated_db):
+    now = datetime.now(UTC)
+    with transaction(migrated_db) as s:
+        for job, age in (("old", 7200), ("fresh", 10)):
+            queries.record_queued(
+                s, job_id=job, session="a", model="gemma", priority="low",
+                submitted_at=now - timedelta(seconds=age),
+            )  # fmt: skip
+    with transaction(migrated_db) as s:
+        expired = queries.expire_stale_queued(
+            s, older_than=now - timedelta(seconds=3600), reason="lost with the broker"
+        )
+    assert expired == ["old"]
+    with transaction(migrated_db) as s:
+        old, fresh = queries.get_usage(s, "old"), queries.get_usage(s, "fresh")
+        assert old is not None and (old.status, old.error) == ("expired", "lost with the broker")
+        assert fresh is not None and fresh.status == "queued"

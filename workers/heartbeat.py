@@ -24,7 +24,7 @@ from farm.config import pid_alive
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, WorkerStartError
 from farm.queue import requeue_unacked
-from farm.recovery import reap_lost_workers
+from farm.recovery import expire_orphaned_rows, reap_lost_workers
 from farm.registry import queries, transaction
 from farm.registry.queries import LeaseSpec
 from farm.registry.tables import WorkerRecord, as_utc, utcnow
@@ -35,6 +35,7 @@ from workers.spool import UsageSpool
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("starting", "ready", "busy")
+RECONCILE_EVERY_S = 60.0
 
 
 def versions() -> dict[str, str]:
@@ -119,6 +120,7 @@ class Membership:
         self._tokens_seen: tuple[float, int] | None = None  # (monotonic, tokens) last beat
         self.spool: UsageSpool | None = None
         self._reap_after = 0.0  # monotonic time before which this worker reaps nobody
+        self._next_reconcile = 0.0
         self.begun = False
         self.joined = False
         self._sync_lock = threading.Lock()  # the heartbeat and the main thread both sync
@@ -190,6 +192,9 @@ class Membership:
                     self.cache.unload_idle()
                     if time.monotonic() >= self._reap_after:
                         reap_lost_workers(self.ctx)
+                        if time.monotonic() >= self._next_reconcile:
+                            self._next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+                            expire_orphaned_rows(self.ctx)
             except FarmUnavailable as e:
                 # Nobody could renew a lease meanwhile: after the outage, give every live
                 # worker a lease's time to renew before judging any of them lost.

@@ -99,7 +99,14 @@ class JobRunner:
                 self._end(job_id, "succeeded", **_usage_fields(previous))
                 return previous.model_dump(mode="json")
             if ended is not None:
-                log.warning("job %s was delivered again after it ended; running it again", job_id)
+                # It ended (failed, expired or succeeded) and its usage is written: a
+                # recorded outcome is never followed by another run of the same job.
+                log.warning("job %s was delivered again after it %s; not run again", job_id, ended)
+                if ended in ("failed", "expired"):
+                    self._publish(
+                        job_id, FAILED, ttl=ctx.settings.stream_ttl, error=self._error_of(job_id)
+                    )
+                raise Ignore()
 
         stream_ttl = ctx.settings.job_time_limit + ctx.settings.stream_ttl
         if redelivered:
@@ -211,6 +218,11 @@ class JobRunner:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _error_of(self, job_id: str) -> str:
+        with transaction(self.ctx.database_url) as s:
+            row = queries.get_usage(s, job_id)
+            return (row.error if row is not None else None) or "no reason recorded"
 
     def _previous_completion(self, job_id: str) -> Completion | None:
         """The Completion an earlier delivery of this job already produced, if still kept."""

@@ -92,9 +92,15 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
     cfg = alembic_config(url)
-    with get_engine(url).begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    try:
+        with get_engine(url).begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    except OperationalError as e:
+        raise FarmUnavailable(
+            f"cannot reach the registry at {_safe(url)} to migrate it: {e.orig}; check "
+            "FARM_DATABASE_URL and that the database server runs"
+        ) from e
 
 
 def current_revision(url: str) -> str | None:

@@ -321,6 +321,18 @@ def record_ended(
     return record_finished(s, job_id=job_id, status=status, **fields)
 
 
+def expire_stale_queued(s: Session, *, older_than: datetime, reason: str) -> list[str]:
+    """Rows still queued long after any worker would have run or dropped their job: the
+    message was lost (a broker that restarted without persistence). End them as expired."""
+    rows = s.execute(
+        update(UsageRecord)
+        .where(UsageRecord.status == "queued", UsageRecord.submitted_at < older_than)
+        .values(status="expired", error=reason, finished_at=utcnow())
+        .returning(UsageRecord.job_id)
+    ).all()
+    return [str(r[0]) for r in rows]
+
+
 def cancel_if_queued(s: Session, *, job_id: str) -> bool:
     """Mark a job cancelled only if no worker has started it yet (atomic)."""
     result = s.execute(

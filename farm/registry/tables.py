@@ -111,7 +111,10 @@ class UsageRecord(Base):
     The rows marked running with a worker's id are the jobs that worker holds."""
 
     __tablename__ = "usage"
-    __table_args__ = (Index("ix_usage_worker_id_status", "worker_id", "status"),)
+    __table_args__ = (
+        Index("ix_usage_worker_id_status", "worker_id", "status"),
+        Index("ix_usage_status_submitted_at", "status", "submitted_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(String(64), unique=True)

@@ -32,10 +32,12 @@ def upgrade() -> None:
             sa.Column("cached_tokens", sa.Integer(), server_default="0", nullable=False)
         )
         batch_op.create_index("ix_usage_worker_id_status", ["worker_id", "status"])
+        batch_op.create_index("ix_usage_status_submitted_at", ["status", "submitted_at"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("usage", schema=None) as batch_op:
+        batch_op.drop_index("ix_usage_status_submitted_at")
         batch_op.drop_index("ix_usage_worker_id_status")
         batch_op.drop_column("cached_tokens")
     with op.batch_alter_table("workers", schema=None) as batch_op:
