@@ -1,5 +1,5 @@
 """The floor under farm's added latency: a no-op Celery task's round trip on this machine,
-with farm's own Celery settings (JSON, priorities, acks_late, prefetch 1, solo pool, worker
+with farm's own Celery settings (JSON, priorities, acks_late, prefetch 1, the threads pool with 4 slots as a CPU worker has, worker
 events) and the same embedded broker `farm up` uses.
 
     python bench/celery_floor.py [--runs 200]
@@ -39,7 +39,7 @@ def main() -> int:
         os.environ["FARM_BROKER_URL"] = embedded.broker_url
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "noop_app", "worker", "--pool=solo",
+        [sys.executable, "-m", "celery", "-A", "noop_app", "worker", "--pool=threads", "--concurrency=4",
          "--queues=bench", "--without-mingle", "--without-gossip", "--task-events",
          "--loglevel=WARNING"],
         env=env, cwd=HERE,

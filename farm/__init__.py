@@ -10,7 +10,8 @@ A request's path, module by module:
            ... Redis ...
       -> workers/main.py   `farm worker`: loads the model, warms it up, then consumes
       -> workers/tasks.py  the Celery task: runs one job, streams tokens, records usage once
-      -> workers/host.py   ModelHost: the llama.cpp model and the generation loop
+      -> workers/host.py   ModelHost: the loaded model, its tokenizer and chat template
+      -> workers/engine/   the engine: every running sequence of a model in one batch
       -> results.py   Job.stream() / Job.result(): tokens and the Completion come back
       -> registry/    tables, migrations and queries: models, workers, leases, usage
 
@@ -23,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal, overload
 
 from farm.errors import (
@@ -60,6 +61,7 @@ __all__ = [
     "infer",
     "job",
     "submit",
+    "submit_many",
 ]
 
 
@@ -108,6 +110,28 @@ def submit(
         prompt, model=model, messages=messages, priority=priority, session=session, **params
     )
     return submit_request(request, wait_for_worker=wait_for_worker)
+
+
+def submit_many(requests: Iterable[Request | dict[str, Any]]) -> list[Job | FarmError]:
+    """Queue many requests at once; returns a Job, or the error, for each, in order.
+
+    Each item is a Request or a dict of `farm.submit`'s fields (`{"model": ...,
+    "prompt": ..., "max_tokens": 8}`). An item that is invalid, names an unknown model or
+    one no worker serves gets its error and is not queued; the others are published in
+    pipelined batches and recorded in one registry transaction.
+
+        results = farm.submit_many({"prompt": p, "max_tokens": 1} for p in prompts)
+        jobs = [r for r in results if isinstance(r, farm.Job)]
+    """
+    from farm.config import get_settings
+    from farm.enqueue import submit_many as submit_all
+
+    default = get_settings().default_model
+
+    def with_model(item: Request | dict[str, Any]) -> Request | dict[str, Any]:
+        return {"model": default, **item} if isinstance(item, dict) else item
+
+    return submit_all(with_model(item) for item in requests)
 
 
 @overload

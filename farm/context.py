@@ -14,6 +14,7 @@ from celery import Celery
 
 from farm.config import Settings, get_settings, reset_settings
 from farm.queue import make_app
+from farm.registry.recorder import QueuedRows
 
 
 @dataclass
@@ -37,6 +38,16 @@ class FarmContext:
     @cached_property
     def app(self) -> Celery:
         return make_app(self.settings, self.broker_url, self.result_url)
+
+    @cached_property
+    def recorder(self) -> QueuedRows:
+        """Writes the usage rows of this process's queued jobs, batched, behind submit."""
+        return QueuedRows(self.database_url)
+
+    def flush_rows(self) -> None:
+        """Let this process's queued jobs reach the registry before reading it."""
+        if "recorder" in self.__dict__:
+            self.recorder.flush()
 
     @cached_property
     def redis(self) -> redis.Redis:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from farm.config import masked
 from farm.context import FarmContext, get_context
-from farm.errors import FarmUnavailable, InvalidRequest, NoLiveWorker
+from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker
 from farm.queue import TASK_NAME, priority_number, queue_name
 from farm.registry import queries, transaction
 from farm.request import Request
@@ -44,42 +45,136 @@ def submit_request(
     ctx = ctx or get_context()
     ctx.broker_url  # noqa: B018 - fails first, and clearly, when no farm is running here
     _check_servable(ctx, request, wait_for_worker)
-    job_id = str(uuid.uuid4())
-    now = time.time()
-    request = request.model_copy(update={"submitted_at": now})
+    job = _Prepared(request)
     try:
-        ctx.app.send_task(
-            TASK_NAME,
-            args=[request.to_wire()],
-            task_id=job_id,
-            queue=queue_name(request.model),
-            priority=priority_number(request.priority),
-            expires=ctx.settings.job_expires,
-            # What Flower and logs show instead of the prompt, which is user data.
-            argsrepr=_argsrepr(request, ctx),
-            kwargsrepr="{}",
-        )
+        _send(ctx, job)
     except BrokerError as e:
-        raise FarmUnavailable(
-            f"cannot reach the broker at {masked(ctx.broker_url)}: {_masked_error(e, ctx)}; "
-            "is `farm up` running, "
-            "or is FARM_BROKER_URL right?"
-        ) from e
+        raise _unreachable(ctx, e) from e
+    _record(ctx, [job])
+    log.info("queued job %s for model %s at priority %s", job.id, request.model, request.priority)
+    return Job(job.id, request.model, ctx)
+
+
+BULK_CHUNK = 1000  # messages per pipelined publish (kombu's default batch size)
+
+
+def submit_many(
+    items: Iterable[Request | dict[str, Any]], *, ctx: FarmContext | None = None
+) -> list[Job | FarmError]:
+    """Queue many requests at once: one Job or one error per item, in the items' order.
+
+    Each item is validated on its own (a dict is built into a Request); an item that
+    fails gets its error (InvalidRequest, UnknownModel, NoLiveWorker) and nothing is queued
+    for it. The rest are published in pipelined batches of BULK_CHUNK and recorded in the
+    registry in one transaction. Should the broker fail part-way, the items not queued get
+    FarmUnavailable; those queued are recorded and returned as Jobs.
+    """
+    ctx = ctx or get_context()
+    ctx.broker_url  # noqa: B018
+    results: list[Job | FarmError | None] = []
+    pending: list[tuple[int, Request]] = []
+    for item in items:
+        try:
+            request = item if isinstance(item, Request) else _build_item(item)
+        except FarmError as e:
+            results.append(e)
+            continue
+        results.append(None)
+        pending.append((len(results) - 1, request))
+    contexts: dict[str, int | FarmError] = {}
+    for model in dict.fromkeys(r.model for _, r in pending):
+        try:
+            contexts[model] = _served_context(ctx, model, 0.0)
+        except FarmError as e:
+            contexts[model] = e
+    prepared: list[tuple[int, _Prepared]] = []
+    for i, request in pending:
+        try:
+            n_ctx = contexts[request.model]
+            if isinstance(n_ctx, FarmError):
+                raise n_ctx
+            _check_fits(request, request.model, n_ctx)
+        except FarmError as e:
+            results[i] = e
+            continue
+        prepared.append((i, _Prepared(request)))
+    sent: list[tuple[int, _Prepared]] = []
     try:
-        with transaction(ctx.database_url) as s:
-            queries.record_queued(
-                s,
-                job_id=job_id,
-                session=request.session,
-                model=request.model,
-                priority=request.priority,
-                submitted_at=datetime.fromtimestamp(now, UTC),
-            )
-    except FarmUnavailable:
-        # The job is queued; the worker writes its row when it starts it.
-        log.warning("job %s is queued but the registry could not record it yet", job_id)
-    log.info("queued job %s for model %s at priority %s", job_id, request.model, request.priority)
-    return Job(job_id, request.model, ctx)
+        with ctx.app.producer_or_acquire() as producer:
+            for start in range(0, len(prepared), BULK_CHUNK):
+                chunk = prepared[start : start + BULK_CHUNK]
+                with producer.batch(max_size=2 * len(chunk) + 1):  # one flush, at the end
+                    for _, job in chunk:
+                        _send(ctx, job, producer)
+                sent += chunk
+    except BrokerError as e:
+        error = _unreachable(ctx, e)
+        for i, _ in prepared[len(sent) :]:
+            results[i] = error
+    _record(ctx, [job for _, job in sent])
+    for i, job in sent:
+        results[i] = Job(job.id, job.request.model, ctx)
+    log.info("queued %d of %d jobs in bulk", len(sent), len(results))
+    return [r for r in results if r is not None]
+
+
+def _build_item(item: object) -> Request:
+    from farm.request import make_request
+
+    if not isinstance(item, dict):
+        raise InvalidRequest(f"each item must be a Request or a dict, not {type(item).__name__}")
+    return make_request(item)
+
+
+class _Prepared:
+    """A request about to be queued: its job id and the time it was submitted."""
+
+    __slots__ = ("id", "request", "submitted_at")
+
+    def __init__(self, request: Request):
+        self.id = str(uuid.uuid4())
+        self.submitted_at = time.time()
+        self.request = request.model_copy(update={"submitted_at": self.submitted_at})
+
+
+def _send(ctx: FarmContext, job: _Prepared, producer: Any = None) -> None:
+    request = job.request
+    ctx.app.send_task(
+        TASK_NAME,
+        args=[request.to_wire()],
+        task_id=job.id,
+        queue=queue_name(request.model),
+        priority=priority_number(request.priority),
+        expires=ctx.settings.job_expires,
+        # What Flower and logs show instead of the prompt, which is user data.
+        argsrepr=_argsrepr(request, ctx),
+        kwargsrepr="{}",
+        producer=producer,
+    )
+
+
+def _record(ctx: FarmContext, jobs: list[_Prepared]) -> None:
+    """The queued jobs' usage rows, written behind the caller (registry/recorder.py)."""
+    if jobs:
+        ctx.recorder.add(
+            [
+                {
+                    "job_id": job.id,
+                    "session": job.request.session,
+                    "model": job.request.model,
+                    "priority": job.request.priority,
+                    "submitted_at": datetime.fromtimestamp(job.submitted_at, UTC),
+                }
+                for job in jobs
+            ]
+        )
+
+
+def _unreachable(ctx: FarmContext, e: Exception) -> FarmUnavailable:
+    return FarmUnavailable(
+        f"cannot reach the broker at {masked(ctx.broker_url)}: {_masked_error(e, ctx)}; "
+        "is `farm up` running, or is FARM_BROKER_URL right?"
+    )
 
 
 def check_seconds(name: str, value: object, *, optional: bool = False) -> None:
@@ -104,27 +199,30 @@ SERVABLE_CACHE_S = 1.0
 
 
 def _check_servable(ctx: FarmContext, request: Request, wait_for_worker: float) -> None:
-    """Raise unless the model is known, the request fits it, and a live worker serves it.
+    """Raise unless the model is known, the request fits it, and a live worker serves it."""
+    _check_fits(request, request.model, _served_context(ctx, request.model, wait_for_worker))
+
+
+def _served_context(ctx: FarmContext, model: str, wait_for_worker: float) -> int:
+    """The model's context size; UnknownModel, or NoLiveWorker when no live worker serves it.
 
     A model seen served is trusted for SERVABLE_CACHE_S, which keeps two registry reads
     off every submit in a burst; a job that still finds no worker expires from its queue.
     """
-    cached = ctx.servable.get(request.model)
+    cached = ctx.servable.get(model)
     if cached is not None and cached[0] > time.monotonic():
-        _check_fits(request, request.model, cached[1])
-        return
+        return cached[1]
     deadline = time.monotonic() + wait_for_worker
     while True:
         with transaction(ctx.database_url) as s:
-            model = queries.get_model(s, request.model)
-            _check_fits(request, model.name, model.n_ctx)
-            if queries.live_leases(s, request.model):
-                ctx.servable[model.name] = (time.monotonic() + SERVABLE_CACHE_S, model.n_ctx)
-                return
+            record = queries.get_model(s, model)
+            if queries.live_leases(s, model):
+                ctx.servable[model] = (time.monotonic() + SERVABLE_CACHE_S, record.n_ctx)
+                return record.n_ctx
         if time.monotonic() >= deadline:
             raise NoLiveWorker(
-                f"no worker is serving model '{request.model}'; start one with "
-                f"`farm worker --model {request.model}` (or `farm up --model {request.model}`), or pass "
+                f"no worker is serving model '{model}'; start one with "
+                f"`farm worker --model {model}` (or `farm up --model {model}`), or pass "
                 "--wait-for-worker SECONDS to wait for one"
             )
         time.sleep(0.25)

@@ -74,6 +74,7 @@ class Job:
     # -- state --------------------------------------------------------------------------------
     def status(self) -> str:
         """queued, running, succeeded, failed, cancelled or expired (from the registry)."""
+        self._ctx.flush_rows()
         with transaction(self._ctx.database_url) as s:
             row = queries.get_usage(s, self.id)
             if row is None:
@@ -180,6 +181,7 @@ class Job:
             # Landed between two reads: the stream has the outcome after all.
             self._finish(*event)
             return True
+        self._ctx.flush_rows()
         with transaction(self._ctx.database_url) as s:
             row = queries.get_usage(s, self.id)
             status, error = (row.status, row.error) if row else (None, None)
@@ -188,6 +190,14 @@ class Job:
         if status in ("failed", "expired"):
             raise JobFailed(f"job {self.id} {status}: {error or 'no reason recorded'}")
         if status == "succeeded":
+            # The worker sends the final event before it writes the row: read the stream
+            # again, since both may have landed after the first look.
+            event = _redis_call(last_event, self._ctx.redis, self.id)
+            if event and event[0] in TERMINAL_EVENTS:
+                self._finish(*event)
+                return True
+            if self._from_backend():
+                return True
             raise UnknownJob(
                 f"job {self.id} succeeded, but its text is no longer kept (results are kept "
                 "for FARM_STREAM_TTL seconds on the stream and 24 hours in the result backend)"
@@ -214,6 +224,7 @@ class Job:
         Returns False when the job had already ended.
         """
         ctx = self._ctx
+        ctx.flush_rows()
         # Set the flag first: a worker starting the job from now on sees it.
         _redis_call(ctx.redis.set, cancel_key(self.id), "1", ex=ctx.settings.job_expires + 3600)
         with transaction(ctx.database_url) as s:

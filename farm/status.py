@@ -111,6 +111,7 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
 
 def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
     ctx = ctx or get_context()
+    ctx.flush_rows()
     with transaction(ctx.database_url) as s:
         row = queries.get_usage(s, job_id)
         if row is None:

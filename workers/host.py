@@ -215,15 +215,19 @@ class ModelHost:
         should_cancel: Callable[[], bool] = lambda: False,
         time_limit_s: float | None = None,
         label: str = "",
-        poll_s: float = 0.2,
     ) -> Generation:
-        """Run one request to its end on the engine, alongside whatever else it runs.
+        """Run one request to its end on the engine, alongside whatever else it runs."""
+        seq = self.start(request, time_limit_s=time_limit_s, label=label)
+        return self.follow(seq, on_text=on_text, should_cancel=should_cancel)
 
-        `on_text` gets each piece of text; `should_cancel` is polled every `poll_s` while
-        the sequence runs. JobFailed when it cannot be served (prompt too long, bad grammar).
-        """
+    def start(
+        self, request: Request, *, time_limit_s: float | None = None, label: str = ""
+    ) -> EngineSequence:
+        """Tokenize the request and hand it to the engine; follow it with `follow`.
+
+        JobFailed when it cannot be served (a prompt longer than the context)."""
         engine = self.engine
-        assert engine is not None, "generate() before load()"
+        assert engine is not None, "start() before load()"
         started = time.perf_counter()
         tokens, template_stops = self._prompt_tokens(request)
         if len(tokens) >= self.spec.n_ctx:
@@ -247,6 +251,18 @@ class ModelHost:
             label=label,
         )
         engine.submit(seq)
+        return seq
+
+    @staticmethod
+    def follow(
+        seq: EngineSequence,
+        *,
+        on_text: Callable[[str], None] = lambda _: None,
+        should_cancel: Callable[[], bool] = lambda: False,
+        poll_s: float = 0.2,
+    ) -> Generation:
+        """Follow a started sequence to its end: `on_text` gets each piece of text;
+        `should_cancel` is polled every `poll_s`. JobFailed when the engine fails it."""
         next_check = time.monotonic() + poll_s
         while True:
             try:

@@ -83,36 +83,8 @@ class JobRunner:
             )
 
         submitted = request.submitted_at or started_wall
-        ended = self._record_started(job_id, request, submitted)
-        if ended == "cancelled":
-            log.info("job %s was cancelled while queued; skipped", job_id)
-            self._publish(job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
-            task.update_state(state=states.REVOKED)
-            raise Ignore()
-        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
-        if ended is not None or redelivered:
-            previous = self._previous_completion(job_id)
-            if previous is not None:
-                # A delivery before this one finished the job (and may have died before its
-                # acknowledgement, or even before its usage write): do not generate twice.
-                log.warning("job %s was delivered again after it ended; not run twice", job_id)
-                self._end(job_id, "succeeded", **_usage_fields(previous))
-                return previous.model_dump(mode="json")
-            if ended is not None:
-                # It ended (failed, expired or succeeded) and its usage is written: a
-                # recorded outcome is never followed by another run of the same job.
-                log.warning("job %s was delivered again after it %s; not run again", job_id, ended)
-                if ended in ("failed", "expired"):
-                    self._publish(
-                        job_id, FAILED, ttl=ctx.settings.stream_ttl, error=self._error_of(job_id)
-                    )
-                raise Ignore()
-
         stream_ttl = ctx.settings.job_time_limit + ctx.settings.stream_ttl
-        if redelivered:
-            # An earlier delivery died part-way: tell streaming readers that the text
-            # starts over (the Completion at the end holds the whole of this run's text).
-            self._publish(job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
+        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
         first = [True]
 
         def on_text(piece: str) -> None:
@@ -120,7 +92,7 @@ class JobRunner:
                 self._publish(job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
                 first[0] = False
 
-        def should_cancel() -> bool:  # polled by generate() a few times a second
+        def should_cancel() -> bool:  # polled a few times a second while the job runs
             try:
                 return bool(r.exists(cancel_key(job_id)))
             except redis.ConnectionError:
@@ -129,13 +101,22 @@ class JobRunner:
         try:
             # Loads the model first if it is not loaded (on demand); holds it for the job.
             with self.models.use(request.model) as host:
-                gen = host.generate(
-                    request,
-                    on_text=on_text,
-                    should_cancel=should_cancel,
-                    time_limit_s=ctx.settings.job_time_limit,
-                    label=job_id,
-                )
+                # The engine starts on the prompt while the registry marks the job running:
+                # the write is off the job's path. Should the row say the job must not run
+                # (cancelled while queued, or ended by an earlier delivery), it is stopped.
+                seq = host.start(request, time_limit_s=ctx.settings.job_time_limit, label=job_id)
+                try:
+                    self._admit(task, job_id, request, submitted, redelivered)
+                except BaseException:
+                    seq.cancel()
+                    raise
+                if redelivered:
+                    # An earlier delivery died part-way: tell streaming readers that the
+                    # text starts over (the Completion holds the whole of this run's text).
+                    self._publish(job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
+                gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
+        except _Done as done:
+            return done.result
         except FarmError as e:
             return self._fail(job_id, str(e), request)
 
@@ -176,6 +157,37 @@ class JobRunner:
             gen.generation_ms,
         )
         return completion.model_dump(mode="json")
+
+    def _admit(
+        self, task: Task, job_id: str, request: Request, submitted: float, redelivered: bool
+    ) -> None:
+        """Mark the job running; raise when it must not run (Ignore, or _Done with the
+        result an earlier delivery already produced)."""
+        ctx = self.ctx
+        ended = self._record_started(job_id, request, submitted)
+        if ended == "cancelled":
+            log.info("job %s was cancelled while queued; skipped", job_id)
+            self._publish(job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            task.update_state(state=states.REVOKED)
+            raise Ignore()
+        if ended is None and not redelivered:
+            return
+        previous = self._previous_completion(job_id)
+        if previous is not None:
+            # A delivery before this one finished the job (and may have died before its
+            # acknowledgement, or even before its usage write): do not generate twice.
+            log.warning("job %s was delivered again after it ended; not run twice", job_id)
+            self._end(job_id, "succeeded", **_usage_fields(previous))
+            raise _Done(previous.model_dump(mode="json"))
+        if ended is not None:
+            # It ended (failed, expired or succeeded) and its usage is written: a recorded
+            # outcome is never followed by another run of the same job.
+            log.warning("job %s was delivered again after it %s; not run again", job_id, ended)
+            if ended in ("failed", "expired"):
+                self._publish(
+                    job_id, FAILED, ttl=ctx.settings.stream_ttl, error=self._error_of(job_id)
+                )
+            raise Ignore()
 
     def _record_started(self, job_id: str, request: Request, submitted: float) -> str | None:
         """Mark the job running. While the registry is unreachable, wait and retry, holding
@@ -286,6 +298,13 @@ class JobRunner:
         self._end(job_id, "failed", request, error=reason, worker_id=self.worker_id)
         self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
+
+
+class _Done(Exception):
+    """The job was already done by an earlier delivery: return this result."""
+
+    def __init__(self, result: dict[str, Any]):
+        self.result = result
 
 
 def _stand_in(task: Task, payload: Any) -> Request:

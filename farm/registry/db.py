@@ -38,7 +38,18 @@ def get_engine(url: str) -> Engine:
 
 
 def _connect_timeout(parsed: Any) -> dict[str, Any]:
-    return {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    if parsed.get_backend_name() != "postgresql":
+        return {}
+    # A connection whose peer vanished (a server or network gone without a reset) fails
+    # within seconds instead of blocking a worker's job thread forever.
+    return {
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10000,
+    }
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

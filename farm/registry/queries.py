@@ -252,6 +252,18 @@ def record_queued(
     )
 
 
+def record_queued_many(s: Session, rows: list[dict[str, Any]]) -> None:
+    """record_queued for many jobs in one statement (executemany); rows: job_id, session,
+    model, priority, submitted_at."""
+    if rows:
+        # On the table, not the ORM class: a plain executemany, without the ORM's bulk
+        # bookkeeping (this runs for every submitted job).
+        s.connection().execute(
+            _insert(s)(UsageRecord.__table__).on_conflict_do_nothing(index_elements=["job_id"]),
+            [{**row, "status": "queued"} for row in rows],
+        )
+
+
 def record_started(
     s: Session,
     *,
