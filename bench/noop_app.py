@@ -2,8 +2,8 @@
 
 import os
 
+from farm.broker import make_app
 from farm.config import Settings
-from farm.queue import make_app
 
 app = make_app(Settings(), os.environ["FARM_BROKER_URL"])
 

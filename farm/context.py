@@ -12,8 +12,8 @@ from functools import cached_property
 import redis
 from celery import Celery
 
+from farm.broker import make_app
 from farm.config import Settings, get_settings, reset_settings
-from farm.queue import make_app
 from farm.registry.recorder import QueuedRows
 
 

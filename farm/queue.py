@@ -1,6 +1,7 @@
-"""Queues, priorities, Redis keys and the Celery app: the one place that names them.
+"""Queues, priorities and Redis keys: the one place that names them.
 
-Nothing else in farm builds a queue name or a Redis key by string formatting.
+Nothing else in farm builds a queue name or a Redis key by string formatting. The Celery
+app that uses these names, and its transport options, are in `broker.py`.
 
 Priorities on the Redis transport: each queue is ten Redis lists, one per priority step,
 and the worker pops from the lowest number first, so **0 is the highest priority** (the
@@ -9,29 +10,18 @@ A message sent with no priority gets `DEFAULT_PRIORITY` (normal) from `route_job
 router; kombu would otherwise file it under 0 and let it jump the queue. (Celery's
 `task_default_priority` covers `apply_async` only, not `send_task` by name.)
 
-The transport options below must be the same in clients, workers and Flower: a producer
-with ten steps and a consumer with kombu's default four would strand messages for good.
-They are built by `transport_options()` and every Celery app farm makes uses it.
+The transport options must be the same in clients, workers and Flower: a producer with
+ten steps and a consumer with kombu's default four would strand messages for good. They
+are built by `broker.transport_options()` from PRIORITY_STEPS here, and every Celery app
+farm makes uses it.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Iterable
-from queue import Empty
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
-from celery import Celery
-from celery.backends.redis import RedisBackend
-from kombu.transport.redis import Channel as RedisChannel
-from kombu.transport.redis import Transport as RedisTransport
-
-from farm.config import Settings
-from farm.request import Priority
-
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from farm.request import Priority
 
 # -- priorities -------------------------------------------------------------------------
 PRIORITY_STEPS: list[int] = list(range(10))
@@ -79,127 +69,3 @@ def cancel_key(job_id: str) -> str:
 
 # How long a publish may retry before the client reports the broker as unreachable.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
-
-
-# -- the Celery app -----------------------------------------------------------------------
-def transport_options(settings: Settings) -> dict[str, Any]:
-    return {
-        "queue_order_strategy": "priority",
-        "priority_steps": PRIORITY_STEPS,
-        "visibility_timeout": settings.visibility_timeout,
-        "socket_connect_timeout": settings.connect_timeout,
-        **PUBLISH_RETRY,
-    }
-
-
-def route_job(
-    name: str, args: Any, kwargs: Any, options: dict[str, Any], **_: Any
-) -> dict[str, Any]:
-    """Celery router: a job sent without a priority is normal; explicit options win."""
-    return {"priority": DEFAULT_PRIORITY} if name == TASK_NAME else {}
-
-
-class Channel(RedisChannel):
-    """kombu's Redis channel, minus one way to kill a worker: a queued item that is not a
-    kombu message (not JSON, or not its envelope) raised out of the consumer and stopped
-    the worker. Such an item was already taken off the list; it is dropped with a log line
-    and the worker goes on."""
-
-    def _brpop_read(self, **options: Any) -> Any:
-        try:
-            return super()._brpop_read(**options)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            log.error("dropped a queued item that is not a farm job (%s: %s)", type(e).__name__, e)
-            raise Empty() from None
-
-
-class Transport(RedisTransport):
-    Channel = Channel
-
-
-TRANSPORT = f"{__name__}:{Transport.__name__}"
-
-
-class ResultBackend(RedisBackend):
-    """Celery's Redis result backend, minus the pub/sub subscription made on every send.
-
-    farm's clients wait on the job's token stream, not on Celery's result channel; the
-    subscription cost a round trip per submit and, with Redis down, a 20-second reconnect
-    loop that ends with "the Celery application must be restarted".
-    """
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        return None
-
-
-RESULT_BACKEND = f"{__name__}.{ResultBackend.__name__}"
-
-
-def make_app(settings: Settings, broker_url: str, result_url: str | None = None) -> Celery:
-    """The Celery app shared by clients, workers and Flower."""
-    backend = f"{RESULT_BACKEND}+{result_url or broker_url}"
-    app = Celery("farm", broker=broker_url, backend=backend)
-    if urlsplit(broker_url).scheme in ("redis", "rediss"):
-        app.conf.broker_transport = TRANSPORT
-    app.conf.update(
-        # JSON only, on the wire and in results: never pickle.
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        event_serializer="json",
-        broker_transport_options=transport_options(settings),
-        result_backend_transport_options={"socket_connect_timeout": settings.connect_timeout},
-        redis_socket_connect_timeout=settings.connect_timeout,
-        broker_connection_timeout=settings.connect_timeout,
-        broker_connection_retry_on_startup=True,
-        task_default_priority=DEFAULT_PRIORITY,
-        task_routes=(route_job,),
-        task_default_queue="farm.default",
-        task_create_missing_queues=True,
-        # Priority holds only if a worker holds no job beyond the one it runs.
-        worker_prefetch_multiplier=1,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        # No STARTED state nor task-sent event: each is a Redis round trip on every job's
-        # path. Flower sees starts through worker events; farm's status is the registry's.
-        task_track_started=False,
-        task_time_limit=settings.job_time_limit,
-        task_publish_retry_policy=dict(PUBLISH_RETRY),
-        result_expires=24 * 3600,
-        # Not result_extended: it would keep each job's arguments (the prompt) in Redis.
-        result_extended=False,
-        worker_send_task_events=True,
-        task_send_sent_event=False,
-        worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        enable_utc=True,
-    )
-    return app
-
-
-def requeue_unacked(app: Celery, job_ids: Iterable[str]) -> set[str]:
-    """Put jobs held by a dead worker back at the front of their queues, now.
-
-    Redis has no acks: kombu keeps delivered messages in its `unacked` hash and restores
-    them only after the visibility timeout. The registry knows which worker died holding
-    which jobs, so find their messages and restore them with kombu's own `restore_by_tag`
-    (atomic: of several callers, one restores each). Returns the ids found and restored.
-    """
-    wanted = set(job_ids)
-    restored: set[str] = set()
-    if not wanted:
-        return restored
-    with app.connection_for_write() as conn:
-        channel: Any = conn.default_channel
-        client = channel.client
-        for tag, raw in client.hscan_iter(channel.unacked_key):
-            try:
-                job_id = json.loads(raw)[0]["headers"].get("id")
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                continue
-            if job_id in wanted and job_id not in restored:
-                # leftmost=False: RPUSH, the end BRPOP takes from, so it runs next.
-                channel.qos.restore_by_tag(tag, leftmost=False)
-                restored.add(job_id)
-    return restored

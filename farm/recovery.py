@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from farm.broker import requeue_unacked
 from farm.context import FarmContext
-from farm.queue import requeue_unacked
 from farm.registry import queries, transaction
 from farm.registry.tables import utcnow
 

@@ -1,11 +1,12 @@
-"""Queue names, the priority mapping and the Celery app's settings."""
+"""Queue names, the priority mapping (farm/queue.py) and the Celery app's settings
+(farm/broker.py)."""
 
+from farm.broker import make_app
 from farm.config import Settings
 from farm.queue import (
     DEFAULT_PRIORITY,
     PRIORITIES,
     PRIORITY_STEPS,
-    make_app,
     priority_list_key,
     priority_name,
     queue_name,

@@ -20,10 +20,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sqlalchemy import select
 
+from farm.broker import requeue_unacked
 from farm.config import pid_alive
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, WorkerStartError
-from farm.queue import requeue_unacked
 from farm.recovery import expire_orphaned_rows, reap_lost_workers
 from farm.registry import queries, transaction
 from farm.registry.queries import LeaseSpec
