@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from farm.errors import (
     FarmError,
@@ -38,8 +38,33 @@ from farm.errors import (
     UnknownJob,
     UnknownModel,
 )
-from farm.request import Message, Request
-from farm.results import Completion, Job, Timings, Usage
+
+if TYPE_CHECKING:
+    from farm.request import Message, Request
+    from farm.results import Completion, Job, Timings, Usage
+
+# Loaded on first use, so that `import farm` (and the CLI's --help) stays fast: these pull
+# in pydantic, Celery, Redis and SQLAlchemy.
+_LAZY = {
+    "Message": "farm.request",
+    "Request": "farm.request",
+    "Completion": "farm.results",
+    "Job": "farm.results",
+    "Timings": "farm.results",
+    "Usage": "farm.results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'farm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Completion",
@@ -167,6 +192,8 @@ def infer(
 
 def job(job_id: str) -> Job:
     """The Job with this id (to check its status, wait for it or cancel it)."""
+    from farm.results import Job
+
     j = Job(job_id)
     j.status()  # raises UnknownJob for an id the registry has never seen
     return j

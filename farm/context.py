@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import redis
-from celery import Celery
 
-from farm.broker import make_app
 from farm.config import Settings, get_settings, reset_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 from farm.registry.recorder import QueuedRows
 
 
@@ -37,6 +39,8 @@ class FarmContext:
 
     @cached_property
     def app(self) -> Celery:
+        from farm.broker import make_app  # Celery: imported by the commands that send
+
         return make_app(self.settings, self.broker_url, self.result_url)
 
     @cached_property

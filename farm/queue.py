@@ -62,6 +62,11 @@ def stream_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:stream"
 
 
+def progress_key(job_id: str) -> str:
+    """Tokens a running job has generated so far, refreshed by its worker a few times a second."""
+    return f"{KEY_PREFIX}job:{job_id}:tokens"
+
+
 def cancel_key(job_id: str) -> str:
     """Set when a job is cancelled; the worker checks it before and between tokens."""
     return f"{KEY_PREFIX}job:{job_id}:cancel"

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from celery import states
 from pydantic import BaseModel
 
 from farm.context import FarmContext, get_context
@@ -206,6 +205,8 @@ class Job:
 
     def _from_backend(self) -> bool:
         """True when Celery's backend already holds the outcome (and it was applied)."""
+        from celery import states
+
         result = self._ctx.app.AsyncResult(self.id)
         state = result.state
         if state == states.SUCCESS:

@@ -10,12 +10,15 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from farm.context import FarmContext, get_context
 from farm.errors import UnknownJob
-from farm.queue import PRIORITIES, PRIORITY_STEPS, priority_list_key, priority_name
+from farm.queue import (
+    PRIORITIES,
+    PRIORITY_STEPS,
+    priority_list_key,
+    priority_name,
+    progress_key,
+)
 from farm.registry import queries, transaction
 from farm.registry.tables import as_utc
 from farm.results import stream_outcome
@@ -126,6 +129,13 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
             "session": row.session,
             "worker": row.worker_id,
             "submitted": as_utc(row.submitted_at),
+            "started": as_utc(row.started_at) if row.started_at else None,
+            "finished": as_utc(row.finished_at) if row.finished_at else None,
+            "duration_s": (
+                round((row.finished_at - row.started_at).total_seconds(), 3)
+                if row.started_at and row.finished_at
+                else None
+            ),
             "tokens": f"{row.prompt_tokens}+{row.completion_tokens}",
             "cached_tokens": row.cached_tokens or None,
             "finish_reason": row.finish_reason,
@@ -135,6 +145,9 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
         info["status"] = stream_outcome(ctx.redis, job_id) or info["status"]
     if info["status"] == "queued":
         info["position"] = queue_position(ctx, info["model"], job_id)
+    if info["status"] == "running":
+        so_far: Any = ctx.redis.get(progress_key(job_id))  # decode_responses: a str
+        info["tokens"] = f"{so_far or 0} generated so far"
     return {k: v for k, v in info.items() if v is not None}
 
 
@@ -146,44 +159,3 @@ def _shown_state(state: str, has_live_lease: bool, heartbeat_stale: bool) -> str
     if state == "starting" and heartbeat_stale:
         return "lost"
     return state
-
-
-def render_fleet(fleet: dict[str, Any], console: Console) -> None:
-    models = Table(
-        "model", "loaded on", "on demand", *(f"queued {p}" for p in PRIORITIES), title="models"
-    )
-    for m in fleet["models"]:
-        models.add_row(
-            m["name"],
-            ", ".join(m["workers"]) or ("-" if m["on_demand"] else "[red]none[/]"),
-            ", ".join(m["on_demand"]) or "-",
-            *(str(m["queued"][p]) for p in PRIORITIES),
-        )
-    console.print(models)
-    workers = Table(
-        "worker",
-        "host",
-        "device",
-        "state",
-        "loaded",
-        "slots busy",
-        "tok/s",
-        "threads",
-        "up",
-        "heartbeat",
-        title="workers",
-    )
-    for w in fleet["workers"]:
-        workers.add_row(
-            w["id"],
-            w["host"],
-            w["device"],
-            w["state"],
-            ", ".join(w["models"]),
-            f"{w['slots_busy']}/{w['slots']}",
-            "-" if w["tokens_per_s"] is None else f"{w['tokens_per_s']:g}",
-            str(w["threads"]),
-            f"{w['uptime_s']}s",
-            f"{w['heartbeat_age_s']}s ago",
-        )
-    console.print(workers)

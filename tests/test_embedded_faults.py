@@ -16,7 +16,7 @@ import pytest
 import farm
 from farm.context import get_context, reset_context
 from farm.registry import queries, transaction
-from tests.conftest import finished_usage
+from tests.conftest import finished_usage, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -159,6 +159,11 @@ def test_ctrl_c_to_the_process_group_finishes_the_running_job_and_a_restart_runs
         assert c.usage.completion_tokens == 60 or c.finish_reason == "stop"
         for job in queued:
             assert farm.Job(job.id).result(timeout=180).usage.completion_tokens > 0
+        down = run_cli(env, "down", timeout=120)  # from another shell
+        assert down.returncode == 0 and "farm stopped" in down.stderr, down.stderr
+        assert again.wait(30) == 0
+        assert run_cli(env, "down").returncode == 1  # nothing left to stop
     finally:
-        os.killpg(again.pid, signal.SIGINT)
-        again.wait(90)
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGINT)
+            again.wait(90)

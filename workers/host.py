@@ -212,7 +212,7 @@ class ModelHost:
         request: Request,
         *,
         on_text: Callable[[str], None] = lambda _: None,
-        should_cancel: Callable[[], bool] = lambda: False,
+        should_cancel: Callable[[int], bool] = lambda _: False,
         time_limit_s: float | None = None,
         label: str = "",
     ) -> Generation:
@@ -258,11 +258,12 @@ class ModelHost:
         seq: EngineSequence,
         *,
         on_text: Callable[[str], None] = lambda _: None,
-        should_cancel: Callable[[], bool] = lambda: False,
+        should_cancel: Callable[[int], bool] = lambda _: False,
         poll_s: float = 0.2,
     ) -> Generation:
         """Follow a started sequence to its end: `on_text` gets each piece of text;
-        `should_cancel` is polled every `poll_s`. JobFailed when the engine fails it."""
+        `should_cancel` is polled every `poll_s` with the tokens generated so far.
+        JobFailed when the engine fails it."""
         next_check = time.monotonic() + poll_s
         while True:
             try:
@@ -278,7 +279,7 @@ class ModelHost:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + poll_s
-                if not seq.cancelled and should_cancel():
+                if not seq.cancelled and should_cancel(seq.generated):
                     seq.cancel()
 
     def _grammar(self, request: Request) -> str | None:

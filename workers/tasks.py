@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from farm.context import FarmContext
 from farm.errors import FarmError, FarmUnavailable, JobFailed
-from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key
+from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
 from farm.registry import queries, transaction
 from farm.request import Request, describe_errors
 from farm.results import (
@@ -92,9 +92,12 @@ class JobRunner:
                 self._publish(job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
                 first[0] = False
 
-        def should_cancel() -> bool:  # polled a few times a second while the job runs
+        def should_cancel(tokens: int) -> bool:  # polled a few times a second while it runs
+            pipe = r.pipeline(transaction=False)
+            pipe.exists(cancel_key(job_id))
+            pipe.set(progress_key(job_id), tokens, ex=stream_ttl)  # for `farm status JOB`
             try:
-                return bool(r.exists(cancel_key(job_id)))
+                return bool(pipe.execute()[0])
             except redis.ConnectionError:
                 return False  # Redis restarting: ask again at the next poll
 

@@ -7,23 +7,41 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-import redis
 import typer
-from kombu.exceptions import OperationalError as KombuOperationalError
 from rich.console import Console
 
-from farm.config import get_settings
 from farm.errors import FarmError
 
 app = typer.Typer(
     help="farm: an inference farm for llama.cpp models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 models_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
 db_app = typer.Typer(help="The registry's schema.", no_args_is_help=True)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        help="farm's, Celery's and llama-cpp-python's versions, and whether llama.cpp has GPU offload",
+        callback=lambda v: _version(v),
+    ),
+) -> None:
+    """farm: an inference farm for llama.cpp models."""
+
+
+def _version(value: bool) -> None:
+    from farm.cli.ops import version_callback
+
+    version_callback(value)
+
+
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 
@@ -42,12 +60,39 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except FarmError as e:
             message = str(e)
-        except (redis.RedisError, KombuOperationalError, ConnectionError) as e:
+        except Exception as e:
+            if not _unreachable(e):
+                raise
             message = f"cannot reach the farm's Redis: {e}; is `farm up` running, or FARM_BROKER_URL right?"
         err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def fold_table(*headers: str, title: str | None = None) -> Any:
+    """A rich Table whose cells fold onto more lines rather than being cut with '…': ids
+    and names stay whole, to copy."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, overflow="fold", min_width=max(map(len, header.split())))
+    return table
+
+
+def _unreachable(e: Exception) -> bool:
+    """A lost connection to Redis (imported only now: the CLI starts without them)."""
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    return isinstance(e, redis.RedisError | KombuOperationalError | ConnectionError)
+
+
+def get_settings() -> Any:
+    from farm.config import get_settings as settings
+
+    return settings()
 
 
 def _db_url_for_writes() -> str:

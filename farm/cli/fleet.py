@@ -11,9 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import app, err, friendly, out
+from farm.cli.base import app, err, fold_table, friendly, get_settings, out
 from farm.cli.jobs import follow
-from farm.config import get_settings
 
 
 @app.command()
@@ -150,18 +149,64 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Models, workers, leases and queue depth; or one job's state and queue position."""
-    from farm.status import fleet_status, job_status, render_fleet
+    from farm.status import fleet_status, job_status
 
     if job_id is not None:
         info = job_status(job_id)
         if as_json:
             print(json.dumps(info, indent=2, default=str))
         else:
+            from farm.cli.ops import local_time
+
             for key, value in info.items():
-                out.print(f"{key:>14}  {value}", highlight=False)
+                shown = local_time(value) if key in ("submitted", "started", "finished") else value
+                out.print(f"{key:>14}  {shown}", highlight=False)
         return
     fleet = fleet_status()
     if as_json:
         print(json.dumps(fleet, indent=2, default=str))
     else:
         render_fleet(fleet, out)
+
+
+def render_fleet(fleet: dict[str, Any], console: Any) -> None:
+    from farm.queue import PRIORITIES
+
+    models = fold_table(
+        "model", "loaded on", "on demand", *(f"queued {p}" for p in PRIORITIES), title="models"
+    )
+    for m in fleet["models"]:
+        models.add_row(
+            m["name"],
+            ", ".join(m["workers"]) or ("-" if m["on_demand"] else "[red]none[/]"),
+            ", ".join(m["on_demand"]) or "-",
+            *(str(m["queued"][p]) for p in PRIORITIES),
+        )
+    console.print(models)
+    workers = fold_table(
+        "worker",
+        "host",
+        "device",
+        "state",
+        "loaded",
+        "slots busy",
+        "tok/s",
+        "threads",
+        "up",
+        "heartbeat",
+        title="workers",
+    )
+    for w in fleet["workers"]:
+        workers.add_row(
+            w["id"],
+            w["host"],
+            w["device"],
+            w["state"],
+            ", ".join(w["models"]),
+            f"{w['slots_busy']}/{w['slots']}",
+            "-" if w["tokens_per_s"] is None else f"{w['tokens_per_s']:g}",
+            str(w["threads"]),
+            f"{w['uptime_s']}s",
+            f"{w['heartbeat_age_s']}s ago",
+        )
+    console.print(workers)

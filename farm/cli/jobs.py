@@ -11,38 +11,56 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import app, err, friendly, out
-from farm.config import get_settings
+from farm.cli.base import app, err, friendly, get_settings, out
 from farm.errors import FarmError
 
-Priority = Annotated[str, typer.Option("--priority", "-p", help="high, normal or low")]
+Priority = Annotated[
+    str, typer.Option("--priority", "-p", metavar="LEVEL", help="high, normal or low")
+]
 
 
 @app.command()
 @friendly
 def submit(
-    prompt: Annotated[str, typer.Argument(help="the prompt ('-' reads it from stdin)")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="model name")] = None,
+    prompt: Annotated[
+        str, typer.Argument(metavar="PROMPT", help="the prompt ('-' reads it from stdin)")
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", metavar="NAME", help="model name (default: FARM_DEFAULT_MODEL)"
+        ),
+    ] = None,
     priority: Priority = "normal",
-    session: Annotated[str, typer.Option(help="session the usage is billed to")] = "default",
+    session: Annotated[
+        str, typer.Option(metavar="NAME", help="session the usage is billed to")
+    ] = "default",
     chat: Annotated[bool, typer.Option("--chat", help="send the prompt as a chat message")] = False,
-    system: Annotated[str | None, typer.Option(help="system message (implies --chat)")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="most tokens to generate")] = None,
-    max_time_ms: Annotated[int | None, typer.Option(help="stop generating after this long")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
-    temperature: Annotated[float | None, typer.Option()] = None,
-    top_p: Annotated[float | None, typer.Option()] = None,
-    top_k: Annotated[int | None, typer.Option()] = None,
-    min_p: Annotated[float | None, typer.Option()] = None,
-    typical_p: Annotated[float | None, typer.Option()] = None,
-    repeat_penalty: Annotated[float | None, typer.Option()] = None,
-    presence_penalty: Annotated[float | None, typer.Option()] = None,
-    frequency_penalty: Annotated[float | None, typer.Option()] = None,
-    penalty_last_n: Annotated[int | None, typer.Option()] = None,
-    mirostat_mode: Annotated[int | None, typer.Option()] = None,
-    mirostat_tau: Annotated[float | None, typer.Option()] = None,
-    mirostat_eta: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    system: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="system message (implies --chat)")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(metavar="N", help="most tokens to generate  [default: 256]")
+    ] = None,
+    max_time_ms: Annotated[
+        int | None, typer.Option(metavar="MS", help="stop generating after this long")
+    ] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(metavar="TEXT", help="stop string (repeatable)")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(metavar="X")] = None,
+    top_p: Annotated[float | None, typer.Option(metavar="X")] = None,
+    top_k: Annotated[int | None, typer.Option(metavar="N")] = None,
+    min_p: Annotated[float | None, typer.Option(metavar="X")] = None,
+    typical_p: Annotated[float | None, typer.Option(metavar="X")] = None,
+    repeat_penalty: Annotated[float | None, typer.Option(metavar="X")] = None,
+    presence_penalty: Annotated[float | None, typer.Option(metavar="X")] = None,
+    frequency_penalty: Annotated[float | None, typer.Option(metavar="X")] = None,
+    penalty_last_n: Annotated[int | None, typer.Option(metavar="N")] = None,
+    mirostat_mode: Annotated[int | None, typer.Option(metavar="N")] = None,
+    mirostat_tau: Annotated[float | None, typer.Option(metavar="X")] = None,
+    mirostat_eta: Annotated[float | None, typer.Option(metavar="X")] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N")] = None,
     grammar: Annotated[
         Path | None,
         typer.Option(metavar="FILE", help="a GBNF grammar file the reply must follow"),
@@ -54,9 +72,12 @@ def submit(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the Completion as JSON")] = False,
     wait_for_worker: Annotated[
-        float, typer.Option(help="seconds to wait for a worker to serve the model")
+        float,
+        typer.Option(metavar="SECONDS", help="seconds to wait for a worker to serve the model"),
     ] = 0.0,
-    timeout: Annotated[float | None, typer.Option(help="seconds to wait for the result")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="seconds to wait for the result")
+    ] = None,
 ) -> None:
     """Queue a prompt; print its tokens as they are generated."""
     from farm.enqueue import build, submit_request

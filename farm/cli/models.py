@@ -7,10 +7,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from farm.cli.base import _db_url, _db_url_for_writes, app, db_app, err, friendly, models_app, out
-from farm.config import get_settings
+from farm.cli.base import (
+    _db_url,
+    _db_url_for_writes,
+    app,
+    db_app,
+    err,
+    fold_table,
+    friendly,
+    get_settings,
+    models_app,
+    out,
+)
 
 
 @models_app.command("add")
@@ -110,7 +119,7 @@ def models_scan(
             json.dumps([asdict(i) | {"name": suggest_name(Path(i.path))} for i in found], indent=2)
         )
     else:
-        table = Table(
+        table = fold_table(
             "name", "architecture", "params", "quant", "context", "template", "size", "path"
         )
         for i in found:
@@ -160,7 +169,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("model", "context", "chat format", "workers", "path")
+    table = fold_table("model", "context", "chat format", "workers", "path")
     for r in rows:
         table.add_row(
             r["name"], str(r["n_ctx"]), r["chat_format"] or "(GGUF's)", str(r["workers"]), r["path"]
@@ -224,8 +233,18 @@ def usage(
         where = f" for session '{session}'" if session else ""
         out.print(f"no usage recorded{where} yet")
         return
-    table = Table(
-        "session", "model", "jobs", "ok", "failed", "prompt tok", "completion tok", "gen s"
+    table = fold_table(
+        "session",
+        "model",
+        "jobs",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "expired",
+        "queued/running",
+        "prompt tok",
+        "completion tok",
+        "gen s",
     )
     for t in totals:
         table.add_row(
@@ -234,6 +253,9 @@ def usage(
             str(t.jobs),
             str(t.succeeded),
             str(t.failed),
+            str(t.cancelled),
+            str(t.expired),
+            str(t.pending),
             str(t.prompt_tokens),
             str(t.completion_tokens),
             f"{t.generation_ms / 1000:.1f}",

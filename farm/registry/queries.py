@@ -359,6 +359,25 @@ def get_usage(s: Session, job_id: str) -> UsageRecord | None:
     return s.scalar(select(UsageRecord).where(UsageRecord.job_id == job_id))
 
 
+def recent_jobs(
+    s: Session,
+    *,
+    session: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    limit: int = 20,
+) -> list[UsageRecord]:
+    """The newest jobs first, optionally of one session, model or status."""
+    query = select(UsageRecord)
+    if session is not None:
+        query = query.where(UsageRecord.session == session)
+    if model is not None:
+        query = query.where(UsageRecord.model == model)
+    if status is not None:
+        query = query.where(UsageRecord.status == status)
+    return list(s.scalars(query.order_by(UsageRecord.submitted_at.desc()).limit(limit)))
+
+
 @dataclass(frozen=True)
 class UsageTotal:
     session: str
@@ -366,6 +385,9 @@ class UsageTotal:
     jobs: int
     succeeded: int
     failed: int
+    cancelled: int
+    expired: int
+    pending: int  # queued or running: jobs = succeeded + failed + cancelled + expired + pending
     prompt_tokens: int
     completion_tokens: int
     generation_ms: float
@@ -373,14 +395,19 @@ class UsageTotal:
 
 def usage_totals(s: Session, *, session: str | None = None) -> list[UsageTotal]:
     """Jobs and tokens per session and model."""
-    succeeded = func.sum(case((UsageRecord.status == "succeeded", 1), else_=0))
-    failed = func.sum(case((UsageRecord.status == "failed", 1), else_=0))
+
+    def count(*statuses: str) -> Any:
+        return func.sum(case((UsageRecord.status.in_(statuses), 1), else_=0))
+
     query = select(
         UsageRecord.session,
         UsageRecord.model,
         func.count(),
-        succeeded,
-        failed,
+        count("succeeded"),
+        count("failed"),
+        count("cancelled"),
+        count("expired"),
+        count("queued", "running"),
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
         func.coalesce(func.sum(UsageRecord.generation_ms), 0.0),
@@ -390,7 +417,17 @@ def usage_totals(s: Session, *, session: str | None = None) -> list[UsageTotal]:
     rows = s.execute(query.order_by(UsageRecord.session, UsageRecord.model)).all()
     return [
         UsageTotal(
-            r[0], r[1], int(r[2]), int(r[3] or 0), int(r[4] or 0), int(r[5]), int(r[6]), float(r[7])
+            r[0],
+            r[1],
+            jobs=int(r[2]),
+            succeeded=int(r[3] or 0),
+            failed=int(r[4] or 0),
+            cancelled=int(r[5] or 0),
+            expired=int(r[6] or 0),
+            pending=int(r[7] or 0),
+            prompt_tokens=int(r[8]),
+            completion_tokens=int(r[9]),
+            generation_ms=float(r[10]),
         )
         for r in rows
     ]

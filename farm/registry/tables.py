@@ -139,3 +139,4 @@ class UsageRecord(Base):
 
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")
+JOB_STATUSES = ("queued", "running", *TERMINAL_STATUSES)

@@ -294,6 +294,7 @@ class Engine:
         if slot.ttft_ms is None:
             slot.ttft_ms = (time.perf_counter() - job.started) * 1000
         slot.generated += 1
+        job.generated = slot.generated
         self.tokens_generated += 1
         if self._ends_turn(token, text.stops):
             slot.generated -= 1  # like EOS, the end-of-turn token is not part of the reply

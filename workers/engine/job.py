@@ -45,6 +45,7 @@ class Sequence:
     deadline: float | None = None  # time.perf_counter() value
     started: float = field(default_factory=time.perf_counter)
     label: str = ""  # for logs: the job id
+    generated: int = 0  # tokens so far, written by the engine thread
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
