@@ -16,7 +16,8 @@ from farm.config import Settings, get_settings, reset_settings
 
 if TYPE_CHECKING:
     from celery import Celery
-from farm.registry.recorder import QueuedRows
+
+    from farm.registry.recorder import QueuedRows
 
 
 @dataclass
@@ -46,6 +47,8 @@ class FarmContext:
     @cached_property
     def recorder(self) -> QueuedRows:
         """Writes the usage rows of this process's queued jobs, batched, behind submit."""
+        from farm.registry.recorder import QueuedRows
+
         return QueuedRows(self.database_url)
 
     def flush_rows(self) -> None:
