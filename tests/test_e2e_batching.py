@@ -87,6 +87,15 @@ def test_celery_inspect_names_the_running_jobs_while_every_slot_is_busy(farm_cli
         timeout=60,
     )
     assert ping.returncode == 0 and "1 node online" in ping.stdout, ping.stdout + ping.stderr
+    stats = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "farm.app", "inspect", "stats", "--json"],
+        env=farm_client.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    [worker_stats] = json.loads(stats.stdout).values()
+    assert worker_stats["pool"]["max-concurrency"] == len(busy)
     print(f"\n`celery inspect active` answered in {answered:.1f}s with {len(busy)} slots busy")
     for job in busy:
         job.result(timeout=120)
