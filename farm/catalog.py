@@ -48,8 +48,9 @@ class CatalogModel(BaseModel):
     @field_validator("defaults")
     @classmethod
     def _sampling_defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
-        Sampling.model_validate(v)  # unknown or out-of-range sampling fields fail here
-        return v
+        # Unknown or out-of-range fields fail here; what is stored is the validated form
+        # (40, not 40.0 or "40"), which llama.cpp's C calls accept.
+        return Sampling.model_validate(v).model_dump(exclude_none=True)
 
 
 class Profile(BaseModel):

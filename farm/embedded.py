@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -260,31 +261,45 @@ class EmbeddedFarm:
         restart_at: dict[str, float] = {}
         unready: set[str] = set()
         while True:
-            now = time.monotonic()
-            self._watch_broker()
-            for model, proc in list(self.workers.items()):
-                if model in restart_at:
-                    if now >= restart_at[model]:
-                        del restart_at[model]
-                        self._start_worker(model)
-                        unready.add(model)
-                        self.say(f"worker   {model} restarted (pid {self.workers[model].pid})")
-                    continue
-                if proc.poll() is None:
-                    if model in unready and self._ready(model):
-                        unready.discard(model)
-                        backoff[model] = 1.0  # a healthy start: the next crash is not a loop
-                    continue
-                requeued = self._requeue_jobs_of(model)
-                self.say(
-                    f"worker   {model} exited with status {proc.returncode}"
-                    + (f"; {requeued} of its jobs queued again" if requeued else "")
-                    + f"; restarting in {backoff[model]:g}s. Last lines of {self._log(model)}:\n"
-                    + self.log_tail(model, 10)
-                )
-                restart_at[model] = now + backoff[model]
-                backoff[model] = min(backoff[model] * 2, max_backoff)
+            try:
+                self._watch_once(backoff, restart_at, unready, max_backoff)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # supervision goes on; the next round tries again
+                self.say(f"supervisor: {type(e).__name__}: {e}; retrying")
             time.sleep(poll)
+
+    def _watch_once(
+        self,
+        backoff: dict[str, float],
+        restart_at: dict[str, float],
+        unready: set[str],
+        max_backoff: float,
+    ) -> None:
+        now = time.monotonic()
+        self._watch_broker()
+        for model, proc in list(self.workers.items()):
+            if model in restart_at:
+                if now >= restart_at[model]:
+                    del restart_at[model]
+                    self._start_worker(model)
+                    unready.add(model)
+                    self.say(f"worker   {model} restarted (pid {self.workers[model].pid})")
+                continue
+            if proc.poll() is None:
+                if model in unready and self._ready(model):
+                    unready.discard(model)
+                    backoff[model] = 1.0  # a healthy start: the next crash is not a loop
+                continue
+            requeued = self._requeue_jobs_of(model)
+            self.say(
+                f"worker   {model} exited with status {proc.returncode}"
+                + (f"; {requeued} of its jobs queued again" if requeued else "")
+                + f"; restarting in {backoff[model]:g}s. Last lines of {self._log(model)}:\n"
+                + self.log_tail(model, 10)
+            )
+            restart_at[model] = now + backoff[model]
+            backoff[model] = min(backoff[model] * 2, max_backoff)
 
     def _ready(self, model: str) -> bool:
         with transaction(self.database_url) as s:
@@ -333,6 +348,11 @@ class EmbeddedFarm:
                 requeued = self._requeue_jobs_of(model)
                 if requeued:
                     self.say(f"worker   {model}: {requeued} unfinished jobs queued again")
+        # Past the grace period a further Ctrl-C has nothing left to hurry: finish stopping
+        # (requeue, broker) rather than leave the broker running on its own.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.broker is not None and self.broker.poll() is None:
             self.broker.terminate()
             try:

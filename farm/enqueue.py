@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as BrokerError
 
 from farm.config import masked
@@ -103,15 +104,27 @@ def submit_many(
         with ctx.app.producer_or_acquire() as producer:
             for start in range(0, len(prepared), BULK_CHUNK):
                 chunk = prepared[start : start + BULK_CHUNK]
-                with producer.batch(max_size=2 * len(chunk) + 1):  # one flush, at the end
-                    for _, job in chunk:
-                        _send(ctx, job, producer)
+                try:
+                    with producer.batch(max_size=2 * len(chunk) + 1):  # one flush, at the end
+                        for _, job in chunk:
+                            _send(ctx, job, producer)
+                except KombuError as e:
+                    # The flush failed part-way, or before: these may or may not be queued.
+                    uncertain = FarmUnavailable(
+                        f"the broker failed while these jobs were sent ({_masked_error(e, ctx)}); "
+                        "each may or may not be queued: check with `farm jobs` before resending"
+                    )
+                    for i, _ in prepared[start:]:
+                        results[i] = uncertain
+                    break
                 sent += chunk
-    except BrokerError as e:
+    except KombuError as e:  # no connection at all: nothing of what is left was sent
         error = _unreachable(ctx, e)
         for i, _ in prepared[len(sent) :]:
-            results[i] = error
-    _record(ctx, [job for _, job in sent])
+            if results[i] is None:
+                results[i] = error
+    finally:
+        _record(ctx, [job for _, job in sent])
     for i, job in sent:
         results[i] = Job(job.id, job.request.model, ctx)
     log.info("queued %d of %d jobs in bulk", len(sent), len(results))

@@ -304,7 +304,12 @@ def test_a_full_kv_cache_ends_sequences_and_the_engine_goes_on():
         # 4 x (prompt + 150) tokens cannot fit 256 cells: some sequences end early ...
         assert sum(g.completion_tokens for g in gens) < 4 * 150
         assert all(g.finish_reason in ("length", "stop") for g in gens)
+        # A prompt larger than the whole cache fails alone (llama.cpp lowered n_batch to the
+        # 256 cells: a larger batch would have aborted the process) ...
+        with pytest.raises(JobFailed, match="KV cache .* had no room for the prompt"):
+            h.generate(request("word " * 300, max_tokens=4))
         # ... and the engine still serves.
+        assert h.engine is not None and h.engine.n_batch == 256
         assert h.generate(request("Hello", max_tokens=4)).completion_tokens == 4
     finally:
         h.close()

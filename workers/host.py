@@ -253,8 +253,8 @@ class ModelHost:
         engine.submit(seq)
         return seq
 
-    @staticmethod
     def follow(
+        self,
         seq: EngineSequence,
         *,
         on_text: Callable[[str], None] = lambda _: None,
@@ -281,6 +281,11 @@ class ModelHost:
                 next_check = now + poll_s
                 if not seq.cancelled and should_cancel(seq.generated):
                     seq.cancel()
+                if kind == "" and seq.events.empty() and not self._engine_alive():
+                    raise JobFailed("the worker's engine for this model stopped; see its log")
+
+    def _engine_alive(self) -> bool:
+        return self.engine is not None and self.engine.alive
 
     def _grammar(self, request: Request) -> str | None:
         """The request's GBNF grammar, its JSON schema converted to one, or None."""

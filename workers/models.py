@@ -157,7 +157,11 @@ class ModelCache:
             started = time.perf_counter()
             host = self._new_host(spec, self.options)
             host.load()
-            host.warm_up()
+            try:
+                host.warm_up()
+            except BaseException:
+                host.close()  # a failed warm-up leaves no weights or engine behind
+                raise
             self.hosts[name] = host
             self.last_used[name] = time.monotonic()
             log.info(

@@ -57,7 +57,17 @@ class UsageSpool:
                 lines = self.path.read_text(encoding="utf-8").splitlines()
             except FileNotFoundError:
                 return 0
-            entries = [json.loads(line) for line in lines if line.strip()]
+            entries, bad = [], []
+            for line in lines:
+                try:
+                    if line.strip():
+                        entries.append(json.loads(line))
+                except ValueError:
+                    bad.append(line)  # a torn write: kept aside, never blocking the rest
+            if bad:
+                with self.path.with_suffix(".bad").open("a", encoding="utf-8") as f:
+                    f.write("\n".join(bad) + "\n")
+                log.error("%d unreadable spool lines moved to %s", len(bad), f.name)
             with transaction(database_url) as s:
                 for e in entries:
                     apply(s, e)

@@ -98,8 +98,8 @@ class JobRunner:
             pipe.set(progress_key(job_id), tokens, ex=stream_ttl)  # for `farm status JOB`
             try:
                 return bool(pipe.execute()[0])
-            except redis.ConnectionError:
-                return False  # Redis restarting: ask again at the next poll
+            except redis.RedisError:
+                return False  # Redis restarting or slow: ask again at the next poll
 
         try:
             # Loads the model first if it is not loaded (on demand); holds it for the job.
@@ -110,14 +110,14 @@ class JobRunner:
                 seq = host.start(request, time_limit_s=ctx.settings.job_time_limit, label=job_id)
                 try:
                     self._admit(task, job_id, request, submitted, redelivered)
+                    if redelivered:
+                        # An earlier delivery died part-way: tell streaming readers that the
+                        # text starts over (the Completion holds the whole of this run's text).
+                        self._publish(job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
+                    gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
                 except BaseException:
-                    seq.cancel()
+                    seq.cancel()  # whatever ended this job early, its slot is freed now
                     raise
-                if redelivered:
-                    # An earlier delivery died part-way: tell streaming readers that the
-                    # text starts over (the Completion holds the whole of this run's text).
-                    self._publish(job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
-                gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
         except _Done as done:
             return done.result
         except FarmError as e:
@@ -228,7 +228,7 @@ class JobRunner:
             try:
                 publish(self.ctx.redis, job_id, kind, **fields)
                 return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(delay)

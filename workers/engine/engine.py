@@ -111,15 +111,17 @@ class Engine:
                 "slots (out of memory?); lower --parallel, --kv-size or the model's --n-ctx"
             )
         self.kv_size = int(llama_cpp.llama_n_ctx(self.ctx))
+        # llama.cpp lowers n_batch to a smaller KV size: a batch past what it took aborts.
+        self.n_batch = min(n_batch, int(llama_cpp.llama_n_batch(self.ctx)))
         self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [Slot(i) for i in range(slots)]
         self.tokens_generated = 0  # since start, for tokens/s in the heartbeat
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._hold = False  # the KV cache was full: admit nothing until a sequence ends
-        self._prompt_budget = n_batch
+        self._prompt_budget = self.n_batch
         self._admissions = 0
         self._piece_buf = ctypes.create_string_buffer(256)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -199,6 +201,15 @@ class Engine:
                 self._start(slot, seq)
             except GrammarError as e:
                 seq.events.put((FAILED, f"invalid 'grammar': {e}"))
+            except Exception as e:  # this sequence cannot run; the others go on
+                log.exception("engine %s: could not start sequence %s", self.name, seq.label)
+                self._release(slot)
+                seq.events.put((FAILED, f"the engine could not start it: {type(e).__name__}: {e}"))
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine's thread has stopped (closed, or on an error)."""
+        return self._thread.is_alive()
 
     def _start(self, slot: Slot, seq: Sequence) -> None:
         sampler = build_sampler(self.vocab, seq.sampling, seq.grammar)
@@ -275,7 +286,13 @@ class Engine:
         for slot in generating:
             slot.cache.append(slot.next_token)
         for slot, index in outputs:
-            self._sample(slot, index)
+            try:
+                self._sample(slot, index)
+            except Exception as e:  # one sequence's sampling failed: end it, not the engine
+                log.exception(
+                    "engine %s: sampling failed for %s", self.name, slot.job and slot.job.label
+                )
+                self._fail(slot, f"sampling failed: {type(e).__name__}: {e}")
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, output: bool) -> None:
         if not 0 <= i < self.n_batch:  # past n_batch llama.cpp would abort the process
@@ -395,7 +412,8 @@ class Engine:
         if had_prompt:
             self._prompt_budget = 0  # running sequences go on; prompts wait for room
             return
-        newest = max(self._active(), key=lambda s: s.admitted)
+        holding = [s for s in self._active() if s.cache] or self._active()
+        newest = max(holding, key=lambda s: s.admitted)
         log.warning(
             "engine %s: the KV cache (%d cells) is full; ending sequence %s",
             self.name,

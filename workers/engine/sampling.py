@@ -86,7 +86,11 @@ class Sampler:
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
         if array.selected < 0:
             raise RuntimeError("the sampler chain selected no token")
-        return int(array.data[array.selected].id)
+        chosen = array.data[array.selected]
+        if with_grammar and not np.isfinite(chosen.logit):
+            # Accepting a token the grammar forbids would abort llama.cpp.
+            raise GrammarError("the grammar allows no token here")
+        return int(chosen.id)
 
     def _grammar_allows(self, token: int) -> bool:
         one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
@@ -116,14 +120,30 @@ def build_sampler(vocab: Any, sampling: dict[str, Any], grammar: str | None) -> 
             raise GrammarError("llama.cpp could not parse the grammar")
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    try:
+        _fill_chain(chain, p, n_vocab, seed)
+    except BaseException:
+        llama_cpp.llama_sampler_free(chain)  # frees the samplers already added too
+        if grammar_sampler:
+            llama_cpp.llama_sampler_free(grammar_sampler)
+        raise
+    return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), _penalized(p))
 
+
+def _penalized(p: dict[str, Any]) -> bool:
+    changed = (p["repeat_penalty"], p["presence_penalty"], p["frequency_penalty"]) != (
+        1.0,
+        0.0,
+        0.0,
+    )
+    return changed and p["penalty_last_n"] != 0
+
+
+def _fill_chain(chain: Any, p: dict[str, Any], n_vocab: int, seed: int) -> None:
     def add(sampler: Any) -> None:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-    penalties = (
-        p["repeat_penalty"] != 1.0 or p["presence_penalty"] != 0.0 or p["frequency_penalty"] != 0.0
-    ) and p["penalty_last_n"] != 0
-    if penalties:
+    if _penalized(p):
         add(
             llama_cpp.llama_sampler_init_penalties(
                 n_vocab,
@@ -153,4 +173,3 @@ def build_sampler(vocab: Any, sampling: dict[str, Any], grammar: str | None) -> 
         add(llama_cpp.llama_sampler_init_min_p(p["min_p"], 1))
         add(llama_cpp.llama_sampler_init_temp(temperature))
         add(llama_cpp.llama_sampler_init_dist(seed))
-    return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), penalties)
