@@ -35,6 +35,7 @@ from farm.errors import (
     JobFailed,
     JobTimeout,
     NoLiveWorker,
+    QueueFull,
     UnknownJob,
     UnknownModel,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "JobTimeout",
     "Message",
     "NoLiveWorker",
+    "QueueFull",
     "Request",
     "Stream",
     "Timings",
@@ -124,8 +126,8 @@ def submit(
     text) or `response_format` (OpenAI's shape: `{"type": "json_object"}` or
     `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`).
 
-    Raises InvalidRequest, UnknownModel, NoLiveWorker or FarmUnavailable; in each case
-    nothing was queued.
+    Raises InvalidRequest, UnknownModel, NoLiveWorker, QueueFull or FarmUnavailable; in
+    each case nothing was queued.
     """
     from farm.config import get_settings
     from farm.enqueue import build, submit_request

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a queued job may wait before it is dropped instead of run.",
     )
+    max_queued: int = Field(
+        default=100_000,
+        ge=0,
+        description="Most jobs queued for one model, all priorities together; past it a "
+        "submit is refused with QueueFull and nothing is queued. 0: no limit.",
+    )
     stream_ttl: int = Field(
         default=3600, gt=0, description="Seconds a job's token stream is kept after it ends."
     )

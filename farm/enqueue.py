@@ -25,7 +25,7 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from farm.config import masked
 from farm.context import FarmContext, get_context
-from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker
+from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker, QueueFull
 from farm.queue import TASK_NAME, priority_number, queue_name
 from farm.registry import queries, transaction
 from farm.request import Request
@@ -46,6 +46,7 @@ def submit_request(
     ctx = ctx or get_context()
     ctx.broker_url  # noqa: B018 - fails first, and clearly, when no farm is running here
     _check_servable(ctx, request, wait_for_worker)
+    _check_room(ctx, request.model, 1)
     job = _Prepared(request)
     try:
         _send(ctx, job)
@@ -88,6 +89,7 @@ def submit_many(
             contexts[model] = _served_context(ctx, model, 0.0)
         except FarmError as e:
             contexts[model] = e
+    room: dict[str, int] = {}
     prepared: list[tuple[int, _Prepared]] = []
     for i, request in pending:
         try:
@@ -95,10 +97,18 @@ def submit_many(
             if isinstance(n_ctx, FarmError):
                 raise n_ctx
             _check_fits(request, request.model, n_ctx)
+            if request.model not in room:
+                room[request.model] = _room(ctx, request.model)
+            if room[request.model] <= 0:
+                raise _full(ctx, request.model)
+            room[request.model] -= 1
         except FarmError as e:
             results[i] = e
             continue
         prepared.append((i, _Prepared(request)))
+    for _, job in prepared:  # this process's own submits, until the depth is read again
+        if job.request.model in ctx.depth:
+            ctx.depth[job.request.model][2] += 1
     sent: list[tuple[int, _Prepared]] = []
     try:
         with ctx.app.producer_or_acquire() as producer:
@@ -108,8 +118,10 @@ def submit_many(
                     with producer.batch(max_size=2 * len(chunk) + 1):  # one flush, at the end
                         for _, job in chunk:
                             _send(ctx, job, producer)
+                except BrokerError:
+                    raise  # no connection: nothing of this chunk was sent
                 except KombuError as e:
-                    # The flush failed part-way, or before: these may or may not be queued.
+                    # The flush failed part-way: these may or may not be queued.
                     uncertain = FarmUnavailable(
                         f"the broker failed while these jobs were sent ({_masked_error(e, ctx)}); "
                         "each may or may not be queued: check with `farm jobs` before resending"
@@ -129,6 +141,45 @@ def submit_many(
         results[i] = Job(job.id, job.request.model, ctx)
     log.info("queued %d of %d jobs in bulk", len(sent), len(results))
     return [r for r in results if r is not None]
+
+
+DEPTH_CACHE_S = 1.0
+
+
+def _room(ctx: FarmContext, model: str) -> int:
+    """How many more jobs the model's queue takes (FARM_MAX_QUEUED), counting this
+    process's own submits since the depth was last read; a large number when unlimited."""
+    limit = ctx.settings.max_queued
+    if limit == 0:
+        return 1 << 62
+    from farm.status import queued
+
+    now = time.monotonic()
+    seen = ctx.depth.get(model)
+    # Read the depth again once a second, and on every submit near the limit.
+    if seen is None or seen[0] < now or seen[1] + seen[2] >= 0.9 * limit:
+        try:
+            seen = ctx.depth[model] = [now + DEPTH_CACHE_S, float(queued(ctx, model)), 0.0]
+        except Exception as e:  # Redis unreachable: the publish says so, clearly, next
+            log.debug("queue depth of %s unknown: %s", model, e)
+            return 1 << 62
+    return int(limit - seen[1] - seen[2])
+
+
+def _check_room(ctx: FarmContext, model: str, n: int) -> None:
+    if _room(ctx, model) < n:
+        raise _full(ctx, model)
+    if model in ctx.depth:
+        ctx.depth[model][2] += n
+
+
+def _full(ctx: FarmContext, model: str) -> QueueFull:
+    depth = ctx.depth.get(model, [0, 0, 0])
+    return QueueFull(
+        f"model '{model}' has {int(depth[1] + depth[2])} jobs queued, the most allowed "
+        f"(FARM_MAX_QUEUED={ctx.settings.max_queued}); nothing was queued: try again when "
+        "the queue has drained, or start more workers for it"
+    )
 
 
 def _build_item(item: object) -> Request:

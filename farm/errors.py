@@ -7,6 +7,7 @@
     +-- UnknownModel           the model is not in the registry (lists the known ones)
     +-- ModelExists            `farm models add` for a name that is already registered
     +-- NoLiveWorker           no worker holds a live lease for the model (says how to start one)
+    +-- QueueFull              the model's queue holds FARM_MAX_QUEUED jobs already (says how many)
     +-- UnknownJob             a job id the farm has no record of
     +-- UnknownWorker          `farm models load|unload --worker` names no live worker
     +-- ControlFailed          a worker refused a control command, or did not answer
@@ -34,6 +35,10 @@ class ConfigError(FarmError):
 
 class FarmUnavailable(FarmError):
     """The broker or the registry cannot be reached."""
+
+
+class QueueFull(FarmError):
+    """The model's queue already holds the most jobs allowed (FARM_MAX_QUEUED)."""
 
 
 class InvalidRequest(FarmError):

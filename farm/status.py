@@ -40,6 +40,14 @@ def queue_depths(ctx: FarmContext, models: list[str]) -> dict[str, dict[str, int
     return depths
 
 
+def queued(ctx: FarmContext, model: str) -> int:
+    """Jobs waiting in a model's queue, all priorities together (one round trip)."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    for step in PRIORITY_STEPS:
+        pipe.llen(priority_list_key(model, step))
+    return sum(int(n) for n in pipe.execute())
+
+
 def queue_position(ctx: FarmContext, model: str, job_id: str) -> int | None:
     """1 when the job is next to run; None when it is not waiting in its queue."""
     ahead = 0

@@ -115,3 +115,19 @@ def test_celery_finds_the_farms_app_by_the_package_name(farm_client):
     )
     assert r.returncode == 0, r.stderr
     assert any(v == {"ok": "pong"} for v in json.loads(r.stdout).values())
+
+
+def test_usage_per_job_as_csv_for_billing(farm_client):
+    import csv
+    import io
+
+    c = farm.infer("bill me", model=MODEL, max_tokens=2, session="billing")
+    r = farm_client.farm(
+        "usage", "--jobs", "--session", "billing", "--since", "2020-01-01", "--csv"
+    )
+    assert r.returncode == 0, r.stderr
+    [row] = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert (row["job_id"], row["status"], row["completion_tokens"]) == (c.job_id, "succeeded", "2")
+    assert float(row["ttft_ms"]) > 0 and row["queue_wait_ms"]
+    bad = farm_client.farm("usage", "--jobs", "--since", "yesterday")
+    assert bad.returncode == 1 and "invalid --since 'yesterday'" in bad.stderr

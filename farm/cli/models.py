@@ -216,13 +216,25 @@ def models_remove(name: str) -> None:
 @app.command()
 @friendly
 def usage(
-    session: Annotated[str | None, typer.Option(help="only this session")] = None,
+    session: Annotated[str | None, typer.Option(metavar="NAME", help="only this session")] = None,
+    jobs: Annotated[
+        bool, typer.Option("--jobs", help="one line per job instead of totals (for billing)")
+    ] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(metavar="DATE", help="with --jobs: jobs submitted since, e.g. 2026-11-01"),
+    ] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="with --jobs: CSV with a header")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Jobs and tokens per session and model."""
+    """Jobs and tokens per session and model; or, with --jobs, every job on its own line."""
     from dataclasses import asdict
 
     from farm.registry import queries, transaction
+
+    if jobs:
+        _usage_per_job(session, since, as_csv, as_json)
+        return
 
     with transaction(_db_url()) as s:
         totals = queries.usage_totals(s, session=session)
@@ -272,3 +284,54 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     url = get_settings().resolved_database_url()
     upgrade(url, revision)
     out.print(f"registry at revision {current_revision(url)}")
+
+
+JOB_COLUMNS = (
+    "job_id", "session", "model", "priority", "status", "worker_id", "prompt_tokens",
+    "cached_tokens", "completion_tokens", "queue_wait_ms", "ttft_ms", "generation_ms",
+    "submitted_at", "started_at", "finished_at", "finish_reason",
+)  # fmt: skip
+
+
+def _usage_per_job(session: str | None, since: str | None, as_csv: bool, as_json: bool) -> None:
+    import csv
+    import sys
+    from datetime import UTC, datetime
+
+    from farm.errors import InvalidRequest
+    from farm.registry import queries, transaction
+
+    start = None
+    if since is not None:
+        try:
+            start = datetime.fromisoformat(since)
+        except ValueError:
+            raise InvalidRequest(
+                f"invalid --since '{since}': give a date or time like 2026-11-01 or "
+                "2026-11-01T08:00"
+            ) from None
+        start = start if start.tzinfo else start.astimezone(UTC)
+    with transaction(_db_url()) as s:
+        rows = [
+            {c: getattr(r, c) for c in JOB_COLUMNS}
+            for r in queries.recent_jobs(s, session=session, since=start, limit=None)
+        ]
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=JOB_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for r in rows:
+            out.print(
+                f"{r['job_id']}  {r['session']}  {r['model']}  {r['priority']:<6}  "
+                f"{r['status']:<9}  {r['prompt_tokens']}+{r['completion_tokens']} tok  "
+                f"wait {_ms(r['queue_wait_ms'])}  ttft {_ms(r['ttft_ms'])}  "
+                f"gen {_ms(r['generation_ms'])}",
+                highlight=False,
+            )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}ms"

@@ -365,17 +365,21 @@ def recent_jobs(
     session: str | None = None,
     model: str | None = None,
     status: str | None = None,
-    limit: int = 20,
+    since: datetime | None = None,
+    limit: int | None = 20,
 ) -> list[UsageRecord]:
-    """The newest jobs first, optionally of one session, model or status."""
+    """The newest jobs first, optionally of one session, model or status, or since a time."""
     query = select(UsageRecord)
+    if since is not None:
+        query = query.where(UsageRecord.submitted_at >= since)
     if session is not None:
         query = query.where(UsageRecord.session == session)
     if model is not None:
         query = query.where(UsageRecord.model == model)
     if status is not None:
         query = query.where(UsageRecord.status == status)
-    return list(s.scalars(query.order_by(UsageRecord.submitted_at.desc()).limit(limit)))
+    query = query.order_by(UsageRecord.submitted_at.desc())
+    return list(s.scalars(query if limit is None else query.limit(limit)))
 
 
 @dataclass(frozen=True)
