@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from farm.config import masked
 from farm.context import FarmContext, get_context
 from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker, QueueFull
-from farm.queue import TASK_NAME, priority_number, queue_name
+from farm.queue import TASK_NAME, priority_number, queue_name, rejections_key
 from farm.registry import queries, transaction
 from farm.request import Request
 from farm.results import Job
@@ -175,6 +175,10 @@ def _check_room(ctx: FarmContext, model: str, n: int) -> None:
 
 def _full(ctx: FarmContext, model: str) -> QueueFull:
     depth = ctx.depth.get(model, [0, 0, 0])
+    try:
+        ctx.redis.incr(rejections_key(model, "queue_full"))  # farm_rejections_total
+    except Exception as e:  # the count is for metrics; the refusal stands regardless
+        log.debug("could not count a rejection: %s", e)
     return QueueFull(
         f"model '{model}' has {int(depth[1] + depth[2])} jobs queued, the most allowed "
         f"(FARM_MAX_QUEUED={ctx.settings.max_queued}); nothing was queued: try again when "

@@ -67,6 +67,11 @@ def progress_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:tokens"
 
 
+def rejections_key(model: str, reason: str) -> str:
+    """How many submits for a model were refused for `reason` (for the metrics)."""
+    return f"{KEY_PREFIX}rejected:{model}:{reason}"
+
+
 def cancel_key(job_id: str) -> str:
     """Set when a job is cancelled; the worker checks it before and between tokens."""
     return f"{KEY_PREFIX}job:{job_id}:cancel"

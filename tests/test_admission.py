@@ -7,6 +7,7 @@ import pytest
 
 import farm
 from farm.context import get_context, reset_context
+from farm.queue import rejections_key
 from farm.status import queued
 from tests.conftest import MODEL, fill_slots
 
@@ -28,6 +29,8 @@ def test_a_full_queue_refuses_the_next_job_with_the_numbers_and_queues_nothing(
         results = farm.submit_many([{"model": MODEL, "prompt": "bulk", "max_tokens": 1}] * 2)
         assert [type(r).__name__ for r in results] == ["QueueFull", "QueueFull"]
         assert queued(get_context(), MODEL) == 3
+        refused = get_context().redis.get(rejections_key(MODEL, "queue_full"))
+        assert int(refused or 0) >= 3  # farm_rejections_total{reason="queue_full"}
     finally:
         monkeypatch.undo()
         farm_client.activate()

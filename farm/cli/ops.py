@@ -221,6 +221,28 @@ def config(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         out.print(f"    {r['description']}", highlight=False, markup=False, style="dim")
 
 
+@app.command()
+@friendly
+def metrics(
+    port: Annotated[int, typer.Option(help="port to serve /metrics on")] = 9101,
+    address: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    once: Annotated[bool, typer.Option("--once", help="print one scrape and exit")] = False,
+) -> None:
+    """Prometheus metrics of the whole farm: queue depth, jobs, tokens, latencies, slots."""
+    from farm.context import get_context
+    from farm.metrics import render, serve
+
+    ctx = get_context()
+    if once:
+        print(render(ctx).decode(), end="")
+        return
+    err.print(f"serving the farm's metrics on http://{address}:{port}/metrics (Ctrl-C stops)")
+    try:
+        serve(ctx, port, address)
+    except KeyboardInterrupt:
+        return
+
+
 def version_callback(value: bool) -> None:
     if not value:
         return

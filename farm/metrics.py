@@ -1,0 +1,181 @@
+"""Prometheus metrics for the whole farm, read at scrape time from the broker and the registry.
+
+One scrape target serves a fleet of any size: queue depth comes from Redis (Flower's
+`/metrics` has none), jobs, tokens and timings from the usage rows every worker writes,
+slots from the workers' rows. Names follow vLLM's and llama-server's where they have one
+(prompt and generation tokens, time to first token, time per output token). Sessions are
+not a label: their number is unbounded.
+
+    farm metrics --port 9101        # then scrape http://HOST:9101/metrics
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from farm.context import FarmContext
+from farm.queue import PRIORITIES, rejections_key
+
+# Seconds. Queue waits reach an hour for batches; generations a few minutes.
+QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0)
+DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class FarmCollector(Collector):
+    """Everything a Prometheus scrape of the farm shows, built afresh on each scrape."""
+
+    def __init__(self, ctx: FarmContext):
+        self.ctx = ctx
+
+    def collect(self) -> Iterator[Metric]:
+        from farm.registry import transaction
+        from farm.registry.queries import list_models
+        from farm.status import queue_depths
+
+        with transaction(self.ctx.database_url) as s:
+            models = [m.name for m in list_models(s)]
+            yield from _jobs_and_tokens(s)
+            yield from _histograms(s)
+            yield from _workers(s)
+        depth = GaugeMetricFamily(
+            "farm_queue_depth", "Jobs waiting in a model's queue", labels=["model", "priority"]
+        )
+        for model, per in queue_depths(self.ctx, models).items():
+            for priority in PRIORITIES:
+                depth.add_metric([model, priority], per[priority])
+        yield depth
+        rejected = CounterMetricFamily(
+            "farm_rejections", "Submits refused before queuing", labels=["model", "reason"]
+        )
+        pipe = self.ctx.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.get(rejections_key(model, "queue_full"))
+        for model, count in zip(models, pipe.execute(), strict=True):
+            rejected.add_metric([model, "queue_full"], float(count or 0))
+        yield rejected
+
+
+def _jobs_and_tokens(s: Any) -> Iterator[Metric]:
+    from sqlalchemy import func, select
+
+    from farm.registry.tables import UsageRecord as U
+
+    jobs = CounterMetricFamily(
+        "farm_jobs", "Jobs by model, priority and status", labels=["model", "priority", "status"]
+    )
+    for model, priority, status, n in s.execute(
+        select(U.model, U.priority, U.status, func.count()).group_by(U.model, U.priority, U.status)
+    ):
+        jobs.add_metric([model, priority, status], n)
+    yield jobs
+    prompt = CounterMetricFamily("farm_prompt_tokens", "Prompt tokens", labels=["model"])
+    cached = CounterMetricFamily(
+        "farm_prompt_cached_tokens", "Prompt tokens found in the prompt cache", labels=["model"]
+    )
+    generated = CounterMetricFamily("farm_generation_tokens", "Tokens generated", labels=["model"])
+    for model, p, c, g in s.execute(
+        select(
+            U.model,
+            func.sum(U.prompt_tokens),
+            func.sum(U.cached_tokens),
+            func.sum(U.completion_tokens),
+        ).group_by(U.model)
+    ):
+        prompt.add_metric([model], float(p or 0))
+        cached.add_metric([model], float(c or 0))
+        generated.add_metric([model], float(g or 0))
+    yield from (prompt, cached, generated)
+
+
+def _histograms(s: Any) -> Iterator[Metric]:
+    from sqlalchemy import case, func, select
+
+    from farm.registry.tables import UsageRecord as U
+
+    tpot = U.generation_ms / func.nullif(U.completion_tokens, 0)
+    series = (
+        (
+            "farm_queue_wait_seconds",
+            "Time from submit to start",
+            U.queue_wait_ms,
+            QUEUE_WAIT_BUCKETS,
+        ),
+        ("farm_time_to_first_token_seconds", "Time to the first token", U.ttft_ms, TTFT_BUCKETS),
+        ("farm_time_per_output_token_seconds", "Generation time per token", tpot, TPOT_BUCKETS),
+        (
+            "farm_job_duration_seconds",
+            "Generation time of a job",
+            U.generation_ms,
+            DURATION_BUCKETS,
+        ),
+    )
+    for name, doc, column, buckets in series:
+        family = HistogramMetricFamily(name, doc, labels=["model"])
+        query = select(
+            U.model,
+            *(func.sum(case((column <= b * 1000, 1), else_=0)) for b in buckets),
+            func.count(column),
+            func.coalesce(func.sum(column), 0.0),
+        ).group_by(U.model)
+        for row in s.execute(query):
+            model, counts, total, summed = row[0], row[1:-2], row[-2], row[-1]
+            points = [(str(b), float(c or 0)) for b, c in zip(buckets, counts, strict=True)]
+            points.append(("+Inf", float(total or 0)))
+            family.add_metric([model], points, float(summed or 0) / 1000)
+        yield family
+
+
+def _workers(s: Any) -> Iterator[Metric]:
+    from farm.registry.queries import list_workers, live_leases, running_jobs
+
+    leases = live_leases(s)
+    running = running_jobs(s)
+    live = {lease.worker_id for lease in leases}
+    slots = GaugeMetricFamily("farm_worker_slots", "Slots of a live worker", labels=["worker"])
+    busy = GaugeMetricFamily("farm_worker_slots_busy", "Slots running a job", labels=["worker"])
+    for w in list_workers(s):
+        if w.id in live:
+            slots.add_metric([w.id], w.slots)
+            busy.add_metric([w.id], len(running.get(w.id, [])))
+    yield from (slots, busy)
+    per_model = GaugeMetricFamily(
+        "farm_workers_live", "Workers holding a live lease on a model", labels=["model"]
+    )
+    counts: dict[str, int] = {}
+    for lease in leases:
+        counts[lease.model] = counts.get(lease.model, 0) + 1
+    for model, n in sorted(counts.items()):
+        per_model.add_metric([model], n)
+    yield per_model
+
+
+def render(ctx: FarmContext) -> bytes:
+    """One scrape's text, as Prometheus reads it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FarmCollector(ctx))
+    return generate_latest(registry)
+
+
+def serve(ctx: FarmContext, port: int, address: str) -> None:
+    """Serve /metrics until interrupted."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FarmCollector(ctx))
+    start_http_server(port, addr=address, registry=registry)
+    threading.Event().wait()
