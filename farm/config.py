@@ -79,6 +79,17 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a queued job may wait before it is dropped instead of run.",
     )
+    max_wait_low: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds a low job may wait before it moves up to normal (and then to "
+        "high at once): the bound on a low job's wait. 0: never moves.",
+    )
+    max_wait_normal: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds a normal job may wait before it moves up to high. 0: never moves.",
+    )
     max_queued: int = Field(
         default=100_000,
         ge=0,

@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sqlalchemy import select
 
+from farm.aging import age_queues
 from farm.broker import requeue_unacked
 from farm.config import pid_alive
 from farm.context import FarmContext
@@ -190,6 +191,7 @@ class Membership:
                     self.spool.flush(self.ctx.database_url)
                 if self.joined and self.cache:
                     self.cache.unload_idle()
+                    age_queues(self.ctx, list(self.cache.specs))  # bounded waits
                     if time.monotonic() >= self._reap_after:
                         reap_lost_workers(self.ctx)
                         if time.monotonic() >= self._next_reconcile:
