@@ -87,6 +87,17 @@ class Job:
             status = stream_outcome(self._ctx.redis, self.id) or status
         return status
 
+    def position(self) -> dict[str, Any] | None:
+        """While queued: `position` (1 = next), `ahead` (jobs before it per priority) and
+        `starts_in_s` (an estimate from the model's recent jobs and live slots, or None);
+        None once the job is not waiting in its queue."""
+        from farm.status import queue_place
+
+        if self.model is None:
+            self.status()  # learns the model
+        assert self.model is not None
+        return queue_place(self._ctx, self.model, self.id)
+
     # -- waiting -------------------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the job to end and return its Completion.

@@ -50,18 +50,72 @@ def queued(ctx: FarmContext, model: str) -> int:
 
 def queue_position(ctx: FarmContext, model: str, job_id: str) -> int | None:
     """1 when the job is next to run; None when it is not waiting in its queue."""
-    ahead = 0
+    place = queue_place(ctx, model, job_id)
+    return None if place is None else place["position"]
+
+
+def queue_place(ctx: FarmContext, model: str, job_id: str) -> dict[str, Any] | None:
+    """Where a queued job stands: its position (1 = next), the jobs ahead of it per named
+    priority, and an estimate of when it starts; None when it is not in its queue."""
+    ahead = dict.fromkeys(PRIORITIES, 0)
     for step in PRIORITY_STEPS:
         # kombu pushes on the left and pops on the right: the right end runs first.
         messages = ctx.redis.lrange(priority_list_key(model, step), 0, -1)
         for i, raw in enumerate(reversed(messages)):
             try:
-                if json.loads(raw)["headers"]["id"] == job_id:
-                    return ahead + i + 1
+                found = json.loads(raw)["headers"]["id"] == job_id
             except (ValueError, KeyError, TypeError):
                 continue
-        ahead += len(messages)
+            if found:
+                ahead[priority_name(step)] += i
+                total = sum(ahead.values())
+                return {
+                    "position": total + 1,
+                    "ahead": ahead,
+                    "starts_in_s": _eta(ctx, model, total),
+                }
+        ahead[priority_name(step)] += len(messages)
     return None
+
+
+ETA_WINDOW = 50  # recent jobs of the model whose durations the estimate uses
+
+
+def _eta(ctx: FarmContext, model: str, ahead: int) -> float | None:
+    """Seconds until a job with `ahead` jobs before it starts: those jobs, plus the ones
+    running, served at the pace of the model's recent jobs by its live workers' slots.
+    None while the model has no recent job to learn from."""
+    from sqlalchemy import select
+
+    from farm.registry.tables import UsageRecord
+
+    with transaction(ctx.database_url) as s:
+        recent = [
+            float(ms or 0)
+            for ms in s.scalars(
+                select(UsageRecord.generation_ms)
+                .where(
+                    UsageRecord.model == model,
+                    UsageRecord.status == "succeeded",
+                    UsageRecord.generation_ms.is_not(None),
+                )
+                .order_by(UsageRecord.finished_at.desc())
+                .limit(ETA_WINDOW)
+            )
+        ]
+        leases = queries.live_leases(s, model)
+        workers = {w.id: w for w in queries.list_workers(s)}
+        running = queries.running_jobs(s)
+    if not recent or not leases:
+        return None
+    slots = max(1, sum(workers[x.worker_id].slots for x in leases if x.worker_id in workers))
+    free = max(0, slots - sum(len(running.get(x.worker_id, [])) for x in leases))
+    if ahead < free:
+        return 0.0
+    per_job = sorted(recent)[len(recent) // 2] / 1000  # the median recent job, in seconds
+    # Every slot busy: the running jobs end about half a job from now on average, then the
+    # jobs ahead drain `slots` at a time.
+    return round(per_job / 2 + (ahead - free) / slots * per_job, 1)
 
 
 def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
@@ -152,7 +206,9 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
     if info["status"] in ("queued", "running"):
         info["status"] = stream_outcome(ctx.redis, job_id) or info["status"]
     if info["status"] == "queued":
-        info["position"] = queue_position(ctx, info["model"], job_id)
+        place = queue_place(ctx, info["model"], job_id)
+        if place is not None:
+            info.update(place)
     if info["status"] == "running":
         so_far: Any = ctx.redis.get(progress_key(job_id))  # decode_responses: a str
         info["tokens"] = f"{so_far or 0} generated so far"
