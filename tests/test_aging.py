@@ -8,7 +8,7 @@ import redis
 from sqlalchemy import select
 
 import farm
-from farm.aging import age_queues
+from farm.admission.aging import age_queues
 from farm.context import get_context
 from farm.queue import PRIORITIES, priority_list_key
 from farm.registry import transaction

@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sqlalchemy import select
 
-from farm.aging import age_queues
+from farm.admission.aging import age_queues
 from farm.broker import requeue_unacked
 from farm.config import pid_alive
 from farm.context import FarmContext

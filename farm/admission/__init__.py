@@ -1,0 +1,7 @@
+"""Admission: what a job must pass before it is queued, and what keeps the queues fair.
+
+    aging.py     bounded waits: a job past its priority's limit moves up
+    metrics.py   the farm's Prometheus metrics (queue depth, jobs, tokens, latencies)
+
+The bound on a model's queue (FARM_MAX_QUEUED) is checked in `farm/enqueue.py`.
+"""
