@@ -38,7 +38,7 @@ def setup() -> None:
     db = os.environ.get("FARM_BENCH_DATABASE_URL", f"sqlite:///{home / 'registry.db'}")
     os.environ.update({"FARM_HOME": str(home), "FARM_BROKER_URL": broker, "FARM_DATABASE_URL": db})
     from farm.registry import queries, transaction, upgrade
-    from farm.registry.tables import LeaseRecord
+    from farm.registry.tables import LeaseRecord, QuotaRecord
 
     upgrade(db)
     with transaction(db) as s:
@@ -46,6 +46,7 @@ def setup() -> None:
         queries.register_worker(
             s, worker_id="bench@nowhere", host="nowhere", pid=1, device="cpu", versions={}
         )
+        s.add(QuotaRecord(session="bench-quota", tokens_per_day=10**12, max_queued=10**9))
         s.add(
             LeaseRecord(
                 worker_id="bench@nowhere",
@@ -94,6 +95,10 @@ def main() -> None:
         for i in range(per_round):
             farm.submit(f"prompt {i}", model=MODEL, max_tokens=1)
 
+    def farm_quota_loop() -> None:
+        for i in range(per_round):
+            farm.submit(f"prompt {i}", model=MODEL, max_tokens=1, session="bench-quota")
+
     def farm_bulk() -> None:
         results = farm.submit_many(
             {"model": MODEL, "prompt": f"prompt {i}", "max_tokens": 1} for i in range(args.bulk)
@@ -101,7 +106,7 @@ def main() -> None:
         assert all(isinstance(r, farm.Job) for r in results), results[:3]
 
     profiler = cProfile.Profile()
-    celery_s = farm_s = 0.0
+    celery_s = farm_s = quota_s = 0.0
     for _ in range(rounds):
         celery_s += per_round / rate(per_round, celery_loop)
         if args.profile:
@@ -109,12 +114,18 @@ def main() -> None:
         farm_s += per_round / rate(per_round, farm_loop)
         if args.profile:
             profiler.disable()
-    celery, loop = rounds * per_round / celery_s, rounds * per_round / farm_s
+        quota_s += per_round / rate(per_round, farm_quota_loop)
+    n = rounds * per_round
+    celery, loop, quota = n / celery_s, n / farm_s, n / quota_s
     bulk = rate(args.bulk, farm_bulk)
     print(f"plain Celery send_task, farm's settings: {celery:8.0f} submits/s ({args.loop})")
     print(
         f"farm.submit in a loop:                  {loop:8.0f} submits/s ({args.loop}), "
         f"{loop / celery:.2f}x Celery"
+    )
+    print(
+        f"farm.submit, session with a quota:      {quota:8.0f} submits/s ({n}), "
+        f"{(quota_s - farm_s) / n * 1000:+.2f} ms per submit for the reservation"
     )
     print(
         f"farm.submit_many:                       {bulk:8.0f} submits/s ({args.bulk} in "

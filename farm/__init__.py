@@ -36,6 +36,7 @@ from farm.errors import (
     JobTimeout,
     NoLiveWorker,
     QueueFull,
+    QuotaExceeded,
     UnknownJob,
     UnknownModel,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "Message",
     "NoLiveWorker",
     "QueueFull",
+    "QuotaExceeded",
     "Request",
     "Stream",
     "Timings",
@@ -126,8 +128,8 @@ def submit(
     text) or `response_format` (OpenAI's shape: `{"type": "json_object"}` or
     `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`).
 
-    Raises InvalidRequest, UnknownModel, NoLiveWorker, QueueFull or FarmUnavailable; in
-    each case nothing was queued.
+    Raises InvalidRequest, UnknownModel, NoLiveWorker, QueueFull, QuotaExceeded or
+    FarmUnavailable; in each case nothing was queued.
     """
     from farm.config import get_settings
     from farm.enqueue import build, submit_request

@@ -25,6 +25,8 @@ class FarmContext:
     settings: Settings
     # model -> (monotonic expiry, context size): models recently seen served by a live worker.
     servable: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # session -> (monotonic expiry, its quota limits or None)
+    quotas: dict[str, tuple[float, object]] = field(default_factory=dict)
     # model -> [monotonic expiry, queue depth read, jobs this process queued since]
     depth: dict[str, list[float]] = field(default_factory=dict)
 

@@ -23,6 +23,7 @@ from typing import Any
 from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as BrokerError
 
+from farm.admission import quotas
 from farm.config import masked
 from farm.context import FarmContext, get_context
 from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker, QueueFull
@@ -48,9 +49,11 @@ def submit_request(
     _check_servable(ctx, request, wait_for_worker)
     _check_room(ctx, request.model, 1)
     job = _Prepared(request)
+    quotas.reserve(ctx, job.id, request)
     try:
         _send(ctx, job)
     except BrokerError as e:
+        _release(ctx, [job])
         raise _unreachable(ctx, e) from e
     _record(ctx, [job])
     log.info("queued job %s for model %s at priority %s", job.id, request.model, request.priority)
@@ -101,11 +104,13 @@ def submit_many(
                 room[request.model] = _room(ctx, request.model)
             if room[request.model] <= 0:
                 raise _full(ctx, request.model)
+            job = _Prepared(request)
+            quotas.reserve(ctx, job.id, request)
             room[request.model] -= 1
         except FarmError as e:
             results[i] = e
             continue
-        prepared.append((i, _Prepared(request)))
+        prepared.append((i, job))
     for _, job in prepared:  # this process's own submits, until the depth is read again
         if job.request.model in ctx.depth:
             ctx.depth[job.request.model][2] += 1
@@ -137,6 +142,9 @@ def submit_many(
                 results[i] = error
     finally:
         _record(ctx, [job for _, job in sent])
+        _release(
+            ctx, [job for i, job in prepared[len(sent) :] if isinstance(results[i], FarmError)]
+        )
     for i, job in sent:
         results[i] = Job(job.id, job.request.model, ctx)
     log.info("queued %d of %d jobs in bulk", len(sent), len(results))
@@ -236,6 +244,15 @@ def _record(ctx: FarmContext, jobs: list[_Prepared]) -> None:
                 for job in jobs
             ]
         )
+
+
+def _release(ctx: FarmContext, jobs: list[_Prepared]) -> None:
+    """Give back the quota reserved for jobs that were not queued."""
+    for job in jobs:
+        try:
+            quotas.settle(ctx, job.id, 0)
+        except Exception as e:  # Redis gone too: the reservation expires with its day
+            log.warning("could not release the quota of unqueued job %s: %s", job.id, e)
 
 
 def _unreachable(ctx: FarmContext, e: Exception) -> FarmUnavailable:

@@ -8,6 +8,7 @@
     +-- ModelExists            `farm models add` for a name that is already registered
     +-- NoLiveWorker           no worker holds a live lease for the model (says how to start one)
     +-- QueueFull              the model's queue holds FARM_MAX_QUEUED jobs already (says how many)
+    +-- QuotaExceeded          the session's quota has no room for the job (says the numbers)
     +-- UnknownJob             a job id the farm has no record of
     +-- UnknownWorker          `farm models load|unload --worker` names no live worker
     +-- ControlFailed          a worker refused a control command, or did not answer
@@ -39,6 +40,10 @@ class FarmUnavailable(FarmError):
 
 class QueueFull(FarmError):
     """The model's queue already holds the most jobs allowed (FARM_MAX_QUEUED)."""
+
+
+class QuotaExceeded(FarmError):
+    """The session's tokens per day or jobs in flight leave no room for the job."""
 
 
 class InvalidRequest(FarmError):

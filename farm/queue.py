@@ -72,6 +72,26 @@ def rejections_key(model: str, reason: str) -> str:
     return f"{KEY_PREFIX}rejected:{model}:{reason}"
 
 
+def quota_used_key(session: str, day: str) -> str:
+    """Tokens a session's jobs used on a (UTC) day, settled as they end."""
+    return f"{KEY_PREFIX}quota:{session}:{day}:used"
+
+
+def quota_reserved_key(session: str, day: str) -> str:
+    """Tokens reserved by a session's jobs submitted that day and not ended yet."""
+    return f"{KEY_PREFIX}quota:{session}:{day}:reserved"
+
+
+def quota_active_key(session: str) -> str:
+    """A session's jobs queued or running."""
+    return f"{KEY_PREFIX}quota:{session}:active"
+
+
+def quota_job_key(job_id: str) -> str:
+    """A job's reservation (session, day, tokens) until it is settled, once."""
+    return f"{KEY_PREFIX}job:{job_id}:quota"
+
+
 def cancel_key(job_id: str) -> str:
     """Set when a job is cancelled; the worker checks it before and between tokens."""
     return f"{KEY_PREFIX}job:{job_id}:cancel"

@@ -72,6 +72,9 @@ def expire_orphaned_rows(ctx: FarmContext) -> list[str]:
     )
     with transaction(ctx.database_url) as s:
         expired = queries.expire_stale_queued(s, older_than=cutoff, reason=reason)
+    from farm.admission import quotas
+
     for job_id in expired:
         log.warning("job %s was lost before it ran; its usage row now says expired", job_id)
+        quotas.settle(ctx, job_id, 0)
     return expired

@@ -251,6 +251,9 @@ class Job:
             cancelled_queued = queries.cancel_if_queued(s, job_id=self.id)
         if cancelled_queued:
             publish(ctx.redis, self.id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            from farm.admission import quotas
+
+            _redis_call(quotas.settle, ctx, self.id, 0)  # it will never run: give it back
         try:
             # Workers drop revoked ids on receipt; the registry row covers workers that miss it.
             ctx.app.control.revoke(self.id)

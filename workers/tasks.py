@@ -21,6 +21,7 @@ from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
+from farm.admission import quotas
 from farm.context import FarmContext
 from farm.errors import FarmError, FarmUnavailable, JobFailed
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
@@ -251,6 +252,11 @@ class JobRunner:
 
         With the request, the row is first inserted if nobody recorded the job yet (the
         client records it just after sending, so a fast failure here can come first)."""
+        try:
+            used = int(fields.get("prompt_tokens") or 0) + int(fields.get("completion_tokens") or 0)
+            quotas.settle(self.ctx, job_id, used)  # once, whichever delivery gets here first
+        except Exception as e:  # the job's outcome stands; its reservation expires with its day
+            log.warning("could not settle the quota of job %s: %s", job_id, e)
         try:
             self._write_end(job_id, status, request, **fields)
         except FarmUnavailable:

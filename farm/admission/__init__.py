@@ -1,5 +1,6 @@
 """Admission: what a job must pass before it is queued, and what keeps the queues fair.
 
+    quotas.py    tokens per day and jobs in flight per session, reserved at submit
     aging.py     bounded waits: a job past its priority's limit moves up
     metrics.py   the farm's Prometheus metrics (queue depth, jobs, tokens, latencies)
 

@@ -58,11 +58,15 @@ class FarmCollector(Collector):
         rejected = CounterMetricFamily(
             "farm_rejections", "Submits refused before queuing", labels=["model", "reason"]
         )
+        reasons = ("queue_full", "quota")
         pipe = self.ctx.redis.pipeline(transaction=False)
         for model in models:
-            pipe.get(rejections_key(model, "queue_full"))
-        for model, count in zip(models, pipe.execute(), strict=True):
-            rejected.add_metric([model, "queue_full"], float(count or 0))
+            for reason in reasons:
+                pipe.get(rejections_key(model, reason))
+        counts = iter(pipe.execute())
+        for model in models:
+            for reason in reasons:
+                rejected.add_metric([model, reason], float(next(counts) or 0))
         yield rejected
 
 

@@ -138,5 +138,19 @@ class UsageRecord(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
 
+class QuotaRecord(Base):
+    """A session's limits: tokens per day (prompt and completion) and jobs queued or running.
+
+    What is used and reserved lives in Redis (farm/admission/quotas.py), where a submit
+    reserves atomically; the registry keeps the limits and, in usage, what was used."""
+
+    __tablename__ = "quotas"
+
+    session: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")
 JOB_STATUSES = ("queued", "running", *TERMINAL_STATUSES)

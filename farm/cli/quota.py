@@ -1,0 +1,103 @@
+"""`farm quota set|list|remove`: per-session limits on tokens per day and jobs in flight."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from farm.cli.base import _db_url, _db_url_for_writes, app, fold_table, friendly, out
+
+quota_app = typer.Typer(help="Per-session quotas: tokens per day, jobs queued or running.")
+app.add_typer(quota_app, name="quota", no_args_is_help=True)
+
+
+@quota_app.command("set")
+@friendly
+def quota_set(
+    session: Annotated[str, typer.Argument(metavar="SESSION", help="the session to limit")],
+    tokens_per_day: Annotated[
+        int | None,
+        typer.Option(metavar="N", min=1, help="prompt and completion tokens per UTC day"),
+    ] = None,
+    max_queued: Annotated[
+        int | None, typer.Option(metavar="N", min=1, help="jobs queued or running at once")
+    ] = None,
+) -> None:
+    """Set (or change) a session's limits; a submit over them is refused before queuing."""
+    from farm.errors import InvalidRequest
+    from farm.registry import transaction
+    from farm.registry.tables import QuotaRecord, utcnow
+    from farm.request import Request
+
+    if tokens_per_day is None and max_queued is None:
+        raise InvalidRequest("give --tokens-per-day N, --max-queued N, or both")
+    Request.model_validate({"model": "m", "prompt": "p", "session": session})  # a valid name
+    with transaction(_db_url_for_writes()) as s:
+        row = s.get(QuotaRecord, session) or QuotaRecord(session=session)
+        if tokens_per_day is not None:
+            row.tokens_per_day = tokens_per_day
+        if max_queued is not None:
+            row.max_queued = max_queued
+        row.updated_at = utcnow()
+        s.add(row)
+    out.print(f"quota for session '{session}' set", highlight=False)
+
+
+@quota_app.command("list")
+@friendly
+def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every session's limits, tokens used today and reserved now, and jobs in flight."""
+    from sqlalchemy import select
+
+    from farm.admission.quotas import resets_at, standing
+    from farm.context import get_context
+    from farm.registry import transaction
+    from farm.registry.tables import QuotaRecord
+
+    with transaction(_db_url()) as s:
+        rows = list(s.scalars(select(QuotaRecord).order_by(QuotaRecord.session)))
+        found: list[dict[str, Any]] = [
+            {"session": r.session, "tokens_per_day": r.tokens_per_day, "max_queued": r.max_queued}
+            for r in rows
+        ]
+    ctx = get_context()
+    for q in found:
+        q.update(standing(ctx, q["session"]))
+        q["resets_at"] = resets_at().isoformat()
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    if not found:
+        out.print("no quotas set; every session is unlimited (`farm quota set SESSION ...`)")
+        return
+    table = fold_table("session", "tokens/day", "used today", "reserved", "max queued", "in flight")
+    for q in found:
+        table.add_row(
+            q["session"],
+            str(q["tokens_per_day"] or "-"),
+            str(q["used_today"]),
+            str(q["reserved"]),
+            str(q["max_queued"] or "-"),
+            str(q["in_flight"]),
+        )
+    out.print(table)
+
+
+@quota_app.command("remove")
+@friendly
+def quota_remove(session: Annotated[str, typer.Argument(metavar="SESSION")]) -> None:
+    """Remove a session's limits (it becomes unlimited)."""
+    from farm.errors import InvalidRequest
+    from farm.registry import transaction
+    from farm.registry.tables import QuotaRecord
+
+    with transaction(_db_url()) as s:
+        row = s.get(QuotaRecord, session)
+        if row is None:
+            raise InvalidRequest(
+                f"session '{session}' has no quota; `farm quota list` shows those that do"
+            )
+        s.delete(row)
+    out.print(f"quota for session '{session}' removed", highlight=False)
