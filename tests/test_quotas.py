@@ -88,3 +88,12 @@ def test_quota_commands_set_list_remove_and_refuse_bad_values(farm_client):
     assert farm_client.farm("quota", "remove", "cli-q").returncode == 0
     gone = farm_client.farm("quota", "remove", "cli-q")
     assert gone.returncode == 1 and "session 'cli-q' has no quota" in gone.stderr
+
+
+def test_a_failed_job_gives_back_its_reservation_and_counts_nothing(farm_client):
+    set_quota(farm_client, "q-fail", "--tokens-per-day", "1000000")
+    job = farm.submit("word " * 6000, model=MODEL, max_tokens=4, session="q-fail")
+    with pytest.raises(farm.JobFailed, match="holds 4096"):
+        job.result(timeout=60)
+    finished_usage(farm_client.database_url, job.id)
+    assert standing(get_context(), "q-fail") == {"used_today": 0, "reserved": 0, "in_flight": 0}
