@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,28 @@ def live_farm(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     f.activate()
     yield f
     f.stop_workers()
+
+
+@contextmanager
+def own_farm(
+    redis_db: int, home: Path, worker: str, *worker_args: str, env: dict[str, str] | None = None
+) -> Iterator[FarmUnderTest]:
+    """A farm of its own (a Redis database, a SQLite registry, one Gemma worker named
+    `worker`) for a test whose settings or load must not touch the shared live farm."""
+    url = REDIS_URL.rsplit("/", 1)[0] + f"/{redis_db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    f = FarmUnderTest(home, url, f"sqlite:///{home / 'registry.db'}")
+    f.env.update(env or {})
+    prepare_registry(f.database_url)
+    try:
+        proc = f.start_worker(MODEL, worker, *worker_args)
+        f.wait_for_lease(proc=proc)
+        f.activate()
+        yield f
+    finally:
+        f.stop_workers()
+        client.flushdb()
 
 
 def fill_slots(n: int = LIVE_SLOTS, model: str = MODEL, max_tokens: int = 150) -> list[Any]:

@@ -4,7 +4,6 @@ FARM_MAX_WAIT_LOW, instead of starving."""
 from __future__ import annotations
 
 import pytest
-import redis
 from sqlalchemy import select
 
 import farm
@@ -13,27 +12,16 @@ from farm.context import get_context
 from farm.queue import PRIORITIES, priority_list_key
 from farm.registry import transaction
 from farm.registry.tables import UsageRecord
-from tests.conftest import MODEL, REDIS_URL, FarmUnderTest, prepare_registry
+from tests.conftest import MODEL, own_farm
 
 pytestmark = pytest.mark.e2e
-
-AGING_REDIS = REDIS_URL.rsplit("/", 1)[0] + "/10"
 
 
 @pytest.fixture
 def aging_farm(redis_url, tmp_path):
-    client = redis.Redis.from_url(AGING_REDIS)
-    client.flushdb()
-    f = FarmUnderTest(tmp_path, AGING_REDIS, f"sqlite:///{tmp_path / 'registry.db'}")
-    f.env["FARM_MAX_WAIT_LOW"] = "2"
-    f.env["FARM_MAX_WAIT_NORMAL"] = "1"
-    prepare_registry(f.database_url)
-    proc = f.start_worker(MODEL, "aging@test", "--parallel", "1")
-    f.wait_for_lease(proc=proc)
-    f.activate()
-    yield f
-    f.stop_workers()
-    client.flushdb()
+    limits = {"FARM_MAX_WAIT_LOW": "2", "FARM_MAX_WAIT_NORMAL": "1"}
+    with own_farm(10, tmp_path, "aging@test", "--parallel", "1", env=limits) as f:
+        yield f
 
 
 def test_a_low_job_behind_forty_high_ones_starts_after_its_wait_limit_not_after_them(aging_farm):

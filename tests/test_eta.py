@@ -4,29 +4,18 @@ started on a one-slot worker with a backlog."""
 from __future__ import annotations
 
 import pytest
-import redis
 
 import farm
 from farm.registry import queries, transaction
-from tests.conftest import MODEL, REDIS_URL, FarmUnderTest, prepare_registry
+from tests.conftest import MODEL, own_farm
 
 pytestmark = pytest.mark.e2e
-
-ETA_REDIS = REDIS_URL.rsplit("/", 1)[0] + "/9"
 
 
 @pytest.fixture
 def one_slot_farm(redis_url, tmp_path):
-    client = redis.Redis.from_url(ETA_REDIS)
-    client.flushdb()
-    f = FarmUnderTest(tmp_path, ETA_REDIS, f"sqlite:///{tmp_path / 'registry.db'}")
-    prepare_registry(f.database_url)
-    proc = f.start_worker(MODEL, "eta@test", "--parallel", "1")
-    f.wait_for_lease(proc=proc)
-    f.activate()
-    yield f
-    f.stop_workers()
-    client.flushdb()
+    with own_farm(9, tmp_path, "eta@test", "--parallel", "1") as f:
+        yield f
 
 
 def job(i: int) -> farm.Job:
