@@ -152,5 +152,19 @@ class QuotaRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ApiKeyRecord(Base):
+    """A key for the OpenAI-compatible gateway: only its SHA-256 is kept; it maps to a
+    session, so its usage is accounted there."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in `farm keys list`
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    session: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")
 JOB_STATUSES = ("queued", "running", *TERMINAL_STATUSES)

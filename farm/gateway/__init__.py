@@ -1,0 +1,6 @@
+"""The OpenAI-compatible HTTP gateway: `farm serve`.
+
+app.py      FastAPI endpoints (/v1/models, /v1/chat/completions, /v1/completions)
+openai.py   OpenAI's request, response, stream and error shapes <-> farm's
+keys.py     API keys (hashed), each mapped to a session
+"""

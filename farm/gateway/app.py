@@ -1,0 +1,187 @@
+"""The OpenAI-compatible gateway: FastAPI on top of farm.submit and the job's stream.
+
+    GET  /health                  ok, and whether keys are required
+    GET  /v1/models               the registered, enabled models
+    POST /v1/chat/completions     chat; "stream": true gives server-sent events ending in [DONE]
+    POST /v1/completions          plain prompts, the same way
+
+An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
+With no key in the registry the gateway needs none (a laptop, on 127.0.0.1); `farm serve`
+refuses another address until keys exist. Priority comes from `X-Farm-Priority` (high,
+normal, low; default normal). A client that disconnects mid-stream cancels its job.
+Endpoints are plain functions: FastAPI runs them in its thread pool, as farm's client
+calls block.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from farm.errors import FarmError
+from farm.gateway import openai
+
+log = logging.getLogger(__name__)
+
+PRIORITIES = ("high", "normal", "low")
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="farm", docs_url=None, redoc_url=None)
+    unauthorized_handler(app)
+
+    @app.exception_handler(FarmError)
+    def _farm_error(_: Request, e: Exception) -> JSONResponse:
+        status, body = openai.error(e)
+        if status >= 500:
+            log.warning("request failed: %s", e)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "keys_required": _keys_required()}
+
+    @app.get("/v1/models")
+    def models(request: Request) -> dict[str, Any]:
+        _session(request)
+        from farm.context import get_context
+        from farm.registry import queries, transaction
+
+        with transaction(get_context().database_url) as s:
+            found = [m for m in queries.list_models(s) if m.enabled]
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": m.name,
+                        "object": "model",
+                        "created": int(m.created_at.timestamp()),
+                        "owned_by": "farm",
+                    }
+                    for m in found
+                ],
+            }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return await _complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await _complete(request, chat=False)
+
+    return app
+
+
+async def _complete(request: Request, *, chat: bool) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        body = await request.json()
+    except ValueError:
+        raise openai.BadBody("the request body is not JSON") from None
+    return await run_in_threadpool(_run, request, body, chat)
+
+
+def _run(request: Request, body: Any, chat: bool) -> Any:
+    import farm
+
+    session = _session(request)
+    fields = openai.request_fields(body, chat=chat)
+    priority = request.headers.get("x-farm-priority", "normal")
+    if priority not in PRIORITIES:
+        raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
+    stream = bool(body.get("stream"))
+    job = farm.submit(session=session, priority=priority, stream_tokens=stream, **fields)  # type: ignore[arg-type]
+    if not stream:
+        c = job.result()
+        return openai.chat_response(c) if chat else openai.completion_response(c)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return StreamingResponse(
+        _events(job, fields["model"], chat, include_usage), media_type="text/event-stream"
+    )
+
+
+_END = object()
+
+
+async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """The job's text as server-sent events. When the client goes away, Starlette cancels
+    this generator mid-await, and the job is cancelled."""
+    import json
+    import threading
+
+    from starlette.concurrency import run_in_threadpool
+
+    tokens = job.stream()
+    done = False
+    try:
+        if chat:
+            yield openai.chunk(job.id, model, chat=True, role=True, text="")
+        while (piece := await run_in_threadpool(next, tokens, _END)) is not _END:
+            yield openai.chunk(job.id, model, chat=chat, text=str(piece))
+        c = job.completion
+        yield openai.chunk(
+            job.id, model, chat=chat, finish=openai.FINISH.get(c.finish_reason, "stop")
+        )
+        if include_usage:
+            yield openai.chunk(job.id, model, chat=chat, usage_of=c)
+        done = True
+        yield "data: [DONE]\n\n"
+    except FarmError as e:  # the status line is sent: the error goes in the stream
+        done = True
+        yield f"data: {json.dumps(openai.error(e)[1])}\n\n"
+    finally:
+        if not done:  # a thread, not an await: this task may be being cancelled
+            threading.Thread(target=job.cancel, daemon=True).start()
+
+
+def _keys_required() -> bool:
+    from farm.context import get_context
+    from farm.gateway import keys
+    from farm.registry import transaction
+
+    with transaction(get_context().database_url) as s:
+        return keys.any_keys(s)
+
+
+def _session(request: Request) -> str:
+    """The session of the request's key; 'default' when the farm has no keys at all."""
+    from farm.context import get_context
+    from farm.gateway import keys
+    from farm.registry import transaction
+
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    with transaction(get_context().database_url) as s:
+        if not keys.any_keys(s):
+            return "default"  # a farm without keys (a laptop): whatever key a tool sends
+        session = keys.session_of(s, token) if token else None
+    if session is None:
+        raise _Unauthorized()
+    return session
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def unauthorized_handler(app: FastAPI) -> None:
+    @app.exception_handler(_Unauthorized)
+    def _401(_: Request, __: Exception) -> JSONResponse:
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "missing or unknown API key: send Authorization: Bearer KEY "
+                    "(`farm keys create --session NAME` makes one)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            },
+            status_code=401,
+        )

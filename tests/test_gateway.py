@@ -1,0 +1,141 @@
+"""The OpenAI-compatible gateway with the official `openai` package, against a real
+`farm serve` in front of the live farm's worker."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import delete
+
+from farm.registry import transaction
+from farm.registry.tables import ApiKeyRecord
+from tests.conftest import MODEL, FarmUnderTest, finished_usage
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def gateway(live_farm: FarmUnderTest) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "serve", "--port", str(port)],
+        env=live_farm.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_models_chat_streaming_and_completions_through_the_openai_sdk(gateway, live_farm):
+    c = client(gateway)
+    assert MODEL in [m.id for m in c.models.list()]
+    reply = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, seed=1
+    )
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage and reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 5
+    job_id = reply.id.removeprefix("chatcmpl-")
+    [row] = finished_usage(live_farm.database_url, job_id)
+    assert row.session == "default"  # type: ignore[attr-defined]
+
+    pieces, usage = [], None
+    for chunk in c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert pieces and usage is not None and usage.completion_tokens > 0
+
+    text = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert text.choices[0].text and text.usage and text.usage.completion_tokens == 5
+    assert text.choices[0].finish_reason == "length"
+
+
+def test_openai_shaped_errors_name_the_problem(gateway):
+    c = client(gateway)
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=9
+        )
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "temperature"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as missing:
+        c.chat.completions.create(model="deepsek", messages=[{"role": "user", "content": "hi"}])
+    assert "unknown model 'deepsek'" in str(missing.value)
+    r = httpx.post(f"{gateway}/v1/chat/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_job(gateway, live_farm):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 2000,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        job_id = json.loads(first[6:])["id"].removeprefix("chatcmpl-")
+        for _ in range(5):
+            next(lines)
+    [row] = finished_usage(live_farm.database_url, job_id, timeout=30)
+    assert row.status == "cancelled" and row.completion_tokens < 2000  # type: ignore[attr-defined]
+
+
+def test_keys_map_to_sessions_and_a_bad_or_revoked_key_is_refused(gateway, live_farm):
+    key = live_farm.farm("keys", "create", "--session", "gw-alice").stdout.strip()
+    other = live_farm.farm("keys", "create", "--session", "gw-bob").stdout.strip()
+    assert key.startswith("farm-") and other.startswith("farm-") and key != other
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(gateway, "not-a-key").models.list()
+        with pytest.raises(openai.AuthenticationError):
+            client(gateway).models.list()  # keys exist now: none is no longer enough
+        reply = client(gateway, key).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        [row] = finished_usage(live_farm.database_url, reply.id.removeprefix("cmpl-"))
+        assert row.session == "gw-alice"  # type: ignore[attr-defined]
+        assert live_farm.farm("keys", "revoke", key).returncode == 0
+        with pytest.raises(openai.AuthenticationError):
+            client(gateway, key).models.list()  # refused at once
+        assert client(gateway, other).models.list()  # the other key still works
+    finally:
+        with transaction(live_farm.database_url) as s:
+            s.execute(delete(ApiKeyRecord))  # other tests' gateways need no key
