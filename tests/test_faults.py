@@ -5,6 +5,7 @@ URL. Nothing is lost and no usage row is wrong."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -95,7 +96,15 @@ def test_a_ten_second_registry_outage_under_load_fails_no_job_and_leaves_every_r
     finally:
         proxy.restore()
     print(f"\nregistry cut for {time.monotonic() - cut_at:.1f}s with {len(jobs)} jobs in play")
-    completions = {j.id: j.result(timeout=180) for j in jobs}  # none failed
+    try:
+        completions = {j.id: j.result(timeout=120) for j in jobs}  # none failed
+    except farm.JobTimeout:
+        # Say what the worker is doing: every thread's stack, into its log.
+        worker = f.workers[0]
+        os.kill(worker.pid, signal.SIGUSR1)
+        time.sleep(2)
+        log = next(f.home.glob("worker-*.log")).read_text(errors="replace")
+        pytest.fail("a job never finished; the worker's log ends:\n" + log[-12000:])
     for job in jobs:
         [row] = finished_usage(db, job.id, timeout=60)
         c = completions[job.id]

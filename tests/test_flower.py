@@ -90,7 +90,12 @@ def test_flower_shows_the_worker_and_a_finished_task_without_its_prompt(
     base = f"http://farm:s3cret@127.0.0.1:{flower}"
     workers_page = chromium(tmp_path, "--dump-dom", f"{base}/workers")
     assert c.worker in workers_page
-    tasks_page = chromium(tmp_path, "--dump-dom", f"{base}/tasks")
+    # The tasks table is filled by the page's own script: wait for it, a few tries.
+    for _ in range(6):
+        tasks_page = chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", f"{base}/tasks")
+        if c.job_id in tasks_page:
+            break
+        time.sleep(1)
     assert c.job_id in tasks_page and "farm.generate" in tasks_page
     task_page = chromium(tmp_path, "--dump-dom", f"{base}/task/{c.job_id}")
     assert "prompt of 33 chars" in task_page and secret_prompt not in task_page

@@ -14,8 +14,10 @@ non-zero with the reason and never holds a lease.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -73,6 +75,8 @@ def serve(
 ) -> int:
     """Load `models` and serve their queues until stopped. Returns the exit status."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `kill -USR1 PID` prints every thread's stack to the worker's log: what is it doing?
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     ctx = get_context()
     if not ctx.settings.log_prompts:
         # Celery logs each task's return value, which holds the generated text: user data.

@@ -12,9 +12,11 @@ keeps serving the next one.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery, Task, states
@@ -44,6 +46,7 @@ from workers.models import ModelCache
 from workers.spool import UsageSpool
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class JobRunner:
@@ -200,7 +203,8 @@ class JobRunner:
         """
         delay, deadline = 0.25, time.monotonic() + self.ctx.settings.registry_wait
         while True:
-            try:
+
+            def mark() -> str | None:
                 with transaction(self.ctx.database_url) as s:
                     return queries.record_started(
                         s,
@@ -211,6 +215,9 @@ class JobRunner:
                         worker_id=self.worker_id,
                         submitted_at=datetime.fromtimestamp(submitted, UTC),
                     )
+
+            try:
+                return bounded(mark, REGISTRY_CALL_S)
             except FarmUnavailable as e:
                 if time.monotonic() >= deadline:
                     log.error("registry still unreachable; job %s goes back to its queue", job_id)
@@ -258,7 +265,7 @@ class JobRunner:
         except Exception as e:  # the job's outcome stands; its reservation expires with its day
             log.warning("could not settle the quota of job %s: %s", job_id, e)
         try:
-            self._write_end(job_id, status, request, **fields)
+            bounded(lambda: self._write_end(job_id, status, request, **fields), REGISTRY_CALL_S)
         except FarmUnavailable:
             row = None
             if request is not None:
@@ -307,6 +314,34 @@ class JobRunner:
         self._end(job_id, "failed", request, error=reason, worker_id=self.worker_id)
         self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
+
+
+REGISTRY_CALL_S = 20.0  # a registry call that has not answered by then counts as an outage
+
+
+def bounded(call: Callable[[], T], seconds: float) -> T:
+    """`call()`, or FarmUnavailable when it has not returned within `seconds`.
+
+    A database call can block for good on a connection whose peer vanished mid-request;
+    the job must not block with it. The call goes on in its own thread (what it writes is
+    idempotent) and the job retries or spools as for any outage."""
+    result: list[Any] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="farm-registry-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise FarmUnavailable(f"the registry did not answer within {seconds:g}s")
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 class _Done(Exception):
