@@ -2,6 +2,8 @@
 appear, the prompt does not, and pages need the password. The screenshot is kept in
 test-artifacts/."""
 
+import base64
+import json
 import shutil
 import socket
 import subprocess
@@ -81,7 +83,24 @@ def test_flower_shows_the_worker_and_a_finished_task_without_its_prompt(
     farm_client, flower, tmp_path
 ):
     secret_prompt = "my private question about the sky"
-    c = farm.infer(secret_prompt, model=MODEL, max_tokens=4, timeout=60)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"farm:s3cret").decode()}
+
+    def flower_has(job_id: str) -> bool:
+        request = urllib.request.Request(f"http://127.0.0.1:{flower}/api/tasks", headers=auth)
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return job_id in json.loads(r.read())
+
+    # Flower answers /healthcheck before its event receiver runs: a job finished before
+    # that is never seen. Run jobs until Flower has captured one.
+    for _ in range(10):
+        c = farm.infer(secret_prompt, model=MODEL, max_tokens=4, timeout=60)
+        deadline = time.monotonic() + 5
+        while not flower_has(c.job_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if flower_has(c.job_id):
+            break
+    else:
+        pytest.fail("Flower captured none of 10 jobs' events")
 
     with pytest.raises(urllib.error.HTTPError) as denied:
         urllib.request.urlopen(f"http://127.0.0.1:{flower}/workers", timeout=5)
