@@ -13,13 +13,20 @@ from farm.queue import TASK_NAME, queue_name
 from farm.registry import transaction
 from farm.registry.tables import UsageRecord
 from farm.status import job_status, queue_depths
-from tests.conftest import MODEL, fill_slots
+from tests.conftest import LIVE_SLOTS, MODEL
 
 pytestmark = pytest.mark.e2e
 
 
 def test_high_priority_jobs_overtake_queued_low_ones_while_every_slot_is_busy(farm_client):
-    busy = fill_slots(max_tokens=150)
+    # Busy jobs of different lengths free their slots one at a time, so the queued jobs
+    # start one by one in the order they are taken from the queue.
+    busy = [
+        farm.submit(f"Tell me a long story, part {i}.", model=MODEL, max_tokens=60 + 30 * i)
+        for i in range(LIVE_SLOTS)
+    ]
+    for job in busy:
+        next(job.stream(timeout=120))
     lows = [farm.submit(f"low {i}", model=MODEL, priority="low", max_tokens=2) for i in range(5)]
     # A message that names no priority must not jump the queue: it gets "normal".
     request = farm.Request(model=MODEL, prompt="no priority", stopping={"max_tokens": 2})
