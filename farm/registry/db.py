@@ -34,7 +34,11 @@ def get_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # SQLAlchemy's default PostgreSQL driver is psycopg2; farm installs psycopg 3.
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, connect_args=_connect_timeout(parsed))
+    # No pool_pre_ping: on a connection broken mid-outage, SQLAlchemy's psycopg ping fails,
+    # then blocks (or raises ProgrammingError) restoring autocommit on the dead connection,
+    # which hung a job's thread. A broken connection instead fails its first statement as
+    # a disconnect, the pool is invalidated, and farm's callers retry (FarmUnavailable).
+    return create_engine(url, connect_args=_connect_timeout(parsed))
 
 
 def _connect_timeout(parsed: Any) -> dict[str, Any]:
