@@ -52,6 +52,10 @@ def pg_farm(redis_url, pg_server, tmp_path_factory):
     f = FarmUnderTest(tmp_path_factory.mktemp("pg-farm"), FAULT_REDIS, proxied)
     proc = f.start_worker(MODEL, "pg@test", "--parallel", "8")
     f.wait_for_lease(proc=proc)
+    # The worker reaches the registry through the proxy; this process, the client and
+    # the test's own reads, directly: the outage is the worker's.
+    f.env["FARM_DATABASE_URL"] = direct
+    f.database_url = direct
     f.activate()
     yield f, direct, proxy
     f.stop_workers()
