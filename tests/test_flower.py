@@ -5,7 +5,6 @@ test-artifacts/."""
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import urllib.request
 import pytest
 
 import farm
-from tests.conftest import ARTIFACTS, IN_CI, MODEL
+from tests.conftest import ARTIFACTS, IN_CI, MODEL, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -31,12 +30,6 @@ CHROMIUM_FLAGS = [
     "--virtual-time-budget=5000",
     "--window-size=1280,800",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def chromium(tmp_path, *args: str) -> str:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,9 @@ from sqlalchemy import delete
 
 from farm.registry import transaction
 from farm.registry.tables import ApiKeyRecord
-from tests.conftest import MODEL, FarmUnderTest, finished_usage
+from tests.conftest import MODEL, FarmUnderTest, finished_usage, free_port
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
