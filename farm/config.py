@@ -96,6 +96,14 @@ class Settings(BaseSettings):
         description="Most jobs queued for one model, all priorities together; past it a "
         "submit is refused with QueueFull and nothing is queued. 0: no limit.",
     )
+    batch_window: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Most batch lines queued or running per model at once; the batch "
+        "feeder tops each model's queue up to it, so a batch of any size holds this many "
+        "messages in Redis.",
+    )
     stream_ttl: int = Field(
         default=3600, gt=0, description="Seconds a job's token stream is kept after it ends."
     )

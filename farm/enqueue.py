@@ -64,7 +64,10 @@ BULK_CHUNK = 1000  # messages per pipelined publish (kombu's default batch size)
 
 
 def submit_many(
-    items: Iterable[Request | dict[str, Any]], *, ctx: FarmContext | None = None
+    items: Iterable[Request | dict[str, Any]],
+    *,
+    ctx: FarmContext | None = None,
+    job_ids: list[str] | None = None,
 ) -> list[Job | FarmError]:
     """Queue many requests at once: one Job or one error per item, in the items' order.
 
@@ -73,6 +76,9 @@ def submit_many(
     for it. The rest are published in pipelined batches of BULK_CHUNK and recorded in the
     registry in one transaction. Should the broker fail part-way, the items not queued get
     FarmUnavailable; those queued are recorded and returned as Jobs.
+
+    `job_ids`: the items' job ids, one per item (the batch feeder's, derived from the line,
+    so that a line queued again after a crash is the same job); new ones by default.
     """
     ctx = ctx or get_context()
     ctx.broker_url  # noqa: B018
@@ -86,6 +92,8 @@ def submit_many(
             continue
         results.append(None)
         pending.append((len(results) - 1, request))
+    if job_ids is not None and len(job_ids) != len(results):
+        raise ValueError(f"{len(job_ids)} job ids for {len(results)} items")
     contexts: dict[str, int | FarmError] = {}
     for model in dict.fromkeys(r.model for _, r in pending):
         try:
@@ -104,7 +112,7 @@ def submit_many(
                 room[request.model] = _room(ctx, request.model)
             if room[request.model] <= 0:
                 raise _full(ctx, request.model)
-            job = _Prepared(request)
+            job = _Prepared(request, job_ids[i] if job_ids is not None else None)
             quotas.reserve(ctx, job.id, request)
             room[request.model] -= 1
         except FarmError as e:
@@ -207,8 +215,8 @@ class _Prepared:
 
     __slots__ = ("id", "request", "submitted_at")
 
-    def __init__(self, request: Request):
-        self.id = str(uuid.uuid4())
+    def __init__(self, request: Request, job_id: str | None = None):
+        self.id = job_id or str(uuid.uuid4())
         self.submitted_at = time.time()
         self.request = request.model_copy(update={"submitted_at": self.submitted_at})
 
@@ -225,6 +233,8 @@ def _send(ctx: FarmContext, job: _Prepared, producer: Any = None) -> None:
         # What Flower and logs show instead of the prompt, which is user data.
         argsrepr=_argsrepr(request, ctx),
         kwargsrepr="{}",
+        # A batch line's outcome goes to its line in the registry; nobody reads a result.
+        ignore_result=request.batch is not None,
         producer=producer,
     )
 

@@ -10,6 +10,7 @@
     +-- QueueFull              the model's queue holds FARM_MAX_QUEUED jobs already (says how many)
     +-- QuotaExceeded          the session's quota has no room for the job (says the numbers)
     +-- UnknownJob             a job id the farm has no record of
+    +-- UnknownBatch           a batch or file id the farm has no record of (or not the caller's)
     +-- UnknownWorker          `farm models load|unload --worker` names no live worker
     +-- ControlFailed          a worker refused a control command, or did not answer
     +-- JobError               base of what happens to a job after it was queued
@@ -64,6 +65,10 @@ class NoLiveWorker(FarmError):
 
 class UnknownJob(FarmError):
     """The farm has no record of this job id."""
+
+
+class UnknownBatch(FarmError):
+    """The farm has no record of this batch (or file) id, or it is another session's."""
 
 
 class UnknownWorker(FarmError):

@@ -121,6 +121,13 @@ class ResponseFormat(_Strict):
         return self
 
 
+class BatchLine(_Strict):
+    """Which line of which batch a job runs: its outcome is written on that line."""
+
+    id: str = Field(max_length=64)
+    line: int = Field(ge=1)
+
+
 SAMPLING_FIELDS = frozenset(Sampling.model_fields)
 STOPPING_FIELDS = frozenset(Stopping.model_fields)
 
@@ -139,6 +146,9 @@ class Request(_Strict):
     response_format: ResponseFormat | None = None
     priority: Priority = "normal"
     session: Text = Field(default="default", min_length=1, max_length=128)
+    batch: BatchLine | None = Field(
+        default=None, description="the batch line this job runs (the batch feeder sets it)"
+    )
     stream_tokens: bool = Field(
         default=True, description="write each piece of text to the job's stream as it comes"
     )

@@ -27,14 +27,23 @@ class UsageSpool:
         self.path = folder / f"{re.sub(r'[^A-Za-z0-9@._-]', '_', worker_id)}.jsonl"
         self._lock = threading.Lock()
 
-    def add(self, job_id: str, status: str, row: dict[str, Any] | None, fields: dict[str, Any]):
+    def add(
+        self,
+        job_id: str,
+        status: str,
+        row: dict[str, Any] | None,
+        fields: dict[str, Any],
+        line: dict[str, Any] | None = None,
+    ) -> None:
         """Keep one usage write: `row` (session, model, priority, submitted_at) inserts the
-        row if nobody recorded the job yet."""
+        row if nobody recorded the job yet; `line` (batch, line, result) is a batch line's
+        outcome, written on the line."""
         entry = {
             "job_id": job_id,
             "status": status,
             "row": row,
             "fields": {**fields, "finished_at": datetime.now(UTC).isoformat()},
+            "line": line,
         }
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,5 +98,17 @@ def apply(s: Any, entry: dict[str, Any]) -> None:
             model=row["model"],
             priority=row["priority"],
             submitted_at=datetime.fromtimestamp(row["submitted_at"], UTC),
+        )
+    line = entry.get("line")
+    if line is not None:
+        queries.finish_batch_line(
+            s,
+            batch_id=line["batch"],
+            line=line["line"],
+            job_id=entry["job_id"],
+            status=entry["status"],
+            result=line.get("result"),
+            error=fields.get("error"),
+            finished_at=fields["finished_at"],
         )
     queries.record_finished(s, job_id=entry["job_id"], status=entry["status"], **fields)

@@ -28,7 +28,7 @@ from farm.context import FarmContext
 from farm.errors import FarmError, FarmUnavailable, JobFailed
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
 from farm.registry import queries, transaction
-from farm.request import Request, describe_errors
+from farm.request import BatchLine, Request, describe_errors
 from farm.results import (
     CANCELLED,
     DONE,
@@ -145,16 +145,17 @@ class JobRunner:
         )
         fields = _usage_fields(completion)
         if gen.finish_reason == "cancelled":
-            self._end(job_id, "cancelled", **fields)
+            self._end(job_id, "cancelled", batch=request.batch, **fields)
             self._publish(job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
             task.update_state(state=states.REVOKED)
             raise Ignore()
         # The caller waits for this event: send it first, then write the usage row. Should
         # the worker die in between, the redelivered job finds this event and writes usage.
-        self._publish(
-            job_id, DONE, ttl=ctx.settings.stream_ttl, completion=completion.model_dump_json()
-        )
-        self._end(job_id, "succeeded", **fields)
+        # A batch line's result is kept on its line: its event serves redelivery alone.
+        done_ttl = BATCH_EVENT_TTL_S if request.batch else ctx.settings.stream_ttl
+        self._publish(job_id, DONE, ttl=done_ttl, completion=completion.model_dump_json())
+        result = completion.model_dump(mode="json")
+        self._end(job_id, "succeeded", batch=request.batch, result=result, **fields)
         log.info(
             "job %s done: %d+%d tokens, %s, %.0f ms",
             job_id,
@@ -184,8 +185,11 @@ class JobRunner:
             # A delivery before this one finished the job (and may have died before its
             # acknowledgement, or even before its usage write): do not generate twice.
             log.warning("job %s was delivered again after it ended; not run twice", job_id)
-            self._end(job_id, "succeeded", **_usage_fields(previous))
-            raise _Done(previous.model_dump(mode="json"))
+            result = previous.model_dump(mode="json")
+            self._end(
+                job_id, "succeeded", batch=request.batch, result=result, **_usage_fields(previous)
+            )
+            raise _Done(result)
         if ended is not None:
             # It ended (failed, expired or succeeded) and its usage is written: a recorded
             # outcome is never followed by another run of the same job.
@@ -254,18 +258,32 @@ class JobRunner:
             return None
         return Completion.model_validate_json(event[1]["completion"])
 
-    def _end(self, job_id: str, status: str, request: Request | None = None, **fields: Any) -> None:
+    def _end(
+        self,
+        job_id: str,
+        status: str,
+        request: Request | None = None,
+        *,
+        batch: BatchLine | None = None,
+        result: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> None:
         """Complete the usage row (once); kept in the spool while the registry is down.
 
         With the request, the row is first inserted if nobody recorded the job yet (the
-        client records it just after sending, so a fast failure here can come first)."""
+        client records it just after sending, so a fast failure here can come first).
+        With `batch`, the job is a batch line: its outcome (`result`, the Completion, or
+        the error) is written on the line, in the same transaction."""
         try:
             used = int(fields.get("prompt_tokens") or 0) + int(fields.get("completion_tokens") or 0)
             quotas.settle(self.ctx, job_id, used)  # once, whichever delivery gets here first
         except Exception as e:  # the job's outcome stands; its reservation expires with its day
             log.warning("could not settle the quota of job %s: %s", job_id, e)
         try:
-            bounded(lambda: self._write_end(job_id, status, request, **fields), REGISTRY_CALL_S)
+            bounded(
+                lambda: self._write_end(job_id, status, request, batch, result, **fields),
+                REGISTRY_CALL_S,
+            )
         except FarmUnavailable:
             row = None
             if request is not None:
@@ -275,12 +293,31 @@ class JobRunner:
                     "priority": request.priority,
                     "submitted_at": request.submitted_at or time.time(),
                 }
-            self.spool.add(job_id, status, row, fields)
+            line = (
+                None if batch is None else {"batch": batch.id, "line": batch.line, "result": result}
+            )
+            self.spool.add(job_id, status, row, fields, line=line)
 
     def _write_end(
-        self, job_id: str, status: str, request: Request | None = None, **fields: Any
+        self,
+        job_id: str,
+        status: str,
+        request: Request | None,
+        batch: BatchLine | None,
+        result: dict[str, Any] | None,
+        **fields: Any,
     ) -> None:
         with transaction(self.ctx.database_url) as s:
+            if batch is not None:
+                queries.finish_batch_line(
+                    s,
+                    batch_id=batch.id,
+                    line=batch.line,
+                    job_id=job_id,
+                    status=status,
+                    result=result,
+                    error=fields.get("error"),
+                )
             if request is None:
                 queries.record_finished(s, job_id=job_id, status=status, **fields)
             else:
@@ -311,11 +348,14 @@ class JobRunner:
 
     def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
-        self._end(job_id, "failed", request, error=reason, worker_id=self.worker_id)
+        batch = request.batch if request is not None else None
+        self._end(job_id, "failed", request, batch=batch, error=reason, worker_id=self.worker_id)
         self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
 
 
+# How long a batch line's final event is kept: long enough for a redelivery to find it.
+BATCH_EVENT_TTL_S = 300
 REGISTRY_CALL_S = 20.0  # a registry call that has not answered by then counts as an outage
 
 

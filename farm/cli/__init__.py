@@ -5,7 +5,7 @@ Every error a user can cause is printed as one line saying what was wrong and wh
 with exit status 1; nothing is half-queued.
 """
 
-from farm.cli import fleet, gateway, jobs, models, ops, quota  # noqa: F401  (each registers its commands)
+from farm.cli import batch, fleet, gateway, jobs, models, ops, quota  # noqa: F401  (each registers its commands)
 from farm.cli.base import app
 
 

@@ -29,11 +29,15 @@ def up(
     grace: Annotated[
         float, typer.Option(help="seconds a stopping worker may finish its job")
     ] = 30.0,
+    port: Annotated[
+        int, typer.Option(help="the OpenAI-compatible gateway's port on 127.0.0.1 (0: none)")
+    ] = 8000,
 ) -> None:
-    """Start a whole farm here: broker, registry and one worker per model. Ctrl-C stops it.
+    """Start a whole farm here: broker, registry, one worker per model, the batch feeder
+    and the OpenAI-compatible gateway on 127.0.0.1. Ctrl-C stops it.
 
     With FARM_BROKER_URL set, no broker is started: the workers join that farm."""
-    _run_farm(model, profile, ask, once, grace)
+    _run_farm(model, profile, ask, once, grace, port)
 
 
 @app.command()
@@ -55,11 +59,16 @@ def fleet(
             "farm fleet joins an existing farm: set FARM_BROKER_URL (and FARM_DATABASE_URL) "
             "to its servers, or use `farm up` for a farm on this machine alone"
         )
-    _run_farm(model, profile, None, False, grace)
+    _run_farm(model, profile, None, False, grace, None)  # the farm's own feeder and gateway
 
 
 def _run_farm(
-    model: list[str] | None, profile: str | None, ask: str | None, once: bool, grace: float
+    model: list[str] | None,
+    profile: str | None,
+    ask: str | None,
+    once: bool,
+    grace: float,
+    port: int | None,
 ) -> None:
     from farm.context import reset_context
     from farm.embedded import DEFAULT_MODEL, EmbeddedFarm
@@ -88,10 +97,12 @@ def _run_farm(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    services: list[Any] = []
     try:
         farm_.start()
         os.environ["FARM_BROKER_URL"] = farm_.broker_url
         reset_context()
+        services = _start_services(port) if port is not None else []
         err.print('[green]farm is up[/]: try `farm submit "Why is the sky blue?"` in another shell')
         if ask is not None:
             from farm.enqueue import build, submit_request
@@ -107,8 +118,34 @@ def _run_farm(
             "stop now, putting them back in the queue)"
         )
     finally:
+        for stop in services:
+            stop()
         farm_.stop(grace)
         err.print("farm stopped")
+
+
+def _start_services(port: int) -> list[Any]:
+    """The batch feeder and, unless port is 0, the gateway; returns how to stop each."""
+    from farm.batches.feeder import start_feeder
+    from farm.cli.gateway import start_gateway
+
+    thread, feeding = start_feeder()
+
+    def stop_feeder() -> None:
+        feeding.set()
+        thread.join(5)
+
+    stops: list[Any] = [stop_feeder]
+    if port:
+        server = start_gateway(port)
+        if server is None:
+            err.print(f"gateway  not started: port {port} is taken (pass --port)")
+        else:
+            err.print(
+                f"gateway  http://127.0.0.1:{port}/v1 (OpenAI-compatible; no key needed here)"
+            )
+            stops.append(lambda: setattr(server, "should_exit", True))
+    return stops
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

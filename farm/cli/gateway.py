@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,10 +20,12 @@ LOCAL = ("127.0.0.1", "localhost", "::1")
 def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    feeder: Annotated[bool, typer.Option(help="run the batch feeder in this process too")] = True,
 ) -> None:
-    """The OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1)."""
+    """The OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1), and the batch feeder."""
     import uvicorn
 
+    from farm.batches.feeder import start_feeder
     from farm.context import get_context
     from farm.errors import ConfigError
     from farm.gateway import keys
@@ -37,7 +39,34 @@ def serve(
             f"refusing to serve on {host} without API keys: anyone could use the farm; "
             "create one with `farm keys create --session NAME` first, or serve on 127.0.0.1"
         )
-    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    stop = start_feeder()[1] if feeder else None
+    try:
+        uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    finally:
+        if stop is not None:
+            stop.set()
+
+
+def start_gateway(port: int) -> Any:
+    """The gateway on 127.0.0.1:PORT in a thread of this process (for `farm up`); returns
+    the uvicorn server (set `should_exit` to stop it), or None when the port is taken."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from farm.gateway.app import create_app
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
+    )
+    threading.Thread(target=server.run, name="farm-gateway", daemon=True).start()
+    return server
 
 
 @keys_app.command("create")

@@ -217,6 +217,9 @@ def models_remove(name: str) -> None:
 @friendly
 def usage(
     session: Annotated[str | None, typer.Option(metavar="NAME", help="only this session")] = None,
+    batch: Annotated[
+        str | None, typer.Option(metavar="BATCH", help="only this batch's lines (id or name)")
+    ] = None,
     jobs: Annotated[
         bool, typer.Option("--jobs", help="one line per job instead of totals (for billing)")
     ] = False,
@@ -237,12 +240,17 @@ def usage(
         return
 
     with transaction(_db_url()) as s:
-        totals = queries.usage_totals(s, session=session)
+        if batch is not None:
+            from farm.batches.store import get
+
+            batch = get(s, batch).id
+        totals = queries.usage_totals(s, session=session, batch=batch)
     if as_json:
         print(json.dumps([asdict(t) for t in totals], indent=2))
         return
     if not totals:
         where = f" for session '{session}'" if session else ""
+        where += f" for batch {batch}" if batch else ""
         out.print(f"no usage recorded{where} yet")
         return
     table = fold_table(

@@ -4,6 +4,7 @@
     GET  /v1/models               the registered, enabled models
     POST /v1/chat/completions     chat; "stream": true gives server-sent events ending in [DONE]
     POST /v1/completions          plain prompts, the same way
+    /v1/files, /v1/batches        batch jobs (farm/gateway/batches.py)
 
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
 With no key in the registry the gateway needs none (a laptop, on 127.0.0.1); `farm serve`
@@ -74,6 +75,9 @@ def create_app() -> FastAPI:
     async def completions(request: Request) -> Any:
         return await _complete(request, chat=False)
 
+    from farm.gateway.batches import add_routes
+
+    add_routes(app, _session)
     return app
 
 

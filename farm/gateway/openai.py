@@ -17,6 +17,7 @@ from farm.errors import (
     NoLiveWorker,
     QueueFull,
     QuotaExceeded,
+    UnknownBatch,
     UnknownModel,
 )
 
@@ -169,6 +170,10 @@ def error(e: Exception) -> tuple[int, dict[str, Any]]:
     message = str(e)
     if isinstance(e, BadBody):
         return 400, _body(message, "invalid_request_error", e.param, None)
+    from farm.batches.lines import BatchFileError
+
+    if isinstance(e, BatchFileError):
+        return 400, _body(message, "invalid_request_error", "input_file_id", "invalid_batch_file")
     if isinstance(e, InvalidRequest):
         found = re.search(r"invalid '([^']+)'", message) or re.search(
             r"unknown field '([^']+)'", message
@@ -177,6 +182,8 @@ def error(e: Exception) -> tuple[int, dict[str, Any]]:
         return 400, _body(message, "invalid_request_error", param, None)
     if isinstance(e, UnknownModel):
         return 404, _body(message, "invalid_request_error", "model", "model_not_found")
+    if isinstance(e, UnknownBatch):
+        return 404, _body(message, "invalid_request_error", None, "not_found")
     if isinstance(e, QueueFull | QuotaExceeded):
         code = "rate_limit_exceeded" if isinstance(e, QueueFull) else "insufficient_quota"
         return 429, _body(message, "rate_limit_error", None, code)

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from farm.errors import ModelExists, UnknownModel
 from farm.registry.tables import (
     TERMINAL_STATUSES,
+    BatchLineRecord,
     LeaseRecord,
     ModelRecord,
     UsageRecord,
@@ -333,6 +334,39 @@ def record_ended(
     return record_finished(s, job_id=job_id, status=status, **fields)
 
 
+def finish_batch_line(
+    s: Session,
+    *,
+    batch_id: str,
+    line: int,
+    job_id: str,
+    status: str,
+    result: dict[str, Any] | None,
+    error: str | None,
+    finished_at: datetime | None = None,
+) -> bool:
+    """Write a batch line's outcome once: the first of its jobs to end writes it, and a
+    second delivery changes nothing. The line may still read pending (the feeder records
+    it queued just after sending its job): it is matched by batch and line, not job id."""
+    assert status in TERMINAL_STATUSES, status
+    written = s.execute(
+        update(BatchLineRecord)
+        .where(
+            BatchLineRecord.batch_id == batch_id,
+            BatchLineRecord.line == line,
+            BatchLineRecord.status.in_(("pending", "queued")),
+        )
+        .values(
+            status=status,
+            job_id=job_id,
+            result=result,
+            error=error,
+            finished_at=finished_at or utcnow(),
+        )
+    )
+    return bool(getattr(written, "rowcount", 0))
+
+
 def expire_stale_queued(s: Session, *, older_than: datetime, reason: str) -> list[str]:
     """Rows still queued long after any worker would have run or dropped their job: the
     message was lost (a broker that restarted without persistence). End them as expired."""
@@ -397,8 +431,10 @@ class UsageTotal:
     generation_ms: float
 
 
-def usage_totals(s: Session, *, session: str | None = None) -> list[UsageTotal]:
-    """Jobs and tokens per session and model."""
+def usage_totals(
+    s: Session, *, session: str | None = None, batch: str | None = None
+) -> list[UsageTotal]:
+    """Jobs and tokens per session and model; of one session, or of one batch's lines."""
 
     def count(*statuses: str) -> Any:
         return func.sum(case((UsageRecord.status.in_(statuses), 1), else_=0))
@@ -418,6 +454,9 @@ def usage_totals(s: Session, *, session: str | None = None) -> list[UsageTotal]:
     ).group_by(UsageRecord.session, UsageRecord.model)
     if session is not None:
         query = query.where(UsageRecord.session == session)
+    if batch is not None:
+        lines = select(BatchLineRecord.job_id).where(BatchLineRecord.batch_id == batch)
+        query = query.where(UsageRecord.job_id.in_(lines))
     rows = s.execute(query.order_by(UsageRecord.session, UsageRecord.model)).all()
     return [
         UsageTotal(

@@ -1,4 +1,4 @@
-"""The registry's tables: models, workers, leases and usage.
+"""The registry's tables: models, workers, leases, usage, quotas, API keys, and batches.
 
 Named tables and records, not "models": in farm a model is an LLM.
 Every schema change is an Alembic migration in `migrations/versions`.
@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -164,6 +165,78 @@ class ApiKeyRecord(Base):
     session: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class FileRecord(Base):
+    """A file uploaded through the gateway's /v1/files (a batch's input lines)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session: Mapped[str] = mapped_column(String(128), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BatchRecord(Base):
+    """A batch: lines queued by the feeder a few at a time (farm/batches/).
+
+    Status: in_progress, then finalizing and completed; or cancelling and cancelled; or
+    expired (its completion window ended first); failed when it could not start.
+    `name` identifies it for idempotent submits: the caller's name or the file's hash."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    session: Mapped[str] = mapped_column(String(128), index=True)
+    priority: Mapped[str] = mapped_column(String(8))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    total: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    completion_window_s: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    finalizing_at: Mapped[datetime | None] = mapped_column()
+    completed_at: Mapped[datetime | None] = mapped_column()
+    cancelling_at: Mapped[datetime | None] = mapped_column()
+    cancelled_at: Mapped[datetime | None] = mapped_column()
+    expired_at: Mapped[datetime | None] = mapped_column()
+    failed_at: Mapped[datetime | None] = mapped_column()
+
+
+class BatchLineRecord(Base):
+    """One line of a batch: its request, and once it ends, its result or error.
+
+    Status: pending (not queued yet), queued (its job is queued or running: `job_id`),
+    then succeeded, failed, cancelled or expired. The worker writes the outcome once, on
+    the job's id, in the transaction that completes the job's usage row."""
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "line", name="uq_batch_lines_batch_id_line"),
+        Index("ix_batch_lines_batch_id_status", "batch_id", "status"),
+        Index("ix_batch_lines_status_model", "status", "model"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    line: Mapped[int] = mapped_column(Integer)  # 1-based, in the input file
+    custom_id: Mapped[str] = mapped_column(String(512))
+    model: Mapped[str] = mapped_column(String(64))
+    chat: Mapped[bool] = mapped_column()
+    request: Mapped[dict[str, Any]] = mapped_column()  # the Request's fields, on the wire
+    status: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any] | None] = mapped_column()  # the Completion
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")

@@ -1,0 +1,332 @@
+"""The batch feeder: keeps each model's queue topped up with a bounded number of batch lines.
+
+A 100,000-line batch is not 100,000 messages in Redis. Each pass, for every model with
+pending lines, the feeder queues just enough to keep FARM_BATCH_WINDOW of that model's
+lines queued or running, shared evenly between the batches waiting on it, at their
+batches' priority (low by default): an interactive job still goes ahead of every line
+not yet started, and Redis holds at most the window.
+
+    pending --(queued by the feeder, with a job id)--> queued --(worker)--> succeeded/failed
+       ^                                                  |
+       +--- its job expired unrun (a broker that lost it) +   cancelled / expired (the batch)
+
+A line's job id is derived from (batch, line, attempt), and the feeder records a line
+queued only after its job is sent: after a crash in between, the line is queued again
+under the same id, which a worker runs once (the usage row is keyed on it) and whose
+outcome is written on the line once (queries.finish_batch_line). Runs wherever the farm
+runs (`farm up`, `farm serve`, `farm batch feeder`); a Redis lock keeps one pass at a time
+across all of them, and everything it needs is in the registry, so a farm stopped
+mid-batch resumes where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from farm.batches.store import ACTIVE
+from farm.context import FarmContext, get_context
+from farm.errors import FarmError, InvalidRequest, UnknownModel
+from farm.registry import transaction
+from farm.registry.tables import (
+    TERMINAL_STATUSES,
+    BatchLineRecord,
+    BatchRecord,
+    UsageRecord,
+    as_utc,
+    utcnow,
+)
+from farm.request import Request
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "farm:batches:feeder"
+LOCK_TTL_MS = 15_000
+_NAMESPACE = uuid.UUID("5c6b1f5e-9a53-4a53-8f1b-6a7d0f1c2b3a")
+
+
+def line_job_id(batch_id: str, line: int, attempt: int) -> str:
+    """The same job id for the same attempt at a line, whoever queues it."""
+    return str(uuid.uuid5(_NAMESPACE, f"{batch_id}:{line}:{attempt}"))
+
+
+class Feeder:
+    def __init__(self, ctx: FarmContext | None = None, *, window: int | None = None):
+        self.ctx = ctx or get_context()
+        self.window = window or self.ctx.settings.batch_window
+        self._token = uuid.uuid4().hex
+        self._waiting: dict[str, float] = {}  # model -> when "cannot queue" was last logged
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, stop: threading.Event, *, interval: float = 0.2) -> None:
+        """Feed until `stop` is set: a pass whenever this feeder holds the lock."""
+        try:
+            while not stop.is_set():
+                busy = False
+                try:
+                    if self._lock():
+                        busy = self.step() > 0
+                except Exception as e:  # the registry or Redis away: the next pass retries
+                    log.warning("batch feeder: %s: %s; retrying", type(e).__name__, e)
+                    stop.wait(2.0)
+                stop.wait(interval / 4 if busy else interval)
+        finally:
+            self._unlock()
+
+    def _lock(self) -> bool:
+        r = self.ctx.redis
+        if r.set(LOCK_KEY, self._token, nx=True, px=LOCK_TTL_MS):
+            return True
+        # Ours already: renew it (atomic compare-and-extend).
+        return bool(
+            r.eval(
+                "if redis.call('get', KEYS[1]) == ARGV[1] then "
+                "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end",
+                1,
+                LOCK_KEY,
+                self._token,
+                LOCK_TTL_MS,
+            )
+        )
+
+    def _unlock(self) -> None:
+        try:
+            self.ctx.redis.eval(
+                "if redis.call('get', KEYS[1]) == ARGV[1] then "
+                "return redis.call('del', KEYS[1]) else return 0 end",
+                1,
+                LOCK_KEY,
+                self._token,
+            )
+        except Exception as e:  # it expires on its own
+            log.debug("batch feeder lock not released: %s", e)
+
+    # -- one pass ------------------------------------------------------------------------------
+    def step(self) -> int:
+        """One pass over the active batches; returns how many lines it queued."""
+        db = self.ctx.database_url
+        with transaction(db) as s:
+            active = [
+                (b.id, b.status, as_utc(b.expires_at))
+                for b in s.scalars(select(BatchRecord).where(BatchRecord.status.in_(ACTIVE)))
+            ]
+        if not active:
+            return 0
+        now = utcnow()
+        open_ids = [b for b, status, expires in active if status == "in_progress" and now < expires]
+        for batch_id, status, expires in active:
+            if status == "cancelling":
+                self._cancel_queued(batch_id)
+            elif now >= expires:
+                self._expire_pending(batch_id)
+        self._reconcile(set(open_ids))
+        queued = self._feed(open_ids) if open_ids else 0
+        self._finish([b for b, _, _ in active])
+        return queued
+
+    def _feed(self, batch_ids: list[str]) -> int:
+        from sqlalchemy import func
+
+        with transaction(self.ctx.database_url) as s:
+            inflight = dict(
+                s.execute(
+                    select(BatchLineRecord.model, func.count())
+                    .where(BatchLineRecord.status == "queued")
+                    .group_by(BatchLineRecord.model)
+                ).all()
+            )
+            waiting = s.execute(
+                select(BatchLineRecord.model, BatchLineRecord.batch_id)
+                .where(
+                    BatchLineRecord.status == "pending",
+                    BatchLineRecord.batch_id.in_(batch_ids),
+                )
+                .distinct()
+            ).all()
+        per_model: dict[str, list[str]] = {}
+        for model, batch_id in waiting:
+            per_model.setdefault(model, []).append(batch_id)
+        queued = 0
+        for model, batches in sorted(per_model.items()):
+            room = self.window - int(inflight.get(model, 0))
+            if room > 0:
+                queued += self._feed_model(model, sorted(batches), room)
+        return queued
+
+    def _feed_model(self, model: str, batch_ids: list[str], room: int) -> int:
+        """Queue up to `room` lines of `model`, shared evenly between the batches."""
+        from farm.enqueue import submit_many
+
+        share = math.ceil(room / len(batch_ids))
+        picked: list[tuple[BatchLineRecord, BatchRecord]] = []
+        with transaction(self.ctx.database_url) as s:
+            for batch_id in batch_ids:
+                batch = s.get(BatchRecord, batch_id)
+                if batch is None:
+                    continue
+                s.expunge(batch)
+                lines = s.scalars(
+                    select(BatchLineRecord)
+                    .where(
+                        BatchLineRecord.batch_id == batch_id,
+                        BatchLineRecord.model == model,
+                        BatchLineRecord.status == "pending",
+                    )
+                    .order_by(BatchLineRecord.line)
+                    .limit(min(share, room - len(picked)))
+                ).all()
+                for line in lines:
+                    s.expunge(line)
+                    picked.append((line, batch))
+        if not picked:
+            return 0
+        requests: list[Request | dict[str, object]] = []
+        for line, batch in picked:
+            requests.append(
+                {
+                    **line.request,
+                    "session": batch.session,
+                    "priority": batch.priority,
+                    "stream_tokens": False,
+                    "batch": {"id": batch.id, "line": line.line},
+                }
+            )
+        ids = [line_job_id(b.id, line.line, line.attempts + 1) for line, b in picked]
+        results = submit_many(requests, ctx=self.ctx, job_ids=ids)
+        queued, failed, held = [], [], None
+        for (line, _), job_id, result in zip(picked, ids, results, strict=True):
+            if not isinstance(result, FarmError):
+                queued.append((line.id, job_id, line.attempts + 1))
+            elif isinstance(result, InvalidRequest | UnknownModel):
+                failed.append((line.id, str(result)))  # it can never run: the line fails
+            else:
+                held = result  # no worker, queue full, quota, broker: stays pending
+        self.ctx.flush_rows()  # the jobs' usage rows, before the lines point at them
+        now = utcnow()
+        with transaction(self.ctx.database_url) as s:
+            for line_id, job_id, attempt in queued:
+                s.execute(
+                    update(BatchLineRecord)
+                    .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "pending")
+                    .values(status="queued", job_id=job_id, attempts=attempt)
+                )
+            for line_id, reason in failed:
+                s.execute(
+                    update(BatchLineRecord)
+                    .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "pending")
+                    .values(status="failed", error=reason, finished_at=now)
+                )
+        if held is not None:
+            last = self._waiting.get(model, 0.0)
+            if time.monotonic() - last > 60:
+                self._waiting[model] = time.monotonic()
+                log.warning("batch lines for '%s' wait: %s", model, held)
+        return len(queued)
+
+    def _reconcile(self, open_ids: set[str]) -> None:
+        """Queued lines whose job ended without writing on the line: expired unrun (its
+        message was lost, or it waited past FARM_JOB_EXPIRES) goes back to pending while
+        its batch is open; cancelled or failed by someone else is copied onto the line."""
+        with transaction(self.ctx.database_url) as s:
+            rows = s.execute(
+                select(BatchLineRecord.id, BatchLineRecord.batch_id, UsageRecord.status,
+                       UsageRecord.error)
+                .join(UsageRecord, UsageRecord.job_id == BatchLineRecord.job_id)
+                .where(BatchLineRecord.status == "queued",
+                       UsageRecord.status.in_(TERMINAL_STATUSES))
+            ).all()  # fmt: skip
+            now = utcnow()
+            for line_id, batch_id, status, error in rows:
+                values: dict[str, object]
+                if status == "expired" and batch_id in open_ids:
+                    values = {"status": "pending", "job_id": None}
+                elif status == "succeeded":  # written by a worker from before batches
+                    values = {"status": "failed", "error": "its result was not recorded"}
+                else:
+                    values = {"status": status, "error": error, "finished_at": now}
+                s.execute(
+                    update(BatchLineRecord)
+                    .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "queued")
+                    .values(**values)
+                )
+
+    def _cancel_queued(self, batch_id: str) -> None:
+        """A cancelling batch: cancel the jobs of its queued lines (a queued job never
+        runs, a running one stops at its next token; _reconcile records them)."""
+        from farm.results import Job
+
+        with transaction(self.ctx.database_url) as s:
+            jobs = s.scalars(
+                select(BatchLineRecord.job_id).where(
+                    BatchLineRecord.batch_id == batch_id, BatchLineRecord.status == "queued"
+                )
+            ).all()
+        key = f"farm:batches:cancelled:{batch_id}"
+        for job_id in jobs:
+            # Once per job: a running job's cancel is a flag it reads at its next token.
+            if job_id and self.ctx.redis.sadd(key, job_id):
+                try:
+                    Job(job_id, ctx=self.ctx).cancel()
+                except FarmError as e:
+                    log.warning("could not cancel job %s of batch %s: %s", job_id, batch_id, e)
+        self.ctx.redis.expire(key, 86400)
+
+    def _expire_pending(self, batch_id: str) -> None:
+        """The batch's window ended: lines not queued yet never run; queued ones finish."""
+        with transaction(self.ctx.database_url) as s:
+            s.execute(
+                update(BatchLineRecord)
+                .where(BatchLineRecord.batch_id == batch_id, BatchLineRecord.status == "pending")
+                .values(
+                    status="expired",
+                    error="the batch's completion window ended before this line ran",
+                    finished_at=utcnow(),
+                )
+            )
+
+    def _finish(self, batch_ids: list[str]) -> None:
+        """Batches with no line pending or queued end: completed, cancelled or expired."""
+        from farm.batches.store import counts
+
+        with transaction(self.ctx.database_url) as s:
+            found = counts(s, batch_ids)
+            now = utcnow()
+            for batch_id in batch_ids:
+                c = found[batch_id]
+                if c.get("pending", 0) or c.get("queued", 0):
+                    continue
+                batch = s.get(BatchRecord, batch_id)
+                if batch is None or batch.status not in ACTIVE:
+                    continue
+                ending = _ending(batch, c, now)
+                s.execute(
+                    update(BatchRecord)
+                    .where(BatchRecord.id == batch_id, BatchRecord.status == batch.status)
+                    .values(**ending)
+                )
+                log.info("batch %s %s: %s", batch_id, ending["status"], c)
+
+
+def _ending(batch: BatchRecord, lines: dict[str, int], now: datetime) -> dict[str, object]:
+    if batch.status == "cancelling":
+        return {"status": "cancelled", "cancelled_at": now}
+    if lines.get("expired", 0):
+        return {"status": "expired", "expired_at": now}
+    return {"status": "completed", "finalizing_at": now, "completed_at": now}
+
+
+def start_feeder(ctx: FarmContext | None = None) -> tuple[threading.Thread, threading.Event]:
+    """The feeder in a daemon thread of this process; set the event to stop it."""
+    stop = threading.Event()
+    feeder = Feeder(ctx)
+    thread = threading.Thread(
+        target=feeder.run, args=(stop,), name="farm-batch-feeder", daemon=True
+    )
+    thread.start()
+    return thread, stop

@@ -1,0 +1,183 @@
+"""A batch file, checked whole before anything is queued.
+
+OpenAI's batch input format: one JSON object per line,
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "gemma3-270m", "messages": [...], "max_tokens": 64}}
+
+with `url` "/v1/chat/completions" or "/v1/completions" and `body` what that endpoint
+takes. Every bad line is reported as `LINE: field: reason`; one bad line and nothing is
+queued. Blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from farm.errors import InvalidRequest
+from farm.request import Request
+
+URLS = {"/v1/chat/completions": True, "/v1/completions": False}
+MAX_LINES = 200_000
+MAX_BYTES = 200 * 1024 * 1024
+MAX_CUSTOM_ID = 512
+SHOWN_ERRORS = 20  # in the message; `errors` keeps them all
+KEPT_ERRORS = 10_000
+
+
+@dataclass(frozen=True)
+class Line:
+    """One checked line: what the feeder needs to queue it."""
+
+    number: int  # 1-based, in the file
+    custom_id: str
+    chat: bool
+    request: dict[str, Any]  # the Request's fields on the wire, without routing
+
+
+class BatchFileError(InvalidRequest):
+    """The file has bad lines; nothing was queued. `errors`: each `LINE: field: reason`."""
+
+    def __init__(self, errors: list[str], total: int, source: str):
+        self.errors = errors
+        shown = "\n".join(f"  {e}" for e in errors[:SHOWN_ERRORS])
+        more = total - min(total, SHOWN_ERRORS)
+        super().__init__(
+            f"{source}: {total} bad line{'s' if total != 1 else ''}; nothing was queued. "
+            "Fix them and submit again:\n" + shown + (f"\n  ... and {more} more" if more else "")
+        )
+
+
+def content_hash(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def check(
+    content: bytes,
+    models: dict[str, int],
+    *,
+    source: str = "the batch file",
+    endpoint: str | None = None,
+) -> list[Line]:
+    """The file's lines, each checked; BatchFileError listing every bad one otherwise.
+
+    `models`: the registered, enabled models and their context sizes. `endpoint`: the url
+    every line must have, when the batch was created for one."""
+    if len(content) > MAX_BYTES:
+        raise InvalidRequest(
+            f"{source} is {len(content) / 2**20:.0f} MiB; a batch file may be at most "
+            f"{MAX_BYTES // 2**20} MiB: split it into several batches"
+        )
+    lines: list[Line] = []
+    errors: list[str] = []
+    bad = 0
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(content.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = _line(number, raw, models, seen, endpoint)
+        except _Bad as e:
+            bad += 1
+            if len(errors) < KEPT_ERRORS:
+                errors.append(f"{number}: {e.field}: {e.reason}")
+            continue
+        lines.append(line)
+        if len(lines) + bad > MAX_LINES:
+            raise InvalidRequest(
+                f"{source} has more than {MAX_LINES} lines: split it into several batches"
+            )
+    if bad:
+        raise BatchFileError(errors, bad, source)
+    if not lines:
+        raise InvalidRequest(f"{source} holds no requests: one JSON object per line")
+    return lines
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+
+
+def _line(
+    number: int, raw: bytes, models: dict[str, int], seen: dict[str, int], endpoint: str | None
+) -> Line:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Bad("line", "not UTF-8 text") from None
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Bad(
+            "line", f"not JSON ({e.msg} at column {e.colno}): one JSON object per line"
+        ) from None
+    if not isinstance(item, dict):
+        raise _Bad("line", f"a JSON object is needed, not {type(item).__name__}")
+    unknown = sorted(set(item) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        raise _Bad(unknown[0], "unknown field; a line has custom_id, method, url and body")
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _Bad("custom_id", "a non-empty string is needed, to match results to requests")
+    if len(custom_id) > MAX_CUSTOM_ID:
+        raise _Bad("custom_id", f"at most {MAX_CUSTOM_ID} characters")
+    if custom_id in seen:
+        raise _Bad("custom_id", f"'{_short(custom_id)}' is also on line {seen[custom_id]}")
+    seen[custom_id] = number
+    if item.get("method", "POST") != "POST":
+        raise _Bad("method", "must be POST")
+    url = item.get("url")
+    if url not in URLS:
+        raise _Bad("url", f"must be one of {', '.join(URLS)} (got {_short(repr(url))})")
+    if endpoint is not None and url != endpoint:
+        raise _Bad("url", f"must be {endpoint}, the batch's endpoint (got {url})")
+    chat = URLS[url]
+    body = item.get("body")
+    if not isinstance(body, dict):
+        raise _Bad("body", "a JSON object is needed: the request the url takes")
+    return Line(number, custom_id, chat, _request(body, chat, models))
+
+
+def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[str, Any]:
+    from farm.gateway import openai
+
+    if body.get("stream"):
+        raise _Bad("body.stream", "streaming is not available in a batch; leave it out")
+    try:
+        fields = openai.request_fields(body, chat=chat)
+    except openai.BadBody as e:
+        raise _Bad(f"body.{e.param}" if e.param else "body", str(e)) from None
+    try:
+        request = Request.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        field = loc[1] if len(loc) > 1 and loc[0] in ("sampling", "stopping") else ".".join(loc)
+        reason = first["msg"].removeprefix("Value error, ")
+        if first["type"] != "missing" and loc:
+            reason += f" (got {_short(repr(first.get('input')))})"
+        raise _Bad(f"body.{field}" if field else "body", reason) from None
+    if request.model not in models:
+        known = ", ".join(sorted(models)) or "none yet (`farm models add`)"
+        raise _Bad("body.model", f"unknown model '{request.model}'; registered: {known}")
+    if request.stopping.max_tokens > models[request.model]:
+        raise _Bad(
+            "body.max_tokens",
+            f"{request.stopping.max_tokens} is more than model '{request.model}' holds "
+            f"(context {models[request.model]} tokens)",
+        )
+    wire = request.to_wire()
+    for routing in ("priority", "session", "stream_tokens"):
+        wire.pop(routing, None)
+    return wire
+
+
+def _short(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else text[:most] + "..."

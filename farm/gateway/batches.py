@@ -1,0 +1,231 @@
+"""OpenAI's Files and Batches endpoints, on farm's batches (farm/batches/).
+
+    POST /v1/files                      upload a batch input file (multipart: file, purpose)
+    GET  /v1/files, /v1/files/{id}      list, retrieve
+    GET  /v1/files/{id}/content         an uploaded file, or a batch's output or error file
+    DELETE /v1/files/{id}
+    POST /v1/batches                    input_file_id, endpoint, completion_window, metadata
+    GET  /v1/batches, /v1/batches/{id}  list (limit, after), retrieve
+    POST /v1/batches/{id}/cancel
+
+A batch belongs to the session of the key that made it; other keys do not see it. Its
+priority comes from X-Farm-Priority (default low). Creating a batch again from the same
+file and endpoint returns the first one: a retried request never queues a file twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from farm.errors import UnknownBatch
+from farm.gateway.openai import BadBody
+from farm.registry.tables import as_utc
+
+OUTPUT_SUFFIXES = {"-output": False, "-errors": True}
+
+
+def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
+    from starlette.concurrency import run_in_threadpool
+
+    @app.post("/v1/files")
+    async def upload(request: Request) -> dict[str, Any]:
+        session = await run_in_threadpool(session_of, request)
+        try:
+            form = await request.form()
+        except Exception:  # not multipart: python-multipart's own error is for developers
+            raise BadBody(
+                "send the file as multipart/form-data with 'file' and 'purpose'"
+            ) from None
+        upload = form.get("file")
+        purpose = form.get("purpose")
+        if upload is None or isinstance(upload, str):
+            raise BadBody("'file' is required: the JSONL file, as a multipart file", "file")
+        if purpose != "batch":
+            raise BadBody("'purpose' must be 'batch' (the only files farm takes)", "purpose")
+        content = await upload.read()
+        filename = upload.filename or "upload.jsonl"
+        return await run_in_threadpool(_save, session, filename, content)
+
+    @app.get("/v1/files")
+    def files(request: Request) -> dict[str, Any]:
+        from farm.batches import store
+
+        session = session_of(request)
+        with _registry() as s:
+            found = [_file_json(f) for f in store.list_files(s, session=session)]
+        return {"object": "list", "data": found, "has_more": False}
+
+    @app.get("/v1/files/{file_id}")
+    def file(request: Request, file_id: str) -> dict[str, Any]:
+        session = session_of(request)
+        produced = _produced(file_id, session)
+        if produced is not None:
+            batch, failed = produced
+            size = sum(len(t.encode()) for t in _lines(batch.id, failed, session))
+            return {
+                "id": file_id,
+                "object": "file",
+                "bytes": size,
+                "created_at": int(batch.created_at.timestamp()),
+                "filename": f"{batch.id}_{'errors' if failed else 'output'}.jsonl",
+                "purpose": "batch_output",
+                "status": "processed",
+            }
+        from farm.batches import store
+
+        with _registry() as s:
+            return _file_json(store.get_file(s, file_id, session=session))
+
+    @app.get("/v1/files/{file_id}/content")
+    def content(request: Request, file_id: str) -> Response:
+        session = session_of(request)
+        produced = _produced(file_id, session)
+        if produced is not None:
+            batch, failed = produced
+            body = "".join(_lines(batch.id, failed, session)).encode()
+            return Response(body, media_type="application/jsonl")
+        from farm.batches import store
+
+        with _registry() as s:
+            record = store.get_file(s, file_id, session=session)
+            return Response(record.content, media_type="application/jsonl")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete(request: Request, file_id: str) -> dict[str, Any]:
+        from farm.batches import store
+
+        session = session_of(request)
+        with _registry() as s:
+            s.delete(store.get_file(s, file_id, session=session))
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.post("/v1/batches")
+    async def create(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadBody("the request body is not JSON") from None
+        return await run_in_threadpool(_create, request, body)
+
+    def _create(request: Request, body: Any) -> dict[str, Any]:
+        import farm.batches as batches
+        from farm.batches import store
+
+        session = session_of(request)
+        if not isinstance(body, dict):
+            raise BadBody("the request body must be a JSON object")
+        unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})
+        if unknown:
+            raise BadBody(f"unknown parameter '{unknown[0]}'", unknown[0])
+        file_id = body.get("input_file_id")
+        if not isinstance(file_id, str):
+            raise BadBody(
+                "'input_file_id' is required: the id POST /v1/files gave", "input_file_id"
+            )
+        endpoint = body.get("endpoint")
+        if endpoint not in ("/v1/chat/completions", "/v1/completions"):
+            raise BadBody("'endpoint' must be /v1/chat/completions or /v1/completions", "endpoint")
+        window = body.get("completion_window", "24h")
+        if not isinstance(window, str):
+            raise BadBody("'completion_window' must be a string such as 24h", "completion_window")
+        metadata = body.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise BadBody("'metadata' must be an object of strings", "metadata")
+        priority = request.headers.get("x-farm-priority", "low")
+        with _registry() as s:
+            upload = store.get_file(s, file_id, session=session)
+            content, filename = upload.content, upload.filename
+        batch, _ = batches.submit(
+            content,
+            name=f"{file_id}:{endpoint.rsplit('/', 1)[-1]}",
+            session=session,
+            priority=priority,
+            completion_window=window,
+            input_file_id=file_id,
+            metadata=metadata,
+            endpoint=endpoint,
+            source=filename,
+        )
+        return batch.to_json()
+
+    @app.get("/v1/batches")
+    def listing(request: Request, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        import farm.batches as batches
+
+        if not 1 <= limit <= 100:
+            raise BadBody("'limit' must be from 1 to 100", "limit")
+        found = batches.listing(session=session_of(request), limit=limit + 1, after=after)
+        data = [b.to_json() for b in found[:limit]]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(found) > limit,
+        }
+
+    @app.get("/v1/batches/{batch_id}")
+    def retrieve(request: Request, batch_id: str) -> dict[str, Any]:
+        import farm.batches as batches
+
+        return batches.get(batch_id, session=session_of(request)).to_json()
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel(request: Request, batch_id: str) -> dict[str, Any]:
+        import farm.batches as batches
+
+        return batches.cancel(batch_id, session=session_of(request)).to_json()
+
+
+def _registry() -> Any:
+    from farm.context import get_context
+    from farm.registry import transaction
+
+    return transaction(get_context().database_url)
+
+
+def _save(session: str, filename: str, content: bytes) -> dict[str, Any]:
+    from farm.batches import store
+
+    if not content.strip():
+        raise BadBody("the file is empty: one JSON request per line", "file")
+    with _registry() as s:
+        return _file_json(
+            store.save_file(s, session=session, filename=filename, purpose="batch", content=content)
+        )
+
+
+def _file_json(record: Any) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": len(record.content),
+        "created_at": int(as_utc(record.created_at).timestamp()),
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": "processed",
+    }
+
+
+def _produced(file_id: str, session: str) -> tuple[Any, bool] | None:
+    """A batch's output or error file: (the batch, whether it is the error file)."""
+    import farm.batches as batches
+
+    for suffix, failed in OUTPUT_SUFFIXES.items():
+        if file_id.startswith("file-batch_") and file_id.endswith(suffix):
+            batch_id = file_id.removeprefix("file-").removesuffix(suffix)
+            batch = batches.get(batch_id, session=session)
+            if (batch.error_file_id if failed else batch.output_file_id) != file_id:
+                raise UnknownBatch(f"no file '{file_id}' (yet): batch {batch.id} is {batch.status}")
+            return batch, failed
+    return None
+
+
+def _lines(batch_id: str, failed: bool, session: str) -> list[str]:
+    import farm.batches as batches
+
+    return list(batches.results(batch_id, failed=failed, session=session))
