@@ -4,6 +4,7 @@ Nothing is lost; each job has one usage row."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -167,3 +168,56 @@ def test_ctrl_c_to_the_process_group_finishes_the_running_job_and_a_restart_runs
         if again.poll() is None:
             os.killpg(again.pid, signal.SIGINT)
             again.wait(90)
+
+
+def test_a_batch_resumes_after_the_whole_farm_is_stopped_and_started(tmp_path):
+    """Ctrl-C mid-batch, `farm up` again: the batch completes, and every line has exactly
+    one result and one usage row (nothing lost, nothing run twice)."""
+    env = bare_env(tmp_path / "home")
+    log = tmp_path / "up.log"
+    path = tmp_path / "batch.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"line-{i}",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"model": MODEL, "prompt": f"Fact {i}:", "max_tokens": 24},
+                }
+            )
+            + "\n"
+            for i in range(60)
+        )
+    )
+    proc = start_up(env, log)
+    try:
+        submitted = run_cli(env, "batch", "submit", str(path), "--name", "resume")
+        assert submitted.returncode == 0, submitted.stderr
+        batch_id = submitted.stdout.strip()
+        deadline = time.monotonic() + 120
+        while True:
+            status = json.loads(run_cli(env, "batch", "status", batch_id, "--json").stdout)
+            if status["request_counts"]["completed"] >= 5:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C, mid-batch
+        assert proc.wait(120) == 0
+        stopped = json.loads(run_cli(env, "batch", "status", batch_id, "--json").stdout)
+        assert stopped["status"] == "in_progress" and stopped["request_counts"]["completed"] < 60
+
+        proc = start_up(env, log)
+        waited = run_cli(env, "batch", "wait", batch_id, "--timeout", "240", timeout=300)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        results = run_cli(env, "batch", "results", batch_id).stdout.splitlines()
+        ids = [json.loads(x)["custom_id"] for x in results]
+        assert sorted(ids) == sorted(f"line-{i}" for i in range(60))  # each exactly once
+        db = f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
+        with transaction(db) as s:
+            rows = queries.recent_jobs(s, limit=None)
+        assert len(rows) == 60 and {r.status for r in rows} == {"succeeded"}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(90)

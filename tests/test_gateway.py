@@ -132,3 +132,94 @@ def test_keys_map_to_sessions_and_a_bad_or_revoked_key_is_refused(gateway, live_
     finally:
         with transaction(live_farm.database_url) as s:
             s.execute(delete(ApiKeyRecord))  # other tests' gateways need no key
+
+
+def batch_file(path, n: int, *, max_tokens: int = 4) -> bytes:
+    lines = [
+        {
+            "custom_id": f"sdk-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"Say a number, {i}."}],
+                "max_tokens": max_tokens,
+            },
+        }
+        for i in range(n)
+    ]
+    path.write_bytes("".join(json.dumps(x) + "\n" for x in lines).encode())
+    return path
+
+
+def test_the_batch_api_through_the_openai_sdk(gateway, live_farm, tmp_path):
+    c = client(gateway)
+    with batch_file(tmp_path / "in.jsonl", 6).open("rb") as f:
+        upload = c.files.create(file=f, purpose="batch")
+    assert upload.purpose == "batch" and upload.bytes > 0
+    assert c.files.retrieve(upload.id).filename == "in.jsonl"
+    assert c.files.content(upload.id).read() == (tmp_path / "in.jsonl").read_bytes()
+
+    # The file's lines are chat lines: a batch for /v1/completions refuses them, naming each.
+    with pytest.raises(openai.BadRequestError) as wrong:
+        c.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+        )
+    assert "1: url: must be /v1/completions" in wrong.value.body["message"]  # type: ignore[index]
+
+    batch = c.batches.create(
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"job": "nightly"},
+    )
+    assert batch.status == "in_progress" and batch.request_counts.total == 6
+    retried = c.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert retried.id == batch.id  # a retried create never queues the file twice
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+        batch = c.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 6
+    assert batch.error_file_id is None and batch.metadata == {"job": "nightly"}
+    assert batch.output_file_id is not None
+    output = [json.loads(x) for x in c.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in output) == [f"sdk-{i}" for i in range(6)]
+    reply = output[0]["response"]["body"]
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
+    assert batch.id in [b.id for b in c.batches.list(limit=100).data]
+
+    with pytest.raises(openai.NotFoundError):
+        c.batches.retrieve("batch_000000000000000000000000")
+    with pytest.raises(openai.NotFoundError):
+        c.files.content("file-nope")
+
+
+def test_cancelling_a_batch_through_the_sdk_keeps_what_ran(gateway, live_farm, tmp_path):
+    c = client(gateway)
+    with batch_file(tmp_path / "big.jsonl", 300, max_tokens=32).open("rb") as f:
+        upload = c.files.create(file=f, purpose="batch")
+    batch = c.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 60
+    while c.batches.retrieve(batch.id).request_counts.completed < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    cancelling = c.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    while batch.status != "cancelled":
+        assert time.monotonic() < deadline + 60, batch
+        time.sleep(0.3)
+        batch = c.batches.retrieve(batch.id)
+    counts = batch.request_counts
+    assert counts.total == 300 and counts.completed >= 3 and counts.failed > 0
+    assert counts.completed + counts.failed == 300
+    kept = c.files.content(batch.output_file_id).text.splitlines()
+    assert len(kept) == counts.completed
+    errors = [json.loads(x) for x in c.files.content(batch.error_file_id).text.splitlines()]
+    assert len(errors) == counts.failed
+    assert {e["error"]["code"] for e in errors if e["error"]} <= {"batch_cancelled"}

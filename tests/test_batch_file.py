@@ -1,0 +1,149 @@
+"""Batch files and batches in the registry, without a worker: every bad line reported as
+`LINE: field: reason` with nothing created, idempotent names, cancel and the completion
+window. The feeder is run pass by pass (Feeder.step) against a real Redis."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+
+import farm.batches as batches
+from farm.batches.feeder import Feeder
+from farm.batches.lines import BatchFileError
+from farm.config import Settings
+from farm.context import FarmContext
+from farm.errors import InvalidRequest, UnknownBatch
+from farm.registry import queries, transaction
+from farm.registry.tables import BatchLineRecord, BatchRecord, utcnow
+
+MODEL = "tiny"
+
+
+@pytest.fixture
+def ctx(migrated_db: str, redis_url: str, tmp_path: Path) -> FarmContext:
+    with transaction(migrated_db) as s:
+        queries.add_model(s, name=MODEL, path="/models/tiny.gguf", n_ctx=512)
+    c = FarmContext(Settings(home=tmp_path, broker_url=redis_url, database_url=migrated_db))
+    redis.Redis.from_url(redis_url).delete("farm:batches:feeder")
+    return c
+
+
+def line(custom_id: str, **body: object) -> str:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}
+    return json.dumps(
+        {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+    )
+
+
+def n_batches(ctx: FarmContext) -> int:
+    with transaction(ctx.database_url) as s:
+        return int(s.scalar(select(func.count()).select_from(BatchRecord)) or 0)
+
+
+def test_every_bad_line_is_reported_and_nothing_is_created(ctx: FarmContext, tmp_path: Path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                line("ok-1"),
+                "{not json",
+                line("ok-1"),  # a duplicate custom_id
+                line("t", temperature=9),
+                line("m", model="deepsek"),
+                line("x", max_tokens=600),  # more than the model's context
+                json.dumps({"custom_id": "u", "url": "/v1/embeddings", "body": {}}),
+                line("s", stream=True),
+                line("f", bogus=1),
+                "",
+                "[1, 2]",
+            ]
+        )
+    )
+    with pytest.raises(BatchFileError) as e:
+        batches.submit(path, ctx=ctx)
+    assert e.value.errors == [
+        "2: line: not JSON (Expecting property name enclosed in double quotes at column 2): "
+        "one JSON object per line",
+        "3: custom_id: 'ok-1' is also on line 1",
+        "4: body.temperature: Input should be less than or equal to 5 (got 9)",
+        "5: body.model: unknown model 'deepsek'; registered: tiny",
+        "6: body.max_tokens: 600 is more than model 'tiny' holds (context 512 tokens)",
+        "7: url: must be one of /v1/chat/completions, /v1/completions (got '/v1/embeddings')",
+        "8: body.stream: streaming is not available in a batch; leave it out",
+        "9: body.bogus: unknown parameter 'bogus'",
+        "11: line: a JSON object is needed, not list",
+    ]
+    assert "9 bad lines; nothing was queued" in str(e.value)
+    assert n_batches(ctx) == 0
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(InvalidRequest, match="holds no requests"):
+        batches.submit(empty, ctx=ctx)
+    with pytest.raises(InvalidRequest, match="cannot read the batch file"):
+        batches.submit(tmp_path / "missing.jsonl", ctx=ctx)
+    with pytest.raises(InvalidRequest, match="completion_window"):
+        batches.submit(path, completion_window="forever", ctx=ctx)
+    assert n_batches(ctx) == 0
+
+
+def test_a_name_or_the_same_file_gives_back_the_same_batch(ctx: FarmContext, tmp_path: Path):
+    path = tmp_path / "nightly.jsonl"
+    path.write_text("\n".join(line(f"q{i}") for i in range(5)) + "\n")
+    first, created = batches.submit(path, name="nightly-2026-11-25", ctx=ctx)
+    again, created_again = batches.submit(path, name="nightly-2026-11-25", ctx=ctx)
+    assert created and not created_again and again.id == first.id
+    assert first.total == 5 and first.counts == {"pending": 5} and first.priority == "low"
+
+    unnamed, created = batches.submit(path, ctx=ctx)  # named by the file's hash
+    same, created_again = batches.submit(path.read_bytes(), ctx=ctx)
+    assert created and not created_again and same.id == unnamed.id != first.id
+    assert batches.get(first.name, ctx=ctx).id == first.id  # found by name too
+    with transaction(ctx.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(BatchLineRecord)) == 10
+    with pytest.raises(UnknownBatch, match="farm batch list"):
+        batches.get("batch_nope", ctx=ctx)
+    with pytest.raises(UnknownBatch):
+        batches.get(first.id, session="someone-else", ctx=ctx)
+
+
+def test_lines_wait_for_a_worker_and_cancel_ends_the_batch(ctx: FarmContext, tmp_path: Path):
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(line(f"q{i}") for i in range(3)))
+    batch, _ = batches.submit(path, ctx=ctx)
+    feeder = Feeder(ctx, window=2)
+    assert feeder.step() == 0  # no worker serves 'tiny': nothing is queued, nothing lost
+    assert batches.get(batch.id, ctx=ctx).counts == {"pending": 3}
+
+    cancelled = batches.cancel(batch.id, ctx=ctx)
+    assert cancelled.status == "cancelling" and cancelled.counts == {"cancelled": 3}
+    feeder.step()
+    ended = batches.get(batch.id, ctx=ctx)
+    assert ended.status == "cancelled" and ended.failed == 3 and ended.error_file_id
+    [first, *_] = [json.loads(t) for t in batches.results(batch.id, failed=True, ctx=ctx)]
+    assert first["custom_id"] == "q0" and first["response"] is None
+    assert first["error"]["code"] == "batch_cancelled"
+    assert list(batches.results(batch.id, ctx=ctx)) == []
+
+
+def test_lines_not_started_when_the_window_ends_expire(ctx: FarmContext, tmp_path: Path):
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(line(f"q{i}") for i in range(2)))
+    batch, _ = batches.submit(path, completion_window="1h", ctx=ctx)
+    with transaction(ctx.database_url) as s:
+        s.execute(
+            update(BatchRecord)
+            .where(BatchRecord.id == batch.id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    Feeder(ctx).step()
+    ended = batches.get(batch.id, ctx=ctx)
+    assert ended.status == "expired" and ended.counts == {"expired": 2}
+    errors = [json.loads(t) for t in batches.results(batch.id, failed=True, ctx=ctx)]
+    assert [e["error"]["code"] for e in errors] == ["batch_expired", "batch_expired"]
+    assert ended.to_json()["completion_window"] == "1h"
