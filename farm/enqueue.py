@@ -228,7 +228,7 @@ def _send(ctx: FarmContext, job: _Prepared, producer: Any = None) -> None:
         args=[request.to_wire()],
         task_id=job.id,
         queue=queue_name(request.model),
-        priority=priority_number(request.priority),
+        priority=priority_number(request.priority, batch=request.batch is not None),
         expires=ctx.settings.job_expires,
         # What Flower and logs show instead of the prompt, which is user data.
         argsrepr=_argsrepr(request, ctx),

@@ -25,13 +25,17 @@ if TYPE_CHECKING:
 
 # -- priorities -------------------------------------------------------------------------
 PRIORITY_STEPS: list[int] = list(range(10))
-PRIORITIES: dict[str, int] = {"high": 0, "normal": 5, "low": 9}
+PRIORITIES: dict[str, int] = {"high": 0, "normal": 5, "low": 8}
 DEFAULT_PRIORITY = PRIORITIES["normal"]
+# Batch lines at low priority: behind every interactive job, low ones included, and never
+# aged up (admission/aging.py moves the named priorities' jobs only). A batch's bound is
+# its completion window; the feeder keeps few of its lines queued at a time.
+BATCH_LOW = 9
 
 
-def priority_number(priority: Priority) -> int:
+def priority_number(priority: Priority, *, batch: bool = False) -> int:
     """The broker's number for a named priority (0 is served first)."""
-    return PRIORITIES[priority]
+    return BATCH_LOW if batch and priority == "low" else PRIORITIES[priority]
 
 
 def priority_name(number: int) -> str:

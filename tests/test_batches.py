@@ -159,3 +159,28 @@ def test_a_high_job_goes_ahead_of_a_200_line_batch_and_redis_holds_the_window(
     assert any(d > 0 for d in depths)
     waited = feeder.farm("batch", "wait", batch_id, "--timeout", "300")
     assert waited.returncode == 0, waited.stdout + waited.stderr
+
+
+def test_two_batches_share_the_worker(feeder: FarmUnderTest, tmp_path: Path):
+    first = feeder.farm("batch", "submit", str(write_batch(tmp_path / "a.jsonl", 48, max_tokens=6)))
+    (tmp_path / "b").mkdir()
+    path = write_batch(tmp_path / "b" / "b.jsonl", 48, max_tokens=7)  # another file, another hash
+    second = feeder.farm("batch", "submit", str(path))
+    a, b = first.stdout.strip(), second.stdout.strip()
+    assert a != b
+    # Before either ends, both have lines done: the feeder splits the window between them.
+    deadline = time.monotonic() + 120
+    while True:
+        done = {
+            x: len(
+                [line for line in lines_of(feeder.database_url, x) if line.status == "succeeded"]
+            )
+            for x in (a, b)
+        }
+        if min(done.values()) > 0:
+            break
+        assert max(done.values()) < 48, f"one batch finished before the other started: {done}"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for x in (a, b):
+        assert feeder.farm("batch", "wait", x, "--timeout", "180").returncode == 0

@@ -4,11 +4,13 @@
 from farm.broker import make_app
 from farm.config import Settings
 from farm.queue import (
+    BATCH_LOW,
     DEFAULT_PRIORITY,
     PRIORITIES,
     PRIORITY_STEPS,
     priority_list_key,
     priority_name,
+    priority_number,
     queue_name,
 )
 
@@ -16,7 +18,14 @@ from farm.queue import (
 def test_high_priority_is_served_first_on_redis():
     # kombu's Redis transport pops the lowest step first.
     assert PRIORITIES["high"] < PRIORITIES["normal"] < PRIORITIES["low"]
-    assert PRIORITIES["high"] == 0 and PRIORITIES["low"] == 9
+    assert PRIORITIES["high"] == 0 and PRIORITIES["low"] == 8
+
+
+def test_low_batch_lines_queue_behind_every_interactive_job_and_never_age():
+    assert priority_number("low", batch=True) == BATCH_LOW > PRIORITIES["low"]
+    assert priority_number("high", batch=True) == PRIORITIES["high"]  # as the batch asked
+    assert priority_name(BATCH_LOW) == "low"  # farm status counts them as low
+    assert BATCH_LOW not in PRIORITIES.values()  # aging moves the named steps only
 
 
 def test_each_named_priority_has_its_own_step():

@@ -99,7 +99,8 @@ class JobRunner:
         def should_cancel(tokens: int) -> bool:  # polled a few times a second while it runs
             pipe = r.pipeline(transaction=False)
             pipe.exists(cancel_key(job_id))
-            pipe.set(progress_key(job_id), tokens, ex=stream_ttl)  # for `farm status JOB`
+            if request.batch is None:  # nobody follows a batch line: keep Redis small
+                pipe.set(progress_key(job_id), tokens, ex=stream_ttl)  # for `farm status JOB`
             try:
                 return bool(pipe.execute()[0])
             except redis.RedisError:
@@ -114,7 +115,7 @@ class JobRunner:
                 seq = host.start(request, time_limit_s=ctx.settings.job_time_limit, label=job_id)
                 try:
                     self._admit(task, job_id, request, submitted, redelivered)
-                    if redelivered:
+                    if redelivered and request.batch is None:
                         # An earlier delivery died part-way: tell streaming readers that the
                         # text starts over (the Completion holds the whole of this run's text).
                         self._publish(job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
@@ -151,9 +152,12 @@ class JobRunner:
             raise Ignore()
         # The caller waits for this event: send it first, then write the usage row. Should
         # the worker die in between, the redelivered job finds this event and writes usage.
-        # A batch line's result is kept on its line: its event serves redelivery alone.
-        done_ttl = BATCH_EVENT_TTL_S if request.batch else ctx.settings.stream_ttl
-        self._publish(job_id, DONE, ttl=done_ttl, completion=completion.model_dump_json())
+        # A batch line has no caller: its result goes on its line, in the usage write, and
+        # Redis holds nothing per line (a 100,000-line batch leaves no 100,000 streams).
+        if request.batch is None:
+            self._publish(
+                job_id, DONE, ttl=ctx.settings.stream_ttl, completion=completion.model_dump_json()
+            )
         result = completion.model_dump(mode="json")
         self._end(job_id, "succeeded", batch=request.batch, result=result, **fields)
         log.info(
@@ -350,12 +354,11 @@ class JobRunner:
         log.warning("job %s failed: %s", job_id, reason)
         batch = request.batch if request is not None else None
         self._end(job_id, "failed", request, batch=batch, error=reason, worker_id=self.worker_id)
-        self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+        if batch is None:  # a batch line's error is on its line
+            self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
 
 
-# How long a batch line's final event is kept: long enough for a redelivery to find it.
-BATCH_EVENT_TTL_S = 300
 REGISTRY_CALL_S = 20.0  # a registry call that has not answered by then counts as an outage
 
 

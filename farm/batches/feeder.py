@@ -62,20 +62,22 @@ class Feeder:
         self.window = window or self.ctx.settings.batch_window
         self._token = uuid.uuid4().hex
         self._waiting: dict[str, float] = {}  # model -> when "cannot queue" was last logged
+        self._models: dict[str, set[str]] = {}  # batch -> the models its lines name
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, stop: threading.Event, *, interval: float = 0.2) -> None:
+    def run(self, stop: threading.Event, *, interval: float = 0.25, idle: float = 1.0) -> None:
         """Feed until `stop` is set: a pass whenever this feeder holds the lock."""
         try:
             while not stop.is_set():
                 busy = False
                 try:
                     if self._lock():
-                        busy = self.step() > 0
+                        self.step()
+                        busy = bool(self._models)  # batches in progress: pass again soon
                 except Exception as e:  # the registry or Redis away: the next pass retries
                     log.warning("batch feeder: %s: %s; retrying", type(e).__name__, e)
                     stop.wait(2.0)
-                stop.wait(interval / 4 if busy else interval)
+                stop.wait(interval if busy else idle)
         finally:
             self._unlock()
 
@@ -116,6 +118,7 @@ class Feeder:
                 (b.id, b.status, as_utc(b.expires_at))
                 for b in s.scalars(select(BatchRecord).where(BatchRecord.status.in_(ACTIVE)))
             ]
+        self._models = {b: m for b, m in self._models.items() if b in {a[0] for a in active}}
         if not active:
             return 0
         now = utcnow()
@@ -141,21 +144,26 @@ class Feeder:
                     .group_by(BatchLineRecord.model)
                 ).all()
             )
-            waiting = s.execute(
-                select(BatchLineRecord.model, BatchLineRecord.batch_id)
-                .where(
-                    BatchLineRecord.status == "pending",
-                    BatchLineRecord.batch_id.in_(batch_ids),
-                )
-                .distinct()
-            ).all()
+            for batch_id in batch_ids:  # read once per batch: a batch's lines never change
+                if batch_id not in self._models:
+                    self._models[batch_id] = set(
+                        s.scalars(
+                            select(BatchLineRecord.model)
+                            .where(BatchLineRecord.batch_id == batch_id)
+                            .distinct()
+                        )
+                    )
         per_model: dict[str, list[str]] = {}
-        for model, batch_id in waiting:
-            per_model.setdefault(model, []).append(batch_id)
+        for batch_id in batch_ids:
+            for model in self._models[batch_id]:
+                per_model.setdefault(model, []).append(batch_id)
         queued = 0
         for model, batches in sorted(per_model.items()):
-            room = self.window - int(inflight.get(model, 0))
-            if room > 0:
+            inside = int(inflight.get(model, 0))
+            room = self.window - inside
+            # Top up in chunks of a quarter window (fewer, larger publishes), or at once
+            # when the queue runs low.
+            if room >= max(1, self.window // 4) or inside < max(1, self.window // 8):
                 queued += self._feed_model(model, sorted(batches), room)
         return queued
 
@@ -295,12 +303,19 @@ class Feeder:
         from farm.batches.store import counts
 
         with transaction(self.ctx.database_url) as s:
-            found = counts(s, batch_ids)
             now = utcnow()
             for batch_id in batch_ids:
-                c = found[batch_id]
-                if c.get("pending", 0) or c.get("queued", 0):
+                unfinished = s.scalar(  # an index seek, not a count of every line
+                    select(BatchLineRecord.id)
+                    .where(
+                        BatchLineRecord.batch_id == batch_id,
+                        BatchLineRecord.status.in_(("pending", "queued")),
+                    )
+                    .limit(1)
+                )
+                if unfinished is not None:
                     continue
+                c = counts(s, [batch_id])[batch_id]
                 batch = s.get(BatchRecord, batch_id)
                 if batch is None or batch.status not in ACTIVE:
                     continue
