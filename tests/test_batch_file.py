@@ -61,6 +61,7 @@ def test_every_bad_line_is_reported_and_nothing_is_created(ctx: FarmContext, tmp
                 line("f", bogus=1),
                 "",
                 "[1, 2]",
+                "[" * 100_000 + "]" * 100_000,
             ]
         )
     )
@@ -77,8 +78,9 @@ def test_every_bad_line_is_reported_and_nothing_is_created(ctx: FarmContext, tmp
         "8: body.stream: streaming is not available in a batch; leave it out",
         "9: body.bogus: unknown parameter 'bogus'",
         "11: line: a JSON object is needed, not list",
+        "12: line: nested too deeply to be a request",
     ]
-    assert "9 bad lines; nothing was queued" in str(e.value)
+    assert "10 bad lines; nothing was queued" in str(e.value)
     assert n_batches(ctx) == 0
 
     empty = tmp_path / "empty.jsonl"
@@ -104,8 +106,13 @@ def test_a_name_or_the_same_file_gives_back_the_same_batch(ctx: FarmContext, tmp
     same, created_again = batches.submit(path.read_bytes(), ctx=ctx)
     assert created and not created_again and same.id == unnamed.id != first.id
     assert batches.get(first.name, ctx=ctx).id == first.id  # found by name too
+    # Another session: the same file is its own batch; the same name is refused.
+    theirs, created = batches.submit(path, session="bob", ctx=ctx)
+    assert created and theirs.id != unnamed.id and theirs.session == "bob"
+    with pytest.raises(InvalidRequest, match="taken by another session's batch"):
+        batches.submit(path, name="nightly-2026-11-25", session="bob", ctx=ctx)
     with transaction(ctx.database_url) as s:
-        assert s.scalar(select(func.count()).select_from(BatchLineRecord)) == 10
+        assert s.scalar(select(func.count()).select_from(BatchLineRecord)) == 15
     with pytest.raises(UnknownBatch, match="farm batch list"):
         batches.get("batch_nope", ctx=ctx)
     with pytest.raises(UnknownBatch):

@@ -85,7 +85,7 @@ def test_a_cron_batch_twice_under_one_name_runs_once_and_writes_results_and_erro
     assert first.returncode == 0, first.stderr
     batch_id = first.stdout.strip()
     assert batch_id.startswith("batch_") and "13 lines queued" in first.stderr
-    again = feeder.farm("batch", "submit", str(path), "--name", "nightly-e2e")
+    again = feeder.farm("batch", "submit", str(path), "--name", "nightly-e2e", "--session", "cron")
     assert again.returncode == 0 and again.stdout.strip() == batch_id
     assert "nothing queued again" in again.stderr
 

@@ -196,6 +196,8 @@ def test_the_batch_api_through_the_openai_sdk(gateway, live_farm, tmp_path):
         c.batches.retrieve("batch_000000000000000000000000")
     with pytest.raises(openai.NotFoundError):
         c.files.content("file-nope")
+    r = httpx.get(f"{gateway}/v1/batches", params={"limit": "many"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
 
 
 def test_cancelling_a_batch_through_the_sdk_keeps_what_ran(gateway, live_farm, tmp_path):

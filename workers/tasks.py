@@ -348,7 +348,8 @@ class JobRunner:
         except (ValidationError, IndexError, TypeError, KeyError):
             request = None
         self._end(job_id, "expired", request, error=reason)
-        self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+        if request is None or request.batch is None:  # the feeder queues a batch line again
+            self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
 
     def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)

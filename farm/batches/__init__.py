@@ -64,7 +64,9 @@ def submit(
         raise InvalidRequest(f"invalid 'priority': {priority!r}; give high, normal or low")
     window_s = store.window_seconds(completion_window)
     digest = lines.content_hash(content)
-    name = name if name is not None else f"sha256-{digest[:32]}"
+    if name is None:  # the same file from the same session is the same batch
+        owned = session.encode() + b"\0" + content
+        name = f"sha256-{lines.content_hash(owned)[:32]}"
     if not NAME_RE.match(name):
         raise InvalidRequest(
             f"invalid batch name {name!r}: 1-128 letters, digits and . _ : @ + -, starting "
@@ -76,6 +78,7 @@ def submit(
     with transaction(ctx.database_url) as s:
         existing = store.find_by_name(s, name)
         if existing is not None:
+            _check_owner(existing.session, session, name)
             return store.get(s, existing.id), False
         models = {m.name: m.n_ctx for m in queries.list_models(s) if m.enabled}
     checked = lines.check(content, models, source=shown, endpoint=endpoint)
@@ -98,9 +101,17 @@ def submit(
             existing = store.find_by_name(s, name)
             if existing is None:
                 raise
+            _check_owner(existing.session, session, name)
             return store.get(s, existing.id), False
     with transaction(ctx.database_url) as s:
         return store.get(s, batch_id), True
+
+
+def _check_owner(owner: str, session: str, name: str) -> None:
+    if owner != session:
+        raise InvalidRequest(
+            f"the batch name '{name}' is taken by another session's batch; choose another --name"
+        )
 
 
 def get(batch_id: str, *, session: str | None = None, ctx: FarmContext | None = None) -> Batch:

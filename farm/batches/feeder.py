@@ -29,11 +29,12 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from farm.batches.store import ACTIVE
 from farm.context import FarmContext, get_context
 from farm.errors import FarmError, InvalidRequest, UnknownModel
-from farm.registry import transaction
+from farm.registry import queries, transaction
 from farm.registry.tables import (
     TERMINAL_STATUSES,
     BatchLineRecord,
@@ -129,7 +130,9 @@ class Feeder:
             elif now >= expires:
                 self._expire_pending(batch_id)
         self._reconcile(set(open_ids))
-        queued = self._feed(open_ids) if open_ids else 0
+        # The lock again before sending: a pass that ran long (a slow registry) must not
+        # send lines another feeder has taken over meanwhile.
+        queued = self._feed(open_ids) if open_ids and self._lock() else 0
         self._finish([b for b, _, _ in active])
         return queued
 
@@ -179,6 +182,9 @@ class Feeder:
                 if batch is None:
                     continue
                 s.expunge(batch)
+                allowed = self._session_room(s, batch.session, share)
+                if allowed <= 0:
+                    continue
                 lines = s.scalars(
                     select(BatchLineRecord)
                     .where(
@@ -187,7 +193,7 @@ class Feeder:
                         BatchLineRecord.status == "pending",
                     )
                     .order_by(BatchLineRecord.line)
-                    .limit(min(share, room - len(picked)))
+                    .limit(min(allowed, room - len(picked)))
                 ).all()
                 for line in lines:
                     s.expunge(line)
@@ -208,28 +214,48 @@ class Feeder:
         ids = [line_job_id(b.id, line.line, line.attempts + 1) for line, b in picked]
         results = submit_many(requests, ctx=self.ctx, job_ids=ids)
         queued, failed, held = [], [], None
-        for (line, _), job_id, result in zip(picked, ids, results, strict=True):
+        for (line, batch), job_id, result in zip(picked, ids, results, strict=True):
             if not isinstance(result, FarmError):
-                queued.append((line.id, job_id, line.attempts + 1))
+                queued.append((line.id, job_id, line.attempts + 1, batch, line.request["model"]))
             elif isinstance(result, InvalidRequest | UnknownModel):
                 failed.append((line.id, str(result)))  # it can never run: the line fails
             else:
                 held = result  # no worker, queue full, quota, broker: stays pending
-        self.ctx.flush_rows()  # the jobs' usage rows, before the lines point at them
         now = utcnow()
+        cancelled: list[str] = []
         with transaction(self.ctx.database_url) as s:
-            for line_id, job_id, attempt in queued:
-                s.execute(
+            # The jobs' usage rows with the lines, not behind them: a line queued always has
+            # its row, so a job whose message the broker loses is expired (recovery.py) and
+            # the line queued again, never left waiting for good.
+            queries.record_queued_many(
+                s,
+                [
+                    {"job_id": job_id, "session": batch.session, "model": model,
+                     "priority": batch.priority, "submitted_at": now}
+                    for _, job_id, _, batch, model in queued
+                ],
+            )  # fmt: skip
+            for line_id, job_id, attempt, _, _ in queued:
+                written = s.execute(
                     update(BatchLineRecord)
                     .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "pending")
                     .values(status="queued", job_id=job_id, attempts=attempt)
                 )
+                if not getattr(written, "rowcount", 1):
+                    # Cancelled while its job was being sent: that job must not run.
+                    state = s.scalar(
+                        select(BatchLineRecord.status).where(BatchLineRecord.id == line_id)
+                    )
+                    if state == "cancelled":
+                        cancelled.append(job_id)
             for line_id, reason in failed:
                 s.execute(
                     update(BatchLineRecord)
                     .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "pending")
                     .values(status="failed", error=reason, finished_at=now)
                 )
+        for job_id in cancelled:
+            self._cancel_job(job_id)
         if held is not None:
             last = self._waiting.get(model, 0.0)
             if time.monotonic() - last > 60:
@@ -267,8 +293,6 @@ class Feeder:
     def _cancel_queued(self, batch_id: str) -> None:
         """A cancelling batch: cancel the jobs of its queued lines (a queued job never
         runs, a running one stops at its next token; _reconcile records them)."""
-        from farm.results import Job
-
         with transaction(self.ctx.database_url) as s:
             jobs = s.scalars(
                 select(BatchLineRecord.job_id).where(
@@ -276,14 +300,39 @@ class Feeder:
                 )
             ).all()
         key = f"farm:batches:cancelled:{batch_id}"
-        for job_id in jobs:
+        for job_id in filter(None, jobs):
             # Once per job: a running job's cancel is a flag it reads at its next token.
-            if job_id and self.ctx.redis.sadd(key, job_id):
-                try:
-                    Job(job_id, ctx=self.ctx).cancel()
-                except FarmError as e:
-                    log.warning("could not cancel job %s of batch %s: %s", job_id, batch_id, e)
+            if self.ctx.redis.sadd(key, job_id) and not self._cancel_job(job_id):
+                self.ctx.redis.srem(key, job_id)  # the next pass tries again
         self.ctx.redis.expire(key, 86400)
+
+    def _cancel_job(self, job_id: str) -> bool:
+        from farm.results import Job
+
+        try:
+            Job(job_id, ctx=self.ctx).cancel()
+            return True
+        except FarmError as e:
+            log.warning("could not cancel batch job %s: %s", job_id, e)
+            return False
+
+    def _session_room(self, s: Session, session: str, share: int) -> int:
+        """Lines of `session` the feeder may add: with a max_queued quota, its batches
+        take at most half of it, leaving the rest to the session's interactive jobs."""
+        from sqlalchemy import func
+
+        from farm.admission import quotas
+
+        limit = quotas.limits(self.ctx, session)
+        if limit is None or limit.max_queued is None:
+            return share
+        inside = s.scalar(
+            select(func.count())
+            .select_from(BatchLineRecord)
+            .join(BatchRecord, BatchRecord.id == BatchLineRecord.batch_id)
+            .where(BatchLineRecord.status == "queued", BatchRecord.session == session)
+        )
+        return min(share, limit.max_queued // 2 - int(inside or 0))
 
     def _expire_pending(self, batch_id: str) -> None:
         """The batch's window ended: lines not queued yet never run; queued ones finish."""

@@ -45,6 +45,7 @@ class BatchFileError(InvalidRequest):
 
     def __init__(self, errors: list[str], total: int, source: str):
         self.errors = errors
+        self.total = total
         shown = "\n".join(f"  {e}" for e in errors[:SHOWN_ERRORS])
         more = total - min(total, SHOWN_ERRORS)
         super().__init__(
@@ -114,6 +115,8 @@ def _line(
         raise _Bad("line", "not UTF-8 text") from None
     try:
         item = json.loads(text)
+    except RecursionError:
+        raise _Bad("line", "nested too deeply to be a request") from None
     except json.JSONDecodeError as e:
         raise _Bad(
             "line", f"not JSON ({e.msg} at column {e.colno}): one JSON object per line"

@@ -41,18 +41,19 @@ def error_line(line: BatchLineRecord) -> dict[str, Any]:
     from farm.gateway import openai
 
     reason = line.error or f"the line ended {line.status}"
+    request_id = line.job_id or f"{line.batch_id}-{line.line}"
     if line.status in NEVER_RAN and line.result is None:
         return {
-            "id": f"batch_req_{line.job_id or line.line}",
+            "id": f"batch_req_{request_id}",
             "custom_id": line.custom_id,
             "response": None,
             "error": {"code": NEVER_RAN[line.status], "message": reason},
         }
     status, body = openai.error(JobFailed(reason))
     return {
-        "id": f"batch_req_{line.job_id}",
+        "id": f"batch_req_{request_id}",
         "custom_id": line.custom_id,
-        "response": {"status_code": status, "request_id": line.job_id, "body": body},
+        "response": {"status_code": status, "request_id": request_id, "body": body},
         "error": None,
     }
 

@@ -321,6 +321,7 @@ def save_file(
         session=session,
         filename=filename[:255],
         purpose=purpose,
+        size_bytes=len(content),
         content=content,
         created_at=utcnow(),
     )
@@ -337,9 +338,12 @@ def get_file(s: Session, file_id: str, *, session: str) -> FileRecord:
 
 
 def list_files(s: Session, *, session: str) -> list[FileRecord]:
+    from sqlalchemy.orm import defer
+
     return list(
         s.scalars(
             select(FileRecord)
+            .options(defer(FileRecord.content))  # sizes and names, not every upload's bytes
             .where(FileRecord.session == session)
             .order_by(FileRecord.created_at.desc())
         )

@@ -52,10 +52,20 @@ def submit(
 ) -> None:
     """Check the file whole and queue it as a batch; prints the batch id."""
     import farm.batches as batches
+    from farm.batches.lines import BatchFileError
 
-    batch, created = batches.submit(
-        file, name=name, session=session, priority=priority, completion_window=window
-    )
+    try:
+        batch, created = batches.submit(
+            file, name=name, session=session, priority=priority, completion_window=window
+        )
+    except BatchFileError as e:  # every bad line, not the first few of the message
+        first = str(e).splitlines()[0]
+        err.print(f"[bold red]error:[/] {first}", markup=True, highlight=False)
+        for line in e.errors:
+            err.print(f"  {line}", markup=False, highlight=False)
+        if e.total > len(e.errors):
+            err.print(f"  ... and {e.total - len(e.errors)} more", highlight=False)
+        raise typer.Exit(1) from None
     if created:
         err.print(f"batch {batch.name}: {batch.total} lines queued", highlight=False)
     else:
@@ -210,10 +220,15 @@ def _write_lines(batch_id: str, failed: bool, output: Path | None) -> None:
             return
     else:
         tmp = output.with_name(output.name + ".part")
-        with tmp.open("w", encoding="utf-8") as f:
-            for n, text in enumerate(chunks, start=1):  # noqa: B007
-                f.write(text)
-        tmp.replace(output)
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                for n, text in enumerate(chunks, start=1):  # noqa: B007
+                    f.write(text)
+            tmp.replace(output)
+        except OSError as e:
+            from farm.errors import InvalidRequest
+
+            raise InvalidRequest(f"cannot write {output}: {e.strerror}") from None
     kind = "error" if failed else "result"
     where = f" to {output}" if output else ""
     note = "" if b.ended else f" (the batch is {b.status}: more to come)"

@@ -236,7 +236,7 @@ def usage(
     from farm.registry import queries, transaction
 
     if jobs:
-        _usage_per_job(session, since, as_csv, as_json)
+        _usage_per_job(session, batch, since, as_csv, as_json)
         return
 
     with transaction(_db_url()) as s:
@@ -301,7 +301,9 @@ JOB_COLUMNS = (
 )  # fmt: skip
 
 
-def _usage_per_job(session: str | None, since: str | None, as_csv: bool, as_json: bool) -> None:
+def _usage_per_job(
+    session: str | None, batch: str | None, since: str | None, as_csv: bool, as_json: bool
+) -> None:
     import csv
     import sys
     from datetime import UTC, datetime
@@ -320,9 +322,13 @@ def _usage_per_job(session: str | None, since: str | None, as_csv: bool, as_json
             ) from None
         start = start if start.tzinfo else start.astimezone(UTC)
     with transaction(_db_url()) as s:
+        if batch is not None:
+            from farm.batches.store import get
+
+            batch = get(s, batch).id
         rows = [
             {c: getattr(r, c) for c in JOB_COLUMNS}
-            for r in queries.recent_jobs(s, session=session, since=start, limit=None)
+            for r in queries.recent_jobs(s, session=session, since=start, batch=batch, limit=None)
         ]
     if as_json:
         print(json.dumps(rows, indent=2, default=str))

@@ -35,6 +35,15 @@ def create_app() -> FastAPI:
     app = FastAPI(title="farm", docs_url=None, redoc_url=None)
     unauthorized_handler(app)
 
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    def _bad_query(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        param = str(first.get("loc", ["", "request"])[-1])
+        status, body = openai.error(openai.BadBody(f"invalid '{param}': {first.get('msg')}", param))
+        return JSONResponse(body, status_code=status)
+
     @app.exception_handler(FarmError)
     def _farm_error(_: Request, e: Exception) -> JSONResponse:
         status, body = openai.error(e)

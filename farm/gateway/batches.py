@@ -15,11 +15,11 @@ file and endpoint returns the first one: a retried request never queues a file t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from farm.errors import UnknownBatch
 from farm.gateway.openai import BadBody
@@ -46,7 +46,11 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             raise BadBody("'file' is required: the JSONL file, as a multipart file", "file")
         if purpose != "batch":
             raise BadBody("'purpose' must be 'batch' (the only files farm takes)", "purpose")
-        content = await upload.read()
+        from farm.batches.lines import MAX_BYTES
+
+        content = await upload.read(MAX_BYTES + 1)
+        if len(content) > MAX_BYTES:
+            raise BadBody(f"the file is over {MAX_BYTES // 2**20} MiB: split it", "file")
         filename = upload.filename or "upload.jsonl"
         return await run_in_threadpool(_save, session, filename, content)
 
@@ -65,7 +69,7 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
         produced = _produced(file_id, session)
         if produced is not None:
             batch, failed = produced
-            size = sum(len(t.encode()) for t in _lines(batch.id, failed, session))
+            size = sum(len(t.encode()) for t in _lines(batch.id, failed, session))  # streamed
             return {
                 "id": file_id,
                 "object": "file",
@@ -86,8 +90,9 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
         produced = _produced(file_id, session)
         if produced is not None:
             batch, failed = produced
-            body = "".join(_lines(batch.id, failed, session)).encode()
-            return Response(body, media_type="application/jsonl")
+            return StreamingResponse(
+                _lines(batch.id, failed, session), media_type="application/jsonl"
+            )
         from farm.batches import store
 
         with _registry() as s:
@@ -141,7 +146,7 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             content, filename = upload.content, upload.filename
         batch, _ = batches.submit(
             content,
-            name=f"{file_id}:{endpoint.rsplit('/', 1)[-1]}",
+            name=f"{file_id}:{endpoint.strip('/').replace('/', '.')}",
             session=session,
             priority=priority,
             completion_window=window,
@@ -203,7 +208,7 @@ def _file_json(record: Any) -> dict[str, Any]:
     return {
         "id": record.id,
         "object": "file",
-        "bytes": len(record.content),
+        "bytes": record.size_bytes,
         "created_at": int(as_utc(record.created_at).timestamp()),
         "filename": record.filename,
         "purpose": record.purpose,
@@ -225,7 +230,7 @@ def _produced(file_id: str, session: str) -> tuple[Any, bool] | None:
     return None
 
 
-def _lines(batch_id: str, failed: bool, session: str) -> list[str]:
+def _lines(batch_id: str, failed: bool, session: str) -> Iterator[str]:
     import farm.batches as batches
 
-    return list(batches.results(batch_id, failed=failed, session=session))
+    return batches.results(batch_id, failed=failed, session=session)

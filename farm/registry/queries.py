@@ -400,10 +400,15 @@ def recent_jobs(
     model: str | None = None,
     status: str | None = None,
     since: datetime | None = None,
+    batch: str | None = None,
     limit: int | None = 20,
 ) -> list[UsageRecord]:
-    """The newest jobs first, optionally of one session, model or status, or since a time."""
+    """The newest jobs first, optionally of one session, model, status or batch, or since
+    a time."""
     query = select(UsageRecord)
+    if batch is not None:
+        lines = select(BatchLineRecord.job_id).where(BatchLineRecord.batch_id == batch)
+        query = query.where(UsageRecord.job_id.in_(lines))
     if since is not None:
         query = query.where(UsageRecord.submitted_at >= since)
     if session is not None:

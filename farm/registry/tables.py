@@ -176,6 +176,7 @@ class FileRecord(Base):
     session: Mapped[str] = mapped_column(String(128), index=True)
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     content: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -224,7 +225,7 @@ class BatchLineRecord(Base):
         Index("ix_batch_lines_status_model", "status", "model"),
     )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     line: Mapped[int] = mapped_column(Integer)  # 1-based, in the input file
     custom_id: Mapped[str] = mapped_column(String(512))

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("session", sa.String(length=128), nullable=False),
         sa.Column("filename", sa.String(length=255), nullable=False),
         sa.Column("purpose", sa.String(length=32), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("content", sa.LargeBinary(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_files")),
@@ -58,7 +59,7 @@ def upgrade() -> None:
     op.create_index(op.f("ix_batches_status"), "batches", ["status"])
     op.create_table(
         "batch_lines",
-        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("batch_id", sa.String(length=64), nullable=False),
         sa.Column("line", sa.Integer(), nullable=False),
         sa.Column("custom_id", sa.String(length=512), nullable=False),
