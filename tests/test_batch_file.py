@@ -154,3 +154,81 @@ def test_lines_not_started_when_the_window_ends_expire(ctx: FarmContext, tmp_pat
     errors = [json.loads(t) for t in batches.results(batch.id, failed=True, ctx=ctx)]
     assert [e["error"]["code"] for e in errors] == ["batch_expired", "batch_expired"]
     assert ended.to_json()["completion_window"] == "1h"
+
+
+def test_the_feeder_holds_its_window_queues_lost_lines_again_and_cancels_queued_ones(
+    migrated_db: str, tmp_path: Path
+):
+    """Against a real Redis and a model whose lease says it is served but whose queue no
+    worker reads: what the feeder sends, records and undoes, pass by pass."""
+    from datetime import UTC, datetime
+
+    from farm.batches.feeder import line_job_id
+    from farm.registry.tables import LeaseRecord, UsageRecord
+    from farm.status import queued
+    from tests.conftest import REDIS_URL
+
+    url = REDIS_URL.rsplit("/", 1)[0] + "/8"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    ctx = FarmContext(Settings(home=tmp_path, broker_url=url, database_url=migrated_db))
+    with transaction(migrated_db) as s:
+        queries.add_model(s, name=MODEL, path="/models/tiny.gguf", n_ctx=512)
+        queries.register_worker(s, worker_id="w@x", host="x", pid=1, device="cpu", versions={})
+        s.add(
+            LeaseRecord(
+                worker_id="w@x",
+                model=MODEL,
+                device="cpu",
+                expires_at=datetime.now(UTC) + timedelta(hours=1),
+            )
+        )
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(line(f"q{i}") for i in range(5)))
+    batch, _ = batches.submit(path, ctx=ctx)
+    feeder = Feeder(ctx, window=2)
+    try:
+
+        def lines() -> list[tuple[int, str, int, str | None]]:
+            with transaction(migrated_db) as s:
+                return [
+                    (x.line, x.status, x.attempts, x.job_id)
+                    for x in s.scalars(select(BatchLineRecord).order_by(BatchLineRecord.line))
+                ]
+
+        def usage(job_ids: list[str | None]) -> list[str]:
+            with transaction(migrated_db) as s:
+                return list(
+                    s.scalars(select(UsageRecord.status).where(UsageRecord.job_id.in_(job_ids)))
+                )
+
+        assert feeder.step() == 2 and feeder.step() == 0  # the window is full
+        first = lines()
+        assert [x[1] for x in first] == ["queued", "queued", "pending", "pending", "pending"]
+        assert [x[3] for x in first[:2]] == [line_job_id(batch.id, n, 1) for n in (1, 2)]
+        assert queued(ctx, MODEL) == 2  # Redis holds the window, not the batch
+        assert usage([x[3] for x in first[:2]]) == ["queued", "queued"]  # rows with the lines
+
+        # The broker loses both messages; recovery expires their rows (recovery.py).
+        r.delete(*r.keys("farm.model.*"))
+        with transaction(migrated_db) as s:
+            s.execute(
+                update(UsageRecord)
+                .where(UsageRecord.job_id.in_([x[3] for x in first[:2]]))
+                .values(status="expired")
+            )
+        feeder.step()  # both lines go back to pending and are sent again: attempt 2
+        again = lines()
+        assert [x[1:3] for x in again[:2]] == [("queued", 2), ("queued", 2)]
+        assert [x[3] for x in again[:2]] == [line_job_id(batch.id, n, 2) for n in (1, 2)]
+        assert queued(ctx, MODEL) == 2
+
+        # Cancel: the pending lines at once; the queued lines' jobs through the feeder.
+        batches.cancel(batch.id, ctx=ctx)
+        for _ in range(3):
+            feeder.step()
+        ended = batches.get(batch.id, ctx=ctx)
+        assert ended.status == "cancelled" and ended.counts == {"cancelled": 5}
+        assert usage([x[3] for x in again[:2]]) == ["cancelled", "cancelled"]
+    finally:
+        r.flushdb()
