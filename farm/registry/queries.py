@@ -7,7 +7,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from farm.errors import ModelExists, UnknownModel
@@ -227,7 +226,16 @@ def claim_lost_workers(s: Session) -> list[tuple[str, list[str]]]:
 
 def _insert(s: Session) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL)."""
-    return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[s.get_bind().dialect.name]
+    name = s.get_bind().dialect.name
+    # Imported here, not at the top: importing the PostgreSQL dialect costs every command
+    # tens of ms (`farm status` on SQLite never needs it), and reads need neither.
+    if name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
 
 
 def _insert_ignoring_duplicates(s: Session, values: dict[str, Any]) -> None:
