@@ -37,8 +37,11 @@ def bare_env(home: Path) -> dict[str, str]:
     return env
 
 
-def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`farm up` in a session of its own, as a terminal would run it; back once it is up."""
+def start_up(
+    env: dict[str, str], log: Path, *, sigint_ignored: bool = False
+) -> subprocess.Popen[bytes]:
+    """`farm up` in a session of its own, as a terminal would run it; back once it is up.
+    `sigint_ignored`: as a script's `farm up &` starts it, with SIGINT ignored."""
     out = log.open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "farm.cli", "up"],
@@ -46,6 +49,9 @@ def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         stdout=out,
         stderr=out,
         start_new_session=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if sigint_ignored
+        else None,
     )
     deadline = time.monotonic() + 120
     while "farm is up" not in log.read_text(errors="replace").split("farm stopped")[-1]:
@@ -153,7 +159,7 @@ def test_ctrl_c_to_the_process_group_finishes_the_running_job_and_a_restart_runs
     [row] = finished_usage(db, running.id, timeout=5)
     assert row.status == "succeeded"  # type: ignore[attr-defined]  # not cut by the Ctrl-C
 
-    again = start_up(env, log)
+    again = start_up(env, log, sigint_ignored=True)  # a script's `farm up &` this time
     try:
         point_client_at(env)
         c = farm.Job(running.id).result(timeout=10)  # results remain readable after a restart

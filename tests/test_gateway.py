@@ -94,6 +94,16 @@ def test_openai_shaped_errors_name_the_problem(gateway):
     assert "unknown model 'deepsek'" in str(missing.value)
     r = httpx.post(f"{gateway}/v1/chat/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{gateway}/v1/embeddings", json={"input": "x"}, timeout=30)
+    assert r.status_code in (404, 405) and "/v1/chat/completions" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as long:
+        c.completions.create(model=MODEL, prompt="word " * 5000, max_tokens=2)
+    assert long.value.body["param"] == "prompt"  # type: ignore[index]
+    assert long.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as top_p:
+        c.completions.create(model=MODEL, prompt="hi", top_p=7)
+    assert "'top_p'" in top_p.value.body["message"]  # type: ignore[index]
+    assert "sampling." not in top_p.value.body["message"]  # type: ignore[index]
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_job(gateway, live_farm):

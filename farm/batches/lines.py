@@ -151,6 +151,14 @@ def _line(
 def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[str, Any]:
     from farm.gateway import openai
 
+    most = body.get("max_completion_tokens", body.get("max_tokens"))
+    context = models.get(body.get("model"))  # type: ignore[arg-type]
+    if isinstance(most, int) and context is not None and most > context:
+        field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        raise _Bad(
+            f"body.{field}",
+            f"{most} is more than model '{body['model']}' holds (context {context} tokens)",
+        )
     if body.get("stream"):
         raise _Bad("body.stream", "streaming is not available in a batch; leave it out")
     try:

@@ -49,7 +49,7 @@ def error_line(line: BatchLineRecord) -> dict[str, Any]:
             "response": None,
             "error": {"code": NEVER_RAN[line.status], "message": reason},
         }
-    status, body = openai.error(JobFailed(reason))
+    status, body = openai.error(JobFailed(reason), chat=line.chat)
     return {
         "id": f"batch_req_{request_id}",
         "custom_id": line.custom_id,

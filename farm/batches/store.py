@@ -38,7 +38,7 @@ def window_seconds(text: str) -> int:
 
 
 def window_text(seconds: int) -> str:
-    for unit in ("d", "h", "m"):
+    for unit in ("d", "h", "m") if seconds >= 7 * 86400 else ("h", "m"):
         if seconds % _UNIT_S[unit] == 0:
             return f"{seconds // _UNIT_S[unit]}{unit}"
     return f"{seconds}s"

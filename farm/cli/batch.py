@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import app, err, fold_table, friendly, out
+from farm.cli.base import app, err, friendly, out
 
 batch_app = typer.Typer(help="Batch jobs: a JSONL file of requests run in the background.")
 app.add_typer(batch_app, name="batch", no_args_is_help=True)
@@ -72,7 +72,8 @@ def submit(
         same = batch.content_hash == _hash(file)
         err.print(
             f"batch {batch.name} exists ({batch.status}, {batch.done}/{batch.total} done): "
-            "nothing queued again" + ("" if same else "; note: its file differed from this one"),
+            "nothing queued again (another --name runs the file again)"
+            + ("" if same else "; note: its file differed from this one"),
             highlight=False,
         )
     print(json.dumps(batch.to_json(), indent=2) if as_json else batch.id)
@@ -89,9 +90,9 @@ def _hash(file: Path) -> str:
 def list_(
     limit: Annotated[int, typer.Option(help="newest first, at most this many")] = 20,
     session: Annotated[str | None, typer.Option(metavar="NAME", help="only this session")] = None,
-    as_json: AsJson = False,
+    as_json: Annotated[bool, typer.Option("--json", help="a list of batch objects")] = False,
 ) -> None:
-    """The batches, newest first: id, name, status, done/failed/total."""
+    """The batches, newest first, one per line: id, name, status, lines by outcome, created."""
     import farm.batches as batches
 
     found = batches.listing(session=session, limit=limit)
@@ -101,13 +102,14 @@ def list_(
     if not found:
         out.print("no batches yet: `farm batch submit FILE`")
         return
-    table = fold_table("id", "name", "status", "done", "failed", "total", "created")
-    for b in found:
-        table.add_row(
-            b.id, b.name, b.status, str(b.done), str(b.failed), str(b.total),
-            b.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-        )  # fmt: skip
-    out.print(table)
+    for b in found:  # one line each, whole: ids to copy, lines to grep
+        c = b.counts
+        ended = ", ".join(f"{c[k]} {k}" for k in ("failed", "cancelled", "expired") if c.get(k))
+        print(
+            f"{b.id}  {b.name}  {b.status:<10}  {b.succeeded}/{b.total} ok"
+            + (f" ({ended})" if ended else "")
+            + f"  {b.created_at.astimezone():%Y-%m-%d %H:%M}"
+        )
 
 
 @batch_app.command("status")
@@ -263,8 +265,10 @@ def cancel(batch_id: BatchId, as_json: AsJson = False) -> None:
     b = batches.cancel(batch_id)
     if as_json:
         print(json.dumps(b.to_json(), indent=2))
+    elif b.ended:
+        out.print(f"batch {b.id} already {b.status}: nothing to cancel", highlight=False)
     else:
-        out.print(f"batch {b.id}: {b.status}", highlight=False)
+        out.print(f"batch {b.id}: {b.status} (lines that ended are kept)", highlight=False)
 
 
 @batch_app.command("feeder")

@@ -97,6 +97,9 @@ def _run_farm(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    # Started with `farm up &` from a script or cron, a shell hands it SIGINT ignored:
+    # take Ctrl-C back, so that `farm down` and a terminal's Ctrl-C both stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     services: list[Any] = []
     try:
         farm_.start()

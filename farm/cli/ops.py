@@ -171,17 +171,24 @@ def down(
     if state is None:
         raise FarmUnavailable(f"no farm is running here ({settings.home}); nothing to stop")
     pid = int(str(state["pid"]))
-    os.kill(pid, signal.SIGINT)
+    # SIGTERM: `farm up` stops on it as on Ctrl-C, and no shell starts a program with it
+    # ignored (a script's `farm up &` gets SIGINT ignored).
+    os.kill(pid, signal.SIGTERM)
     if now:
         time.sleep(0.5)
-        os.kill(pid, signal.SIGINT)  # the second Ctrl-C: stop at once, requeuing
+        os.kill(pid, signal.SIGTERM)  # the second Ctrl-C: stop at once, requeuing
     err.print(f"stopping the farm (pid {pid})" + ("" if now else "; running jobs finish first"))
     deadline = time.monotonic() + timeout
     while read_state(settings.state_file) is not None:
         if time.monotonic() > deadline:
+            hint = (
+                f"`kill -9 {pid}` ends it (its workers' jobs go back to the queue when it "
+                "starts again)"
+                if now
+                else "`farm down --now` stops it without waiting for running jobs"
+            )
             raise FarmUnavailable(
-                f"the farm (pid {pid}) has not stopped after {timeout:g}s; `farm down --now` "
-                "stops it without waiting for running jobs"
+                f"the farm (pid {pid}) has not stopped after {timeout:g}s; {hint}"
             )
         time.sleep(0.2)
     err.print("farm stopped")

@@ -44,9 +44,29 @@ def create_app() -> FastAPI:
         status, body = openai.error(openai.BadBody(f"invalid '{param}': {first.get('msg')}", param))
         return JSONResponse(body, status_code=status)
 
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = (
+            f"no endpoint {request.method} {request.url.path}: farm serves /v1/models, "
+            "/v1/chat/completions, /v1/completions, /v1/files and /v1/batches"
+            if e.status_code in (404, 405)
+            else str(e.detail)
+        )
+        body = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "unknown_url" if e.status_code in (404, 405) else None,
+            }
+        }
+        return JSONResponse(body, status_code=e.status_code)
+
     @app.exception_handler(FarmError)
-    def _farm_error(_: Request, e: Exception) -> JSONResponse:
-        status, body = openai.error(e)
+    def _farm_error(request: Request, e: Exception) -> JSONResponse:
+        status, body = openai.error(e, chat=not request.url.path.endswith("/v1/completions"))
         if status >= 500:
             log.warning("request failed: %s", e)
         return JSONResponse(body, status_code=status)
@@ -147,7 +167,7 @@ async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> Asyn
         yield "data: [DONE]\n\n"
     except FarmError as e:  # the status line is sent: the error goes in the stream
         done = True
-        yield f"data: {json.dumps(openai.error(e)[1])}\n\n"
+        yield f"data: {json.dumps(openai.error(e, chat=chat)[1])}\n\n"
     finally:
         if not done:  # a thread, not an await: this task may be being cancelled
             threading.Thread(target=job.cancel, daemon=True).start()

@@ -165,9 +165,11 @@ def chunk(job_id: str, model: str, *, chat: bool, text: str | None = None, finis
     return f"data: {json.dumps(body)}\n\n"
 
 
-def error(e: Exception) -> tuple[int, dict[str, Any]]:
-    """OpenAI's status code and error body for one of farm's errors."""
-    message = str(e)
+def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
+    """OpenAI's status code and error body for one of farm's errors; `chat`: whether the
+    request was a chat one (a prompt too long is then in 'messages', else in 'prompt')."""
+    # farm's Request nests sampling and stopping fields; OpenAI's are flat.
+    message = re.sub(r"'(?:sampling|stopping)\.", "'", str(e))
     if isinstance(e, BadBody):
         return 400, _body(message, "invalid_request_error", e.param, None)
     from farm.batches.lines import BatchFileError
@@ -190,7 +192,8 @@ def error(e: Exception) -> tuple[int, dict[str, Any]]:
     if isinstance(e, NoLiveWorker | FarmUnavailable):
         return 503, _body(message, "server_error", None, "service_unavailable")
     if isinstance(e, JobFailed) and "tokens but model" in message:
-        return 400, _body(message, "invalid_request_error", "messages", "context_length_exceeded")
+        param = "messages" if chat else "prompt"
+        return 400, _body(message, "invalid_request_error", param, "context_length_exceeded")
     if isinstance(e, JobCancelled):
         return 499, _body(message, "request_cancelled", None, None)
     if isinstance(e, FarmError):
