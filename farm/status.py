@@ -168,10 +168,27 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
                     "pinned": sorted(lease.model for lease in mine if lease.pinned),
                 }
             )
+        from farm.batches.store import active
+
+        batch_rows = [
+            {
+                "id": b.id,
+                "name": b.name,
+                "status": b.status,
+                "priority": b.priority,
+                "total": b.total,
+                "succeeded": b.succeeded,
+                "failed": b.failed,
+                "queued": b.counts.get("queued", 0),
+                "pending": b.counts.get("pending", 0),
+                "eta_s": b.eta_s(),
+            }
+            for b in active(s)
+        ]
     depths = queue_depths(ctx, [m["name"] for m in model_rows])
     for row in model_rows:
         row["queued"] = depths[row["name"]]
-    return {"models": model_rows, "workers": worker_rows}
+    return {"models": model_rows, "workers": worker_rows, "batches": batch_rows}
 
 
 def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:

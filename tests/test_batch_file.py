@@ -120,15 +120,23 @@ def test_a_name_or_the_same_file_gives_back_the_same_batch(ctx: FarmContext, tmp
 
 
 def test_lines_wait_for_a_worker_and_cancel_ends_the_batch(ctx: FarmContext, tmp_path: Path):
+    from farm.admission.metrics import render
+    from farm.status import fleet_status
+
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(line(f"q{i}") for i in range(3)))
     batch, _ = batches.submit(path, ctx=ctx)
     feeder = Feeder(ctx, window=2)
     assert feeder.step() == 0  # no worker serves 'tiny': nothing is queued, nothing lost
     assert batches.get(batch.id, ctx=ctx).counts == {"pending": 3}
+    [shown] = fleet_status(ctx)["batches"]  # `farm status` shows the batch waiting
+    assert (shown["id"], shown["pending"], shown["total"]) == (batch.id, 3, 3)
+    scrape = render(ctx).decode()
+    assert 'farm_batch_lines{model="tiny",status="pending"} 3.0' in scrape
+    assert 'farm_batches{status="in_progress"} 1.0' in scrape
 
-    cancelled = batches.cancel(batch.id, ctx=ctx)
-    assert cancelled.status == "cancelling" and cancelled.counts == {"cancelled": 3}
+    cancelled = batches.cancel(batch.id, ctx=ctx)  # none queued: cancelled at once
+    assert cancelled.status == "cancelled" and cancelled.counts == {"cancelled": 3}
     feeder.step()
     ended = batches.get(batch.id, ctx=ctx)
     assert ended.status == "cancelled" and ended.failed == 3 and ended.error_file_id

@@ -48,6 +48,7 @@ class FarmCollector(Collector):
             yield from _jobs_and_tokens(s)
             yield from _histograms(s)
             yield from _workers(s)
+            yield from _batches(s)
         depth = GaugeMetricFamily(
             "farm_queue_depth", "Jobs waiting in a model's queue", labels=["model", "priority"]
         )
@@ -162,6 +163,33 @@ def _workers(s: Any) -> Iterator[Metric]:
     for model, n in sorted(counts.items()):
         per_model.add_metric([model], n)
     yield per_model
+
+
+def _batches(s: Any) -> Iterator[Metric]:
+    from sqlalchemy import func, select
+
+    from farm.batches.store import ACTIVE
+    from farm.registry.tables import BatchLineRecord, BatchRecord
+
+    batches = GaugeMetricFamily("farm_batches", "Batches by status", labels=["status"])
+    for status, n in s.execute(
+        select(BatchRecord.status, func.count()).group_by(BatchRecord.status)
+    ):
+        batches.add_metric([status], n)
+    yield batches
+    lines = GaugeMetricFamily(
+        "farm_batch_lines",
+        "Lines of the batches in progress, by status (pending: not queued yet)",
+        labels=["model", "status"],
+    )
+    in_progress = select(BatchRecord.id).where(BatchRecord.status.in_(ACTIVE))
+    for model, status, n in s.execute(
+        select(BatchLineRecord.model, BatchLineRecord.status, func.count())
+        .where(BatchLineRecord.batch_id.in_(in_progress))
+        .group_by(BatchLineRecord.model, BatchLineRecord.status)
+    ):
+        lines.add_metric([model, status], n)
+    yield lines
 
 
 def render(ctx: FarmContext) -> bytes:

@@ -265,6 +265,19 @@ def listing(
     return [view(r, found[r.id]) for r in records]
 
 
+def active(s: Session) -> list[Batch]:
+    """The batches in progress or being cancelled, oldest first."""
+    records = list(
+        s.scalars(
+            select(BatchRecord)
+            .where(BatchRecord.status.in_(ACTIVE))
+            .order_by(BatchRecord.created_at)
+        )
+    )
+    found = counts(s, [r.id for r in records])
+    return [view(r, found[r.id]) for r in records]
+
+
 def request_cancel(s: Session, batch_id: str, *, session: str | None = None) -> Batch:
     """Cancel a batch: lines not queued yet never run (cancelled now); the feeder cancels
     the queued ones and ends the batch as cancelled. Lines already ended are kept."""
@@ -283,6 +296,17 @@ def request_cancel(s: Session, batch_id: str, *, session: str | None = None) -> 
         .values(status="cancelled", error="the batch was cancelled before this line ran",
                 finished_at=now)
     )  # fmt: skip
+    in_flight = s.scalar(
+        select(BatchLineRecord.id)
+        .where(BatchLineRecord.batch_id == batch.id, BatchLineRecord.status == "queued")
+        .limit(1)
+    )
+    if in_flight is None:  # nothing for the feeder to stop: cancelled now
+        s.execute(
+            update(BatchRecord)
+            .where(BatchRecord.id == batch.id, BatchRecord.status == "cancelling")
+            .values(status="cancelled", cancelled_at=now)
+        )
     return get(s, batch.id)
 
 

@@ -250,3 +250,12 @@ def render_fleet(fleet: dict[str, Any], console: Any) -> None:
             f"{w['heartbeat_age_s']}s ago",
         )
     console.print(workers)
+    for b in fleet.get("batches", []):  # one whole line each: ids to copy
+        eta = "" if b["eta_s"] is None else f", about {b['eta_s']:.0f}s left"
+        console.print(
+            f"batch {b['id']}  {b['name']}  {b['status']}  "
+            f"{b['succeeded'] + b['failed']}/{b['total']} ended ({b['failed']} not ok), "
+            f"{b['queued']} queued or running, {b['pending']} waiting, {b['priority']}{eta}",
+            highlight=False,
+            soft_wrap=True,
+        )
