@@ -240,3 +240,11 @@ def test_the_feeder_holds_its_window_queues_lost_lines_again_and_cancels_queued_
         assert usage([x[3] for x in again[:2]]) == ["cancelled", "cancelled"]
     finally:
         r.flushdb()
+
+
+def test_a_model_that_is_not_a_name_is_a_bad_line_not_a_crash(ctx: FarmContext, tmp_path: Path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(line("m", model={"name": MODEL}) + "\n")
+    with pytest.raises(BatchFileError) as e:
+        batches.submit(path, ctx=ctx)
+    assert e.value.errors == ["1: body.model: 'model' is required: one of GET /v1/models"]

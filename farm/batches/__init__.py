@@ -25,12 +25,12 @@ from farm.batches import lines, store
 from farm.batches.store import Batch
 from farm.context import FarmContext, get_context
 from farm.errors import InvalidRequest
+from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
 
 __all__ = ["Batch", "cancel", "get", "listing", "results", "submit"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
-PRIORITIES = ("high", "normal", "low")
 
 
 def submit(

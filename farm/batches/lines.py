@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from farm.errors import InvalidRequest
-from farm.request import Request
+from farm.request import Request, Stopping
 
 URLS = {"/v1/chat/completions": True, "/v1/completions": False}
 MAX_LINES = 200_000
@@ -151,14 +151,16 @@ def _line(
 def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[str, Any]:
     from farm.gateway import openai
 
-    most = body.get("max_completion_tokens", body.get("max_tokens"))
-    context = models.get(body.get("model"))  # type: ignore[arg-type]
-    if isinstance(most, int) and context is not None and most > context:
+    # Against the model's context first: before farm's global cap says something else.
+    model = body.get("model")
+    if isinstance(model, str) and model in models:
         field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        raise _Bad(
-            f"body.{field}",
-            f"{most} is more than model '{body['model']}' holds (context {context} tokens)",
-        )
+        most = body.get(field, Stopping.model_fields["max_tokens"].default)
+        if isinstance(most, int) and most > models[model]:
+            raise _Bad(
+                f"body.{field}",
+                f"{most} is more than model '{model}' holds (context {models[model]} tokens)",
+            )
     if body.get("stream"):
         raise _Bad("body.stream", "streaming is not available in a batch; leave it out")
     try:
@@ -178,12 +180,6 @@ def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[s
     if request.model not in models:
         known = ", ".join(sorted(models)) or "none yet (`farm models add`)"
         raise _Bad("body.model", f"unknown model '{request.model}'; registered: {known}")
-    if request.stopping.max_tokens > models[request.model]:
-        raise _Bad(
-            "body.max_tokens",
-            f"{request.stopping.max_tokens} is more than model '{request.model}' holds "
-            f"(context {models[request.model]} tokens)",
-        )
     wire = request.to_wire()
     for routing in ("priority", "session", "stream_tokens"):
         wire.pop(routing, None)

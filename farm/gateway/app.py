@@ -25,10 +25,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from farm.errors import FarmError
 from farm.gateway import openai
+from farm.queue import PRIORITIES
 
 log = logging.getLogger(__name__)
-
-PRIORITIES = ("high", "normal", "low")
 
 
 def create_app() -> FastAPI:
