@@ -115,9 +115,9 @@ def batch_run(model: str, n: int, folder: Path) -> dict[str, float]:
 
 def gateway_added(model: str, runs: int) -> tuple[float, float, float]:
     import httpx
+    from farm_under_bench import free_port
 
     import farm
-    from tests.conftest import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -172,29 +172,17 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+    from farm_under_bench import farm_for_bench
+
     from farm.config import get_settings
-    from farm.context import reset_context
-    from farm.embedded import DEFAULT_MODEL, EmbeddedFarm, default_model_path
+    from farm.embedded import DEFAULT_MODEL, default_model_path
 
     direct = direct_rate(default_model_path(), args.direct)  # before the farm takes the CPU
-    embedded = None
     folder = Path(tempfile.mkdtemp(prefix="farm-bench-batch-"))
-    if not os.environ.get("FARM_BROKER_URL"):
-        os.environ["FARM_HOME"] = str(folder)
-        reset_context()
-        embedded = EmbeddedFarm(
-            get_settings(), [DEFAULT_MODEL], say=lambda m: print(m, file=sys.stderr)
-        )
-        embedded.start()
-        os.environ["FARM_BROKER_URL"] = embedded.broker_url
-        reset_context()
-    try:
+    with farm_for_bench([DEFAULT_MODEL], folder):
         loop = loop_rate(DEFAULT_MODEL, args.loop)
         b = batch_run(DEFAULT_MODEL, args.lines, folder)
         d50, g50, added = gateway_added(DEFAULT_MODEL, args.runs)
-    finally:
-        if embedded is not None:
-            embedded.stop()
 
     mib = 2**20
     window = get_settings().batch_window

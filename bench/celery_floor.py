@@ -14,7 +14,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,17 +25,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
 
-    from farm.config import get_settings
-    from farm.context import reset_context
-    from farm.embedded import EmbeddedFarm
+    from farm_under_bench import farm_for_bench
 
-    embedded = None
-    if not os.environ.get("FARM_BROKER_URL"):
-        os.environ["FARM_HOME"] = tempfile.mkdtemp(prefix="farm-floor-")
-        reset_context()
-        embedded = EmbeddedFarm(get_settings(), [], say=lambda m: print(m, file=sys.stderr))
-        embedded.start()
-        os.environ["FARM_BROKER_URL"] = embedded.broker_url
+    with farm_for_bench([]):
+        times = _round_trips(args.runs)
+    times.sort()
+    print(
+        f"no-op Celery round trip over {args.runs} runs: p50 {statistics.median(times):.2f} ms, "
+        f"p90 {times[int(0.9 * (len(times) - 1))]:.2f} ms, p99 {times[int(0.99 * (len(times) - 1))]:.2f} ms"
+    )
+    return 0
+
+
+def _round_trips(runs: int) -> list[float]:
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "noop_app", "worker", "--pool=threads", "--concurrency=4",
@@ -61,18 +62,10 @@ def main() -> int:
             except Exception:
                 if time.monotonic() > deadline:
                     raise
-        times = [once() for _ in range(args.runs)]
+        return [once() for _ in range(runs)]
     finally:
         worker.terminate()
         worker.wait(30)
-        if embedded is not None:
-            embedded.stop()
-    times.sort()
-    print(
-        f"no-op Celery round trip over {args.runs} runs: p50 {statistics.median(times):.2f} ms, "
-        f"p90 {times[int(0.9 * (len(times) - 1))]:.2f} ms, p99 {times[int(0.99 * (len(times) - 1))]:.2f} ms"
-    )
-    return 0
 
 
 if __name__ == "__main__":

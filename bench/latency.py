@@ -19,7 +19,6 @@ import itertools
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,22 +53,11 @@ def main() -> int:
     args = parser.parse_args()
     runs = {1: args.runs_short, 64: args.runs_long}
 
-    from farm.config import get_settings
-    from farm.context import reset_context
-    from farm.embedded import DEFAULT_MODEL, EmbeddedFarm, default_model_path
+    from farm_under_bench import farm_for_bench
 
-    embedded = None
-    if not os.environ.get("FARM_BROKER_URL"):
-        home = tempfile.mkdtemp(prefix="farm-bench-")
-        os.environ["FARM_HOME"] = home
-        reset_context()
-        embedded = EmbeddedFarm(
-            get_settings(), [DEFAULT_MODEL], say=lambda m: print(m, file=sys.stderr)
-        )
-        embedded.start()
-        os.environ["FARM_BROKER_URL"] = embedded.broker_url
-        reset_context()
-    try:
+    from farm.embedded import DEFAULT_MODEL, default_model_path
+
+    with farm_for_bench([DEFAULT_MODEL]):
         import llama_cpp
 
         import farm
@@ -110,9 +98,6 @@ def main() -> int:
 
             results[max_tokens] = paired(direct_call, farm_call, n)
         llm.close()
-    finally:
-        if embedded is not None:
-            embedded.stop()
 
     print(
         f"{'completion':>10} {'runs':>5} {'tokens':>7} {'direct p50':>11} {'farm p50':>9} "
