@@ -8,8 +8,6 @@ servers instead.
 
 from __future__ import annotations
 
-import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -18,10 +16,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError, FarmUnavailable
-
-
-def _default_home() -> Path:
-    return Path.home() / ".local" / "share" / "farm"
+from farm.local import default_home, read_state
 
 
 class Settings(BaseSettings):
@@ -30,7 +25,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FARM_", extra="ignore")
 
     home: Path = Field(
-        default_factory=_default_home,
+        default_factory=default_home,
         description="Folder for the embedded farm: its state file, broker data and SQLite registry.",
     )
     broker_url: str | None = Field(
@@ -192,29 +187,6 @@ def masked(url: str) -> str:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port is not None else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-
-
-def read_state(path: Path) -> dict[str, object] | None:
-    """The state file of a running embedded farm, or None when none runs."""
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    pid = state.get("pid")
-    if not isinstance(pid, int) or not pid_alive(pid):
-        return None
-    return state
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @lru_cache(maxsize=1)

@@ -19,7 +19,6 @@ ready); a broker that exits is restarted on the same port from its append-only f
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -35,9 +34,10 @@ from typing import Any
 
 import redis
 
-from farm.config import Settings, masked, read_state
+from farm.config import Settings, masked
 from farm.context import FarmContext
 from farm.errors import ConfigError, FarmUnavailable, ModelExists, WorkerStartError
+from farm.local import read_state, write_state
 from farm.registry import queries, transaction, upgrade
 
 DEFAULT_MODEL = "gemma3-270m"
@@ -100,6 +100,7 @@ class EmbeddedFarm:
         self.database_url = settings.resolved_database_url()
         self.broker_port: int | None = None
         self._ctx: FarmContext | None = None
+        self.local: dict[str, Any] | None = None
 
     # -- starting -----------------------------------------------------------------------------
     def refuse_if_running(self) -> None:
@@ -200,9 +201,14 @@ class EmbeddedFarm:
             "broker_url": self.broker_url,
             "database_url": self.database_url,
         }
-        tmp = self.settings.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.settings.state_file)
+        if self.local is not None:
+            state["local"] = self.local
+        write_state(self.settings.state_file, state)
+
+    def advertise(self, local: dict[str, Any]) -> None:
+        """Tell other commands where this process answers them (farm.local.serve)."""
+        self.local = local
+        self._write_state()
 
     def _start_worker(self, model: str) -> None:
         env = {

@@ -48,6 +48,26 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["usage"]["completion_tokens"] > 0
 
+        # `farm status` asks the running farm (farm.local): no SQLAlchemy, redis or Celery
+        # to import; a shell that names the servers another way reads them itself.
+        fast = farm({**env, "PYTHONPROFILEIMPORTTIME": "1"}, "status", "--json")
+        assert fast.returncode == 0, fast.stderr
+        assert "import time:" in fast.stderr
+        loaded = {line.split("|")[-1].strip() for line in fast.stderr.splitlines()}
+        assert not {m for m in loaded if m.split(".")[0] in ("sqlalchemy", "redis", "celery")}
+        direct_env = {
+            **env,
+            "FARM_BROKER_URL": state["broker_url"].replace("127.0.0.1", "localhost"),
+        }
+        direct = farm({**direct_env, "PYTHONPROFILEIMPORTTIME": "1"}, "status", "--json")
+        assert direct.returncode == 0, direct.stderr
+        assert "sqlalchemy" in direct.stderr
+        for answer in (json.loads(fast.stdout), json.loads(direct.stdout)):
+            assert [m["name"] for m in answer["models"]] == ["gemma3-270m"]
+            assert [(w["id"].split("@")[0], w["state"]) for w in answer["workers"]] == [
+                ("gemma3-270m", "ready")
+            ]
+
         second = farm(env, "up")
         assert second.returncode == 1 and "a farm is already running here" in second.stderr
     finally:

@@ -1,6 +1,7 @@
 """`farm up` and `farm fleet` supervise their workers: a crashed worker is reported with its
 exit status and log, then restarted; a profile from the models file picks the models."""
 
+import json
 import os
 import signal
 import time
@@ -64,6 +65,11 @@ def test_fleet_serves_a_profile_and_restarts_a_crashed_worker(env):
         assert "worker   tiny exited with status -9; restarting in 1s" in log
         assert "Last lines of" in log
         wait_for(lambda: lease_pids(env) - {first})
+        # On a worker host `farm status` asks `farm fleet` (farm.local), loading no SQLAlchemy.
+        r = run_cli({**env, "PYTHONPROFILEIMPORTTIME": "1"}, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        assert "sqlalchemy" not in r.stderr and "import time:" in r.stderr
+        assert [m["name"] for m in json.loads(r.stdout)["models"]] == ["tiny"]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)

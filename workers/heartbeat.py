@@ -22,9 +22,9 @@ from sqlalchemy import select
 
 from farm.admission.aging import age_queues
 from farm.broker import requeue_unacked
-from farm.config import pid_alive
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, WorkerStartError
+from farm.local import pid_alive
 from farm.recovery import expire_orphaned_rows, reap_lost_workers
 from farm.registry import queries, transaction
 from farm.registry.queries import LeaseSpec

@@ -105,7 +105,9 @@ def _run_farm(
         farm_.start()
         os.environ["FARM_BROKER_URL"] = farm_.broker_url
         reset_context()
-        services = _start_services(port) if port is not None else []
+        services = [_answer_local_commands(farm_)]
+        if port is not None:
+            services += _start_services(port)
         err.print('[green]farm is up[/]: try `farm submit "Why is the sky blue?"` in another shell')
         if ask is not None:
             from farm.enqueue import build, submit_request
@@ -125,6 +127,17 @@ def _run_farm(
             stop()
         farm_.stop(grace)
         err.print("farm stopped")
+
+
+def _answer_local_commands(farm_: Any) -> Any:
+    """Answer this machine's `farm status` from this process (farm.local); returns how to
+    stop."""
+    from farm.local import serve
+    from farm.status import fleet_status
+
+    server, address = serve({"/status": fleet_status})
+    farm_.advertise(address)
+    return server.shutdown
 
 
 def _start_services(port: int) -> list[Any]:
@@ -189,9 +202,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Models, workers, leases and queue depth; or one job's state and queue position."""
-    from farm.status import fleet_status, job_status
-
     if job_id is not None:
+        from farm.status import job_status
+
         info = job_status(job_id)
         if as_json:
             print(json.dumps(info, indent=2, default=str))
@@ -202,7 +215,13 @@ def status(
                 shown = local_time(value) if key in ("submitted", "started", "finished") else value
                 out.print(f"{key:>14}  {shown}", highlight=False)
         return
-    fleet = fleet_status()
+    from farm.local import ask
+
+    fleet = ask("/status")  # a `farm up` here has the answer's libraries loaded already
+    if fleet is None:
+        from farm.status import fleet_status
+
+        fleet = fleet_status()
     if as_json:
         print(json.dumps(fleet, indent=2, default=str))
     else:

@@ -163,8 +163,8 @@ def down(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the farm to stop")] = 120.0,
 ) -> None:
     """Stop the farm that `farm up` runs here, as Ctrl-C in its shell would."""
-    from farm.config import read_state
     from farm.errors import FarmUnavailable
+    from farm.local import read_state
 
     settings = get_settings()
     state = read_state(settings.state_file)
@@ -198,7 +198,8 @@ def down(
 @friendly
 def config(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every setting in effect, and where it came from (environment, farm up, default)."""
-    from farm.config import Settings, masked, read_state
+    from farm.config import Settings, masked
+    from farm.local import read_state
 
     settings = get_settings()
     state = read_state(settings.state_file) or {}
