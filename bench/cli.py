@@ -1,15 +1,22 @@
-"""How long the `farm` command takes to answer: --help, an argument error, and `farm status`
-on a small registry (SQLite) and Redis. Median of N runs each, in fresh processes.
+"""How long the `farm` command takes to answer: --help, an argument error, `farm status`
+and `farm jobs`. Median of N runs each, in fresh processes.
 
     python bench/cli.py [--runs 10]
 
-Needs Redis (FARM_BENCH_REDIS, default redis://127.0.0.1:6379/13).
+`farm status` three times: beside a running `farm up` (in a temporary home, with its own broker
+and one worker), where the command asks that process (farm/local.py), and on servers named
+by FARM_BROKER_URL / FARM_DATABASE_URL with no `farm up` here, where it reads the registry
+and broker itself; then beside `farm up` again while its worker generates in every slot.
+The servers case needs Redis (FARM_BENCH_REDIS, default
+redis://127.0.0.1:6379/13).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -20,34 +27,85 @@ from pathlib import Path
 
 def timed(env: dict[str, str], *args: str) -> float:
     started = time.perf_counter()
-    subprocess.run(
+    r = subprocess.run(
         [sys.executable, "-m", "farm.cli", *args], env=env, capture_output=True, check=False
     )
-    return time.perf_counter() - started
+    took = time.perf_counter() - started
+    if args[0] in ("status", "jobs") and r.returncode != 0:
+        sys.exit(f"farm {' '.join(args)} failed: {r.stderr.decode()}")
+    return took
+
+
+def report(name: str, times: list[float]) -> None:
+    print(f"{name:<36} {statistics.median(times):6.2f}s {min(times):6.2f}s")
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def farm_up(env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "up", "--port", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "farm is up" in line:
+            return proc
+    sys.exit(f"farm up exited with {proc.wait()}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
+    bare = {k: v for k, v in os.environ.items() if not k.upper().startswith("FARM_")}
     home = Path(tempfile.mkdtemp(prefix="farm-bench-cli-"))
-    env = {
-        **os.environ,
-        "FARM_HOME": str(home),
+    servers = {
+        **bare,
+        "FARM_HOME": str(home / "servers"),
         "FARM_DATABASE_URL": f"sqlite:///{home / 'registry.db'}",
         "FARM_BROKER_URL": os.environ.get("FARM_BENCH_REDIS", "redis://127.0.0.1:6379/13"),
     }
-    subprocess.run([sys.executable, "-m", "farm.cli", "db", "upgrade"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "farm.cli", "db", "upgrade"], env=servers, check=True)
+    local = {**bare, "FARM_HOME": str(home / "up")}
     cases = {
-        "farm --help": ("--help",),
-        "farm submit (missing argument)": ("submit",),
-        "farm status": ("status",),
-        "farm jobs": ("jobs",),
+        "farm --help": (servers, ("--help",)),
+        "farm submit (missing argument)": (servers, ("submit",)),
+        "farm status (beside farm up)": (local, ("status",)),
+        "farm status (servers, no farm up)": (servers, ("status",)),
+        "farm jobs": (servers, ("jobs",)),
     }
-    print(f"{'command':<32} {'p50':>7} {'min':>7}   ({args.runs} runs each)")
-    for name, argv in cases.items():
-        times = [timed(env, *argv) for _ in range(args.runs)]
-        print(f"{name:<32} {statistics.median(times):6.2f}s {min(times):6.2f}s")
+    up = farm_up(local)
+    try:
+        print(f"{'command':<36} {'p50':>7} {'min':>7}   ({args.runs} runs each)")
+        for name, (env, argv) in cases.items():
+            report(name, [timed(env, *argv) for _ in range(args.runs)])
+        # The same beside a worker generating in every slot, both cores busy.
+        submit = ["submit", "Count to a thousand.", "--max-tokens", "3000", "--no-wait"]
+        jobs = [cli(local, *submit) for _ in range(4)]
+        time.sleep(3)
+        times = [timed(local, "status") for _ in range(args.runs)]
+        report("farm status (beside farm up, busy)", times)
+        fleet = json.loads(cli(local, "status", "--json"))
+        print(
+            "  slots busy then:",
+            ", ".join(f"{w['slots_busy']}/{w['slots']}" for w in fleet["workers"]),
+        )
+        for job in jobs:
+            cli(local, "cancel", job)
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
 
 
 if __name__ == "__main__":
