@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import redis
+from redis import Redis
 
 from farm.config import Settings, get_settings, reset_settings
 
@@ -61,10 +62,22 @@ class FarmContext:
             self.recorder.flush()
 
     @cached_property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> Redis:
         """Redis for token streams and cancel flags (the result backend's server)."""
         return redis.Redis.from_url(
             self.result_url,
+            socket_connect_timeout=self.settings.connect_timeout,
+            decode_responses=True,
+        )
+
+    @cached_property
+    def broker_redis(self) -> Redis:
+        """Redis holding the queues themselves (kombu's lists), for their depth and order:
+        the result backend's server too, unless FARM_RESULT_URL names another."""
+        if self.result_url == self.broker_url:
+            return self.redis
+        return redis.Redis.from_url(
+            self.broker_url,
             socket_connect_timeout=self.settings.connect_timeout,
             decode_responses=True,
         )

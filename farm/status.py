@@ -26,7 +26,7 @@ from farm.results import stream_outcome
 
 def queue_depths(ctx: FarmContext, models: list[str]) -> dict[str, dict[str, int]]:
     """Queued jobs per model, per named priority."""
-    pipe = ctx.redis.pipeline(transaction=False)
+    pipe = ctx.broker_redis.pipeline(transaction=False)
     for model in models:
         for step in PRIORITY_STEPS:
             pipe.llen(priority_list_key(model, step))
@@ -42,7 +42,7 @@ def queue_depths(ctx: FarmContext, models: list[str]) -> dict[str, dict[str, int
 
 def queued(ctx: FarmContext, model: str) -> int:
     """Jobs waiting in a model's queue, all priorities together (one round trip)."""
-    pipe = ctx.redis.pipeline(transaction=False)
+    pipe = ctx.broker_redis.pipeline(transaction=False)
     for step in PRIORITY_STEPS:
         pipe.llen(priority_list_key(model, step))
     return sum(int(n) for n in pipe.execute())
@@ -60,7 +60,7 @@ def queue_place(ctx: FarmContext, model: str, job_id: str) -> dict[str, Any] | N
     ahead = dict.fromkeys(PRIORITIES, 0)
     for step in PRIORITY_STEPS:
         # kombu pushes on the left and pops on the right: the right end runs first.
-        messages = ctx.redis.lrange(priority_list_key(model, step), 0, -1)
+        messages = ctx.broker_redis.lrange(priority_list_key(model, step), 0, -1)
         for i, raw in enumerate(reversed(messages)):
             try:
                 found = json.loads(raw)["headers"]["id"] == job_id

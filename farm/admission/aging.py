@@ -55,7 +55,7 @@ def age_queues(ctx: FarmContext, models: list[str]) -> int:
     """Move every job that waited too long up one priority; returns how many moved."""
     settings = ctx.settings
     limits = {"low": settings.max_wait_low, "normal": settings.max_wait_normal}
-    r: Any = ctx.redis
+    r: Any = ctx.broker_redis
     move = r.register_script(_MOVE)
     moved = 0
     for model in models:
