@@ -199,6 +199,7 @@ class EmbeddedFarm:
         state = {
             "pid": os.getpid(),
             "broker_url": self.broker_url,
+            "result_url": self.settings.result_url or self.broker_url,
             "database_url": self.database_url,
         }
         if self.local is not None:

@@ -1,23 +1,25 @@
 """The farm `farm up` runs on this machine, as other commands find it.
 
-`farm up` writes `<home>/farm.json` (readable by its user alone): its pid, its broker and
-registry, and the port and token of a small HTTP server on 127.0.0.1 that answers from the
-farm's own process. `farm status` asks there first: the answer needs SQLAlchemy, redis and
-pydantic-settings, about half a second of imports on a small machine, which that process
-has loaded already. Where there is nothing to ask (no `farm up` here, one on other servers
-than this shell's FARM_BROKER_URL / FARM_DATABASE_URL name, or no answer), the command
+`farm up` writes `<home>/farm.json`: its pid, its broker, result store and registry, and
+the port of a small HTTP server on 127.0.0.1 that answers from the farm's own process.
+`farm status` asks there first: the answer needs SQLAlchemy, redis and pydantic-settings,
+about half a second of imports on a small machine, which that process has loaded already.
+Where there is nothing to ask (no `farm up` here, one on other servers than this shell's
+FARM_BROKER_URL / FARM_RESULT_URL / FARM_DATABASE_URL name, or no answer), the command
 reads the registry and broker itself, as it would without this.
+
+Like the embedded broker and the gateway `farm up` serves on 127.0.0.1, it answers any user
+of this machine; a farm shared beyond it runs on servers with passwords instead.
 
 Standard library only: commands import this before they know they need more.
 """
 
 from __future__ import annotations
 
-import hmac
 import http.client
 import json
 import os
-import secrets
+import tempfile
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,13 +57,16 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    """Replace the state file at once, readable by this user alone (it holds a token)."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(state))
-    tmp.replace(path)
+    """Replace the state file at once: a reader sees the old one or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".farm-", suffix=".json")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def pid_alive(pid: int) -> bool:
@@ -78,34 +83,32 @@ def pid_alive(pid: int) -> bool:
 # -- the running farm's side ------------------------------------------------------------------
 
 
-def serve(routes: dict[str, Callable[[], Any]]) -> tuple[ThreadingHTTPServer, dict[str, Any]]:
+def serve(routes: dict[str, Callable[[], Any]]) -> tuple[Callable[[], None], dict[str, Any]]:
     """Answer GET on each route with its function's result as JSON, on 127.0.0.1 and a free
-    port, to requests carrying the token. Returns the server (`shutdown()` stops it) and
-    what to record in the state file for other commands to ask it."""
-    token = secrets.token_urlsafe(24)
-    expected = f"Bearer {token}".encode()
+    port. Returns how to stop, and what to record in the state file for others to ask."""
+    pid = str(os.getpid())
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            given = self.headers.get("Authorization", "").encode()
+        timeout = 5  # a connection that sends nothing does not hold its thread
+
+        def do_GET(self) -> None:  # http.server's name for it
             answer = routes.get(self.path)
-            if not hmac.compare_digest(given, expected):
-                self._send(401, {"error": "the token in farm.json is needed"})
-            elif answer is None:
+            if answer is None:
                 self._send(404, {"error": f"no route {self.path}; routes: {sorted(routes)}"})
+                return
+            try:
+                body = answer()
+            except Exception as e:  # the asker reads for itself and reports it
+                self._send(503, {"error": f"{type(e).__name__}: {e}"})
             else:
-                try:
-                    body = answer()
-                except Exception as e:  # the asker reads for itself and reports it
-                    self._send(503, {"error": f"{type(e).__name__}: {e}"})
-                else:
-                    self._send(200, body)
+                self._send(200, body)
 
         def _send(self, code: int, body: Any) -> None:
             data = json.dumps(body, default=str).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Farm-Pid", pid)  # not a stranger that took a dead farm's port
             self.end_headers()
             self.wfile.write(data)
 
@@ -115,38 +118,48 @@ def serve(routes: dict[str, Callable[[], Any]]) -> tuple[ThreadingHTTPServer, di
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="farm-local", daemon=True).start()
-    return server, {"port": server.server_address[1], "token": token}
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()  # refuse at once: askers fall back without waiting
+
+    return stop, {"port": server.server_address[1]}
 
 
 # -- other commands' side ---------------------------------------------------------------------
 
 
-def ask(path: str, timeout: float = ASK_TIMEOUT_S) -> Any | None:
-    """The running local farm's answer at `path`, or None when there is none to ask here:
-    then the caller reads for itself."""
+def ask(path: str, timeout: float = ASK_TIMEOUT_S) -> dict[str, Any] | None:
+    """The running local farm's answer at `path` (a JSON object), or None when there is
+    none to ask here: then the caller reads for itself."""
     state = read_state(home() / "farm.json")
     if state is None or not _same_farm(state):
         return None
-    local = state.get("local")
-    if not isinstance(local, dict):
-        return None
-    conn = http.client.HTTPConnection("127.0.0.1", int(local["port"]), timeout=timeout)
     try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {local['token']}"})
-        response = conn.getresponse()
-        body = response.read()
-        return json.loads(body) if response.status == 200 else None
-    except (OSError, ValueError, http.client.HTTPException):
+        conn = http.client.HTTPConnection("127.0.0.1", int(state["local"]["port"]), timeout=timeout)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200 or response.getheader("X-Farm-Pid") != str(state["pid"]):
+            return None
+        answer = json.loads(body)
+    except Exception:  # no local entry, refused, timed out, garbled: read for yourself
         return None
-    finally:
-        conn.close()
+    return answer if isinstance(answer, dict) else None
 
 
 def _same_farm(state: dict[str, Any]) -> bool:
-    """Whether this shell's settings name the running farm's broker and registry (unset
-    names it: commands use the running farm's then)."""
+    """Whether this shell's settings name the running farm's servers (unset names them:
+    commands use the running farm's then)."""
     env = _farm_env()
-    for variable, key in (("FARM_BROKER_URL", "broker_url"), ("FARM_DATABASE_URL", "database_url")):
+    for variable, key in (
+        ("FARM_BROKER_URL", "broker_url"),
+        ("FARM_RESULT_URL", "result_url"),
+        ("FARM_DATABASE_URL", "database_url"),
+    ):
         mine = env.get(variable)
         if mine and mine != state.get(key):
             return False

@@ -166,9 +166,16 @@ def test_ctrl_c_to_the_process_group_finishes_the_running_job_and_a_restart_runs
         assert c.usage.completion_tokens == 60 or c.finish_reason == "stop"
         for job in queued:
             assert farm.Job(job.id).result(timeout=180).usage.completion_tokens > 0
-        down = run_cli(env, "down", timeout=120)  # from another shell
+        # From another shell, not waiting for the running job: its two signals may land
+        # while the gateway and feeder stop; the workers and broker stop all the same.
+        long = farm.submit("Tell me a long story.", model=MODEL, max_tokens=400)
+        next(long.stream(timeout=120))
+        children = [broker_pid(), worker_pid(db)]
+        down = run_cli(env, "down", "--now", timeout=120)
         assert down.returncode == 0 and "farm stopped" in down.stderr, down.stderr
         assert again.wait(30) == 0
+        assert not any(alive(pid) for pid in children), "processes of the stopped farm still run"
+        assert f"its job {long.id} is queued again" in log.read_text()  # not lost
         assert run_cli(env, "down").returncode == 1  # nothing left to stop
     finally:
         if again.poll() is None:

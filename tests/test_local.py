@@ -1,8 +1,11 @@
 """farm.local: how other commands on this machine ask a running `farm up` for answers
 (`farm status`) instead of loading the libraries that compute them."""
 
+import http.client
+import json
 import os
-import stat
+import socket
+import time
 
 import pytest
 
@@ -23,6 +26,7 @@ def advertise(home, **fields):
     state = {
         "pid": os.getpid(),
         "broker_url": "redis://127.0.0.1:6390/0",
+        "result_url": "redis://127.0.0.1:6390/0",
         "database_url": f"sqlite:///{home / 'registry.db'}",
         **fields,
     }
@@ -32,40 +36,50 @@ def advertise(home, **fields):
 
 def test_a_command_gets_the_running_farms_answer(home):
     calls = []
-    server, address = local.serve({"/status": lambda: calls.append(1) or {"models": ["m"]}})
+    stop, address = local.serve({"/status": lambda: calls.append(1) or {"models": ["m"]}})
     try:
         advertise(home, local=address)
         assert local.ask("/status") == {"models": ["m"]}
         assert calls == [1]
         assert local.ask("/nothing-here") is None  # 404: the command reads for itself
     finally:
-        server.shutdown()
-    assert local.ask("/status") is None  # nobody listens any more
-    assert stat.S_IMODE((home / "farm.json").stat().st_mode) == 0o600  # it holds the token
+        stop()
+    started = time.monotonic()
+    assert local.ask("/status") is None  # refused at once once stopped
+    assert time.monotonic() - started < 1
+    assert [p.name for p in home.iterdir()] == ["farm.json"]  # no temporary file left
 
 
-def test_no_answer_without_the_token_or_when_the_answer_fails(home):
+def test_no_answer_when_it_fails_or_comes_from_another_process(home):
     def broken():
         raise RuntimeError("registry down")
 
-    server, address = local.serve({"/status": lambda: {"ok": 1}, "/broken": broken})
+    stop, address = local.serve({"/status": lambda: {"ok": 1}, "/broken": broken, "/list": list})
     try:
-        advertise(home, local={**address, "token": "not-the-token"})
-        assert local.ask("/status") is None
         advertise(home, local=address)
         assert local.ask("/broken") is None  # the command then meets the error itself
+        assert local.ask("/list") is None  # not a JSON object
         assert local.ask("/status") == {"ok": 1}
+        # A dead farm's pid taken by another process, and its port by another server.
+        advertise(home, local=address, pid=os.getppid())
+        assert local.ask("/status") is None
+        for broken_entry in ({}, {"port": "x"}, {"port": 70000}, None):
+            advertise(home, local=broken_entry)
+            assert local.ask("/status") is None
     finally:
-        server.shutdown()
+        stop()
 
 
 def test_a_shell_set_up_for_other_servers_does_not_ask(home, monkeypatch):
-    server, address = local.serve({"/status": lambda: {"ok": 1}})
+    stop, address = local.serve({"/status": lambda: {"ok": 1}})
     try:
         state = advertise(home, local=address)
         monkeypatch.setenv("FARM_BROKER_URL", state["broker_url"])  # the same farm
         monkeypatch.setenv("FARM_DATABASE_URL", state["database_url"])
         assert local.ask("/status") == {"ok": 1}
+        monkeypatch.setenv("FARM_RESULT_URL", "redis://elsewhere:6379/1")
+        assert local.ask("/status") is None
+        monkeypatch.delenv("FARM_RESULT_URL")
         monkeypatch.setenv("FARM_DATABASE_URL", "postgresql://elsewhere/farm")
         assert local.ask("/status") is None
         monkeypatch.delenv("FARM_DATABASE_URL")
@@ -73,14 +87,31 @@ def test_a_shell_set_up_for_other_servers_does_not_ask(home, monkeypatch):
         monkeypatch.delenv("FARM_BROKER_URL")
         assert local.ask("/status") is None
     finally:
-        server.shutdown()
+        stop()
 
 
 def test_a_dead_farms_state_file_is_not_asked(home):
-    server, address = local.serve({"/status": lambda: {"ok": 1}})
+    stop, address = local.serve({"/status": lambda: {"ok": 1}})
     try:
         advertise(home, local=address, pid=2**22 + 12345)  # above Linux's pid_max: no such process
         assert local.read_state(home / "farm.json") is None
         assert local.ask("/status") is None
     finally:
-        server.shutdown()
+        stop()
+
+
+def test_a_silent_connection_does_not_hold_the_server(home):
+    stop, address = local.serve({"/status": lambda: {"ok": 1}})
+    try:
+        idle = socket.create_connection(("127.0.0.1", address["port"]))  # sends nothing
+        conn = http.client.HTTPConnection("127.0.0.1", address["port"], timeout=5)
+        conn.request("GET", "/status")
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (200, {"ok": 1})
+        assert response.getheader("X-Farm-Pid") == str(os.getpid())
+        conn.close()
+        idle.settimeout(10)
+        assert idle.recv(1) == b""  # closed by the server's timeout, not left open
+        idle.close()
+    finally:
+        stop()

@@ -101,13 +101,14 @@ def _run_farm(
     # take Ctrl-C back, so that `farm down` and a terminal's Ctrl-C both stop it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     services: list[Any] = []
+    answering: Any = None
     try:
         farm_.start()
         os.environ["FARM_BROKER_URL"] = farm_.broker_url
         reset_context()
-        services = [_answer_local_commands(farm_)]
+        answering = _answer_local_commands(farm_)
         if port is not None:
-            services += _start_services(port)
+            services = _start_services(port)
         err.print('[green]farm is up[/]: try `farm submit "Why is the sky blue?"` in another shell')
         if ask is not None:
             from farm.enqueue import build, submit_request
@@ -123,9 +124,14 @@ def _run_farm(
             "stop now, putting them back in the queue)"
         )
     finally:
-        for stop in services:
-            stop()
+        try:
+            for stop in services:
+                stop()
+        except KeyboardInterrupt:  # Ctrl-C again: hurry the workers, never skip stopping them
+            grace = 0.0
         farm_.stop(grace)
+        if answering is not None:  # last: `farm status` answers at once while workers drain
+            answering()
         err.print("farm stopped")
 
 
@@ -135,9 +141,9 @@ def _answer_local_commands(farm_: Any) -> Any:
     from farm.local import serve
     from farm.status import fleet_status
 
-    server, address = serve({"/status": fleet_status})
+    stop, address = serve({"/status": fleet_status})
     farm_.advertise(address)
-    return server.shutdown
+    return stop
 
 
 def _start_services(port: int) -> list[Any]:
@@ -218,7 +224,7 @@ def status(
     from farm.local import ask
 
     fleet = ask("/status")  # a `farm up` here has the answer's libraries loaded already
-    if fleet is None:
+    if fleet is None or not {"models", "workers"} <= fleet.keys():
         from farm.status import fleet_status
 
         fleet = fleet_status()
