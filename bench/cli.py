@@ -3,12 +3,12 @@ and `farm jobs`. Median of N runs each, in fresh processes.
 
     python bench/cli.py [--runs 10]
 
-`farm status` three times: beside a running `farm up` (in a temporary home, with its own broker
-and one worker), where the command asks that process (farm/local.py), and on servers named
-by FARM_BROKER_URL / FARM_DATABASE_URL with no `farm up` here, where it reads the registry
-and broker itself; then beside `farm up` again while its worker generates in every slot.
-The servers case needs Redis (FARM_BENCH_REDIS, default
-redis://127.0.0.1:6379/13).
+`farm status` beside a running `farm up` (in a temporary home, with its own broker and
+one worker), where the command asks that process (farm/local.py); on servers named by
+FARM_BROKER_URL / FARM_DATABASE_URL with no `farm up` here, where it reads the registry and
+broker itself (needs Redis: FARM_BENCH_REDIS, default redis://127.0.0.1:6379/13); and
+beside `farm up` again while its worker generates in every slot, with `farm status JOB` of
+a running job.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def main() -> None:
         time.sleep(3)
         times = [timed(local, "status") for _ in range(args.runs)]
         report("farm status (beside farm up, busy)", times)
+        times = [timed(local, "status", jobs[0]) for _ in range(args.runs)]
+        report("farm status JOB (same, running)", times)
         fleet = json.loads(cli(local, "status", "--json"))
         print(
             "  slots busy then:",

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 ASK_TIMEOUT_S = 2.0
 
@@ -83,21 +84,27 @@ def pid_alive(pid: int) -> bool:
 # -- the running farm's side ------------------------------------------------------------------
 
 
-def serve(routes: dict[str, Callable[[], Any]]) -> tuple[Callable[[], None], dict[str, Any]]:
+def serve(routes: dict[str, Callable[..., Any]]) -> tuple[Callable[[], None], dict[str, Any]]:
     """Answer GET on each route with its function's result as JSON, on 127.0.0.1 and a free
-    port. Returns how to stop, and what to record in the state file for others to ask."""
+    port; a route ending in "/" takes the rest of the path as its argument ("/jobs/" answers
+    /jobs/ID with `f(ID)`). Returns how to stop, and what to record in the state file for
+    others to ask."""
     pid = str(os.getpid())
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 5  # a connection that sends nothing does not hold its thread
 
         def do_GET(self) -> None:  # http.server's name for it
+            args: tuple[str, ...] = ()
             answer = routes.get(self.path)
+            if answer is None:
+                prefix, _, rest = self.path.rpartition("/")
+                answer, args = routes.get(prefix + "/") if rest else None, (unquote(rest),)
             if answer is None:
                 self._send(404, {"error": f"no route {self.path}; routes: {sorted(routes)}"})
                 return
             try:
-                body = answer()
+                body = answer(*args)
             except Exception as e:  # the asker reads for itself and reports it
                 self._send(503, {"error": f"{type(e).__name__}: {e}"})
             else:

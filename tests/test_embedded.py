@@ -57,25 +57,36 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
         assert json.loads(r.stdout)["usage"]["completion_tokens"] > 0
 
         # `farm status` asks the running farm (farm.local): no SQLAlchemy, redis or Celery
-        # to import; a shell that names the servers another way reads them itself.
-        fast = farm({**env, "PYTHONPROFILEIMPORTTIME": "1"}, "status", "--json")
-        assert fast.returncode == 0, fast.stderr
-        assert "import time:" in fast.stderr
-        loaded = {line.split("|")[-1].strip() for line in fast.stderr.splitlines()}
-        assert not {m for m in loaded if m.split(".")[0] in ("sqlalchemy", "redis", "celery")}
+        # to import; a shell that names the servers another way reads them itself. The
+        # same document either way.
         direct_env = {
             **env,
             "FARM_BROKER_URL": state["broker_url"].replace("127.0.0.1", "localhost"),
         }
-        direct = farm({**direct_env, "PYTHONPROFILEIMPORTTIME": "1"}, "status", "--json")
-        assert direct.returncode == 0, direct.stderr
-        assert "sqlalchemy" in direct.stderr
-        answers = [steady(json.loads(r.stdout)) for r in (fast, direct)]
-        assert answers[0] == answers[1]  # the same document either way
-        assert [m["name"] for m in answers[0]["models"]] == ["gemma3-270m"]
-        assert [(w["id"].split("@")[0], w["state"]) for w in answers[0]["workers"]] == [
-            ("gemma3-270m", "ready")
-        ]
+        job_id = json.loads(r.stdout)["job_id"]
+        for command in (["status", "--json"], ["status", job_id, "--json"]):
+            fast = farm({**env, "PYTHONPROFILEIMPORTTIME": "1"}, *command)
+            assert fast.returncode == 0, fast.stderr
+            assert "import time:" in fast.stderr
+            loaded = {line.split("|")[-1].strip() for line in fast.stderr.splitlines()}
+            assert not {m for m in loaded if m.split(".")[0] in ("sqlalchemy", "redis", "celery")}
+            direct = farm({**direct_env, "PYTHONPROFILEIMPORTTIME": "1"}, *command)
+            assert direct.returncode == 0, direct.stderr
+            assert "sqlalchemy" in direct.stderr
+            answers = [json.loads(r.stdout) for r in (fast, direct)]
+            if command[1] == "--json":
+                answers = [steady(a) for a in answers]
+                assert [m["name"] for m in answers[0]["models"]] == ["gemma3-270m"]
+                assert [(w["id"].split("@")[0], w["state"]) for w in answers[0]["workers"]] == [
+                    ("gemma3-270m", "ready")
+                ]
+            else:
+                assert answers[0]["status"] == "succeeded"
+            assert answers[0] == answers[1]
+        shown = farm(env, "status", job_id)
+        assert shown.returncode == 0 and "succeeded" in shown.stdout, shown.stderr
+        unknown = farm(env, "status", "no-such-job")
+        assert unknown.returncode == 1 and "no job with id 'no-such-job'" in unknown.stderr
 
         second = farm(env, "up")
         assert second.returncode == 1 and "a farm is already running here" in second.stderr

@@ -50,6 +50,17 @@ def test_a_command_gets_the_running_farms_answer(home):
     assert [p.name for p in home.iterdir()] == ["farm.json"]  # no temporary file left
 
 
+def test_a_route_ending_in_a_slash_takes_the_rest_of_the_path(home):
+    stop, address = local.serve({"/jobs/": lambda job: {"job": job}})
+    try:
+        advertise(home, local=address)
+        assert local.ask("/jobs/4152130b") == {"job": "4152130b"}
+        assert local.ask("/jobs/a%2Fb%20c") == {"job": "a/b c"}  # quoted by the asker
+        assert local.ask("/jobs/") is None
+    finally:
+        stop()
+
+
 def test_no_answer_when_it_fails_or_comes_from_another_process(home):
     def broken():
         raise RuntimeError("registry down")

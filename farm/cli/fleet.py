@@ -136,12 +136,12 @@ def _run_farm(
 
 
 def _answer_local_commands(farm_: Any) -> Any:
-    """Answer this machine's `farm status` from this process (farm.local); returns how to
-    stop."""
+    """Answer this machine's `farm status` and `farm status JOB` from this process
+    (farm.local); returns how to stop."""
     from farm.local import serve
-    from farm.status import fleet_status
+    from farm.status import fleet_status, job_status
 
-    stop, address = serve({"/status": fleet_status})
+    stop, address = serve({"/status": fleet_status, "/jobs/": job_status})
     farm_.advertise(address)
     return stop
 
@@ -208,22 +208,28 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Models, workers, leases and queue depth; or one job's state and queue position."""
-    if job_id is not None:
-        from farm.status import job_status
+    from farm.local import ask  # a `farm up` here has the answers' libraries loaded already
 
-        info = job_status(job_id)
+    if job_id is not None:
+        from datetime import datetime
+        from urllib.parse import quote
+
+        info = ask(f"/jobs/{quote(job_id, safe='')}")
+        if info is None or info.get("job") != job_id:
+            from farm.status import job_status
+
+            info = job_status(job_id)
         if as_json:
             print(json.dumps(info, indent=2, default=str))
         else:
             from farm.cli.ops import local_time
 
             for key, value in info.items():
-                shown = local_time(value) if key in ("submitted", "started", "finished") else value
-                out.print(f"{key:>14}  {shown}", highlight=False)
+                if key in ("submitted", "started", "finished"):
+                    value = local_time(datetime.fromisoformat(str(value)))
+                out.print(f"{key:>14}  {value}", highlight=False)
         return
-    from farm.local import ask
-
-    fleet = ask("/status")  # a `farm up` here has the answer's libraries loaded already
+    fleet = ask("/status")
     if fleet is None or not {"models", "workers"} <= fleet.keys():
         from farm.status import fleet_status
 
