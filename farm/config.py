@@ -175,6 +175,18 @@ class Settings(BaseSettings):
             )
         return str(state["broker_url"])
 
+    def resolved_result_url(self) -> str:
+        """The result store: FARM_RESULT_URL, else the running embedded farm's when this
+        shell uses its broker (`farm up` given FARM_RESULT_URL tells other shells), else
+        the broker."""
+        if self.result_url:
+            return self.result_url
+        if not self.broker_url:
+            state = read_state(self.state_file)
+            if state is not None and state.get("result_url"):
+                return str(state["result_url"])
+        return self.resolved_broker_url()
+
 
 def masked(url: str) -> str:
     """A URL fit to print: its password replaced by '***' (broker, result and database URLs)."""

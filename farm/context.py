@@ -37,7 +37,7 @@ class FarmContext:
 
     @cached_property
     def result_url(self) -> str:
-        return self.settings.result_url or self.broker_url
+        return self.settings.resolved_result_url()
 
     @cached_property
     def database_url(self) -> str:

@@ -86,6 +86,15 @@ def _broker_port(record: Path) -> int:
     return port
 
 
+def _ignore_stop_signals() -> None:
+    """Once a further Ctrl-C has nothing left to hurry (the workers are being killed, or
+    gone), ignore it: it must not cut the stop short and leave the broker or a worker
+    running on its own."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class EmbeddedFarm:
     """Starts and stops the pieces of a one-machine farm."""
 
@@ -341,12 +350,18 @@ class EmbeddedFarm:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
+        if grace <= 0:
+            self.say("stopping now: running jobs go back to their queues")
+            _ignore_stop_signals()
         for model, proc in self.workers.items():
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.say(f"worker   {model} did not stop within {grace:g}s; killing it")
+                _ignore_stop_signals()
+                if grace > 0:
+                    self.say(f"worker   {model} did not stop within {grace:g}s; killing it")
             except KeyboardInterrupt:
+                _ignore_stop_signals()
                 self.say("stopping now: running jobs go back to their queues")
                 deadline = 0.0
             if proc.poll() is None:
@@ -355,11 +370,7 @@ class EmbeddedFarm:
                 requeued = self._requeue_jobs_of(model)
                 if requeued:
                     self.say(f"worker   {model}: {requeued} unfinished jobs queued again")
-        # Past the grace period a further Ctrl-C has nothing left to hurry: finish stopping
-        # (requeue, broker) rather than leave the broker running on its own.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _ignore_stop_signals()
         if self.broker is not None and self.broker.poll() is None:
             self.broker.terminate()
             try:

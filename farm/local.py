@@ -16,16 +16,11 @@ Standard library only: commands import this before they know they need more.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import tempfile
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 ASK_TIMEOUT_S = 2.0
 
@@ -58,15 +53,16 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    """Replace the state file at once: a reader sees the old one or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".farm-", suffix=".json")
+    """Replace the state file at once: a reader sees the old one or the new one. Created
+    anew (never through a link someone left there), with the user's umask."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(state))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -89,17 +85,23 @@ def serve(routes: dict[str, Callable[..., Any]]) -> tuple[Callable[[], None], di
     port; a route ending in "/" takes the rest of the path as its argument ("/jobs/" answers
     /jobs/ID with `f(ID)`). Returns how to stop, and what to record in the state file for
     others to ask."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import unquote, urlsplit
+
     pid = str(os.getpid())
+
+    def route(path: str) -> tuple[Callable[..., Any] | None, tuple[str, ...]]:
+        if not path.endswith("/") and path in routes:
+            return routes[path], ()
+        prefix, _, rest = path.rpartition("/")
+        return (routes.get(prefix + "/"), (unquote(rest),)) if rest else (None, ())
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 5  # a connection that sends nothing does not hold its thread
 
         def do_GET(self) -> None:  # http.server's name for it
-            args: tuple[str, ...] = ()
-            answer = routes.get(self.path)
-            if answer is None:
-                prefix, _, rest = self.path.rpartition("/")
-                answer, args = routes.get(prefix + "/") if rest else None, (unquote(rest),)
+            answer, args = route(urlsplit(self.path).path)
             if answer is None:
                 self._send(404, {"error": f"no route {self.path}; routes: {sorted(routes)}"})
                 return
@@ -142,6 +144,8 @@ def ask(path: str, timeout: float = ASK_TIMEOUT_S) -> dict[str, Any] | None:
     state = read_state(home() / "farm.json")
     if state is None or not _same_farm(state):
         return None
+    import http.client
+
     try:
         conn = http.client.HTTPConnection("127.0.0.1", int(state["local"]["port"]), timeout=timeout)
         try:

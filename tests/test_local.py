@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import socket
+import stat
 import time
 
 import pytest
@@ -48,17 +49,44 @@ def test_a_command_gets_the_running_farms_answer(home):
     assert local.ask("/status") is None  # refused at once once stopped
     assert time.monotonic() - started < 1
     assert [p.name for p in home.iterdir()] == ["farm.json"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((home / "farm.json").stat().st_mode) == 0o666 & ~umask
+
+
+def get(address, path):
+    conn = http.client.HTTPConnection("127.0.0.1", address["port"], timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
 
 
 def test_a_route_ending_in_a_slash_takes_the_rest_of_the_path(home):
-    stop, address = local.serve({"/jobs/": lambda job: {"job": job}})
+    stop, address = local.serve({"/jobs/": lambda job: {"job": job}, "/status": lambda: {}})
     try:
         advertise(home, local=address)
         assert local.ask("/jobs/4152130b") == {"job": "4152130b"}
         assert local.ask("/jobs/a%2Fb%20c") == {"job": "a/b c"}  # quoted by the asker
-        assert local.ask("/jobs/") is None
+        assert get(address, "/jobs/")[0] == 404  # no id: not a call without one
+        assert get(address, "/jobs")[0] == 404
+        assert get(address, "/status?verbose=1") == (200, {})
     finally:
         stop()
+
+
+def test_other_shells_use_the_running_farms_result_store(home):
+    from farm.config import Settings
+
+    advertise(home, result_url="redis://127.0.0.1:6391/2")
+    assert Settings().resolved_result_url() == "redis://127.0.0.1:6391/2"
+    assert Settings(result_url="redis://mine:6379/0").resolved_result_url() == (
+        "redis://mine:6379/0"
+    )
+    # A shell on its own broker does not take the local farm's result store.
+    assert Settings(broker_url="redis://b:6379/0").resolved_result_url() == "redis://b:6379/0"
 
 
 def test_no_answer_when_it_fails_or_comes_from_another_process(home):

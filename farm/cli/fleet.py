@@ -124,11 +124,11 @@ def _run_farm(
             "stop now, putting them back in the queue)"
         )
     finally:
-        try:
-            for stop in services:
+        for stop in services:
+            try:
                 stop()
-        except KeyboardInterrupt:  # Ctrl-C again: hurry the workers, never skip stopping them
-            grace = 0.0
+            except KeyboardInterrupt:  # Ctrl-C again: hurry the workers, skip no stop
+                grace = 0.0
         farm_.stop(grace)
         if answering is not None:  # last: `farm status` answers at once while workers drain
             answering()
@@ -166,7 +166,8 @@ def _start_services(port: int) -> list[Any]:
             err.print(
                 f"gateway  http://127.0.0.1:{port}/v1 (OpenAI-compatible; no key needed here)"
             )
-            stops.append(lambda: setattr(server, "should_exit", True))
+            # First: it takes no more requests while the rest stops.
+            stops.insert(0, lambda: setattr(server, "should_exit", True))
     return stops
 
 

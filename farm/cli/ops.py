@@ -208,7 +208,11 @@ def config(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         env = f"FARM_{name.upper()}"
         value: Any = getattr(settings, name)
         source = "environment" if env in os.environ else "default"
-        if name in ("broker_url", "database_url") and value is None and state.get(name):
+        if (
+            name in ("broker_url", "result_url", "database_url")
+            and value is None
+            and state.get(name)
+        ):
             value, source = state[name], f"the running farm ({settings.state_file})"
         if isinstance(value, str) and "://" in value:
             value = masked(value)

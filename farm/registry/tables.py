@@ -33,8 +33,9 @@ def utcnow() -> datetime:
 
 
 def as_utc(dt: datetime) -> datetime:
-    """A datetime read back from the registry, in UTC (SQLite hands them back naive)."""
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    """A datetime read back from the registry, in UTC (SQLite hands them back naive,
+    PostgreSQL in its session's time zone)."""
+    return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
