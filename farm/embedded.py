@@ -110,6 +110,7 @@ class EmbeddedFarm:
         self.broker_port: int | None = None
         self._ctx: FarmContext | None = None
         self.local: dict[str, Any] | None = None
+        self.grace: float | None = None  # how long a stop lets running jobs finish
 
     # -- starting -----------------------------------------------------------------------------
     def refuse_if_running(self) -> None:
@@ -117,8 +118,8 @@ class EmbeddedFarm:
         if running is not None:
             raise ConfigError(
                 f"a farm is already running here (pid {running['pid']}, broker "
-                f"{masked(str(running['broker_url']))}); use it, or stop it with Ctrl-C in its "
-                "shell"
+                f"{masked(str(running['broker_url']))}); use it, or stop it with `farm down` "
+                "(or Ctrl-C in its shell)"
             )
 
     def start(self) -> None:
@@ -211,6 +212,8 @@ class EmbeddedFarm:
             "result_url": self.settings.result_url or self.broker_url,
             "database_url": self.database_url,
         }
+        if self.grace is not None:
+            state["grace"] = self.grace
         if self.local is not None:
             state["local"] = self.local
         write_state(self.settings.state_file, state)

@@ -192,6 +192,10 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
 
 
 def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
+    """One job as `farm status JOB --json` prints it: times in ISO 8601 (UTC); token counts
+    (none while queued; while running completion_tokens so far and no prompt_tokens yet);
+    while queued its position, the jobs ahead per priority and starts_in_s. Keys without a
+    value are left out."""
     ctx = ctx or get_context()
     ctx.flush_rows()
     with transaction(ctx.database_url) as s:
@@ -207,15 +211,16 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
             "priority": row.priority,
             "session": row.session,
             "worker": row.worker_id,
-            "submitted": as_utc(row.submitted_at),
-            "started": as_utc(row.started_at) if row.started_at else None,
-            "finished": as_utc(row.finished_at) if row.finished_at else None,
+            "submitted": as_utc(row.submitted_at).isoformat(),
+            "started": as_utc(row.started_at).isoformat() if row.started_at else None,
+            "finished": as_utc(row.finished_at).isoformat() if row.finished_at else None,
             "duration_s": (
                 round((row.finished_at - row.started_at).total_seconds(), 3)
                 if row.started_at and row.finished_at
                 else None
             ),
-            "tokens": f"{row.prompt_tokens}+{row.completion_tokens}",
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens,
             "cached_tokens": row.cached_tokens or None,
             "finish_reason": row.finish_reason,
             "error": row.error,
@@ -223,12 +228,14 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
     if info["status"] in ("queued", "running"):
         info["status"] = stream_outcome(ctx.redis, job_id) or info["status"]
     if info["status"] == "queued":
+        info["prompt_tokens"] = info["completion_tokens"] = None  # none counted yet
         place = queue_place(ctx, info["model"], job_id)
         if place is not None:
             info.update(place)
     if info["status"] == "running":
         so_far: Any = ctx.redis.get(progress_key(job_id))  # decode_responses: a str
-        info["tokens"] = f"{so_far or 0} generated so far"
+        info["completion_tokens"] = int(so_far or 0)  # so far
+        info["prompt_tokens"] = info["prompt_tokens"] or None  # counted when the job ends
     return {k: v for k, v in info.items() if v is not None}
 
 

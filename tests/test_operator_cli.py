@@ -4,9 +4,11 @@ that adds up, and Celery's own tools by the package's name."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -71,14 +73,32 @@ def test_status_of_a_running_job_shows_its_tokens_so_far_and_times(farm_client):
     deadline = time.monotonic() + 10
     while True:
         info = json.loads(farm_client.farm("status", job.id, "--json").stdout)
-        if info["status"] == "running" and not info["tokens"].startswith("0 "):
+        if info["status"] == "running" and info["completion_tokens"] > 0:
             break
         assert time.monotonic() < deadline, info
         time.sleep(0.3)
-    assert info["tokens"].endswith("generated so far") and info["started"]
+    assert "finished" not in info
+    started = datetime.fromisoformat(info["started"])  # ISO 8601, in UTC
+    assert started.utcoffset() == timedelta(0)
+    shown = farm_client.farm("status", job.id).stdout
+    assert re.search(r"tokens  (\d+ prompt, )?[1-9]\d* completion so far", shown), shown
+    zone = datetime.now().astimezone().strftime("%Z")
+    assert re.search(rf"started  \d\d:\d\d:\d\d {zone}", shown), shown
     job.cancel()
-    done = farm_client.farm("status", job.id)
-    assert "duration_s" in done.stdout or "cancelled" in done.stdout
+    deadline = time.monotonic() + 10
+    while json.loads(farm_client.farm("status", job.id, "--json").stdout)["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    done = farm_client.farm("status", job.id).stdout
+    assert re.search(r"status  cancelled", done) and re.search(r"duration  \d+\.\ds", done), done
+    assert re.search(r"tokens  [1-9]\d* prompt, [1-9]\d* completion\n", done), done
+
+
+def test_a_reader_that_leaves_is_not_called_an_unreachable_redis():
+    from farm.cli.base import _unreachable
+
+    assert not _unreachable(BrokenPipeError(32, "Broken pipe"))
+    assert _unreachable(ConnectionRefusedError(111, "Connection refused"))
 
 
 def test_config_shows_each_setting_and_its_source_with_passwords_hidden(farm_client):

@@ -82,7 +82,10 @@ def fold_table(*headers: str, title: str | None = None) -> Any:
 
 
 def _unreachable(e: Exception) -> bool:
-    """A lost connection to Redis (imported only now: the CLI starts without them)."""
+    """A lost connection to Redis (imported only now: the CLI starts without them). Not a
+    reader that left (`farm result ID | head`): click ends those quietly."""
+    if isinstance(e, BrokenPipeError):
+        return False
     import redis
     from kombu.exceptions import OperationalError as KombuOperationalError
 

@@ -91,6 +91,7 @@ def _run_farm(
         settings, models or [DEFAULT_MODEL], say=lambda m: err.print(m, highlight=False)
     )
     farm_.catalog = catalog
+    farm_.grace = grace
     farm_.refuse_if_running()
 
     def _term(*_: Any) -> None:
@@ -212,7 +213,6 @@ def status(
     from farm.local import ask  # a `farm up` here has the answers' libraries loaded already
 
     if job_id is not None:
-        from datetime import datetime
         from urllib.parse import quote
 
         info = ask(f"/jobs/{quote(job_id, safe='')}")
@@ -221,14 +221,9 @@ def status(
 
             info = job_status(job_id)
         if as_json:
-            print(json.dumps(info, indent=2, default=str))
+            print(json.dumps(info, indent=2))
         else:
-            from farm.cli.ops import local_time
-
-            for key, value in info.items():
-                if key in ("submitted", "started", "finished"):
-                    value = local_time(datetime.fromisoformat(str(value)))
-                out.print(f"{key:>14}  {value}", highlight=False)
+            render_job(info, out)
         return
     fleet = ask("/status")
     if fleet is None or not {"models", "workers"} <= fleet.keys():
@@ -239,6 +234,35 @@ def status(
         print(json.dumps(fleet, indent=2, default=str))
     else:
         render_fleet(fleet, out)
+
+
+def render_job(info: dict[str, Any], console: Any) -> None:
+    """`farm status JOB`: one labelled line per fact, times local with their zone."""
+    from datetime import datetime
+
+    from farm.cli.ops import local_time
+
+    labels = {"duration_s": "duration", "cached_tokens": "cached tokens",
+              "finish_reason": "finish reason", "starts_in_s": "starts in"}  # fmt: skip
+    for key, value in info.items():
+        if key in ("submitted", "started", "finished"):
+            at = datetime.fromisoformat(value)
+            value = f"{local_time(at)} {at.astimezone().strftime('%Z')}"
+        elif key in ("prompt_tokens", "completion_tokens"):
+            if key == "completion_tokens" and "prompt_tokens" in info:
+                continue  # shown on the prompt's line
+            counts = [f"{info['prompt_tokens']} prompt"] if "prompt_tokens" in info else []
+            counts.append(f"{info.get('completion_tokens', 0)} completion")
+            key, value = "tokens", ", ".join(counts)
+            if info["status"] == "running":
+                value += " so far"
+        elif key == "ahead":
+            value = ", ".join(f"{n} {p}" for p, n in value.items() if n) or "none"
+        elif key == "starts_in_s":
+            value = f"about {value:.0f}s" if value >= 1 else "under a second"
+        elif key == "duration_s":
+            value = f"{value:.1f}s"
+        console.print(f"{labels.get(key, key):>14}  {value}", highlight=False)
 
 
 def render_fleet(fleet: dict[str, Any], console: Any) -> None:

@@ -43,7 +43,7 @@ def jobs(
     """Recent jobs, newest first, one per line."""
     from farm.errors import InvalidRequest
     from farm.registry import queries, transaction
-    from farm.registry.tables import JOB_STATUSES
+    from farm.registry.tables import JOB_STATUSES, as_utc
 
     if status is not None and status not in JOB_STATUSES:
         raise InvalidRequest(f"unknown status '{status}'; use one of: {', '.join(JOB_STATUSES)}")
@@ -60,7 +60,7 @@ def jobs(
                 "prompt_tokens": r.prompt_tokens,
                 "cached_tokens": r.cached_tokens,
                 "completion_tokens": r.completion_tokens,
-                "submitted": r.submitted_at,  # datetime; printed as local time
+                "submitted": as_utc(r.submitted_at),  # printed as local time
                 "duration_s": _duration(r.started_at, r.finished_at),
                 "error": r.error,
             }
@@ -68,7 +68,7 @@ def jobs(
         ]
     if as_json:
         for job in found:
-            print(json.dumps(job, default=str))
+            print(json.dumps({**job, "submitted": job["submitted"].isoformat()}))
         return
     if not found:
         out.print("no jobs yet" + (" that match" if session or model or status else ""))
@@ -177,7 +177,18 @@ def down(
     if now:
         time.sleep(0.5)
         os.kill(pid, signal.SIGTERM)  # the second Ctrl-C: stop at once, requeuing
-    err.print(f"stopping the farm (pid {pid})" + ("" if now else "; running jobs finish first"))
+    grace = state.get("grace")
+    err.print(
+        f"stopping the farm (pid {pid}): "
+        + (
+            "running jobs go back to the queue"
+            if now
+            else "running jobs may finish"
+            + (f" within {grace:g}s" if isinstance(grace, int | float) else "")
+            + "; what cannot goes back to the queue (--now: at once)"
+        ),
+        highlight=False,
+    )
     deadline = time.monotonic() + timeout
     while read_state(settings.state_file) is not None:
         if time.monotonic() > deadline:
