@@ -84,6 +84,13 @@ def test_status_of_a_running_job_shows_its_tokens_so_far_and_times(farm_client):
     assert re.search(r"tokens  (\d+ prompt, )?[1-9]\d* completion so far", shown), shown
     zone = datetime.now().astimezone().strftime("%Z")
     assert re.search(rf"started  \d\d:\d\d:\d\d {zone}", shown), shown
+    # `farm jobs` too: tokens so far, not the registry's 0+0 of a job that has not ended.
+    listed = farm_client.farm("jobs", "--status", "running", "--json").stdout.splitlines()
+    [mine] = [j for j in map(json.loads, listed) if j["job"] == job.id]
+    assert mine["prompt_tokens"] is None and mine["completion_tokens"] > 0
+    assert datetime.fromisoformat(mine["submitted"]).utcoffset() == timedelta(0)
+    line = farm_client.farm("jobs", "--status", "running").stdout
+    assert re.search(rf"{job.id}  running .* [1-9]\d* tok so far", line), line
     job.cancel()
     deadline = time.monotonic() + 10
     while json.loads(farm_client.farm("status", job.id, "--json").stdout)["status"] == "running":

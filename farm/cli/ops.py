@@ -66,6 +66,7 @@ def jobs(
             }
             for r in rows
         ]
+    _tokens_so_far([j for j in found if j["status"] == "running"])
     if as_json:
         for job in found:
             print(json.dumps({**job, "submitted": job["submitted"].isoformat()}))
@@ -75,12 +76,35 @@ def jobs(
         return
     for j in found:  # one per line, ids whole, for grep and copy
         duration = "-" if j["duration_s"] is None else f"{j['duration_s']:.1f}s"
+        if j["prompt_tokens"] is None:  # running: what it generated so far
+            tokens = f"{j['completion_tokens']} tok so far"
+        else:
+            tokens = f"{j['prompt_tokens']}+{j['completion_tokens']} tok"
         out.print(
             f"{j['job']}  {j['status']:<9}  {j['model']}  {j['session']}  {j['priority']:<6}  "
-            f"{j['prompt_tokens']}+{j['completion_tokens']} tok  {duration:>7}  "
-            f"{local_time(j['submitted'])}",
+            f"{tokens}  {duration:>7}  {local_time(j['submitted'])}",
             highlight=False,
         )
+
+
+def _tokens_so_far(running: list[dict[str, Any]]) -> None:
+    """Running jobs' rows hold no counts until they end: take the tokens generated so far
+    from their workers' progress keys (prompt_tokens None: not counted yet). Left as the
+    registry has them when Redis cannot be reached (a farm that is down)."""
+    if not running:
+        return
+    from farm.context import get_context
+    from farm.queue import progress_key
+
+    try:
+        pipe = get_context().redis.pipeline(transaction=False)
+        for j in running:
+            pipe.get(progress_key(j["job"]))
+        so_far = pipe.execute()
+    except Exception:  # no broker here now: the registry's view is all there is
+        return
+    for j, tokens in zip(running, so_far, strict=True):
+        j["prompt_tokens"], j["completion_tokens"] = None, int(tokens or 0)
 
 
 def _duration(started: datetime | None, finished: datetime | None) -> float | None:
