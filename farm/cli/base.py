@@ -70,15 +70,12 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def fold_table(*headers: str, title: str | None = None) -> Any:
-    """A rich Table whose cells fold onto more lines rather than being cut with '…': ids
-    and names stay whole, to copy."""
-    from rich.table import Table
+def fold_table(*headers: str, title: str | None = None, whole: tuple[str, ...] = ()) -> Any:
+    """A compact table that never cuts a cell; the `whole` columns (ids and names to copy)
+    stay on one line as far as the terminal's width allows (farm.cli.tables)."""
+    from farm.cli.tables import FoldTable
 
-    table = Table(title=title)
-    for header in headers:
-        table.add_column(header, overflow="fold", min_width=max(map(len, header.split())))
-    return table
+    return FoldTable(*headers, title=title, whole=whole)
 
 
 def _unreachable(e: Exception) -> bool:

@@ -269,7 +269,12 @@ def render_fleet(fleet: dict[str, Any], console: Any) -> None:
     from farm.queue import PRIORITIES
 
     models = fold_table(
-        "model", "loaded on", "on demand", *(f"queued {p}" for p in PRIORITIES), title="models"
+        "model",
+        "loaded on",
+        "on demand",
+        *(f"queued {p}" for p in PRIORITIES),
+        title="models",
+        whole=("model", "loaded on", "on demand"),
     )
     for m in fleet["models"]:
         models.add_row(
@@ -279,9 +284,11 @@ def render_fleet(fleet: dict[str, Any], console: Any) -> None:
             *(str(m["queued"][p]) for p in PRIORITIES),
         )
     console.print(models)
+    # A worker's id names its host unless it was given another: then show the host.
+    hosts = any(not w["id"].endswith(f"@{w['host']}") for w in fleet["workers"])
     workers = fold_table(
         "worker",
-        "host",
+        *(["host"] if hosts else []),
         "device",
         "state",
         "loaded",
@@ -291,11 +298,12 @@ def render_fleet(fleet: dict[str, Any], console: Any) -> None:
         "up",
         "heartbeat",
         title="workers",
+        whole=("worker", "loaded"),
     )
     for w in fleet["workers"]:
         workers.add_row(
             w["id"],
-            w["host"],
+            *([w["host"]] if hosts else []),
             w["device"],
             w["state"],
             ", ".join(w["models"]),

@@ -105,7 +105,7 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = fold_table("key", "session", "created", "revoked")
+    table = fold_table("key", "session", "created", "revoked", whole=("key", "session"))
     for r in rows:
         table.add_row(r["prefix"] + "…", r["session"], r["created"], r["revoked"] or "-")
     out.print(table)

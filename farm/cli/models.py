@@ -120,7 +120,15 @@ def models_scan(
         )
     else:
         table = fold_table(
-            "name", "architecture", "params", "quant", "context", "template", "size", "path"
+            "name",
+            "architecture",
+            "params",
+            "quant",
+            "context",
+            "template",
+            "size",
+            "path",
+            whole=("name", "path"),
         )
         for i in found:
             table.add_row(
@@ -169,7 +177,9 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = fold_table("model", "context", "chat format", "workers", "path")
+    table = fold_table(
+        "model", "context", "chat format", "workers", "path", whole=("model", "path")
+    )
     for r in rows:
         table.add_row(
             r["name"], str(r["n_ctx"]), r["chat_format"] or "(GGUF's)", str(r["workers"]), r["path"]
@@ -265,6 +275,7 @@ def usage(
         "prompt tok",
         "completion tok",
         "gen s",
+        whole=("session", "model"),
     )
     for t in totals:
         table.add_row(

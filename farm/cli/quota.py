@@ -72,7 +72,15 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
     if not found:
         out.print("no quotas set; every session is unlimited (`farm quota set SESSION ...`)")
         return
-    table = fold_table("session", "tokens/day", "used today", "reserved", "max queued", "in flight")
+    table = fold_table(
+        "session",
+        "tokens/day",
+        "used today",
+        "reserved",
+        "max queued",
+        "in flight",
+        whole=("session",),
+    )
     for q in found:
         table.add_row(
             q["session"],
