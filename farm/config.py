@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError, FarmUnavailable
-from farm.local import default_home, read_state
+from farm.local import STATE_FILE, default_home, read_state
 
 
 class Settings(BaseSettings):
@@ -137,7 +137,7 @@ class Settings(BaseSettings):
     @property
     def state_file(self) -> Path:
         """Where a running `farm up` records its broker's address."""
-        return self.home / "farm.json"
+        return self.home / STATE_FILE
 
     def resolved_models_file(self) -> Path:
         return self.models_file or self.home / "models.toml"

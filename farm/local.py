@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ASK_TIMEOUT_S = 2.0
+STATE_FILE = "farm.json"  # in the farm's home
 
 
 def default_home() -> Path:
@@ -141,7 +142,7 @@ def serve(routes: dict[str, Callable[..., Any]]) -> tuple[Callable[[], None], di
 def ask(path: str, timeout: float = ASK_TIMEOUT_S) -> dict[str, Any] | None:
     """The running local farm's answer at `path` (a JSON object), or None when there is
     none to ask here: then the caller reads for itself."""
-    state = read_state(home() / "farm.json")
+    state = read_state(home() / STATE_FILE)
     if state is None or not _same_farm(state):
         return None
     import http.client

@@ -191,6 +191,15 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
     return {"models": model_rows, "workers": worker_rows, "batches": batch_rows}
 
 
+def tokens_so_far(ctx: FarmContext, job_ids: list[str]) -> list[int]:
+    """Completion tokens running jobs have generated so far, from the progress keys their
+    workers refresh (the registry counts them only when a job ends); one round trip."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.get(progress_key(job_id))
+    return [int(n or 0) for n in pipe.execute()]
+
+
 def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
     """One job as `farm status JOB --json` prints it: times in ISO 8601 (UTC); token counts
     (none while queued; while running completion_tokens so far and no prompt_tokens yet);
@@ -233,8 +242,7 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
         if place is not None:
             info.update(place)
     if info["status"] == "running":
-        so_far: Any = ctx.redis.get(progress_key(job_id))  # decode_responses: a str
-        info["completion_tokens"] = int(so_far or 0)  # so far
+        [info["completion_tokens"]] = tokens_so_far(ctx, [job_id])
         info["prompt_tokens"] = info["prompt_tokens"] or None  # counted when the job ends
     return {k: v for k, v in info.items() if v is not None}
 

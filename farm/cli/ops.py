@@ -94,17 +94,14 @@ def _tokens_so_far(running: list[dict[str, Any]]) -> None:
     if not running:
         return
     from farm.context import get_context
-    from farm.queue import progress_key
+    from farm.status import tokens_so_far
 
     try:
-        pipe = get_context().redis.pipeline(transaction=False)
-        for j in running:
-            pipe.get(progress_key(j["job"]))
-        so_far = pipe.execute()
+        so_far = tokens_so_far(get_context(), [j["job"] for j in running])
     except Exception:  # no broker here now: the registry's view is all there is
         return
     for j, tokens in zip(running, so_far, strict=True):
-        j["prompt_tokens"], j["completion_tokens"] = None, int(tokens or 0)
+        j["prompt_tokens"], j["completion_tokens"] = None, tokens
 
 
 def _duration(started: datetime | None, finished: datetime | None) -> float | None:
@@ -201,18 +198,15 @@ def down(
     if now:
         time.sleep(0.5)
         os.kill(pid, signal.SIGTERM)  # the second Ctrl-C: stop at once, requeuing
-    grace = state.get("grace")
-    err.print(
-        f"stopping the farm (pid {pid}): "
-        + (
-            "running jobs go back to the queue"
-            if now
-            else "running jobs may finish"
-            + (f" within {grace:g}s" if isinstance(grace, int | float) else "")
-            + "; what cannot goes back to the queue (--now: at once)"
-        ),
-        highlight=False,
-    )
+    if now:
+        what = "running jobs go back to the queue"
+    else:
+        grace = state.get("grace")
+        within = f" within {grace:g}s" if isinstance(grace, int | float) else ""
+        what = (
+            f"running jobs may finish{within}; what cannot goes back to the queue (--now: at once)"
+        )
+    err.print(f"stopping the farm (pid {pid}): {what}", highlight=False)
     deadline = time.monotonic() + timeout
     while read_state(settings.state_file) is not None:
         if time.monotonic() > deadline:
