@@ -1,5 +1,7 @@
 """A TCP proxy a test can cut and restore: a real outage of a real server (connections
-refused and reset) without stopping the server other tests share."""
+refused and reset) without stopping the server other tests share. `partition()` is the
+other kind of outage: every connection stays open and nothing gets through, as when the
+network between two hosts goes."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ class Proxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._partitioned = False
         self.restore()
 
     def restore(self) -> None:
         """Accept connections again, on the same port."""
+        self._partitioned = False
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -28,20 +32,29 @@ class Proxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
-        """Refuse new connections and reset every open one."""
+        """Refuse new connections and reset every open one, on both sides: the server
+        sees its client go, as it would if the client's host went down."""
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
+        # shutdown() first: close() alone does not wake a thread blocked in accept() or
+        # recv() on the socket, and the socket stays open (and listening) until it wakes.
         if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.setsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
                 )
-                conn.close()
-            except OSError:
-                pass
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def partition(self) -> None:
+        """Let nothing through, on any connection, new or open, while every one stays open:
+        neither side hears from the other, or that the other has gone. `cut()` ends it."""
+        self._partitioned = True
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -64,14 +77,15 @@ class Proxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._partitioned:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
+            if not self._partitioned:  # across a partition, nobody hears of a close
+                for s in (src, dst):
+                    with contextlib.suppress(OSError):
+                        s.close()

@@ -1,6 +1,6 @@
 """Faults a farm meets in use: a registry outage under load, a start race on PostgreSQL,
-garbage on a model's queue, Celery's own tasks sent to a model's queue, a password in a
-URL. Nothing is lost and no usage row is wrong."""
+a worker cut off mid-transaction, garbage on a model's queue, Celery's own tasks sent to a
+model's queue, a password in a URL. Nothing is lost and no usage row is wrong."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 from celery.exceptions import NotRegistered
-from sqlalchemy import select
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
 import farm
 from farm.context import get_context, reset_context
 from farm.queue import TASK_NAME, priority_list_key, queue_name, stream_key
+from farm.registry import db as db_module
 from farm.registry import transaction
+from farm.registry.db import get_engine
 from farm.registry.tables import UsageRecord
 from tests.conftest import (
     MODEL,
@@ -115,6 +117,61 @@ def test_a_ten_second_registry_outage_under_load_fails_no_job_and_leaves_every_r
         assert (row.status, row.worker_id) == ("succeeded", "pg@test")  # type: ignore[attr-defined]
         assert row.completion_tokens == c.usage.completion_tokens  # type: ignore[attr-defined]
         assert row.prompt_tokens == c.usage.prompt_tokens  # type: ignore[attr-defined]
+
+
+def test_a_worker_cut_off_mid_transaction_does_not_lock_a_jobs_row_for_good(pg_server, monkeypatch):
+    """A worker's network goes between two statements of a transaction (the CI run that
+    found this: one job of 24 never finished after a registry outage). Its server session
+    sits idle in that transaction, holding the job's row, and nothing tells the server that
+    the client has gone. The server must end that session, so the job's next delivery can
+    write its row."""
+    monkeypatch.setattr(db_module, "IDLE_IN_TRANSACTION_MS", 3000)  # 30 s in use
+    direct = make_pg_database(pg_server)
+    url = make_url(direct)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        prepare_registry(direct)
+        with transaction(direct) as s:
+            s.add(
+                UsageRecord(
+                    job_id="j1", session="s", model=MODEL, priority="normal", status="queued"
+                )
+            )
+        worker_side = get_engine(proxied).connect()
+        worker_side.begin()
+        worker_side.execute(
+            update(UsageRecord).where(UsageRecord.job_id == "j1").values(status="running")
+        )
+        proxy.partition()
+        cut_at = time.monotonic()
+        with transaction(direct) as s:
+            s.execute(text("SET LOCAL lock_timeout = '20s'"))  # without the fix: fails here
+            s.execute(
+                update(UsageRecord).where(UsageRecord.job_id == "j1").values(status="succeeded")
+            )
+        waited = time.monotonic() - cut_at
+        assert 2 < waited < 15, waited
+        [row] = rows(direct, ["j1"]).values()
+        assert row.status == "succeeded"
+    finally:
+        proxy.cut()
+        get_engine(proxied).dispose()
+        drop_pg_database(pg_server, direct)
+
+
+def test_a_registry_session_ends_a_lost_transaction_unless_the_operator_chose_otherwise(
+    pg_server,
+):
+    direct = make_pg_database(pg_server)
+    chosen = direct + "?options=-c%20idle_in_transaction_session_timeout%3D7000"
+    try:
+        for url, expected in ((direct, "30s"), (chosen, "7s")):
+            with get_engine(url).connect() as conn:
+                assert conn.scalar(text("SHOW idle_in_transaction_session_timeout")) == expected
+    finally:
+        get_engine(chosen).dispose()
+        drop_pg_database(pg_server, direct)
 
 
 def test_garbage_on_a_model_queue_is_dropped_and_the_worker_goes_on(farm_client):

@@ -38,10 +38,13 @@ def get_engine(url: str) -> Engine:
     # then blocks (or raises ProgrammingError) restoring autocommit on the dead connection,
     # which hung a job's thread. A broken connection instead fails its first statement as
     # a disconnect, the pool is invalidated, and farm's callers retry (FarmUnavailable).
-    return create_engine(url, connect_args=_connect_timeout(parsed))
+    engine = create_engine(url, connect_args=_connect_args(parsed))
+    if parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _postgresql_session)
+    return engine
 
 
-def _connect_timeout(parsed: Any) -> dict[str, Any]:
+def _connect_args(parsed: Any) -> dict[str, Any]:
     if parsed.get_backend_name() != "postgresql":
         return {}
     # A connection whose peer vanished (a server or network gone without a reset) fails
@@ -54,6 +57,30 @@ def _connect_timeout(parsed: Any) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": 10000,
     }
+
+
+# farm's transactions last milliseconds. A server session left idle inside one for this
+# long has lost its client (its host gone, or cut off by the network, mid-transaction):
+# the server ends it and frees the rows it locked. Without this the server keeps such a
+# session, and its locks on a job's usage row, until its own TCP keepalive gives up (two
+# hours by default), and every delivery of that job waits on them.
+IDLE_IN_TRANSACTION_MS = 30_000
+
+
+def _postgresql_session(dbapi_conn: Any, _record: Any) -> None:
+    """Set on each new connection, unless the operator's role, database or URL already set
+    it. (A SET rather than a startup option: PgBouncer refuses unknown startup options.)"""
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    try:
+        with dbapi_conn.cursor() as cur:
+            cur.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false) "
+                "WHERE current_setting('idle_in_transaction_session_timeout') = '0'",
+                (str(IDLE_IN_TRANSACTION_MS),),
+            )
+    finally:
+        dbapi_conn.autocommit = autocommit
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
