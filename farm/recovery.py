@@ -1,6 +1,6 @@
 """Lost workers and their jobs: a worker whose leases expired is lost, and the jobs it held
 (its usage rows marked running) go back to the front of their queues at once instead of
-after Redis's visibility timeout.
+after Redis's visibility timeout, and their rows say queued again.
 
 Every worker runs `reap_lost_workers` on each heartbeat; the registry hands each lost
 worker to exactly one of them. Workers only: lease expiry is judged by the reaper's clock,
@@ -36,6 +36,7 @@ def reap_lost_workers(ctx: FarmContext) -> list[tuple[str, list[str], set[str]]]
             with transaction(ctx.database_url) as s:
                 queries.unclaim_lost_worker(s, worker_id=worker_id)
             continue
+        mark_queued(ctx, worker_id, requeued)
         reaped.append((worker_id, jobs, requeued))
         for job_id in jobs:
             log.warning(
@@ -55,9 +56,21 @@ def release_worker(ctx: FarmContext, worker_id: str) -> set[str]:
     with transaction(ctx.database_url) as s:
         jobs = queries.mark_worker_lost(s, worker_id=worker_id)
     requeued = requeue_unacked(ctx.app, jobs)
+    mark_queued(ctx, worker_id, requeued)
     for job_id in sorted(requeued):
         log.warning("worker %s is gone; its job %s is queued again", worker_id, job_id)
     return requeued
+
+
+def mark_queued(ctx: FarmContext, worker_id: str, requeued: set[str]) -> None:
+    """Their messages are back in the queues: their rows say queued again (not running on
+    a worker that is gone) until a worker starts them. Should this write fail, the rows
+    are right again as soon as a worker starts the jobs."""
+    try:
+        with transaction(ctx.database_url) as s:
+            queries.requeued(s, worker_id=worker_id, job_ids=requeued)
+    except Exception as e:
+        log.warning("could not mark the requeued jobs of %s queued: %s", worker_id, e)
 
 
 def expire_orphaned_rows(ctx: FarmContext) -> list[str]:

@@ -176,6 +176,9 @@ def test_ctrl_c_to_the_process_group_finishes_the_running_job_and_a_restart_runs
         assert again.wait(30) == 0
         assert not any(alive(pid) for pid in children), "processes of the stopped farm still run"
         assert f"its job {long.id} is queued again" in log.read_text()  # not lost
+        with transaction(db) as s:  # and said so: not running on a worker that is gone
+            row = queries.get_usage(s, long.id)
+            assert row is not None and (row.status, row.worker_id) == ("queued", None)
         assert run_cli(env, "down").returncode == 1  # nothing left to stop
     finally:
         if again.poll() is None:

@@ -75,6 +75,36 @@ def test_a_lease_is_live_until_it_expires_then_the_worker_is_lost(migrated_db):
         assert queries.list_workers(s)[0].state == "lost"
 
 
+def test_jobs_of_a_lost_worker_put_back_in_their_queues_say_queued_again(migrated_db):
+    now = datetime.now(UTC)
+    with transaction(migrated_db) as s:
+        for job, worker in (("j1", "w1"), ("j2", "w1"), ("j3", "w1"), ("j4", "w2")):
+            queries.record_started(
+                s, job_id=job, session="a", model="gemma", priority="normal",
+                worker_id=worker, submitted_at=now,
+            )  # fmt: skip
+        # Meanwhile j2 ended on w1, and j3 was started again by w2.
+        queries.record_finished(s, job_id="j2", status="succeeded", completion_tokens=5)
+        queries.record_started(
+            s, job_id="j3", session="a", model="gemma", priority="normal",
+            worker_id="w2", submitted_at=now,
+        )  # fmt: skip
+    with transaction(migrated_db) as s:
+        queries.requeued(s, worker_id="w1", job_ids={"j1", "j2", "j3", "j4"})
+    with transaction(migrated_db) as s:
+        found = {j: queries.get_usage(s, j) for j in ("j1", "j2", "j3", "j4")}
+        states = {j: (r.status, r.worker_id) for j, r in found.items() if r is not None}
+        assert states == {
+            "j1": ("queued", None),
+            "j2": ("succeeded", "w1"),
+            "j3": ("running", "w2"),
+            "j4": ("running", "w2"),
+        }
+        assert found["j1"] is not None and found["j1"].started_at is None
+        running = queries.running_jobs(s)
+        assert {w: sorted(jobs) for w, jobs in running.items()} == {"w2": ["j3", "j4"]}
+
+
 def test_a_clean_stop_drops_the_leases(migrated_db):
     _register(migrated_db)
     with transaction(migrated_db) as s:

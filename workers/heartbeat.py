@@ -25,7 +25,7 @@ from farm.broker import requeue_unacked
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, WorkerStartError
 from farm.local import pid_alive
-from farm.recovery import expire_orphaned_rows, reap_lost_workers
+from farm.recovery import expire_orphaned_rows, mark_queued, reap_lost_workers
 from farm.registry import queries, transaction
 from farm.registry.queries import LeaseSpec
 from farm.registry.tables import WorkerRecord, as_utc, utcnow
@@ -105,7 +105,9 @@ def claim(
             threads=threads,
         )
     # Every refusal is behind us and the claim is committed: only now touch the broker.
-    for job_id in sorted(requeue_unacked(ctx.app, orphans)):
+    requeued = requeue_unacked(ctx.app, orphans)
+    mark_queued(ctx, worker_id, requeued)
+    for job_id in sorted(requeued):
         log.warning("worker %s died holding job %s; it is queued again", worker_id, job_id)
 
 

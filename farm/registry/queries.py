@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -200,6 +201,22 @@ def mark_worker_lost(s: Session, *, worker_id: str) -> list[str]:
         .values(state="lost")
     )
     return running_jobs(s, worker_id).get(worker_id, [])
+
+
+def requeued(s: Session, *, worker_id: str, job_ids: Iterable[str]) -> None:
+    """Jobs of a gone worker that are back in their queues: queued again, with no worker,
+    unless another worker has already started one of them meanwhile."""
+    ids = list(job_ids)
+    if ids:
+        s.execute(
+            update(UsageRecord)
+            .where(
+                UsageRecord.job_id.in_(ids),
+                UsageRecord.status == "running",
+                UsageRecord.worker_id == worker_id,
+            )
+            .values(status="queued", worker_id=None, started_at=None)
+        )
 
 
 def claim_lost_workers(s: Session) -> list[tuple[str, list[str]]]:
