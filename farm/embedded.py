@@ -59,10 +59,9 @@ def register_default_model(database_url: str) -> None:
     with transaction(database_url) as s:
         if any(m.name == DEFAULT_MODEL for m in queries.list_models(s)):
             return
-        with suppress(ModelExists):
-            queries.add_model(
-                s, name=DEFAULT_MODEL, path=default_model_path(), n_ctx=4096, chat_format="gemma"
-            )
+    path = default_model_path()  # outside the transaction: the first call writes the file
+    with transaction(database_url) as s, suppress(ModelExists):
+        queries.add_model(s, name=DEFAULT_MODEL, path=path, n_ctx=4096, chat_format="gemma")
 
 
 def _free_port(preferred: int = 0) -> int:

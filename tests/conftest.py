@@ -247,9 +247,10 @@ def finished_usage(database_url: str, job_id: str, timeout: float = 10) -> list[
 
 def prepare_registry(database_url: str) -> None:
     upgrade(database_url)
+    path = gemma_path()  # outside the transaction: it reads the whole model file
     with transaction(database_url) as s:
         if not any(m.name == MODEL for m in queries.list_models(s)):
-            queries.add_model(s, name=MODEL, path=gemma_path(), n_ctx=4096, chat_format="gemma")
+            queries.add_model(s, name=MODEL, path=path, n_ctx=4096, chat_format="gemma")
 
 
 @pytest.fixture(scope="session")

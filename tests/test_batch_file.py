@@ -5,6 +5,7 @@ window. The feeder is run pass by pass (Feeder.step) against a real Redis."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from farm.config import Settings
 from farm.context import FarmContext
 from farm.errors import InvalidRequest, UnknownBatch
 from farm.registry import queries, transaction
+from farm.registry.db import upgrade
 from farm.registry.tables import BatchLineRecord, BatchRecord, utcnow
+from tests.conftest import drop_pg_database, make_pg_database
 
 MODEL = "tiny"
 
@@ -144,6 +147,37 @@ def test_lines_wait_for_a_worker_and_cancel_ends_the_batch(ctx: FarmContext, tmp
     assert first["custom_id"] == "q0" and first["response"] is None
     assert first["error"]["code"] == "batch_cancelled"
     assert list(batches.results(batch.id, ctx=ctx)) == []
+
+
+def test_a_reader_slower_than_the_registrys_idle_limit_still_gets_every_line(
+    pg_server: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`farm batch results | less`, or a slow client of the gateway: PostgreSQL ends a
+    session idle in a transaction after 30 s (1 s here), so no transaction may stay open
+    while the reader takes its time between pages (2 lines here)."""
+    from farm.batches import store
+    from farm.registry import db as db_module
+
+    url = make_pg_database(pg_server)
+    try:
+        upgrade(url)
+        monkeypatch.setattr(db_module, "IDLE_IN_TRANSACTION_MS", 1000)
+        db_module.get_engine(url).dispose()  # its next connections get the 1 s
+        monkeypatch.setattr(store, "PAGE", 2)
+        with transaction(url) as s:
+            queries.add_model(s, name=MODEL, path="/models/tiny.gguf", n_ctx=512)
+        slow = FarmContext(Settings(home=tmp_path, broker_url=redis_url, database_url=url))
+        path = tmp_path / "b.jsonl"
+        path.write_text("\n".join(line(f"q{i}") for i in range(5)))
+        batch, _ = batches.submit(path, ctx=slow)
+        batches.cancel(batch.id, ctx=slow)
+        read = []
+        for text in batches.results(batch.id, failed=True, ctx=slow):
+            read.append(json.loads(text)["custom_id"])
+            time.sleep(1.5)
+        assert read == ["q0", "q1", "q2", "q3", "q4"]
+    finally:
+        drop_pg_database(pg_server, url)
 
 
 def test_lines_not_started_when_the_window_ends_expire(ctx: FarmContext, tmp_path: Path):

@@ -125,13 +125,13 @@ def test_a_worker_cut_off_mid_transaction_does_not_lock_a_jobs_row_for_good(pg_s
     sits idle in that transaction, holding the job's row, and nothing tells the server that
     the client has gone. The server must end that session, so the job's next delivery can
     write its row."""
-    monkeypatch.setattr(db_module, "IDLE_IN_TRANSACTION_MS", 3000)  # 30 s in use
     direct = make_pg_database(pg_server)
     url = make_url(direct)
     proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
     proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
     try:
         prepare_registry(direct)
+        monkeypatch.setattr(db_module, "IDLE_IN_TRANSACTION_MS", 3000)  # 30 s in use
         with transaction(direct) as s:
             s.add(
                 UsageRecord(
@@ -164,13 +164,15 @@ def test_a_registry_session_ends_a_lost_transaction_unless_the_operator_chose_ot
     pg_server,
 ):
     direct = make_pg_database(pg_server)
-    chosen = direct + "?options=-c%20idle_in_transaction_session_timeout%3D7000"
+    option = "?options=-c%20idle_in_transaction_session_timeout%3D"
+    chosen = {direct: "30s", direct + option + "7000": "7s", direct + option + "0": "0"}
     try:
-        for url, expected in ((direct, "30s"), (chosen, "7s")):
+        for url, expected in chosen.items():
             with get_engine(url).connect() as conn:
                 assert conn.scalar(text("SHOW idle_in_transaction_session_timeout")) == expected
     finally:
-        get_engine(chosen).dispose()
+        for url in chosen:
+            get_engine(url).dispose()
         drop_pg_database(pg_server, direct)
 
 

@@ -27,6 +27,7 @@ from farm.context import FarmContext, get_context
 from farm.errors import InvalidRequest
 from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
+from farm.registry.tables import BatchLineRecord
 
 __all__ = ["Batch", "cancel", "get", "listing", "results", "submit"]
 
@@ -153,4 +154,17 @@ def results(
     ctx = ctx or get_context()
     with transaction(ctx.database_url) as s:
         batch = store.get(s, batch_id, session=session)
-        yield from jsonl(store.ended_lines(s, batch.id, failed=failed), failed=failed)
+
+    def ended() -> Iterator[BatchLineRecord]:
+        # A transaction per page: the reader (a slow client, a pager) may take its time
+        # without holding a transaction open, which PostgreSQL ends after 30 s idle.
+        after = 0
+        while True:
+            with transaction(ctx.database_url) as s:
+                page = store.ended_page(s, batch.id, failed=failed, after=after)
+            yield from page
+            if len(page) < store.PAGE:
+                return
+            after = page[-1].line
+
+    yield from jsonl(ended(), failed=failed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -310,28 +309,25 @@ def request_cancel(s: Session, batch_id: str, *, session: str | None = None) -> 
     return get(s, batch.id)
 
 
-def ended_lines(s: Session, batch_id: str, *, failed: bool) -> Iterator[BatchLineRecord]:
-    """The batch's succeeded lines (or, `failed`, the ones that did not succeed) in file
-    order, read in pages."""
+PAGE = 1000
+
+
+def ended_page(s: Session, batch_id: str, *, failed: bool, after: int = 0) -> list[BatchLineRecord]:
+    """Up to PAGE of the batch's succeeded lines (or, `failed`, the ones that did not
+    succeed) past line `after`, in file order."""
     statuses = ("failed", "cancelled", "expired") if failed else ("succeeded",)
-    last = 0
-    while True:
-        page = list(
-            s.scalars(
-                select(BatchLineRecord)
-                .where(
-                    BatchLineRecord.batch_id == batch_id,
-                    BatchLineRecord.status.in_(statuses),
-                    BatchLineRecord.line > last,
-                )
-                .order_by(BatchLineRecord.line)
-                .limit(1000)
+    return list(
+        s.scalars(
+            select(BatchLineRecord)
+            .where(
+                BatchLineRecord.batch_id == batch_id,
+                BatchLineRecord.status.in_(statuses),
+                BatchLineRecord.line > after,
             )
+            .order_by(BatchLineRecord.line)
+            .limit(PAGE)
         )
-        yield from page
-        if len(page) < 1000:
-            return
-        last = page[-1].line
+    )
 
 
 # -- files (the gateway's /v1/files) -----------------------------------------------------------

@@ -68,19 +68,18 @@ IDLE_IN_TRANSACTION_MS = 30_000
 
 
 def _postgresql_session(dbapi_conn: Any, _record: Any) -> None:
-    """Set on each new connection, unless the operator's role, database or URL already set
-    it. (A SET rather than a startup option: PgBouncer refuses unknown startup options.)"""
-    autocommit = dbapi_conn.autocommit
-    dbapi_conn.autocommit = True
-    try:
-        with dbapi_conn.cursor() as cur:
-            cur.execute(
-                "SELECT set_config('idle_in_transaction_session_timeout', %s, false) "
-                "WHERE current_setting('idle_in_transaction_session_timeout') = '0'",
-                (str(IDLE_IN_TRANSACTION_MS),),
-            )
-    finally:
-        dbapi_conn.autocommit = autocommit
+    """Set on each new connection, unless the operator set it (for the role, the database,
+    or in the URL's options), to 0 included. A SET rather than a startup option: PgBouncer
+    refuses unknown startup options. (Behind PgBouncer in transaction mode, a session's
+    settings do not follow it: set PgBouncer's own idle_transaction_timeout there.)"""
+    with dbapi_conn.cursor() as cur:
+        cur.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false) "
+            "FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout' "
+            "AND source = 'default'",
+            (str(IDLE_IN_TRANSACTION_MS),),
+        )
+    dbapi_conn.commit()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
