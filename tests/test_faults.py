@@ -47,9 +47,7 @@ def pg_farm(redis_url, pg_server, tmp_path_factory):
     client = redis.Redis.from_url(FAULT_REDIS)
     client.flushdb()
     direct = make_pg_database(pg_server)
-    url = make_url(direct)
-    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = through_proxy(direct)
     prepare_registry(direct)
     f = FarmUnderTest(tmp_path_factory.mktemp("pg-farm"), FAULT_REDIS, proxied)
     proc = f.start_worker(MODEL, "pg@test", "--parallel", "8")
@@ -64,6 +62,13 @@ def pg_farm(redis_url, pg_server, tmp_path_factory):
     proxy.cut()
     client.flushdb()
     drop_pg_database(pg_server, direct)
+
+
+def through_proxy(database_url: str) -> tuple[Proxy, str]:
+    """A proxy before the database, and the database's URL through it."""
+    url = make_url(database_url)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
+    return proxy, url.set(port=proxy.port).render_as_string(hide_password=False)
 
 
 def rows(db: str, ids: list[str]) -> dict[str, UsageRecord]:
@@ -126,9 +131,7 @@ def test_a_worker_cut_off_mid_transaction_does_not_lock_a_jobs_row_for_good(pg_s
     the client has gone. The server must end that session, so the job's next delivery can
     write its row."""
     direct = make_pg_database(pg_server)
-    url = make_url(direct)
-    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = through_proxy(direct)
     try:
         prepare_registry(direct)
         monkeypatch.setattr(db_module, "IDLE_IN_TRANSACTION_MS", 3000)  # 30 s in use

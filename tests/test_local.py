@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -20,6 +21,16 @@ def home(tmp_path, monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.setenv("FARM_HOME", str(tmp_path))
     return tmp_path
+
+
+@contextmanager
+def serving(routes):
+    """local.serve for the length of a block; yields its address."""
+    stop, address = local.serve(routes)
+    try:
+        yield address
+    finally:
+        stop()
 
 
 def advertise(home, **fields):
@@ -37,14 +48,11 @@ def advertise(home, **fields):
 
 def test_a_command_gets_the_running_farms_answer(home):
     calls = []
-    stop, address = local.serve({"/status": lambda: calls.append(1) or {"models": ["m"]}})
-    try:
+    with serving({"/status": lambda: calls.append(1) or {"models": ["m"]}}) as address:
         advertise(home, local=address)
         assert local.ask("/status") == {"models": ["m"]}
         assert calls == [1]
         assert local.ask("/nothing-here") is None  # 404: the command reads for itself
-    finally:
-        stop()
     started = time.monotonic()
     assert local.ask("/status") is None  # refused at once once stopped
     assert time.monotonic() - started < 1
@@ -65,16 +73,13 @@ def get(address, path):
 
 
 def test_a_route_ending_in_a_slash_takes_the_rest_of_the_path(home):
-    stop, address = local.serve({"/jobs/": lambda job: {"job": job}, "/status": lambda: {}})
-    try:
+    with serving({"/jobs/": lambda job: {"job": job}, "/status": lambda: {}}) as address:
         advertise(home, local=address)
         assert local.ask("/jobs/4152130b") == {"job": "4152130b"}
         assert local.ask("/jobs/a%2Fb%20c") == {"job": "a/b c"}  # quoted by the asker
         assert get(address, "/jobs/")[0] == 404  # no id: not a call without one
         assert get(address, "/jobs")[0] == 404
         assert get(address, "/status?verbose=1") == (200, {})
-    finally:
-        stop()
 
 
 def test_other_shells_use_the_running_farms_result_store(home):
@@ -93,8 +98,7 @@ def test_no_answer_when_it_fails_or_comes_from_another_process(home):
     def broken():
         raise RuntimeError("registry down")
 
-    stop, address = local.serve({"/status": lambda: {"ok": 1}, "/broken": broken, "/list": list})
-    try:
+    with serving({"/status": lambda: {"ok": 1}, "/broken": broken, "/list": list}) as address:
         advertise(home, local=address)
         assert local.ask("/broken") is None  # the command then meets the error itself
         assert local.ask("/list") is None  # not a JSON object
@@ -105,13 +109,10 @@ def test_no_answer_when_it_fails_or_comes_from_another_process(home):
         for broken_entry in ({}, {"port": "x"}, {"port": 70000}, None):
             advertise(home, local=broken_entry)
             assert local.ask("/status") is None
-    finally:
-        stop()
 
 
 def test_a_shell_set_up_for_other_servers_does_not_ask(home, monkeypatch):
-    stop, address = local.serve({"/status": lambda: {"ok": 1}})
-    try:
+    with serving({"/status": lambda: {"ok": 1}}) as address:
         state = advertise(home, local=address)
         monkeypatch.setenv("FARM_BROKER_URL", state["broker_url"])  # the same farm
         monkeypatch.setenv("FARM_DATABASE_URL", state["database_url"])
@@ -125,23 +126,17 @@ def test_a_shell_set_up_for_other_servers_does_not_ask(home, monkeypatch):
         monkeypatch.setenv("farm_broker_url", "redis://elsewhere:6379/0")  # read in any case
         monkeypatch.delenv("FARM_BROKER_URL")
         assert local.ask("/status") is None
-    finally:
-        stop()
 
 
 def test_a_dead_farms_state_file_is_not_asked(home):
-    stop, address = local.serve({"/status": lambda: {"ok": 1}})
-    try:
+    with serving({"/status": lambda: {"ok": 1}}) as address:
         advertise(home, local=address, pid=2**22 + 12345)  # above Linux's pid_max: no such process
         assert local.read_state(home / "farm.json") is None
         assert local.ask("/status") is None
-    finally:
-        stop()
 
 
 def test_a_silent_connection_does_not_hold_the_server(home):
-    stop, address = local.serve({"/status": lambda: {"ok": 1}})
-    try:
+    with serving({"/status": lambda: {"ok": 1}}) as address:
         idle = socket.create_connection(("127.0.0.1", address["port"]))  # sends nothing
         conn = http.client.HTTPConnection("127.0.0.1", address["port"], timeout=5)
         conn.request("GET", "/status")
@@ -152,5 +147,3 @@ def test_a_silent_connection_does_not_hold_the_server(home):
         idle.settimeout(10)
         assert idle.recv(1) == b""  # closed by the server's timeout, not left open
         idle.close()
-    finally:
-        stop()
