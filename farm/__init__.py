@@ -42,18 +42,19 @@ from farm.errors import (
 )
 
 if TYPE_CHECKING:
+    from farm.completion import Completion, Timings, Usage
     from farm.request import Message, Request
-    from farm.results import Completion, Job, Timings, Usage
+    from farm.results import Job
 
 # Loaded on first use, so that `import farm` (and the CLI's --help) stays fast: these pull
 # in pydantic, Celery, Redis and SQLAlchemy.
 _LAZY = {
     "Message": "farm.request",
     "Request": "farm.request",
-    "Completion": "farm.results",
+    "Completion": "farm.completion",
     "Job": "farm.results",
-    "Timings": "farm.results",
-    "Usage": "farm.results",
+    "Timings": "farm.completion",
+    "Usage": "farm.completion",
 }
 
 

@@ -52,7 +52,7 @@ class FarmContext:
     @cached_property
     def recorder(self) -> QueuedRows:
         """Writes the usage rows of this process's queued jobs, batched, behind submit."""
-        from farm.registry.recorder import QueuedRows
+        from farm.registry.recorder import QueuedRows  # SQLAlchemy: only for commands that submit
 
         return QueuedRows(self.database_url)
 

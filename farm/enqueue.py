@@ -26,10 +26,11 @@ from kombu.exceptions import OperationalError as BrokerError
 from farm.admission import quotas
 from farm.config import masked
 from farm.context import FarmContext, get_context
+from farm.depth import queued
 from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker, QueueFull
 from farm.queue import TASK_NAME, priority_number, queue_name, rejections_key
 from farm.registry import queries, transaction
-from farm.request import Request
+from farm.request import Request, make_request
 from farm.results import Job
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,6 @@ def _room(ctx: FarmContext, model: str) -> int:
     limit = ctx.settings.max_queued
     if limit == 0:
         return 1 << 62
-    from farm.status import queued
-
     now = time.monotonic()
     seen = ctx.depth.get(model)
     # Read the depth again once a second, and on every submit near the limit.
@@ -203,8 +202,6 @@ def _full(ctx: FarmContext, model: str) -> QueueFull:
 
 
 def _build_item(item: object) -> Request:
-    from farm.request import make_request
-
     if not isinstance(item, dict):
         raise InvalidRequest(f"each item must be a Request or a dict, not {type(item).__name__}")
     return make_request(item)
@@ -341,8 +338,6 @@ def _argsrepr(request: Request, ctx: FarmContext) -> str:
 
 def build(prompt: str | None, **fields: Any) -> Request:
     """A Request from `farm.infer`/`farm.submit` style arguments (flat or nested)."""
-    from farm.request import make_request
-
     data = {k: v for k, v in fields.items() if v is not None}
     if prompt is not None:
         data["prompt"] = prompt

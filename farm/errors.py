@@ -4,6 +4,7 @@
     +-- ConfigError            settings are missing or contradict each other
     +-- FarmUnavailable        the broker or the registry cannot be reached
     +-- InvalidRequest         a request field is unknown, missing or out of range (names the field)
+    |   +-- BatchFileError     a batch file has bad lines (lists each as `LINE: field: reason`)
     +-- UnknownModel           the model is not in the registry (lists the known ones)
     +-- ModelExists            `farm models add` for a name that is already registered
     +-- NoLiveWorker           no worker holds a live lease for the model (says how to start one)
@@ -49,6 +50,22 @@ class QuotaExceeded(FarmError):
 
 class InvalidRequest(FarmError):
     """A request field is unknown, missing or out of range."""
+
+
+class BatchFileError(InvalidRequest):
+    """The file has bad lines; nothing was queued. `errors`: each `LINE: field: reason`."""
+
+    SHOWN = 20  # in the message; `errors` keeps them all
+
+    def __init__(self, errors: list[str], total: int, source: str):
+        self.errors = errors
+        self.total = total
+        shown = "\n".join(f"  {e}" for e in errors[: self.SHOWN])
+        more = total - min(total, self.SHOWN)
+        super().__init__(
+            f"{source}: {total} bad line{'s' if total != 1 else ''}; nothing was queued. "
+            "Fix them and submit again:\n" + shown + (f"\n  ... and {more} more" if more else "")
+        )
 
 
 class UnknownModel(FarmError):

@@ -101,5 +101,13 @@ def cancel_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:cancel"
 
 
+BATCH_FEEDER_LOCK = f"{KEY_PREFIX}batches:feeder"  # held by the feeder making a pass
+
+
+def batch_cancelled_key(batch_id: str) -> str:
+    """The jobs of a cancelling batch that the feeder has cancelled already."""
+    return f"{KEY_PREFIX}batches:cancelled:{batch_id}"
+
+
 # How long a publish may retry before the client reports the broker as unreachable.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}

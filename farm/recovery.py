@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from farm.admission import quotas
 from farm.broker import requeue_unacked
 from farm.context import FarmContext
 from farm.registry import queries, transaction
@@ -85,8 +86,6 @@ def expire_orphaned_rows(ctx: FarmContext) -> list[str]:
     )
     with transaction(ctx.database_url) as s:
         expired = queries.expire_stale_queued(s, older_than=cutoff, reason=reason)
-    from farm.admission import quotas
-
     for job_id in expired:
         log.warning("job %s was lost before it ran; its usage row now says expired", job_id)
         quotas.settle(ctx, job_id, 0)

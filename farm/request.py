@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from farm.errors import InvalidRequest
+from farm.grammar import check_gbnf
 
 Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -193,8 +194,6 @@ class Request(_Strict):
     @classmethod
     def _grammar_parses(cls, v: str | None) -> str | None:
         if v is not None:
-            from farm.grammar import check_gbnf
-
             check_gbnf(v)  # GrammarSyntaxError is a ValueError: reported as 'grammar'
         return v
 

@@ -1,57 +1,39 @@
-"""What comes back from a job: the Completion, the job handle, and the token stream.
+"""The client's handle on a queued job: its state, its place, its text as it streams, its
+result, and cancelling it.
 
-A worker writes each job's tokens, then one final event, to a Redis stream
-(`queue.stream_key(job_id)`). `Job.stream()` reads the tokens as they arrive and
+A worker writes each job's tokens, then one final event, to the job's stream
+(`farm/stream.py`). `Job.stream()` reads the tokens as they arrive and
 `Job.result()` waits for the final event; after the stream expired, the result comes from
 Celery's result backend.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import redis
-from pydantic import BaseModel
 
+from farm.admission import quotas
+from farm.completion import Completion
 from farm.context import FarmContext, get_context
+from farm.depth import queue_place
 from farm.errors import FarmUnavailable, JobCancelled, JobFailed, JobTimeout, UnknownJob
 from farm.queue import cancel_key, stream_key
 from farm.registry import queries, transaction
 from farm.registry.tables import TERMINAL_STATUSES
-
-# Event kinds on a job's stream.
-TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
-RESTART = "restart"  # the worker running the job was lost; another starts it over
-TERMINAL_EVENTS = (DONE, FAILED, CANCELLED)
-RECONNECT_WINDOW_S = 30.0  # how long a waiting client rides out a lost connection to Redis
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    # Of prompt_tokens, those the worker found in its prompt cache and did not evaluate.
-    cached_tokens: int = 0
-
-
-class Timings(BaseModel):
-    queue_wait_ms: float
-    ttft_ms: float | None
-    generation_ms: float
-
-
-class Completion(BaseModel):
-    """A finished job: its text, why it stopped, its token counts and timings."""
-
-    job_id: str
-    model: str
-    text: str
-    finish_reason: str  # stop, length, time
-    usage: Usage
-    timings: Timings
-    worker: str
+from farm.stream import (
+    CANCELLED,
+    DONE,
+    RECONNECT_WINDOW_S,
+    RESTART,
+    TERMINAL_EVENTS,
+    TOKEN,
+    last_event,
+    publish,
+    stream_outcome,
+)
 
 
 class Job:
@@ -91,8 +73,6 @@ class Job:
         """While queued: `position` (1 = next), `ahead` (jobs before it per priority) and
         `starts_in_s` (an estimate from the model's recent jobs and live slots, or None);
         None once the job is not waiting in its queue."""
-        from farm.status import queue_place
-
         if self.model is None:
             self.status()  # learns the model
         assert self.model is not None
@@ -251,8 +231,6 @@ class Job:
             cancelled_queued = queries.cancel_if_queued(s, job_id=self.id)
         if cancelled_queued:
             publish(ctx.redis, self.id, CANCELLED, ttl=ctx.settings.stream_ttl)
-            from farm.admission import quotas
-
             _redis_call(quotas.settle, ctx, self.id, 0)  # it will never run: give it back
         try:
             # Workers drop revoked ids on receipt; the registry row covers workers that miss it.
@@ -269,37 +247,3 @@ def _redis_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except redis.RedisError as e:
         raise FarmUnavailable(f"cannot reach Redis: {e}; is the farm running?") from e
-
-
-_OUTCOMES = {DONE: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}
-
-
-def last_event(r: redis.Redis, job_id: str) -> tuple[str, dict[str, str]] | None:
-    """The kind and fields of the last event on a job's stream, if it has one."""
-    last: Any = r.xrevrange(stream_key(job_id), count=1)
-    return (last[0][1].get("kind", ""), last[0][1]) if last else None
-
-
-def stream_outcome(r: redis.Redis, job_id: str) -> str | None:
-    """succeeded, failed or cancelled when the job's stream ends with its final event."""
-    event = last_event(r, job_id)
-    return _OUTCOMES.get(event[0]) if event else None
-
-
-def publish(
-    r: redis.Redis, job_id: str, kind: str, *, ttl: int | None = None, **fields: Any
-) -> None:
-    """Append one event to a job's stream; with `ttl`, (re)set the stream's expiry too.
-
-    Used by workers, and by `Job.cancel` for a job that never started.
-    """
-    payload = {"kind": kind}
-    payload.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
-    key = stream_key(job_id)
-    if ttl is None:
-        r.xadd(key, payload)  # type: ignore[arg-type]
-        return
-    pipe = r.pipeline(transaction=False)
-    pipe.xadd(key, payload)  # type: ignore[arg-type]
-    pipe.expire(key, ttl)
-    pipe.execute()

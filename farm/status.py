@@ -1,121 +1,19 @@
-"""What the farm looks like now: models, workers, leases, queue depths, one job's place.
-
-Queue depth is read from the broker itself (kombu keeps one Redis list per model and
-priority step), since Flower's metrics have no queue length.
-"""
+"""What the farm looks like now, as `farm status` shows it: models, workers, leases, queue
+depths and batches in progress, and one job's state and place (`farm status JOB`)."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
+from farm.batches.store import active
 from farm.context import FarmContext, get_context
+from farm.depth import queue_depths, queue_place
 from farm.errors import UnknownJob
-from farm.queue import (
-    PRIORITIES,
-    PRIORITY_STEPS,
-    priority_list_key,
-    priority_name,
-    progress_key,
-)
+from farm.queue import progress_key
 from farm.registry import queries, transaction
 from farm.registry.tables import as_utc
-from farm.results import stream_outcome
-
-
-def queue_depths(ctx: FarmContext, models: list[str]) -> dict[str, dict[str, int]]:
-    """Queued jobs per model, per named priority."""
-    pipe = ctx.broker_redis.pipeline(transaction=False)
-    for model in models:
-        for step in PRIORITY_STEPS:
-            pipe.llen(priority_list_key(model, step))
-    lengths = iter(pipe.execute())
-    depths: dict[str, dict[str, int]] = {}
-    for model in models:
-        per = dict.fromkeys(PRIORITIES, 0)
-        for step in PRIORITY_STEPS:
-            per[priority_name(step)] += int(next(lengths))
-        depths[model] = per
-    return depths
-
-
-def queued(ctx: FarmContext, model: str) -> int:
-    """Jobs waiting in a model's queue, all priorities together (one round trip)."""
-    pipe = ctx.broker_redis.pipeline(transaction=False)
-    for step in PRIORITY_STEPS:
-        pipe.llen(priority_list_key(model, step))
-    return sum(int(n) for n in pipe.execute())
-
-
-def queue_position(ctx: FarmContext, model: str, job_id: str) -> int | None:
-    """1 when the job is next to run; None when it is not waiting in its queue."""
-    place = queue_place(ctx, model, job_id)
-    return None if place is None else place["position"]
-
-
-def queue_place(ctx: FarmContext, model: str, job_id: str) -> dict[str, Any] | None:
-    """Where a queued job stands: its position (1 = next), the jobs ahead of it per named
-    priority, and an estimate of when it starts; None when it is not in its queue."""
-    ahead = dict.fromkeys(PRIORITIES, 0)
-    for step in PRIORITY_STEPS:
-        # kombu pushes on the left and pops on the right: the right end runs first.
-        messages = ctx.broker_redis.lrange(priority_list_key(model, step), 0, -1)
-        for i, raw in enumerate(reversed(messages)):
-            try:
-                found = json.loads(raw)["headers"]["id"] == job_id
-            except (ValueError, KeyError, TypeError):
-                continue
-            if found:
-                ahead[priority_name(step)] += i
-                total = sum(ahead.values())
-                return {
-                    "position": total + 1,
-                    "ahead": ahead,
-                    "starts_in_s": _eta(ctx, model, total),
-                }
-        ahead[priority_name(step)] += len(messages)
-    return None
-
-
-ETA_WINDOW = 50  # recent jobs of the model whose durations the estimate uses
-
-
-def _eta(ctx: FarmContext, model: str, ahead: int) -> float | None:
-    """Seconds until a job with `ahead` jobs before it starts: those jobs, plus the ones
-    running, served at the pace of the model's recent jobs by its live workers' slots.
-    None while the model has no recent job to learn from."""
-    from sqlalchemy import select
-
-    from farm.registry.tables import UsageRecord
-
-    with transaction(ctx.database_url) as s:
-        recent = [
-            float(ms or 0)
-            for ms in s.scalars(
-                select(UsageRecord.generation_ms)
-                .where(
-                    UsageRecord.model == model,
-                    UsageRecord.status == "succeeded",
-                    UsageRecord.generation_ms.is_not(None),
-                )
-                .order_by(UsageRecord.finished_at.desc())
-                .limit(ETA_WINDOW)
-            )
-        ]
-        leases = queries.live_leases(s, model)
-        workers = {w.id: w for w in queries.list_workers(s)}
-        running = queries.running_jobs(s)
-    if not recent or not leases:
-        return None
-    slots = max(1, sum(workers[x.worker_id].slots for x in leases if x.worker_id in workers))
-    free = max(0, slots - sum(len(running.get(x.worker_id, [])) for x in leases))
-    if ahead < free:
-        return 0.0
-    per_job = sorted(recent)[len(recent) // 2] / 1000  # the median recent job, in seconds
-    # Every slot busy: the running jobs end about half a job from now on average, then the
-    # jobs ahead drain `slots` at a time.
-    return round(per_job / 2 + (ahead - free) / slots * per_job, 1)
+from farm.stream import stream_outcome
 
 
 def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
@@ -168,8 +66,6 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
                     "pinned": sorted(lease.model for lease in mine if lease.pinned),
                 }
             )
-        from farm.batches.store import active
-
         batch_rows = [
             {
                 "id": b.id,

@@ -7,8 +7,8 @@ import pytest
 
 import farm
 from farm.context import get_context, reset_context
+from farm.depth import queued
 from farm.queue import rejections_key
-from farm.status import queued
 from tests.conftest import MODEL, fill_slots
 
 pytestmark = pytest.mark.e2e

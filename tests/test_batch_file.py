@@ -15,10 +15,10 @@ from sqlalchemy import func, select, update
 
 import farm.batches as batches
 from farm.batches.feeder import Feeder
-from farm.batches.lines import BatchFileError
 from farm.config import Settings
 from farm.context import FarmContext
-from farm.errors import InvalidRequest, UnknownBatch
+from farm.errors import BatchFileError, InvalidRequest, UnknownBatch
+from farm.queue import BATCH_FEEDER_LOCK
 from farm.registry import queries, transaction
 from farm.registry.db import upgrade
 from farm.registry.tables import BatchLineRecord, BatchRecord, utcnow
@@ -32,7 +32,7 @@ def ctx(migrated_db: str, redis_url: str, tmp_path: Path) -> FarmContext:
     with transaction(migrated_db) as s:
         queries.add_model(s, name=MODEL, path="/models/tiny.gguf", n_ctx=512)
     c = FarmContext(Settings(home=tmp_path, broker_url=redis_url, database_url=migrated_db))
-    redis.Redis.from_url(redis_url).delete("farm:batches:feeder")
+    redis.Redis.from_url(redis_url).delete(BATCH_FEEDER_LOCK)
     return c
 
 
@@ -123,7 +123,7 @@ def test_a_name_or_the_same_file_gives_back_the_same_batch(ctx: FarmContext, tmp
 
 
 def test_lines_wait_for_a_worker_and_cancel_ends_the_batch(ctx: FarmContext, tmp_path: Path):
-    from farm.admission.metrics import render
+    from farm.metrics import render
     from farm.status import fleet_status
 
     path = tmp_path / "b.jsonl"
@@ -206,8 +206,8 @@ def test_the_feeder_holds_its_window_queues_lost_lines_again_and_cancels_queued_
     from datetime import UTC, datetime
 
     from farm.batches.feeder import line_job_id
+    from farm.depth import queued
     from farm.registry.tables import LeaseRecord, UsageRecord
-    from farm.status import queued
     from tests.conftest import REDIS_URL
 
     url = REDIS_URL.rsplit("/", 1)[0] + "/8"

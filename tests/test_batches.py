@@ -15,9 +15,9 @@ from sqlalchemy import select
 
 import farm
 from farm.context import get_context
+from farm.depth import queued
 from farm.registry import transaction
 from farm.registry.tables import BatchLineRecord, UsageRecord, as_utc
-from farm.status import queued
 from tests.conftest import MODEL, FarmUnderTest
 
 pytestmark = pytest.mark.e2e

@@ -9,10 +9,11 @@ from sqlalchemy import select
 
 import farm
 from farm.context import get_context
+from farm.depth import queue_depths
 from farm.queue import TASK_NAME, queue_name
 from farm.registry import transaction
 from farm.registry.tables import UsageRecord
-from farm.status import job_status, queue_depths
+from farm.status import job_status
 from tests.conftest import LIVE_SLOTS, MODEL
 
 pytestmark = pytest.mark.e2e

@@ -6,8 +6,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import farm
-from farm.admission.metrics import render
 from farm.context import get_context
+from farm.metrics import render
 from tests.conftest import LIVE_SLOTS, MODEL, finished_usage
 
 pytestmark = pytest.mark.e2e

@@ -6,9 +6,10 @@ import redis
 from farm.admission.aging import age_queues
 from farm.config import Settings
 from farm.context import FarmContext
+from farm.depth import queue_depths, queue_position, queued
 from farm.queue import PRIORITIES
 from farm.registry import upgrade
-from farm.status import _shown_state, queue_depths, queue_position, queued
+from farm.status import _shown_state
 
 
 @pytest.mark.parametrize(

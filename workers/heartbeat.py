@@ -18,8 +18,6 @@ import time
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 
-from sqlalchemy import select
-
 from farm.admission.aging import age_queues
 from farm.broker import requeue_unacked
 from farm.context import FarmContext
@@ -28,14 +26,13 @@ from farm.local import pid_alive
 from farm.recovery import expire_orphaned_rows, mark_queued, reap_lost_workers
 from farm.registry import queries, transaction
 from farm.registry.queries import LeaseSpec
-from farm.registry.tables import WorkerRecord, as_utc, utcnow
+from farm.registry.tables import ACTIVE_WORKER_STATES, as_utc, utcnow
 from workers.host import EngineOptions
 from workers.models import ModelCache
 from workers.spool import UsageSpool
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("starting", "ready", "busy")
 RECONCILE_EVERY_S = 60.0
 
 
@@ -63,8 +60,8 @@ def claim(
     fresh = utcnow() - timedelta(seconds=ctx.settings.lease_ttl)
     orphans: list[str] = []
     with transaction(ctx.database_url) as s:
-        old = s.get(WorkerRecord, worker_id)
-        if old is not None and old.state in ACTIVE_STATES:
+        old = queries.get_worker(s, worker_id)
+        if old is not None and old.state in ACTIVE_WORKER_STATES:
             beating = as_utc(old.heartbeat_at) > fresh
             if old.host == host and old.pid != os.getpid() and pid_alive(old.pid) and beating:
                 raise WorkerStartError(
@@ -78,14 +75,8 @@ def claim(
                 )
             orphans = queries.running_jobs(s, worker_id).get(worker_id, [])
         if device != "cpu":
-            others = s.scalars(
-                select(WorkerRecord).where(
-                    WorkerRecord.host == host,
-                    WorkerRecord.device == device,
-                    WorkerRecord.id != worker_id,
-                    WorkerRecord.state.in_(ACTIVE_STATES),
-                    WorkerRecord.heartbeat_at > fresh,
-                )
+            others = queries.device_users(
+                s, host=host, device=device, beating_since=fresh, other_than=worker_id
             )
             for other in others:
                 if pid_alive(other.pid):  # a dead owner's row does not hold the device
@@ -142,9 +133,7 @@ class Membership:
         """The models are loaded and the consumer is ready: lease them, the worker serves."""
         self.device = device
         with transaction(self.ctx.database_url) as s:
-            worker = s.get(WorkerRecord, self.worker_id)
-            if worker is not None:
-                worker.device = device
+            queries.set_worker_device(s, worker_id=self.worker_id, device=device)
         self._write_leases()
         self.joined = True
         log.info(

@@ -24,21 +24,19 @@ from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
 from farm.admission import quotas
+from farm.completion import Completion, Timings, Usage
 from farm.context import FarmContext
 from farm.errors import FarmError, FarmUnavailable, JobFailed
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
 from farm.registry import queries, transaction
 from farm.request import BatchLine, Request, describe_errors
-from farm.results import (
+from farm.stream import (
     CANCELLED,
     DONE,
     FAILED,
     RECONNECT_WINDOW_S,
     RESTART,
     TOKEN,
-    Completion,
-    Timings,
-    Usage,
     last_event,
     publish,
 )

@@ -2,7 +2,7 @@
 
     quotas.py    tokens per day and jobs in flight per session, reserved at submit
     aging.py     bounded waits: a job past its priority's limit moves up
-    metrics.py   the farm's Prometheus metrics (queue depth, jobs, tokens, latencies)
 
-The bound on a model's queue (FARM_MAX_QUEUED) is checked in `farm/enqueue.py`.
+The bound on a model's queue (FARM_MAX_QUEUED) is checked in `farm/enqueue.py`; the farm's
+Prometheus metrics are in `farm/metrics.py`.
 """

@@ -23,7 +23,14 @@ from typing import Any
 
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, QuotaExceeded
-from farm.queue import quota_active_key, quota_job_key, quota_reserved_key, quota_used_key
+from farm.queue import (
+    quota_active_key,
+    quota_job_key,
+    quota_reserved_key,
+    quota_used_key,
+    rejections_key,
+)
+from farm.registry import queries, transaction
 from farm.request import Request
 
 LIMITS_CACHE_S = 1.0
@@ -81,11 +88,8 @@ def limits(ctx: FarmContext, session: str) -> Limits | None:
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1]  # type: ignore[return-value]
-    from farm.registry import transaction
-    from farm.registry.tables import QuotaRecord
-
     with transaction(ctx.database_url) as s:
-        row = s.get(QuotaRecord, session)
+        row = queries.get_quota(s, session)
         found = None if row is None else Limits(row.tokens_per_day, row.max_queued)
     ctx.quotas[session] = (now + LIMITS_CACHE_S, found)
     return found
@@ -167,7 +171,5 @@ def standing(ctx: FarmContext, session: str) -> dict[str, int]:
 
 
 def _count_rejection(ctx: FarmContext, model: str) -> None:
-    from farm.queue import rejections_key
-
     with contextlib.suppress(Exception):  # a metric only
         ctx.redis.incr(rejections_key(model, "quota"))

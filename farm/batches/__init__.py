@@ -19,15 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-
 from farm.batches import lines, store
+from farm.batches.output import jsonl
 from farm.batches.store import Batch
 from farm.context import FarmContext, get_context
 from farm.errors import InvalidRequest
 from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
 from farm.registry.tables import BatchLineRecord
+from farm.request import make_request
 
 __all__ = ["Batch", "cancel", "get", "listing", "results", "submit"]
 
@@ -73,8 +73,6 @@ def submit(
             f"invalid batch name {name!r}: 1-128 letters, digits and . _ : @ + -, starting "
             "with a letter or digit"
         )
-    from farm.request import make_request
-
     make_request({"model": "m", "prompt": "p", "session": session})  # a valid session
     with transaction(ctx.database_url) as s:
         existing = store.find_by_name(s, name)
@@ -97,7 +95,7 @@ def submit(
                 meta=metadata,
             )
             batch_id = record.id
-    except IntegrityError:  # the same name created at the same moment elsewhere
+    except store.NameTaken:  # the same name created at the same moment elsewhere
         with transaction(ctx.database_url) as s:
             existing = store.find_by_name(s, name)
             if existing is None:
@@ -149,8 +147,6 @@ def results(
     ctx: FarmContext | None = None,
 ) -> Iterator[str]:
     """The output file's lines (or, `failed`, the error file's) as JSONL text."""
-    from farm.batches.output import jsonl
-
     ctx = ctx or get_context()
     with transaction(ctx.database_url) as s:
         batch = store.get(s, batch_id, session=session)

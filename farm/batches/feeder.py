@@ -27,27 +27,26 @@ import threading
 import time
 import uuid
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
-
+from farm.admission import quotas
+from farm.batches import feed_queries, store
 from farm.batches.store import ACTIVE
 from farm.context import FarmContext, get_context
+from farm.enqueue import submit_many
 from farm.errors import FarmError, InvalidRequest, UnknownModel
+from farm.queue import BATCH_FEEDER_LOCK, batch_cancelled_key
 from farm.registry import queries, transaction
-from farm.registry.tables import (
-    TERMINAL_STATUSES,
-    BatchLineRecord,
-    BatchRecord,
-    UsageRecord,
-    as_utc,
-    utcnow,
-)
+from farm.registry.tables import BatchLineRecord, BatchRecord, utcnow
 from farm.request import Request
+from farm.results import Job
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "farm:batches:feeder"
+LOCK_KEY = BATCH_FEEDER_LOCK
 LOCK_TTL_MS = 15_000
 _NAMESPACE = uuid.UUID("5c6b1f5e-9a53-4a53-8f1b-6a7d0f1c2b3a")
 
@@ -115,10 +114,7 @@ class Feeder:
         """One pass over the active batches; returns how many lines it queued."""
         db = self.ctx.database_url
         with transaction(db) as s:
-            active = [
-                (b.id, b.status, as_utc(b.expires_at))
-                for b in s.scalars(select(BatchRecord).where(BatchRecord.status.in_(ACTIVE)))
-            ]
+            active = feed_queries.active_batches(s)
         self._models = {b: m for b, m in self._models.items() if b in {a[0] for a in active}}
         if not active:
             return 0
@@ -137,32 +133,18 @@ class Feeder:
         return queued
 
     def _feed(self, batch_ids: list[str]) -> int:
-        from sqlalchemy import func
-
         with transaction(self.ctx.database_url) as s:
-            inflight = dict(
-                s.execute(
-                    select(BatchLineRecord.model, func.count())
-                    .where(BatchLineRecord.status == "queued")
-                    .group_by(BatchLineRecord.model)
-                ).all()
-            )
+            inflight = feed_queries.queued_per_model(s)
             for batch_id in batch_ids:  # read once per batch: a batch's lines never change
                 if batch_id not in self._models:
-                    self._models[batch_id] = set(
-                        s.scalars(
-                            select(BatchLineRecord.model)
-                            .where(BatchLineRecord.batch_id == batch_id)
-                            .distinct()
-                        )
-                    )
+                    self._models[batch_id] = feed_queries.line_models(s, batch_id)
         per_model: dict[str, list[str]] = {}
         for batch_id in batch_ids:
             for model in self._models[batch_id]:
                 per_model.setdefault(model, []).append(batch_id)
         queued = 0
         for model, batches in sorted(per_model.items()):
-            inside = int(inflight.get(model, 0))
+            inside = inflight.get(model, 0)
             room = self.window - inside
             # Top up in chunks of a quarter window (fewer, larger publishes), or at once
             # when the queue runs low.
@@ -172,31 +154,18 @@ class Feeder:
 
     def _feed_model(self, model: str, batch_ids: list[str], room: int) -> int:
         """Queue up to `room` lines of `model`, shared evenly between the batches."""
-        from farm.enqueue import submit_many
-
         share = math.ceil(room / len(batch_ids))
         picked: list[tuple[BatchLineRecord, BatchRecord]] = []
         with transaction(self.ctx.database_url) as s:
             for batch_id in batch_ids:
-                batch = s.get(BatchRecord, batch_id)
+                batch = feed_queries.get_batch(s, batch_id)
                 if batch is None:
                     continue
-                s.expunge(batch)
                 allowed = self._session_room(s, batch.session, share)
                 if allowed <= 0:
                     continue
-                lines = s.scalars(
-                    select(BatchLineRecord)
-                    .where(
-                        BatchLineRecord.batch_id == batch_id,
-                        BatchLineRecord.model == model,
-                        BatchLineRecord.status == "pending",
-                    )
-                    .order_by(BatchLineRecord.line)
-                    .limit(min(allowed, room - len(picked)))
-                ).all()
-                for line in lines:
-                    s.expunge(line)
+                most = min(allowed, room - len(picked))
+                for line in feed_queries.next_pending(s, batch_id, model, most):
                     picked.append((line, batch))
         if not picked:
             return 0
@@ -236,24 +205,11 @@ class Feeder:
                 ],
             )  # fmt: skip
             for line_id, job_id, attempt, _, _ in queued:
-                written = s.execute(
-                    update(BatchLineRecord)
-                    .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "pending")
-                    .values(status="queued", job_id=job_id, attempts=attempt)
-                )
-                if not getattr(written, "rowcount", 1):
-                    # Cancelled while its job was being sent: that job must not run.
-                    state = s.scalar(
-                        select(BatchLineRecord.status).where(BatchLineRecord.id == line_id)
-                    )
-                    if state == "cancelled":
-                        cancelled.append(job_id)
+                # Cancelled while its job was being sent: that job must not run.
+                if feed_queries.mark_queued(s, line_id, job_id, attempt) == "cancelled":
+                    cancelled.append(job_id)
             for line_id, reason in failed:
-                s.execute(
-                    update(BatchLineRecord)
-                    .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "pending")
-                    .values(status="failed", error=reason, finished_at=now)
-                )
+                feed_queries.fail_pending(s, line_id, reason, now)
         for job_id in cancelled:
             self._cancel_job(job_id)
         if held is not None:
@@ -268,15 +224,8 @@ class Feeder:
         message was lost, or it waited past FARM_JOB_EXPIRES) goes back to pending while
         its batch is open; cancelled or failed by someone else is copied onto the line."""
         with transaction(self.ctx.database_url) as s:
-            rows = s.execute(
-                select(BatchLineRecord.id, BatchLineRecord.batch_id, UsageRecord.status,
-                       UsageRecord.error)
-                .join(UsageRecord, UsageRecord.job_id == BatchLineRecord.job_id)
-                .where(BatchLineRecord.status == "queued",
-                       UsageRecord.status.in_(TERMINAL_STATUSES))
-            ).all()  # fmt: skip
             now = utcnow()
-            for line_id, batch_id, status, error in rows:
+            for line_id, batch_id, status, error in feed_queries.queued_with_ended_jobs(s):
                 values: dict[str, object]
                 if status == "expired" and batch_id in open_ids:
                     values = {"status": "pending", "job_id": None}
@@ -284,31 +233,21 @@ class Feeder:
                     values = {"status": "failed", "error": "its result was not recorded"}
                 else:
                     values = {"status": status, "error": error, "finished_at": now}
-                s.execute(
-                    update(BatchLineRecord)
-                    .where(BatchLineRecord.id == line_id, BatchLineRecord.status == "queued")
-                    .values(**values)
-                )
+                feed_queries.update_queued(s, line_id, **values)
 
     def _cancel_queued(self, batch_id: str) -> None:
         """A cancelling batch: cancel the jobs of its queued lines (a queued job never
         runs, a running one stops at its next token; _reconcile records them)."""
         with transaction(self.ctx.database_url) as s:
-            jobs = s.scalars(
-                select(BatchLineRecord.job_id).where(
-                    BatchLineRecord.batch_id == batch_id, BatchLineRecord.status == "queued"
-                )
-            ).all()
-        key = f"farm:batches:cancelled:{batch_id}"
-        for job_id in filter(None, jobs):
+            jobs = feed_queries.queued_jobs(s, batch_id)
+        key = batch_cancelled_key(batch_id)
+        for job_id in jobs:
             # Once per job: a running job's cancel is a flag it reads at its next token.
             if self.ctx.redis.sadd(key, job_id) and not self._cancel_job(job_id):
                 self.ctx.redis.srem(key, job_id)  # the next pass tries again
         self.ctx.redis.expire(key, 86400)
 
     def _cancel_job(self, job_id: str) -> bool:
-        from farm.results import Job
-
         try:
             Job(job_id, ctx=self.ctx).cancel()
             return True
@@ -319,61 +258,29 @@ class Feeder:
     def _session_room(self, s: Session, session: str, share: int) -> int:
         """Lines of `session` the feeder may add: with a max_queued quota, its batches
         take at most half of it, leaving the rest to the session's interactive jobs."""
-        from sqlalchemy import func
-
-        from farm.admission import quotas
-
         limit = quotas.limits(self.ctx, session)
         if limit is None or limit.max_queued is None:
             return share
-        inside = s.scalar(
-            select(func.count())
-            .select_from(BatchLineRecord)
-            .join(BatchRecord, BatchRecord.id == BatchLineRecord.batch_id)
-            .where(BatchLineRecord.status == "queued", BatchRecord.session == session)
-        )
-        return min(share, limit.max_queued // 2 - int(inside or 0))
+        return min(share, limit.max_queued // 2 - feed_queries.queued_of_session(s, session))
 
     def _expire_pending(self, batch_id: str) -> None:
         """The batch's window ended: lines not queued yet never run; queued ones finish."""
         with transaction(self.ctx.database_url) as s:
-            s.execute(
-                update(BatchLineRecord)
-                .where(BatchLineRecord.batch_id == batch_id, BatchLineRecord.status == "pending")
-                .values(
-                    status="expired",
-                    error="the batch's completion window ended before this line ran",
-                    finished_at=utcnow(),
-                )
-            )
+            feed_queries.expire_pending(s, batch_id, utcnow())
 
     def _finish(self, batch_ids: list[str]) -> None:
         """Batches with no line pending or queued end: completed, cancelled or expired."""
-        from farm.batches.store import counts
-
         with transaction(self.ctx.database_url) as s:
             now = utcnow()
             for batch_id in batch_ids:
-                unfinished = s.scalar(  # an index seek, not a count of every line
-                    select(BatchLineRecord.id)
-                    .where(
-                        BatchLineRecord.batch_id == batch_id,
-                        BatchLineRecord.status.in_(("pending", "queued")),
-                    )
-                    .limit(1)
-                )
-                if unfinished is not None:
+                if feed_queries.has_unfinished(s, batch_id):
                     continue
-                c = counts(s, [batch_id])[batch_id]
-                batch = s.get(BatchRecord, batch_id)
+                c = store.counts(s, [batch_id])[batch_id]
+                batch = feed_queries.get_batch(s, batch_id)
                 if batch is None or batch.status not in ACTIVE:
                     continue
                 ending = _ending(batch, c, now)
-                s.execute(
-                    update(BatchRecord)
-                    .where(BatchRecord.id == batch_id, BatchRecord.status == batch.status)
-                    .values(**ending)
-                )
+                feed_queries.end_batch(s, batch_id, batch.status, ending)
                 log.info("batch %s %s: %s", batch_id, ending["status"], c)
 
 

@@ -19,14 +19,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from farm.errors import InvalidRequest
+from farm import openai_api
+from farm.errors import BatchFileError, InvalidRequest
 from farm.request import Request, Stopping
 
 URLS = {"/v1/chat/completions": True, "/v1/completions": False}
 MAX_LINES = 200_000
 MAX_BYTES = 200 * 1024 * 1024
 MAX_CUSTOM_ID = 512
-SHOWN_ERRORS = 20  # in the message; `errors` keeps them all
 KEPT_ERRORS = 10_000
 
 
@@ -38,20 +38,6 @@ class Line:
     custom_id: str
     chat: bool
     request: dict[str, Any]  # the Request's fields on the wire, without routing
-
-
-class BatchFileError(InvalidRequest):
-    """The file has bad lines; nothing was queued. `errors`: each `LINE: field: reason`."""
-
-    def __init__(self, errors: list[str], total: int, source: str):
-        self.errors = errors
-        self.total = total
-        shown = "\n".join(f"  {e}" for e in errors[:SHOWN_ERRORS])
-        more = total - min(total, SHOWN_ERRORS)
-        super().__init__(
-            f"{source}: {total} bad line{'s' if total != 1 else ''}; nothing was queued. "
-            "Fix them and submit again:\n" + shown + (f"\n  ... and {more} more" if more else "")
-        )
 
 
 def content_hash(content: bytes) -> str:
@@ -149,8 +135,6 @@ def _line(
 
 
 def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[str, Any]:
-    from farm.gateway import openai
-
     # Against the model's context first: before farm's global cap says something else.
     model = body.get("model")
     if isinstance(model, str) and model in models:
@@ -164,8 +148,8 @@ def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[s
     if body.get("stream"):
         raise _Bad("body.stream", "streaming is not available in a batch; leave it out")
     try:
-        fields = openai.request_fields(body, chat=chat)
-    except openai.BadBody as e:
+        fields = openai_api.request_fields(body, chat=chat)
+    except openai_api.BadBody as e:
         raise _Bad(f"body.{e.param}" if e.param else "body", str(e)) from None
     try:
         request = Request.model_validate(fields)

@@ -15,6 +15,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from farm import openai_api as openai
+from farm.completion import Completion
 from farm.errors import JobFailed
 from farm.registry.tables import BatchLineRecord, as_utc
 
@@ -22,9 +24,6 @@ NEVER_RAN = {"cancelled": "batch_cancelled", "expired": "batch_expired"}
 
 
 def output_line(line: BatchLineRecord) -> dict[str, Any]:
-    from farm.gateway import openai
-    from farm.results import Completion
-
     completion = Completion.model_validate(line.result)
     body = openai.chat_response(completion) if line.chat else openai.completion_response(completion)
     if line.finished_at is not None:
@@ -38,8 +37,6 @@ def output_line(line: BatchLineRecord) -> dict[str, Any]:
 
 
 def error_line(line: BatchLineRecord) -> dict[str, Any]:
-    from farm.gateway import openai
-
     reason = line.error or f"the line ended {line.status}"
     request_id = line.job_id or f"{line.batch_id}-{line.line}"
     if line.status in NEVER_RAN and line.result is None:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from farm.batches.lines import Line
@@ -139,6 +140,10 @@ def find_by_name(s: Session, name: str) -> BatchRecord | None:
     return s.scalar(select(BatchRecord).where(BatchRecord.name == name))
 
 
+class NameTaken(Exception):
+    """Another batch of that name was created meanwhile (the caller's transaction is lost)."""
+
+
 def create(
     s: Session,
     *,
@@ -174,7 +179,10 @@ def create(
         expires_at=now + timedelta(seconds=window_s),
     )
     s.add(record)
-    s.flush()
+    try:
+        s.flush()
+    except IntegrityError as e:  # the same name created at the same moment elsewhere
+        raise NameTaken(name) from e
     rows = [
         {
             "batch_id": record.id,
@@ -368,3 +376,23 @@ def list_files(s: Session, *, session: str) -> list[FileRecord]:
             .order_by(FileRecord.created_at.desc())
         )
     )
+
+
+# -- for the metrics ---------------------------------------------------------------------------
+
+
+def status_counts(s: Session) -> list[tuple[str, int]]:
+    """(status, batches) for every status some batch has."""
+    query = select(BatchRecord.status, func.count()).group_by(BatchRecord.status)
+    return [(status, int(n)) for status, n in s.execute(query)]
+
+
+def active_line_counts(s: Session) -> list[tuple[str, str, int]]:
+    """(model, line status, lines) over the batches in progress."""
+    in_progress = select(BatchRecord.id).where(BatchRecord.status.in_(ACTIVE))
+    query = (
+        select(BatchLineRecord.model, BatchLineRecord.status, func.count())
+        .where(BatchLineRecord.batch_id.in_(in_progress))
+        .group_by(BatchLineRecord.model, BatchLineRecord.status)
+    )
+    return [(model, status, int(n)) for model, status, n in s.execute(query)]

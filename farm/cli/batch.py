@@ -52,7 +52,7 @@ def submit(
 ) -> None:
     """Check the file whole and queue it as a batch; prints the batch id."""
     import farm.batches as batches
-    from farm.batches.lines import BatchFileError
+    from farm.errors import BatchFileError
 
     try:
         batch, created = batches.submit(

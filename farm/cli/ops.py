@@ -270,8 +270,8 @@ def metrics(
     once: Annotated[bool, typer.Option("--once", help="print one scrape and exit")] = False,
 ) -> None:
     """Prometheus metrics of the whole farm: queue depth, jobs, tokens, latencies, slots."""
-    from farm.admission.metrics import render, serve
     from farm.context import get_context
+    from farm.metrics import render, serve
 
     ctx = get_context()
     if once:

@@ -27,21 +27,14 @@ def quota_set(
 ) -> None:
     """Set (or change) a session's limits; a submit over them is refused before queuing."""
     from farm.errors import InvalidRequest
-    from farm.registry import transaction
-    from farm.registry.tables import QuotaRecord, utcnow
+    from farm.registry import queries, transaction
     from farm.request import Request
 
     if tokens_per_day is None and max_queued is None:
         raise InvalidRequest("give --tokens-per-day N, --max-queued N, or both")
     Request.model_validate({"model": "m", "prompt": "p", "session": session})  # a valid name
     with transaction(_db_url_for_writes()) as s:
-        row = s.get(QuotaRecord, session) or QuotaRecord(session=session)
-        if tokens_per_day is not None:
-            row.tokens_per_day = tokens_per_day
-        if max_queued is not None:
-            row.max_queued = max_queued
-        row.updated_at = utcnow()
-        s.add(row)
+        queries.set_quota(s, session, tokens_per_day=tokens_per_day, max_queued=max_queued)
     out.print(f"quota for session '{session}' set", highlight=False)
 
 
@@ -49,15 +42,12 @@ def quota_set(
 @friendly
 def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every session's limits, tokens used today and reserved now, and jobs in flight."""
-    from sqlalchemy import select
-
     from farm.admission.quotas import resets_at, standing
     from farm.context import get_context
-    from farm.registry import transaction
-    from farm.registry.tables import QuotaRecord
+    from farm.registry import queries, transaction
 
     with transaction(_db_url()) as s:
-        rows = list(s.scalars(select(QuotaRecord).order_by(QuotaRecord.session)))
+        rows = queries.list_quotas(s)
         found: list[dict[str, Any]] = [
             {"session": r.session, "tokens_per_day": r.tokens_per_day, "max_queued": r.max_queued}
             for r in rows
@@ -98,14 +88,11 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 def quota_remove(session: Annotated[str, typer.Argument(metavar="SESSION")]) -> None:
     """Remove a session's limits (it becomes unlimited)."""
     from farm.errors import InvalidRequest
-    from farm.registry import transaction
-    from farm.registry.tables import QuotaRecord
+    from farm.registry import queries, transaction
 
     with transaction(_db_url()) as s:
-        row = s.get(QuotaRecord, session)
-        if row is None:
+        if not queries.remove_quota(s, session):
             raise InvalidRequest(
                 f"session '{session}' has no quota; `farm quota list` shows those that do"
             )
-        s.delete(row)
     out.print(f"quota for session '{session}' removed", highlight=False)

@@ -23,8 +23,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from farm import openai_api as openai
 from farm.errors import FarmError
-from farm.gateway import openai
 from farm.queue import PRIORITIES
 
 log = logging.getLogger(__name__)

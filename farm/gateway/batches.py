@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from farm.errors import UnknownBatch
-from farm.gateway.openai import BadBody
+from farm.openai_api import BadBody
 from farm.registry.tables import as_utc
 
 OUTPUT_SUFFIXES = {"-output": False, "-errors": True}

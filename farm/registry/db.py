@@ -2,7 +2,7 @@
 
 SQLite (WAL mode) by default, PostgreSQL through FARM_DATABASE_URL. The caller owns the
 transaction: `transaction()` opens one and commits it when the block ends; query functions
-in `queries.py` take the session and never commit.
+in `queries/` take the session and never commit.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from farm.config import masked
 from farm.errors import ConfigError, FarmUnavailable
 
 
@@ -111,8 +112,6 @@ def transaction(url: str) -> Iterator[Session]:
 
 
 def _safe(url: str) -> str:
-    from farm.config import masked
-
     return masked(url)
 
 

@@ -242,4 +242,6 @@ class BatchLineRecord(Base):
 
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")
+# A worker in one of these states holds (or is about to hold) its id and device.
+ACTIVE_WORKER_STATES = ("starting", "ready", "busy")
 JOB_STATUSES = ("queued", "running", *TERMINAL_STATUSES)

@@ -1,4 +1,4 @@
-"""OpenAI's HTTP shapes: request bodies into farm's Request fields, Completions into
+"""OpenAI's HTTP shapes, shared by the gateway and batch files: request bodies into farm's Request fields, Completions into
 responses and stream chunks, farm's errors into OpenAI's error body and status code."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from farm.errors import (
+    BatchFileError,
     FarmError,
     FarmUnavailable,
     InvalidRequest,
@@ -172,8 +173,6 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
     message = re.sub(r"'(?:sampling|stopping)\.", "'", str(e))
     if isinstance(e, BadBody):
         return 400, _body(message, "invalid_request_error", e.param, None)
-    from farm.batches.lines import BatchFileError
-
     if isinstance(e, BatchFileError):
         return 400, _body(message, "invalid_request_error", "input_file_id", "invalid_batch_file")
     if isinstance(e, InvalidRequest):

@@ -12,7 +12,7 @@ not a label: their number is unbounded.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -22,8 +22,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from farm.batches import store
 from farm.context import FarmContext
+from farm.depth import queue_depths
 from farm.queue import PRIORITIES, rejections_key
+from farm.registry import queries, transaction
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 # Seconds. Queue waits reach an hour for batches; generations a few minutes.
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
@@ -39,12 +45,8 @@ class FarmCollector(Collector):
         self.ctx = ctx
 
     def collect(self) -> Iterator[Metric]:
-        from farm.registry import transaction
-        from farm.registry.queries import list_models
-        from farm.status import queue_depths
-
         with transaction(self.ctx.database_url) as s:
-            models = [m.name for m in list_models(s)]
+            models = [m.name for m in queries.list_models(s)]
             yield from _jobs_and_tokens(s)
             yield from _histograms(s)
             yield from _workers(s)
@@ -71,17 +73,11 @@ class FarmCollector(Collector):
         yield rejected
 
 
-def _jobs_and_tokens(s: Any) -> Iterator[Metric]:
-    from sqlalchemy import func, select
-
-    from farm.registry.tables import UsageRecord as U
-
+def _jobs_and_tokens(s: Session) -> Iterator[Metric]:
     jobs = CounterMetricFamily(
         "farm_jobs", "Jobs by model, priority and status", labels=["model", "priority", "status"]
     )
-    for model, priority, status, n in s.execute(
-        select(U.model, U.priority, U.status, func.count()).group_by(U.model, U.priority, U.status)
-    ):
+    for model, priority, status, n in queries.job_counts(s):
         jobs.add_metric([model, priority, status], n)
     yield jobs
     prompt = CounterMetricFamily("farm_prompt_tokens", "Prompt tokens", labels=["model"])
@@ -89,67 +85,38 @@ def _jobs_and_tokens(s: Any) -> Iterator[Metric]:
         "farm_prompt_cached_tokens", "Prompt tokens found in the prompt cache", labels=["model"]
     )
     generated = CounterMetricFamily("farm_generation_tokens", "Tokens generated", labels=["model"])
-    for model, p, c, g in s.execute(
-        select(
-            U.model,
-            func.sum(U.prompt_tokens),
-            func.sum(U.cached_tokens),
-            func.sum(U.completion_tokens),
-        ).group_by(U.model)
-    ):
-        prompt.add_metric([model], float(p or 0))
-        cached.add_metric([model], float(c or 0))
-        generated.add_metric([model], float(g or 0))
+    for model, p, c, g in queries.token_totals(s):
+        prompt.add_metric([model], float(p))
+        cached.add_metric([model], float(c))
+        generated.add_metric([model], float(g))
     yield from (prompt, cached, generated)
 
 
-def _histograms(s: Any) -> Iterator[Metric]:
-    from sqlalchemy import case, func, select
-
-    from farm.registry.tables import UsageRecord as U
-
-    tpot = U.generation_ms / func.nullif(U.completion_tokens, 0)
+def _histograms(s: Session) -> Iterator[Metric]:
     series = (
-        (
-            "farm_queue_wait_seconds",
-            "Time from submit to start",
-            U.queue_wait_ms,
-            QUEUE_WAIT_BUCKETS,
-        ),
-        ("farm_time_to_first_token_seconds", "Time to the first token", U.ttft_ms, TTFT_BUCKETS),
-        ("farm_time_per_output_token_seconds", "Generation time per token", tpot, TPOT_BUCKETS),
-        (
-            "farm_job_duration_seconds",
-            "Generation time of a job",
-            U.generation_ms,
-            DURATION_BUCKETS,
-        ),
+        ("farm_queue_wait_seconds", "Time from submit to start", "queue_wait", QUEUE_WAIT_BUCKETS),
+        ("farm_time_to_first_token_seconds", "Time to the first token", "ttft", TTFT_BUCKETS),
+        ("farm_time_per_output_token_seconds", "Generation time per token", "tpot", TPOT_BUCKETS),
+        ("farm_job_duration_seconds", "Generation time of a job", "generation", DURATION_BUCKETS),
     )
-    for name, doc, column, buckets in series:
+    for name, doc, measure, buckets in series:
         family = HistogramMetricFamily(name, doc, labels=["model"])
-        query = select(
-            U.model,
-            *(func.sum(case((column <= b * 1000, 1), else_=0)) for b in buckets),
-            func.count(column),
-            func.coalesce(func.sum(column), 0.0),
-        ).group_by(U.model)
-        for row in s.execute(query):
-            model, counts, total, summed = row[0], row[1:-2], row[-2], row[-1]
-            points = [(str(b), float(c or 0)) for b, c in zip(buckets, counts, strict=True)]
-            points.append(("+Inf", float(total or 0)))
-            family.add_metric([model], points, float(summed or 0) / 1000)
+        for model, counts, total, summed_ms in queries.histogram(
+            s, measure, [b * 1000 for b in buckets]
+        ):
+            points = [(str(b), float(c)) for b, c in zip(buckets, counts, strict=True)]
+            points.append(("+Inf", float(total)))
+            family.add_metric([model], points, summed_ms / 1000)
         yield family
 
 
-def _workers(s: Any) -> Iterator[Metric]:
-    from farm.registry.queries import list_workers, live_leases, running_jobs
-
-    leases = live_leases(s)
-    running = running_jobs(s)
+def _workers(s: Session) -> Iterator[Metric]:
+    leases = queries.live_leases(s)
+    running = queries.running_jobs(s)
     live = {lease.worker_id for lease in leases}
     slots = GaugeMetricFamily("farm_worker_slots", "Slots of a live worker", labels=["worker"])
     busy = GaugeMetricFamily("farm_worker_slots_busy", "Slots running a job", labels=["worker"])
-    for w in list_workers(s):
+    for w in queries.list_workers(s):
         if w.id in live:
             slots.add_metric([w.id], w.slots)
             busy.add_metric([w.id], len(running.get(w.id, [])))
@@ -165,16 +132,9 @@ def _workers(s: Any) -> Iterator[Metric]:
     yield per_model
 
 
-def _batches(s: Any) -> Iterator[Metric]:
-    from sqlalchemy import func, select
-
-    from farm.batches.store import ACTIVE
-    from farm.registry.tables import BatchLineRecord, BatchRecord
-
+def _batches(s: Session) -> Iterator[Metric]:
     batches = GaugeMetricFamily("farm_batches", "Batches by status", labels=["status"])
-    for status, n in s.execute(
-        select(BatchRecord.status, func.count()).group_by(BatchRecord.status)
-    ):
+    for status, n in store.status_counts(s):
         batches.add_metric([status], n)
     yield batches
     lines = GaugeMetricFamily(
@@ -182,12 +142,7 @@ def _batches(s: Any) -> Iterator[Metric]:
         "Lines of the batches in progress, by status (pending: not queued yet)",
         labels=["model", "status"],
     )
-    in_progress = select(BatchRecord.id).where(BatchRecord.status.in_(ACTIVE))
-    for model, status, n in s.execute(
-        select(BatchLineRecord.model, BatchLineRecord.status, func.count())
-        .where(BatchLineRecord.batch_id.in_(in_progress))
-        .group_by(BatchLineRecord.model, BatchLineRecord.status)
-    ):
+    for model, status, n in store.active_line_counts(s):
         lines.add_metric([model, status], n)
     yield lines
 

@@ -1,244 +1,22 @@
-"""Reads and writes on the registry. Every function takes the caller's session; none commits."""
+"""Queries on usage rows, one per job: queued, started, ended, cancelled, expired; recent
+jobs and totals per session and model. Every function takes the caller's session; none
+commits."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from farm.errors import ModelExists, UnknownModel
 from farm.registry.tables import (
     TERMINAL_STATUSES,
     BatchLineRecord,
-    LeaseRecord,
-    ModelRecord,
     UsageRecord,
-    WorkerRecord,
     utcnow,
 )
-
-# -- models ---------------------------------------------------------------------------------
-
-
-def add_model(
-    s: Session,
-    *,
-    name: str,
-    path: str,
-    n_ctx: int = 4096,
-    n_gpu_layers: int = -1,
-    chat_format: str | None = None,
-    defaults: dict[str, Any] | None = None,
-) -> ModelRecord:
-    if s.scalar(select(ModelRecord).where(ModelRecord.name == name)) is not None:
-        raise ModelExists(
-            f"a model named '{name}' is already registered; remove it first with "
-            f"`farm models remove {name}` or pick another name"
-        )
-    record = ModelRecord(
-        name=name,
-        path=path,
-        n_ctx=n_ctx,
-        n_gpu_layers=n_gpu_layers,
-        chat_format=chat_format,
-        defaults=defaults or {},
-        enabled=True,
-    )
-    s.add(record)
-    s.flush()
-    return record
-
-
-def list_models(s: Session) -> list[ModelRecord]:
-    return list(s.scalars(select(ModelRecord).order_by(ModelRecord.name)))
-
-
-def get_model(s: Session, name: str) -> ModelRecord:
-    """The enabled model called `name`, or UnknownModel listing the known ones."""
-    record = s.scalar(select(ModelRecord).where(ModelRecord.name == name))
-    if record is None or not record.enabled:
-        known = ", ".join(m.name for m in list_models(s) if m.enabled) or "none yet"
-        raise UnknownModel(
-            f"unknown model '{name}'; known: {known}; add one with `farm models add NAME PATH.gguf`"
-        )
-    return record
-
-
-def remove_model(s: Session, name: str) -> None:
-    record = get_model(s, name)
-    s.delete(record)
-
-
-# -- workers and leases ----------------------------------------------------------------------
-
-
-def register_worker(
-    s: Session,
-    *,
-    worker_id: str,
-    host: str,
-    pid: int,
-    device: str,
-    versions: dict[str, Any],
-    slots: int = 1,
-    threads: int = 1,
-) -> WorkerRecord:
-    """Record a worker (again, if a previous process used the same id: its leases go)."""
-    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
-    worker = s.get(WorkerRecord, worker_id)
-    if worker is None:
-        worker = WorkerRecord(id=worker_id)
-        s.add(worker)
-    now = utcnow()
-    worker.host, worker.pid, worker.device, worker.versions = host, pid, device, versions
-    worker.slots, worker.threads, worker.tokens_per_s = slots, threads, None
-    worker.state, worker.started_at, worker.heartbeat_at = "starting", now, now
-    s.flush()
-    return worker
-
-
-@dataclass(frozen=True)
-class LeaseSpec:
-    model: str
-    loaded: bool = True
-    pinned: bool = False
-    size_bytes: int = 0
-
-
-def set_leases(
-    s: Session, *, worker_id: str, device: str, leases: list[LeaseSpec], ttl: float
-) -> None:
-    """The worker serves exactly these models now (loaded or on demand); mark it ready."""
-    now = utcnow()
-    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
-    for lease in leases:
-        s.add(
-            LeaseRecord(
-                worker_id=worker_id,
-                model=lease.model,
-                device=device,
-                loaded=lease.loaded,
-                pinned=lease.pinned,
-                size_bytes=lease.size_bytes,
-                acquired_at=now,
-                expires_at=now + timedelta(seconds=ttl),
-            )
-        )
-    s.execute(
-        update(WorkerRecord)
-        .where(WorkerRecord.id == worker_id, WorkerRecord.state.in_(("starting", "lost")))
-        .values(state="ready")
-    )
-
-
-def heartbeat(s: Session, *, worker_id: str, ttl: float, tokens_per_s: float | None = None) -> int:
-    """Renew the worker's leases; returns how many it holds."""
-    now = utcnow()
-    s.execute(
-        update(WorkerRecord)
-        .where(WorkerRecord.id == worker_id)
-        .values(heartbeat_at=now, tokens_per_s=tokens_per_s)
-    )
-    result = s.execute(
-        update(LeaseRecord)
-        .where(LeaseRecord.worker_id == worker_id)
-        .values(expires_at=now + timedelta(seconds=ttl))
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
-def running_jobs(s: Session, worker_id: str | None = None) -> dict[str, list[str]]:
-    """The jobs each worker (or one) is running now: its usage rows marked running."""
-    query = select(UsageRecord.worker_id, UsageRecord.job_id).where(UsageRecord.status == "running")
-    if worker_id is not None:
-        query = query.where(UsageRecord.worker_id == worker_id)
-    jobs: dict[str, list[str]] = {}
-    for worker, job in s.execute(query.order_by(UsageRecord.started_at)):
-        jobs.setdefault(str(worker), []).append(str(job))
-    return jobs
-
-
-def release_worker(s: Session, *, worker_id: str) -> None:
-    """The worker stopped: drop its leases and mark it stopped."""
-    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
-    s.execute(
-        update(WorkerRecord)
-        .where(WorkerRecord.id == worker_id)
-        .values(state="stopped", tokens_per_s=None)
-    )
-
-
-def live_leases(s: Session, model: str | None = None) -> list[LeaseRecord]:
-    query = select(LeaseRecord).where(LeaseRecord.expires_at > utcnow())
-    if model is not None:
-        query = query.where(LeaseRecord.model == model)
-    return list(s.scalars(query.order_by(LeaseRecord.model, LeaseRecord.worker_id)))
-
-
-def list_workers(s: Session) -> list[WorkerRecord]:
-    return list(s.scalars(select(WorkerRecord).order_by(WorkerRecord.id)))
-
-
-def unclaim_lost_worker(s: Session, *, worker_id: str) -> None:
-    """Undo a claim whose requeue failed: the next reaper claims the worker again."""
-    s.execute(
-        update(WorkerRecord)
-        .where(WorkerRecord.id == worker_id, WorkerRecord.state == "lost")
-        .values(state="ready")
-    )
-
-
-def mark_worker_lost(s: Session, *, worker_id: str) -> list[str]:
-    """The worker is gone: drop its leases, mark it lost, return the jobs it was running."""
-    s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id == worker_id))
-    s.execute(
-        update(WorkerRecord)
-        .where(WorkerRecord.id == worker_id, WorkerRecord.state.in_(("starting", "ready", "busy")))
-        .values(state="lost")
-    )
-    return running_jobs(s, worker_id).get(worker_id, [])
-
-
-def requeued(s: Session, *, worker_id: str, job_ids: Iterable[str]) -> None:
-    """Jobs of a gone worker that are back in their queues: queued again, with no worker,
-    unless another worker has already started one of them meanwhile."""
-    ids = list(job_ids)
-    if ids:
-        s.execute(
-            update(UsageRecord)
-            .where(
-                UsageRecord.job_id.in_(ids),
-                UsageRecord.status == "running",
-                UsageRecord.worker_id == worker_id,
-            )
-            .values(status="queued", worker_id=None, started_at=None)
-        )
-
-
-def claim_lost_workers(s: Session) -> list[tuple[str, list[str]]]:
-    """Mark workers whose leases all expired as lost, and return (worker, jobs it held).
-
-    Each lost worker is returned to exactly one caller (UPDATE ... RETURNING), so only one
-    process requeues its jobs.
-    """
-    live = select(LeaseRecord.worker_id).where(LeaseRecord.expires_at > utcnow())
-    rows = s.execute(
-        update(WorkerRecord)
-        .where(WorkerRecord.state.in_(("ready", "busy")), WorkerRecord.id.not_in(live))
-        .values(state="lost")
-        .returning(WorkerRecord.id)
-    ).all()
-    lost = [str(r[0]) for r in rows]
-    if lost:
-        s.execute(delete(LeaseRecord).where(LeaseRecord.worker_id.in_(lost)))
-    return [(w, running_jobs(s, w).get(w, [])) for w in lost]
-
-
-# -- usage ------------------------------------------------------------------------------------
 
 
 def _insert(s: Session) -> Any:
@@ -418,6 +196,23 @@ def get_usage(s: Session, job_id: str) -> UsageRecord | None:
     return s.scalar(select(UsageRecord).where(UsageRecord.job_id == job_id))
 
 
+def recent_generation_ms(s: Session, model: str, most: int) -> list[float]:
+    """Generation times (ms) of the model's last `most` succeeded jobs, newest first."""
+    return [
+        float(ms or 0)
+        for ms in s.scalars(
+            select(UsageRecord.generation_ms)
+            .where(
+                UsageRecord.model == model,
+                UsageRecord.status == "succeeded",
+                UsageRecord.generation_ms.is_not(None),
+            )
+            .order_by(UsageRecord.finished_at.desc())
+            .limit(most)
+        )
+    ]
+
+
 def recent_jobs(
     s: Session,
     *,
@@ -503,4 +298,53 @@ def usage_totals(
             generation_ms=float(r[10]),
         )
         for r in rows
+    ]
+
+
+# -- for the metrics ---------------------------------------------------------------------------
+
+
+def job_counts(s: Session) -> list[tuple[str, str, str, int]]:
+    """(model, priority, status, jobs) for every combination that has jobs."""
+    U = UsageRecord
+    query = select(U.model, U.priority, U.status, func.count()).group_by(
+        U.model, U.priority, U.status
+    )
+    return [(m, p, st, int(n)) for m, p, st, n in s.execute(query)]
+
+
+def token_totals(s: Session) -> list[tuple[str, int, int, int]]:
+    """(model, prompt tokens, of them cached, tokens generated), all time."""
+    U = UsageRecord
+    query = select(
+        U.model,
+        func.sum(U.prompt_tokens),
+        func.sum(U.cached_tokens),
+        func.sum(U.completion_tokens),
+    ).group_by(U.model)
+    return [(m, int(p or 0), int(c or 0), int(g or 0)) for m, p, c, g in s.execute(query)]
+
+
+def histogram(
+    s: Session, measure: str, bounds_ms: list[float]
+) -> list[tuple[str, list[int], int, float]]:
+    """Per model: how many jobs' `measure` (queue_wait, ttft, tpot: generation time per
+    output token, generation) is at most each bound in ms, how many have one, and its sum
+    in ms: a cumulative histogram as Prometheus takes it."""
+    U = UsageRecord
+    column = {
+        "queue_wait": U.queue_wait_ms,
+        "ttft": U.ttft_ms,
+        "tpot": U.generation_ms / func.nullif(U.completion_tokens, 0),
+        "generation": U.generation_ms,
+    }[measure]
+    query = select(
+        U.model,
+        *(func.sum(case((column <= bound, 1), else_=0)) for bound in bounds_ms),
+        func.count(column),
+        func.coalesce(func.sum(column), 0.0),
+    ).group_by(U.model)
+    return [
+        (row[0], [int(c or 0) for c in row[1:-2]], int(row[-2] or 0), float(row[-1] or 0))
+        for row in s.execute(query)
     ]
