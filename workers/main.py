@@ -22,7 +22,7 @@ import socket
 import sys
 from typing import Any
 
-from celery.signals import task_revoked, worker_ready, worker_shutdown
+from celery.signals import task_revoked, worker_init, worker_ready, worker_shutdown
 
 from farm.context import get_context
 from farm.errors import FarmError
@@ -145,9 +145,8 @@ def serve(
         membership.leave()
         cache.close()
 
-    # app.start, not app.worker_main: it returns the worker's exit status (worker_main drops
-    # it), so a worker that stops on an error exits non-zero for systemd or Docker to see.
-    status = app.start(
+    return run_celery_worker(
+        app,
         [
             "worker",
             f"--hostname={worker_id}",
@@ -161,9 +160,33 @@ def serve(
             "--without-gossip",
             "--task-events",
             f"--loglevel={loglevel}",
-        ]
+        ],
     )
-    return int(status or 0)
+
+
+def run_celery_worker(app: Any, argv: list[str]) -> int:
+    """Run Celery's worker command and return the worker's own exit status.
+
+    Neither `app.start` nor `app.worker_main` returns it: under click 8.2+ in
+    non-standalone mode the command's `ctx.exit(worker.exitcode)` comes back as a return
+    value that `app.start` drops, so a worker that stopped on an "Unrecoverable error" (a
+    broker gone between a job's end and its ack) exited 0, and `restart: on-failure` or
+    a supervisor left the fleet without it. The WorkController is taken from Celery's
+    `worker_init` signal and its exitcode read once it has stopped.
+    """
+    controllers: list[Any] = []
+
+    def _seen(sender: Any = None, **_: object) -> None:
+        controllers.append(sender)
+
+    worker_init.connect(_seen, weak=False)
+    try:
+        returned = app.start(argv)
+    finally:
+        worker_init.disconnect(_seen)
+    if controllers and controllers[-1].exitcode is not None:
+        return int(controllers[-1].exitcode)
+    return int(returned or 0)
 
 
 def _only_farms_task(app: Any) -> None:
