@@ -110,6 +110,7 @@ class EmbeddedFarm:
         self._ctx: FarmContext | None = None
         self.local: dict[str, Any] | None = None
         self.grace: float | None = None  # how long a stop lets running jobs finish
+        self.parallel: dict[str, int] = {}  # model -> slots of its worker (else its default)
 
     # -- starting -----------------------------------------------------------------------------
     def refuse_if_running(self) -> None:
@@ -230,6 +231,8 @@ class EmbeddedFarm:
         }
         log_path = self.settings.home / f"worker-{model}.log"
         args = [sys.executable, "-m", "workers", "--model", model, "--name", self.worker_id(model)]
+        if model in self.parallel:
+            args += ["--parallel", str(self.parallel[model])]
         with log_path.open("ab") as log:  # the child keeps its own copy of the handle
             self.workers[model] = subprocess.Popen(
                 args, env=env, stdout=log, stderr=log, start_new_session=True
