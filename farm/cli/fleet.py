@@ -82,6 +82,7 @@ def _run_farm(
     parallel: int | None,
 ) -> None:
     from farm.catalog import worker_parallel
+    from farm.cli.gateway import listen
     from farm.context import reset_context
     from farm.embedded import DEFAULT_MODEL, EmbeddedFarm
 
@@ -109,6 +110,8 @@ def _run_farm(
     if parallel is not None:
         farm_.parallel = dict.fromkeys(farm_.models, parallel)
     farm_.refuse_if_running()
+    # The gateway's port first: taken, the farm does not start (rather than run without it).
+    gateway_socket = listen("127.0.0.1", port) if port else None
 
     def _term(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -125,7 +128,7 @@ def _run_farm(
         reset_context()
         answering = _answer_local_commands(farm_)
         if port is not None:
-            services = _start_services(port)
+            services = _start_services(gateway_socket)
         err.print('[green]farm is up[/]: try `farm submit "Why is the sky blue?"` in another shell')
         if ask is not None:
             from farm.enqueue import build, submit_request
@@ -149,6 +152,8 @@ def _run_farm(
         farm_.stop(grace)
         if answering is not None:  # last: `farm status` answers at once while workers drain
             answering()
+        if gateway_socket is not None:
+            gateway_socket.close()
         err.print("farm stopped")
 
 
@@ -163,10 +168,11 @@ def _answer_local_commands(farm_: Any) -> Any:
     return stop
 
 
-def _start_services(port: int) -> list[Any]:
-    """The batch feeder and, unless port is 0, the gateway; returns how to stop each."""
+def _start_services(gateway_socket: Any) -> list[Any]:
+    """The batch feeder and the gateway on its socket (none: no gateway); returns how to
+    stop each."""
     from farm.batches.feeder import start_feeder
-    from farm.cli.gateway import start_gateway
+    from farm.cli.gateway import base_url, key_note, keys_exist, start_gateway
 
     thread, feeding = start_feeder()
 
@@ -175,16 +181,12 @@ def _start_services(port: int) -> list[Any]:
         thread.join(5)
 
     stops: list[Any] = [stop_feeder]
-    if port:
-        server = start_gateway(port)
-        if server is None:
-            err.print(f"gateway  not started: port {port} is taken (pass --port)")
-        else:
-            err.print(
-                f"gateway  http://127.0.0.1:{port}/v1 (OpenAI-compatible; no key needed here)"
-            )
-            # First: it takes no more requests while the rest stops.
-            stops.insert(0, lambda: setattr(server, "should_exit", True))
+    if gateway_socket is not None:
+        host, port = gateway_socket.getsockname()[:2]
+        server = start_gateway(gateway_socket)
+        err.print(f"gateway  {base_url(host, port)} ({key_note(keys_exist())})", highlight=False)
+        # First: it takes no more requests while the rest stops.
+        stops.insert(0, lambda: setattr(server, "should_exit", True))
     return stops
 
 
