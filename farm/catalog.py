@@ -7,6 +7,7 @@
     n_ctx = 4096
     chat_format = "gemma"
     defaults = { temperature = 0.7 }
+    parallel = 2                          # slots of the worker that serves it (optional)
 
     [profiles.fast]
     models = ["gemma3-270m"]
@@ -15,6 +16,10 @@
 folders, GGUF headers, profiles naming known models) and applies nothing if anything is
 wrong, naming the line and field of each problem. `farm up --profile fast` applies the
 file, then starts a worker for each model of the profile.
+
+`parallel` is not a property of the model in the registry but of the worker that serves
+it: `farm up`, `farm fleet` and `farm worker` read it from the file (when there is one) and
+start the worker with that many slots, unless their own `--parallel` says otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from farm.gguf_info import read_gguf_info
 from farm.registry import queries, transaction
 from farm.request import MODEL_NAME_RE, MODEL_NAME_RULE, Sampling
 
+MAX_PARALLEL = 256  # llama.cpp's limit on sequences per context (n_seq_max)
+
 
 class CatalogError(InvalidRequest):
     """The models file has errors; nothing was applied."""
@@ -44,6 +51,12 @@ class CatalogModel(BaseModel):
     n_gpu_layers: int = Field(default=-1, ge=-1)
     chat_format: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
+    # Slots of the worker serving it: for `farm up`/`fleet`/`worker`, not the registry.
+    parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL, strict=True)
+
+    def registry_fields(self) -> dict[str, Any]:
+        """What the registry records of this model (all but the worker's `parallel`)."""
+        return self.model_dump(exclude={"parallel"})
 
     @field_validator("defaults")
     @classmethod
@@ -111,8 +124,24 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return next((i + 1 for i, line in enumerate(lines) if top.match(line)), None)
 
 
-def load_catalog(path: Path, extra_roots: list[Path] | None = None) -> tuple[Catalog, list[Path]]:
-    """Parse and check the whole file. CatalogError lists every problem with its line."""
+class _Problems(list[str]):
+    """The problems found in one models file, each with its line."""
+
+    def __init__(self, path: Path, text: str):
+        super().__init__()
+        self.path, self.text = path, text
+
+    def add(self, loc: tuple[Any, ...], msg: str) -> None:
+        line = _line_of(self.text, loc)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        self.append(f"{where}: {'.'.join(str(p) for p in loc)}: {msg}")
+
+    def error(self) -> CatalogError:
+        return CatalogError("the models file has errors; nothing was applied:\n" + "\n".join(self))
+
+
+def _parse(path: Path) -> tuple[Catalog, _Problems]:
+    """The file's fields, checked (but not its model files)."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -121,26 +150,22 @@ def load_catalog(path: Path, extra_roots: list[Path] | None = None) -> tuple[Cat
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CatalogError(f"{path}: {e}") from e
-    problems: list[str] = []
-
-    def problem(loc: tuple[Any, ...], msg: str) -> None:
-        line = _line_of(text, loc)
-        where = f"{path}:{line}" if line else str(path)
-        problems.append(f"{where}: {'.'.join(str(p) for p in loc)}: {msg}")
-
+    problems = _Problems(path, text)
     try:
-        catalog = Catalog.model_validate(data)
+        return Catalog.model_validate(data), problems
     except ValidationError as e:
         for err in e.errors():
-            loc = tuple(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
-            problem(loc, msg)
-        raise CatalogError(
-            "the models file has errors; nothing was applied:\n" + "\n".join(problems)
-        ) from e
+            problems.add(tuple(err["loc"]), msg)
+        raise problems.error() from e
 
+
+def load_catalog(path: Path, extra_roots: list[Path] | None = None) -> tuple[Catalog, list[Path]]:
+    """Parse and check the whole file. CatalogError lists every problem with its line."""
+    catalog, problems = _parse(path)
+    problem = problems.add
     roots = [(path.parent / d).expanduser() for d in catalog.model_dirs] + list(extra_roots or [])
     for name, model in catalog.models.items():
         if not MODEL_NAME_RE.match(name):
@@ -159,10 +184,22 @@ def load_catalog(path: Path, extra_roots: list[Path] | None = None) -> tuple[Cat
             if m not in catalog.models:
                 problem(("profiles", pname, "models"), f"names '{m}', which is not in [models]")
     if problems:
-        raise CatalogError(
-            "the models file has errors; nothing was applied:\n" + "\n".join(problems)
-        )
+        raise problems.error()
     return catalog, roots
+
+
+def worker_parallel(path: Path, models: list[str]) -> dict[str, int]:
+    """The slots the models file asks for each of `models` that sets `parallel`; nothing
+    when there is no file. Only the file's fields are checked here: a worker's host need
+    not hold the model files at the paths the file names."""
+    if not path.is_file():
+        return {}
+    catalog, _ = _parse(path)
+    return {
+        m: slots
+        for m in models
+        if m in catalog.models and (slots := catalog.models[m].parallel) is not None
+    }
 
 
 def apply_catalog(database_url: str, catalog: Catalog) -> tuple[list[str], list[str]]:
@@ -173,11 +210,11 @@ def apply_catalog(database_url: str, catalog: Catalog) -> tuple[list[str], list[
         for name, model in catalog.models.items():
             record = existing.get(name)
             if record is None:
-                queries.add_model(s, name=name, **model.model_dump())
+                queries.add_model(s, name=name, **model.registry_fields())
                 added.append(name)
                 continue
             changed = False
-            for field, value in model.model_dump().items():
+            for field, value in model.registry_fields().items():
                 if getattr(record, field) != value:
                     setattr(record, field, value)
                     changed = True

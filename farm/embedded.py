@@ -66,6 +66,9 @@ def register_default_model(database_url: str) -> None:
 
 def _free_port(preferred: int = 0) -> int:
     with socket.socket() as sock:
+        # As valkey binds: the connections a stopped broker closed linger in TIME_WAIT on
+        # its port for a minute, and must not make a restart move to another port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", preferred))
         except OSError:
@@ -73,16 +76,17 @@ def _free_port(preferred: int = 0) -> int:
         return int(sock.getsockname()[1])
 
 
-def _broker_port(record: Path) -> int:
+def _broker_port(record: Path) -> tuple[int, int]:
     """The port this farm's broker used before, if free, so that clients and workers that
-    knew it find it again after a restart; else a free one. Recorded for next time."""
+    knew it (a `farm serve`, a waiting `farm result`) find it again after a restart; else
+    a free one. Recorded for next time. Returns (port, the one used before or 0)."""
     try:
         before = int(record.read_text())
     except (OSError, ValueError):
         before = 0
     port = _free_port(before)
     record.write_text(str(port))
-    return port
+    return port, before
 
 
 def _ignore_stop_signals() -> None:
@@ -110,6 +114,7 @@ class EmbeddedFarm:
         self._ctx: FarmContext | None = None
         self.local: dict[str, Any] | None = None
         self.grace: float | None = None  # how long a stop lets running jobs finish
+        self.parallel: dict[str, int] = {}  # model -> slots of its worker (else its default)
 
     # -- starting -----------------------------------------------------------------------------
     def refuse_if_running(self) -> None:
@@ -152,7 +157,14 @@ class EmbeddedFarm:
             raise ConfigError("no valkey-server binary found; set FARM_BROKER_URL to a Redis")
         data = self.settings.home / "broker"
         data.mkdir(parents=True, exist_ok=True)
-        port = self.broker_port = self.broker_port or _broker_port(data / "port")
+        if self.broker_port is None:
+            self.broker_port, before = _broker_port(data / "port")
+            if before and before != self.broker_port:
+                self.say(
+                    f"broker   port {before} is taken now; the broker moves to "
+                    f"{self.broker_port} (a `farm serve` here follows it)"
+                )
+        port = self.broker_port
         self.broker = subprocess.Popen(
             [
                 binary,
@@ -230,6 +242,8 @@ class EmbeddedFarm:
         }
         log_path = self.settings.home / f"worker-{model}.log"
         args = [sys.executable, "-m", "workers", "--model", model, "--name", self.worker_id(model)]
+        if model in self.parallel:
+            args += ["--parallel", str(self.parallel[model])]
         with log_path.open("ab") as log:  # the child keeps its own copy of the handle
             self.workers[model] = subprocess.Popen(
                 args, env=env, stdout=log, stderr=log, start_new_session=True

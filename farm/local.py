@@ -176,3 +176,39 @@ def _same_farm(state: dict[str, Any]) -> bool:
         if mine and mine != state.get(key):
             return False
     return True
+
+
+def follow(
+    on_change: Callable[[dict[str, Any]], None], *, interval: float = 0.5
+) -> Callable[[], None]:
+    """Call `on_change(state)` from a thread whenever a `farm up` here starts on other
+    servers than the ones seen last (a broker that moved to another port, a first `farm up`
+    after none): a long-lived client (`farm serve`) then connects anew. A restart on the
+    same servers changes nothing: their connections find them again by themselves. Returns
+    how to stop following."""
+    import threading
+
+    path = home() / STATE_FILE
+
+    def servers(state: dict[str, Any] | None) -> tuple[Any, ...] | None:
+        if state is None:
+            return None
+        return tuple(state.get(k) for k in ("broker_url", "result_url", "database_url"))
+
+    seen = servers(read_state(path))
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal seen
+        while not stop.wait(interval):
+            state = read_state(path)
+            now = servers(state)
+            if state is not None and now != seen:
+                try:
+                    on_change(state)
+                except Exception:  # the caller reports; the next round tries again
+                    continue
+                seen = now
+
+    threading.Thread(target=watch, name="farm-follow", daemon=True).start()
+    return stop.set

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from farm.catalog import CatalogError, apply_catalog, load_catalog, suggest_name
+from farm.catalog import CatalogError, apply_catalog, load_catalog, suggest_name, worker_parallel
+from farm.cli.fleet import _with_parallel
+from farm.config import reset_settings
 from farm.errors import InvalidRequest
 from farm.gguf_info import read_gguf_info
 from farm.registry import queries, transaction, upgrade
@@ -160,3 +162,59 @@ def test_model_paths_outside_the_model_folders_are_refused(tmp_path, model_dir):
 def test_suggested_names_are_valid_model_names():
     assert suggest_name(Path("/m/Gemma-3-270M.Q4_K_M.gguf")) == "gemma-3-270m.q4_k_m"
     assert suggest_name(Path("/m/My Model (v2).gguf")) == "my-model-v2"
+
+
+def test_parallel_is_read_for_the_workers_and_kept_out_of_the_registry(tmp_path, model_dir):
+    path = write(
+        tmp_path, GOOD.replace('chat_format = "gemma"\n', 'chat_format = "gemma"\nparallel = 2\n')
+    )
+    catalog, _ = load_catalog(path)
+    assert catalog.models["gemma-small"].parallel == 2
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(db)
+    assert apply_catalog(db, catalog) == (["gemma-small"], [])
+    assert apply_catalog(db, catalog) == ([], [])
+    assert worker_parallel(path, ["gemma-small", "other"]) == {"gemma-small": 2}
+    assert worker_parallel(tmp_path / "none.toml", ["gemma-small"]) == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "Input should be greater than or equal to 1"),
+        ("257", "Input should be less than or equal to 256"),
+        ('"4"', "Input should be a valid integer"),
+        ("2.5", "Input should be a valid integer"),
+    ],
+)
+def test_a_bad_parallel_is_named_with_its_line(tmp_path, model_dir, value, message):
+    path = write(tmp_path, GOOD.replace("n_ctx = 2048\n", f"n_ctx = 2048\nparallel = {value}\n"))
+    for read in (lambda: load_catalog(path), lambda: worker_parallel(path, ["gemma-small"])):
+        with pytest.raises(CatalogError) as info:
+            read()
+        assert f"{path}:6: models.gemma-small.parallel: {message}" in str(info.value)
+
+
+def test_farm_worker_takes_parallel_from_the_models_file_unless_told(tmp_path, monkeypatch):
+    path = write(
+        tmp_path,
+        f'[models.a]\npath = "{gemma_path()}"\nparallel = 2\n\n'
+        f'[models.b]\npath = "{gemma_path()}"\nparallel = 3\n\n'
+        f'[models.c]\npath = "{gemma_path()}"\n',
+    )
+    monkeypatch.setenv("FARM_MODELS_FILE", str(path))
+    reset_settings()
+    try:
+        assert _with_parallel(["--model", "a"]) == ["--model", "a", "--parallel", "2"]
+        assert _with_parallel(["--model", "a", "--parallel", "5"]) == [
+            "--model", "a", "--parallel", "5"
+        ]  # fmt: skip
+        assert _with_parallel(["--model", "c"]) == ["--model", "c"]  # the worker's default
+    finally:
+        reset_settings()
+    # Models that ask for different slots cannot share a worker: said before it starts.
+    env = {**os.environ, "FARM_MODELS_FILE": str(path), "FARM_HOME": str(tmp_path)}
+    r = run_cli(env, "worker", "--models", "a,b")
+    assert r.returncode == 1
+    assert "sets different `parallel` for the models of this worker (a 2, b 3)" in r.stderr
+    assert "pass --parallel N, or serve them from separate workers" in r.stderr

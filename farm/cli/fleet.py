@@ -14,6 +14,14 @@ import typer
 from farm.cli.base import app, err, fold_table, friendly, get_settings, out
 from farm.cli.jobs import follow
 
+PARALLEL = typer.Option(
+    "--parallel",
+    min=1,
+    max=256,  # llama.cpp's limit on sequences per context
+    help="slots (sequences generated together) of each worker started; default: the "
+    "models file's `parallel` for its model, else 4 on a CPU, 16 on a GPU",
+)
+
 
 @app.command()
 @friendly
@@ -32,12 +40,13 @@ def up(
     port: Annotated[
         int, typer.Option(help="the OpenAI-compatible gateway's port on 127.0.0.1 (0: none)")
     ] = 8000,
+    parallel: Annotated[int | None, PARALLEL] = None,
 ) -> None:
     """Start a whole farm here: broker, registry, one worker per model, the batch feeder
     and the OpenAI-compatible gateway on 127.0.0.1. Ctrl-C stops it.
 
     With FARM_BROKER_URL set, no broker is started: the workers join that farm."""
-    _run_farm(model, profile, ask, once, grace, port)
+    _run_farm(model, profile, ask, once, grace, port, parallel)
 
 
 @app.command()
@@ -50,6 +59,7 @@ def fleet(
     grace: Annotated[
         float, typer.Option(help="seconds a stopping worker may finish its job")
     ] = 30.0,
+    parallel: Annotated[int | None, PARALLEL] = None,
 ) -> None:
     """Run and supervise this host's workers for a farm elsewhere (FARM_BROKER_URL)."""
     if not get_settings().broker_url:
@@ -59,7 +69,7 @@ def fleet(
             "farm fleet joins an existing farm: set FARM_BROKER_URL (and FARM_DATABASE_URL) "
             "to its servers, or use `farm up` for a farm on this machine alone"
         )
-    _run_farm(model, profile, None, False, grace, None)  # the farm's own feeder and gateway
+    _run_farm(model, profile, None, False, grace, None, parallel)  # the farm's own gateway
 
 
 def _run_farm(
@@ -69,7 +79,10 @@ def _run_farm(
     once: bool,
     grace: float,
     port: int | None,
+    parallel: int | None,
 ) -> None:
+    from farm.catalog import worker_parallel
+    from farm.cli.gateway import listen
     from farm.context import reset_context
     from farm.embedded import DEFAULT_MODEL, EmbeddedFarm
 
@@ -92,7 +105,13 @@ def _run_farm(
     )
     farm_.catalog = catalog
     farm_.grace = grace
+    # Slots per worker: --parallel, else the models file's `parallel` for its model.
+    farm_.parallel = worker_parallel(settings.resolved_models_file(), farm_.models)
+    if parallel is not None:
+        farm_.parallel = dict.fromkeys(farm_.models, parallel)
     farm_.refuse_if_running()
+    # The gateway's port first: taken, the farm does not start (rather than run without it).
+    gateway_socket = listen("127.0.0.1", port) if port else None
 
     def _term(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -109,7 +128,7 @@ def _run_farm(
         reset_context()
         answering = _answer_local_commands(farm_)
         if port is not None:
-            services = _start_services(port)
+            services = _start_services(gateway_socket)
         err.print('[green]farm is up[/]: try `farm submit "Why is the sky blue?"` in another shell')
         if ask is not None:
             from farm.enqueue import build, submit_request
@@ -133,6 +152,8 @@ def _run_farm(
         farm_.stop(grace)
         if answering is not None:  # last: `farm status` answers at once while workers drain
             answering()
+        if gateway_socket is not None:
+            gateway_socket.close()
         err.print("farm stopped")
 
 
@@ -147,10 +168,11 @@ def _answer_local_commands(farm_: Any) -> Any:
     return stop
 
 
-def _start_services(port: int) -> list[Any]:
-    """The batch feeder and, unless port is 0, the gateway; returns how to stop each."""
+def _start_services(gateway_socket: Any) -> list[Any]:
+    """The batch feeder and the gateway on its socket (none: no gateway); returns how to
+    stop each."""
     from farm.batches.feeder import start_feeder
-    from farm.cli.gateway import start_gateway
+    from farm.cli.gateway import base_url, key_note, keys_exist, start_gateway
 
     thread, feeding = start_feeder()
 
@@ -159,20 +181,17 @@ def _start_services(port: int) -> list[Any]:
         thread.join(5)
 
     stops: list[Any] = [stop_feeder]
-    if port:
-        server = start_gateway(port)
-        if server is None:
-            err.print(f"gateway  not started: port {port} is taken (pass --port)")
-        else:
-            err.print(
-                f"gateway  http://127.0.0.1:{port}/v1 (OpenAI-compatible; no key needed here)"
-            )
-            # First: it takes no more requests while the rest stops.
-            stops.insert(0, lambda: setattr(server, "should_exit", True))
+    if gateway_socket is not None:
+        host, port = gateway_socket.getsockname()[:2]
+        server = start_gateway(gateway_socket)
+        err.print(f"gateway  {base_url(host, port)} ({key_note(keys_exist())})", highlight=False)
+        # First: it takes no more requests while the rest stops.
+        stops.insert(0, lambda: setattr(server, "should_exit", True))
     return stops
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@friendly
 def worker(ctx: typer.Context) -> None:
     """Serve models' queues: `farm worker --model NAME` (see `farm worker --help`; needs the worker extra)."""
     if importlib.util.find_spec("llama_cpp") is None:
@@ -182,7 +201,39 @@ def worker(ctx: typer.Context) -> None:
         )
         raise typer.Exit(1)
     # farm never imports workers/: the worker runs as its own program.
-    os.execv(sys.executable, [sys.executable, "-m", "workers", *ctx.args])
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *_with_parallel(ctx.args)])
+
+
+def _with_parallel(args: list[str]) -> list[str]:
+    """The worker's arguments, plus `--parallel N` when they name none and the models file
+    sets `parallel` for the models served (one worker has one slot count for them all)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", action="append", default=[])
+    parser.add_argument("--models", default="")
+    parser.add_argument("--parallel")
+    parser.add_argument("-h", "--help", action="store_true")
+    known, _ = parser.parse_known_args(args)
+    if known.parallel is not None or known.help:
+        return args
+    models = list(dict.fromkeys(known.model + [m for m in known.models.split(",") if m]))
+    from farm.catalog import worker_parallel
+
+    path = get_settings().resolved_models_file()
+    slots = worker_parallel(path, models)
+    if not slots:
+        return args
+    if len(set(slots.values())) > 1 or len(slots) < len(models):
+        from farm.errors import InvalidRequest
+
+        asked = ", ".join(f"{m} {slots.get(m, 'none (the default)')}" for m in models)
+        raise InvalidRequest(
+            f"{path} sets different `parallel` for the models of this worker ({asked}), and "
+            "one worker runs one slot count for all its models: pass --parallel N, or serve "
+            "them from separate workers"
+        )
+    return [*args, "--parallel", str(next(iter(slots.values())))]
 
 
 @app.command()

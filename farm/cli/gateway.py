@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
+import threading
 from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import _db_url, _db_url_for_writes, app, fold_table, friendly, out
+from farm.cli.base import _db_url, _db_url_for_writes, app, err, fold_table, friendly, out
 
 keys_app = typer.Typer(help="API keys for the gateway; each maps to a session.")
 app.add_typer(keys_app, name="keys", no_args_is_help=True)
@@ -22,50 +25,164 @@ def serve(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     feeder: Annotated[bool, typer.Option(help="run the batch feeder in this process too")] = True,
 ) -> None:
-    """The OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1), and the batch feeder."""
-    import uvicorn
+    """The OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1), and the batch feeder.
 
-    from farm.batches.feeder import start_feeder
-    from farm.context import get_context
-    from farm.errors import ConfigError
-    from farm.gateway import keys
-    from farm.gateway.app import create_app
-    from farm.registry import transaction
+    Beside a `farm up` on this machine, it follows that farm when it restarts elsewhere
+    (its broker on another port): no need to restart `farm serve`."""
+    from farm.config import get_settings
 
-    with transaction(get_context().database_url) as s:
-        protected = keys.any_keys(s)
+    protected = keys_exist()
     if host not in LOCAL and not protected:
+        from farm.errors import ConfigError
+
         raise ConfigError(
             f"refusing to serve on {host} without API keys: anyone could use the farm; "
             "create one with `farm keys create --session NAME` first, or serve on 127.0.0.1"
         )
-    stop = start_feeder()[1] if feeder else None
+    sock = listen(host, port)
+    feeding = _Feeding(enabled=feeder)
+    following = None
+    if not get_settings().broker_url:  # the broker is the one `farm up` runs here
+        following = _follow_farm_up(feeding)
+    feeding.start()
+    url = base_url(host, port)
     try:
-        uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+        gateway_server(
+            lambda: err.print(f"farm serve ready: {url} ({key_note(protected)})", highlight=False)
+        ).run(sockets=[sock])
     finally:
-        if stop is not None:
-            stop.set()
+        if following is not None:
+            following()
+        feeding.stop()
+        sock.close()
 
 
-def start_gateway(port: int) -> Any:
-    """The gateway on 127.0.0.1:PORT in a thread of this process (for `farm up`); returns
-    the uvicorn server (set `should_exit` to stop it), or None when the port is taken."""
-    import socket
-    import threading
+def keys_exist() -> bool:
+    """Whether the farm's registry holds a live API key (then the gateway requires one)."""
+    from farm.context import get_context
+    from farm.gateway import keys
+    from farm.registry import transaction
 
+    with transaction(get_context().database_url) as s:
+        return keys.any_keys(s)
+
+
+class _Feeding:
+    """`farm serve`'s batch feeder thread, restarted when the farm it feeds moves."""
+
+    def __init__(self, *, enabled: bool):
+        self.enabled = enabled
+        self._stop: threading.Event | None = None
+
+    def start(self) -> None:
+        from farm.batches.feeder import start_feeder
+
+        if self.enabled:
+            self._stop = start_feeder()[1]
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+
+
+def _follow_farm_up(feeding: _Feeding) -> Any:
+    """When `farm up` here comes back on other servers, drop this process's connections
+    (the next request makes new ones from farm.json) and restart the feeder on them."""
+    from farm.config import masked
+    from farm.context import reset_context
+    from farm.local import follow
+
+    def moved(state: dict[str, Any]) -> None:
+        feeding.stop()
+        reset_context()
+        feeding.start()
+        err.print(
+            f"farm serve: following the farm `farm up` runs here, now on broker "
+            f"{masked(str(state['broker_url']))}",
+            highlight=False,
+        )
+
+    return follow(moved)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to HOST:PORT for the gateway, taken before anything else starts so a
+    taken port is one clear error (not uvicorn's `[Errno 98]`, nor half a farm running)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        from farm.errors import ConfigError
+
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is taken (another `farm serve`, a `farm up`, or "
+                "another server listens there): pass a free one with --port N, or stop "
+                "what uses it"
+            ) from e
+        if e.errno == errno.EACCES:
+            raise ConfigError(
+                f"not allowed to listen on port {port}: ports below 1024 need root; "
+                "pass --port 8000 (or another above 1023)"
+            ) from e
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; pass --host an address of "
+            "this machine (127.0.0.1 or 0.0.0.0)"
+        ) from e
+    return sock
+
+
+def base_url(host: str, port: int) -> str:
+    """The base URL an OpenAI client takes: http://HOST:PORT/v1."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def key_note(protected: bool) -> str:
+    """What a client must send, said where the gateway tells its address."""
+    if protected:
+        return (
+            "OpenAI-compatible; API keys required: send one as `Authorization: Bearer KEY` "
+            "(OPENAI_API_KEY); make one with `farm keys create --session NAME`"
+        )
+    return (
+        "OpenAI-compatible; no API key needed until one is made with "
+        "`farm keys create --session NAME`"
+    )
+
+
+def gateway_server(ready: Any) -> Any:
+    """The gateway's uvicorn server; it calls `ready()` once it takes connections."""
     import uvicorn
 
     from farm.gateway.app import create_app
 
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return None
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
+    class Gateway(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                ready()
+
+    return Gateway(uvicorn.Config(create_app(), log_level="warning"))
+
+
+def start_gateway(sock: socket.socket, timeout: float = 30.0) -> Any:
+    """The gateway on a socket from `listen`, in a thread of this process (for `farm up`);
+    returns the uvicorn server (set `should_exit` to stop it) once it takes connections."""
+    from farm.errors import FarmUnavailable
+
+    ready = threading.Event()
+    server = gateway_server(ready.set)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="farm-gateway", daemon=True
     )
-    threading.Thread(target=server.run, name="farm-gateway", daemon=True).start()
+    thread.start()
+    while not ready.wait(0.05):
+        if not thread.is_alive() or not (timeout := timeout - 0.05) > 0:
+            raise FarmUnavailable("the gateway did not start; see the lines above")
     return server
 
 
