@@ -34,10 +34,12 @@ from typing import Any
 
 import redis
 
+from farm.catalog import apply_catalog
 from farm.config import Settings, masked
 from farm.context import FarmContext
 from farm.errors import ConfigError, FarmUnavailable, ModelExists, WorkerStartError
 from farm.local import read_state, write_state
+from farm.recovery import release_worker
 from farm.registry import queries, transaction, upgrade
 
 DEFAULT_MODEL = "gemma3-270m"
@@ -134,8 +136,6 @@ class EmbeddedFarm:
         self._write_state()
         upgrade(self.database_url)
         if self.catalog is not None:
-            from farm.catalog import apply_catalog
-
             apply_catalog(self.database_url, self.catalog)
         if DEFAULT_MODEL in self.models:
             register_default_model(self.database_url)
@@ -350,8 +350,6 @@ class EmbeddedFarm:
 
     def _requeue_jobs_of(self, model: str) -> int:
         """The worker for `model` is gone: mark it lost and put its jobs back at once."""
-        from farm.recovery import release_worker
-
         try:
             return len(release_worker(self.ctx, self.worker_id(model)))
         except Exception as e:  # the worker's restart requeues them too
