@@ -96,6 +96,13 @@ def quota_job_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:quota"
 
 
+def run_key(job_id: str) -> str:
+    """Held by the one run of a job in the fleet (its worker's token), renewed while it
+    runs: a second delivery of the job waits for it instead of running the job again, and a
+    run that lost it (its worker cut off) writes nothing more on the job's stream."""
+    return f"{KEY_PREFIX}job:{job_id}:run"
+
+
 def cancel_key(job_id: str) -> str:
     """Set when a job is cancelled; the worker checks it before and between tokens."""
     return f"{KEY_PREFIX}job:{job_id}:cancel"

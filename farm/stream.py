@@ -1,6 +1,10 @@
 """A job's stream: the protocol workers write and clients read, on one Redis stream per job
 (`queue.stream_key(job_id)`).
 
+A worker's writes are fenced (`Fenced`): each is refused, atomically, once the job was
+cancelled (so no text reaches a reader after `Job.cancel()` returns) or once the run that
+writes no longer holds the job (its worker was cut off and another took the job over).
+
 A worker appends a `token` event per piece of text, `restart` when the job starts over on
 another worker (the text then repeats from the start), and one final event: `done` (with the
 Completion as JSON), `failed` (with the reason) or `cancelled`. `Job.cancel` writes
@@ -14,7 +18,7 @@ from typing import Any
 
 import redis
 
-from farm.queue import stream_key
+from farm.queue import cancel_key, run_key, stream_key
 
 # Event kinds on a job's stream.
 TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
@@ -55,3 +59,69 @@ def publish(
     pipe.xadd(key, payload)  # type: ignore[arg-type]
     pipe.expire(key, ttl)
     pipe.execute()
+
+
+# KEYS: the stream, the cancel flag, the run key. ARGV: the run's token, the stream's ttl
+# ('' for none), the event's kind, then the event's fields and values.
+# Returns WRITTEN, CANCELLED_ (the job was cancelled: only a `cancelled` event is written) or
+# LOST (another run holds the job, or none does: nothing is written).
+_FENCED_XADD = """
+if redis.call('get', KEYS[3]) ~= ARGV[1] then return -1 end
+if ARGV[3] ~= 'cancelled' and redis.call('exists', KEYS[2]) == 1 then return 0 end
+redis.call('xadd', KEYS[1], '*', 'kind', ARGV[3], unpack(ARGV, 4))
+if ARGV[2] ~= '' then redis.call('expire', KEYS[1], ARGV[2]) end
+return 1
+"""
+# KEYS: the run key. ARGV: the token, the ttl in ms. Take the job (or keep it) unless
+# another run holds it: 1 taken or renewed, 0 held by another.
+_CLAIM = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: the run key. ARGV: the token. Let go of the job, if this run still holds it.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+WRITTEN, CANCELLED_, LOST = 1, 0, -1
+
+
+class Fenced:
+    """One run's hold on a job and its fenced writes on the job's stream.
+
+    `claim()` takes the job for this run (False while another live run holds it); `renew()`
+    keeps it, and says False once it was lost; `publish()` writes an event unless the job
+    was cancelled or the run lost the job, returning WRITTEN, CANCELLED_ or LOST.
+    """
+
+    def __init__(self, r: redis.Redis, job_id: str, token: str, ttl_s: float):
+        self.r = r
+        self.job_id = job_id
+        self.token = token
+        self.ttl_ms = max(1000, int(ttl_s * 1000))
+        self._xadd = r.register_script(_FENCED_XADD)
+        self._claim = r.register_script(_CLAIM)
+        self._release = r.register_script(_RELEASE)
+
+    def claim(self) -> bool:
+        return bool(self._claim(keys=[run_key(self.job_id)], args=[self.token, self.ttl_ms]))
+
+    renew = claim
+
+    def holder(self) -> str | None:
+        """The token of the run that holds the job now, if any."""
+        held: Any = self.r.get(run_key(self.job_id))
+        return held if held is None or isinstance(held, str) else held.decode()
+
+    def release(self) -> None:
+        self._release(keys=[run_key(self.job_id)], args=[self.token])
+
+    def publish(self, kind: str, *, ttl: int | None = None, **fields: Any) -> int:
+        flat: list[str] = []
+        for k, v in fields.items():
+            flat += [k, v if isinstance(v, str) else json.dumps(v)]
+        keys = [stream_key(self.job_id), cancel_key(self.job_id), run_key(self.job_id)]
+        args = [self.token, "" if ttl is None else str(ttl), kind, *flat]
+        return int(self._xadd(keys=keys, args=args))
