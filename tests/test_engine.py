@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from workers.engine import DONE, FAILED, TEXT, Generation, Sequence  # noqa: E402
-from workers.host import EngineOptions, ModelHost, ModelSpec  # noqa: E402
+from workers.host import EngineOptions, ModelHost  # noqa: E402
+from workers.spec import ModelSpec  # noqa: E402
 
 SLOTS = 8
 

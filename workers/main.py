@@ -32,8 +32,9 @@ from farm.registry.db import require_schema
 from workers import control
 from workers.engine.engine import MAX_SLOTS
 from workers.heartbeat import Membership
-from workers.host import EngineOptions, ModelSpec, available_cores
+from workers.host import EngineOptions, available_cores
 from workers.models import ModelCache, parse_size
+from workers.spec import ModelSpec
 from workers.spool import UsageSpool
 from workers.tasks import JobRunner, register_task
 
