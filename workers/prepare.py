@@ -8,15 +8,16 @@ engine Sequence.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from llama_cpp import llama_chat_format
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from farm.errors import JobFailed
 from farm.request import SAMPLING_FIELDS, Message, Request
 from workers.engine import Sequence as EngineSequence
-from workers.engine.grammar import request_grammar
 from workers.spec import ModelSpec
 
 # What a tokenizer gives for a request: the prompt's tokens and the chat template's stops.
@@ -61,6 +62,27 @@ def sampling_for(request: Request, spec: ModelSpec) -> dict[str, Any]:
     defaults = {k: v for k, v in spec.defaults.items() if k in SAMPLING_FIELDS}
     given = request.sampling.model_dump(exclude_none=True)
     return {**defaults, **given}
+
+
+def request_grammar(request: Request) -> str | None:
+    """The request's GBNF grammar for llama.cpp's grammar sampler, or None.
+
+    `grammar` is used as given; `response_format` `json_object` is llama-cpp-python's JSON
+    grammar, and `json_schema` is converted by llama-cpp-python's schema converter.
+    JobFailed when the schema cannot be converted."""
+    if request.grammar is not None:
+        return request.grammar
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object" or fmt.json_schema is None:
+        return JSON_GBNF
+    try:
+        return json_schema_to_gbnf(json.dumps(fmt.json_schema.schema_))
+    except Exception as e:  # the converter raises plain Exceptions for unsupported schemas
+        raise JobFailed(
+            f"invalid 'response_format': the JSON schema cannot be turned into a grammar: {e}"
+        ) from e
 
 
 def prompt_tokens(llm: Any, request: Request) -> PromptTokens:
