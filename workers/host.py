@@ -19,7 +19,7 @@ from typing import Any
 
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
-from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation
+from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation, SequenceRunner
 from workers.engine import Sequence as EngineSequence
 from workers.prepare import PromptTokens, prompt_tokens, sequence_for
 from workers.spec import ModelSpec
@@ -68,7 +68,7 @@ class ModelHost:
         self.spec = spec
         self.options = options or EngineOptions()
         self.llm: Any = None
-        self.engine: Engine | None = None
+        self.engine: SequenceRunner | None = None
         self.device = "cpu"
         self.chat_source = ""
 

@@ -12,6 +12,15 @@ constructor (tests/test_engine_boundary.py).
 """
 
 from workers.engine.engine import Engine, EngineError
-from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence
+from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence, SequenceRunner
 
-__all__ = ["DONE", "FAILED", "TEXT", "Engine", "EngineError", "Generation", "Sequence"]
+__all__ = [
+    "DONE",
+    "FAILED",
+    "TEXT",
+    "Engine",
+    "EngineError",
+    "Generation",
+    "Sequence",
+    "SequenceRunner",
+]
