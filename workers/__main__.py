@@ -1,3 +1,5 @@
+"""`python -m workers`: the same as `farm worker`."""
+
 import sys
 
 from workers.main import main

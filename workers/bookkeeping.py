@@ -1,5 +1,7 @@
-"""A job's exactly-once bookkeeping: its usage row started and ended once, a redelivered
-job never run twice, and the writes kept in the spool while the registry is down.
+"""A job's exactly-once bookkeeping: usage row, redeliveries, spool on a registry outage.
+
+Its usage row is started and ended once, a redelivered job is never run twice, and the
+writes are kept in the spool while the registry is down.
 
     admit:  mark the row running (waiting out a registry outage, then back to the queue)
             -> cancelled while queued?            CANCELLED: the job ends unrun

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
+
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
 from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation, SequenceRunner
@@ -79,8 +81,6 @@ class ModelHost:
         WorkerStartError when the file cannot be loaded or the engine's context not created."""
         path = Path(self.spec.path)
         check_gguf(path, self.spec.name)
-        import llama_cpp
-
         gpu = bool(llama_cpp.llama_supports_gpu_offload()) and self.spec.n_gpu_layers != 0
         started = time.perf_counter()
         try:
@@ -164,8 +164,6 @@ class ModelHost:
 
     @property
     def device_is_cpu(self) -> bool:
-        import llama_cpp
-
         return not llama_cpp.llama_supports_gpu_offload() or self.spec.n_gpu_layers == 0
 
     def _choose_chat_format(self) -> None:

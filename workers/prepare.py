@@ -1,6 +1,7 @@
-"""A request turned into the engine's input: the prompt's tokens (through the model's chat
-template), sampling over the model's defaults, the grammar, stops and deadline, as one
-engine Sequence.
+"""A request turned into the engine's input: one Sequence from a farm Request.
+
+The prompt's tokens (through the model's chat template), sampling over the model's
+defaults, the grammar, stops and deadline.
 
     Request -> prompt_tokens (raw prompt, or messages through the chat handler)
             -> sequence_for: context check, sampling, stops, grammar, deadline -> Sequence

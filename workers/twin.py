@@ -1,5 +1,7 @@
-"""An in-memory twin of ModelHost for `ModelCache(host_factory=...)`: the real host's
-start and follow over a TwinEngine, one token per UTF-8 byte, no model file, no llama.cpp.
+"""TwinHost: an in-memory twin of ModelHost, for `ModelCache(host_factory=...)`.
+
+The real host's start and follow over a TwinEngine, one token per UTF-8 byte, no model
+file, no llama.cpp.
 
     cache = ModelCache(specs, host_factory=functools.partial(TwinHost, seconds_per_token=0.01))
 

@@ -1,5 +1,6 @@
-"""An in-memory twin of the Engine: the same boundary (a Sequence in; text, done and
-failed events out), deterministic text, no llama.cpp and no model.
+"""TwinEngine: an in-memory twin of the Engine, with deterministic text and no llama.cpp.
+
+The same boundary (a Sequence in; text, done and failed events out), no model.
 
 Each token is one byte, and a reply echoes the prompt's bytes once (a leading BOS_TOKEN
 skipped), then ends with finish reason "stop", as an end-of-generation token would.

@@ -1,5 +1,4 @@
-"""A model's vocabulary as the engine reads it: each token's text as a reader sees it, and
-which tokens end a turn.
+"""A model's vocabulary as the engine reads it: token text as a reader sees it, turn ends.
 
 Control tokens (<bos>, <start_of_turn>, <end_of_turn>) render as nothing, as llama.cpp's
 `special=False` does. Some GGUFs mark a model's markers for non-text input as
