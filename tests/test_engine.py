@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from workers.engine import DONE, FAILED, TEXT, Generation, Sequence  # noqa: E402
-from workers.host import EngineOptions, ModelHost, ModelSpec  # noqa: E402
+from workers.host import EngineOptions, ModelHost  # noqa: E402
+from workers.spec import ModelSpec  # noqa: E402
 
 SLOTS = 8
 
@@ -285,6 +286,62 @@ def test_a_grammar_llama_cpp_rejects_fails_that_sequence_only(host):
     while (event := ok.events.get(timeout=60))[0] == TEXT:
         pass
     assert event[0] == DONE and event[1].completion_tokens == 4
+
+
+def marker_prompt(host: ModelHost, marker: str, n: int = 20) -> list[int]:
+    """<bos> then `marker` n times: greedy, the model goes on writing the marker."""
+    ids = host.llm.tokenize(marker.encode(), add_bos=False, special=True)
+    assert len(ids) == 1  # one token, user-defined in this GGUF (like <table>, unlike <bos>)
+    attr = llama_cpp.llama_vocab_get_attr(llama_cpp.llama_model_get_vocab(host.llm.model), ids[0])
+    assert attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    return host.llm.tokenize(b"", add_bos=True, special=True) + ids * n
+
+
+def test_image_markers_the_model_generates_are_counted_but_never_in_the_text(host):
+    # The base model's first answer once began with a literal <start_of_image>.
+    seq = Sequence(
+        tokens=marker_prompt(host, "<start_of_image>"), max_tokens=6, sampling={"temperature": 0}
+    )
+    streamed: list[str] = []
+    host.engine.submit(seq)
+    while (event := seq.events.get(timeout=60))[0] == TEXT:
+        streamed.append(event[1])
+    assert event[0] == DONE, event
+    g = event[1]
+    assert (g.text, streamed) == ("", [])
+    assert (g.completion_tokens, g.finish_reason) == (6, "length")
+
+
+def test_text_after_an_image_marker_is_kept_without_the_marker(host):
+    prompt = host.llm.tokenize(b"<start_of_image><end_of_image>" * 10, add_bos=True, special=True)
+    seq = Sequence(tokens=prompt, max_tokens=8, sampling={"temperature": 0})
+    [g] = submit_at_once(host, [seq])
+    assert g.completion_tokens == 8
+    assert "image>" not in g.text and g.text.strip()  # the markers go, the text stays
+
+
+def test_a_stop_string_naming_an_image_marker_still_ends_the_reply(host):
+    marker = "<start_of_image>"
+    seq = Sequence(
+        tokens=marker_prompt(host, marker),
+        max_tokens=6,
+        sampling={"temperature": 0},
+        stops=(marker,),
+    )
+    [g] = submit_at_once(host, [seq])
+    assert (g.text, g.finish_reason, g.completion_tokens) == ("", "stop", 0)
+
+
+def test_html_tags_in_the_vocabulary_are_still_text(host):
+    from workers.engine.vocab import Vocab
+
+    vocab = Vocab(llama_cpp.llama_model_get_vocab(host.llm.model))
+    for tag in ("<table>", "</td>", "<img>", "\t\t"):
+        [token] = host.llm.tokenize(tag.encode(), add_bos=False, special=True)
+        assert vocab.text(token) == tag.encode()
+    for hidden in ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "[multimodal]"):
+        [token] = host.llm.tokenize(hidden.encode(), add_bos=False, special=True)
+        assert vocab.text(token) == b"" and vocab.name(token) == hidden
 
 
 def test_a_prompt_longer_than_the_context_fails_with_the_numbers(host):

@@ -1,6 +1,6 @@
 """Stop strings and streaming: text is cut at the first stop, and no piece of a stop leaks."""
 
-from workers.engine.text import TextAssembler
+from workers.engine.text import TextAssembler, is_marker
 
 
 def feed(pieces, stops):
@@ -38,3 +38,16 @@ def test_the_earliest_of_several_stops_wins():
 def test_without_stops_everything_streams():
     text, sent, stopped = feed(["a", "b", "c"], [])
     assert not stopped and text == sent == "abc"
+
+
+def test_markers_for_image_or_audio_input_are_not_text_but_html_and_tool_tags_are():
+    markers = [
+        "<start_of_image>",
+        "<end_of_image>",
+        "[multimodal]",
+        "<image_soft_token>",
+        "<audio>",
+    ]
+    text = ["<table>", "</td>", "<img>", "<tool_call>", "<b>", "[1]", "<start_of_turn>", "\n\n"]
+    assert [m for m in markers if not is_marker(m)] == []
+    assert [t for t in text if is_marker(t)] == []

@@ -1,4 +1,4 @@
-"""`python -m workers`: the same as `farm worker` (workers/main.py)."""
+"""`python -m workers`: the same as `farm worker`."""
 
 import sys
 

@@ -3,7 +3,7 @@
 The host owns what is per model: the weights, the tokenizer and chat template (through
 llama-cpp-python's `Llama`, kept with a tiny context of its own), and an `Engine` that runs
 every sequence of that model in one continuous batch. `generate` is the job thread's view:
-tokenize, hand the sequence to the engine, follow its events.
+the request as a Sequence (`workers.prepare`), handed to the engine, its events followed.
 """
 
 from __future__ import annotations
@@ -12,33 +12,25 @@ import logging
 import os
 import queue
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
+
 from farm.errors import JobFailed, WorkerStartError
-from farm.request import SAMPLING_FIELDS, Message, Request, Stopping
-from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation
+from farm.request import Request, Stopping
+from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation, SequenceRunner
 from workers.engine import Sequence as EngineSequence
+from workers.prepare import PromptTokens, prompt_tokens, sequence_for
+from workers.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 # The host's own Llama context only serves tokenization and chat templates.
 _TOKENIZER_CTX = 64
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to load one model: what the registry records for it."""
-
-    name: str
-    path: str
-    n_ctx: int = 4096
-    n_gpu_layers: int = -1
-    chat_format: str | None = None
-    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def available_cores() -> int:
@@ -78,7 +70,7 @@ class ModelHost:
         self.spec = spec
         self.options = options or EngineOptions()
         self.llm: Any = None
-        self.engine: Engine | None = None
+        self.engine: SequenceRunner | None = None
         self.device = "cpu"
         self.chat_source = ""
 
@@ -89,8 +81,6 @@ class ModelHost:
         WorkerStartError when the file cannot be loaded or the engine's context not created."""
         path = Path(self.spec.path)
         check_gguf(path, self.spec.name)
-        import llama_cpp
-
         gpu = bool(llama_cpp.llama_supports_gpu_offload()) and self.spec.n_gpu_layers != 0
         started = time.perf_counter()
         try:
@@ -174,8 +164,6 @@ class ModelHost:
 
     @property
     def device_is_cpu(self) -> bool:
-        import llama_cpp
-
         return not llama_cpp.llama_supports_gpu_offload() or self.spec.n_gpu_layers == 0
 
     def _choose_chat_format(self) -> None:
@@ -229,29 +217,20 @@ class ModelHost:
         engine = self.engine
         assert engine is not None, "start() before load()"
         started = time.perf_counter()
-        tokens, template_stops = self._prompt_tokens(request)
-        if len(tokens) >= self.spec.n_ctx:
-            raise JobFailed(
-                f"the prompt is {len(tokens)} tokens but model '{self.spec.name}' holds "
-                f"{self.spec.n_ctx}; shorten it, or register the model with a larger context "
-                "(--n-ctx)"
-            )
-        stopping = request.stopping
-        limits = [
-            s for s in (stopping.max_time_ms and stopping.max_time_ms / 1000, time_limit_s) if s
-        ]
-        seq = EngineSequence(
-            tokens=tokens,
-            max_tokens=stopping.max_tokens,
-            sampling=self._sampling(request),
-            stops=tuple(stopping.stop) + template_stops,
-            grammar=self._grammar(request),
-            deadline=started + min(limits) if limits else None,
+        seq = sequence_for(
+            request,
+            self.spec,
+            self.tokenize(request),
             started=started,
+            time_limit_s=time_limit_s,
             label=label,
         )
         engine.submit(seq)
         return seq
+
+    def tokenize(self, request: Request) -> PromptTokens:
+        """The request's prompt tokens on this model, and its chat template's stops."""
+        return prompt_tokens(self.llm, request)
 
     def follow(
         self,
@@ -286,80 +265,6 @@ class ModelHost:
 
     def _engine_alive(self) -> bool:
         return self.engine is not None and self.engine.alive
-
-    def _grammar(self, request: Request) -> str | None:
-        """The request's GBNF grammar, its JSON schema converted to one, or None."""
-        from workers.engine.grammar import request_grammar
-
-        return request_grammar(request)
-
-    def _sampling(self, request: Request) -> dict[str, Any]:
-        defaults = {k: v for k, v in self.spec.defaults.items() if k in SAMPLING_FIELDS}
-        given = request.sampling.model_dump(exclude_none=True)
-        return {**defaults, **given}
-
-    def _prompt_tokens(self, request: Request) -> tuple[list[int], tuple[str, ...]]:
-        if request.messages is None:
-            assert request.prompt is not None
-            return self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True), ()
-        return chat_prompt(self.llm, request.messages)
-
-
-# Chat formats in llama-cpp-python that drop system messages; Gemma's own template folds the
-# system text into the first user turn, so farm does that instead of losing it.
-_FOLD_SYSTEM = frozenset({"gemma"})
-
-
-def _fold_system(messages: Sequence[Message]) -> list[Message]:
-    system = "\n\n".join(m.content for m in messages if m.role == "system")
-    rest = [m for m in messages if m.role != "system"]
-    if not system:
-        return rest
-    for i, m in enumerate(rest):
-        if m.role == "user":
-            rest[i] = Message(role="user", content=f"{system}\n\n{m.content}")
-            return rest
-    return [Message(role="user", content=system), *rest]
-
-
-def chat_prompt(llm: Any, messages: Sequence[Message]) -> tuple[list[int], tuple[str, ...]]:
-    """The prompt tokens and extra stop strings llama-cpp-python's chat handler would use.
-
-    The handler for the model's chat format formats the messages, tokenizes them, then calls
-    `create_completion`; a stand-in Llama catches that call, so farm uses exactly the
-    template llama-cpp-python would, for every format it knows, and runs its own loop.
-    """
-    from llama_cpp import llama_chat_format
-
-    handler = llm.chat_handler or llm._chat_handlers.get(llm.chat_format)
-    if handler is None:
-        handler = llama_chat_format.get_chat_completion_handler(llm.chat_format)
-    if llm.chat_format in _FOLD_SYSTEM and llm.chat_handler is None:
-        messages = _fold_system(messages)
-    stand_in = _CapturingLlama(llm)
-    try:
-        handler(llama=stand_in, messages=[m.model_dump() for m in messages], stream=False)
-    except _Captured as captured:
-        stop = captured.stop
-        stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-        return list(captured.prompt), tuple(s for s in stops if s)
-    raise JobFailed(f"chat format '{llm.chat_format}' is not supported by farm's worker")
-
-
-class _Captured(Exception):
-    def __init__(self, prompt: Sequence[int], stop: Any):
-        self.prompt, self.stop = prompt, stop
-
-
-class _CapturingLlama:
-    def __init__(self, llm: Any):
-        self._llm = llm
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llm, name)
-
-    def create_completion(self, prompt: Sequence[int], stop: Any = None, **_: Any) -> Any:
-        raise _Captured(prompt, stop)
 
 
 def check_gguf(path: Path, name: str) -> None:

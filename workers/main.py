@@ -22,18 +22,21 @@ import socket
 import sys
 from typing import Any
 
+import llama_cpp
 from celery.signals import task_revoked, worker_init, worker_ready, worker_shutdown
+from celery.worker.consumer import consumer
 
 from farm.context import get_context
 from farm.errors import FarmError
-from farm.queue import queue_name
+from farm.queue import TASK_NAME, queue_name
 from farm.registry import queries, transaction
 from farm.registry.db import require_schema
 from workers import control
 from workers.engine.engine import MAX_SLOTS
 from workers.heartbeat import Membership
-from workers.host import EngineOptions, ModelSpec, available_cores
+from workers.host import EngineOptions, available_cores
 from workers.models import ModelCache, parse_size
+from workers.spec import ModelSpec
 from workers.spool import UsageSpool
 from workers.tasks import JobRunner, register_task
 
@@ -193,8 +196,6 @@ def _only_farms_task(app: Any) -> None:
     """Celery's built-in tasks (celery.backend_cleanup, celery.chord_unlock ...) must not
     run on a model's queue: unregistered here, such a message is discarded like any
     unknown task."""
-    from farm.queue import TASK_NAME
-
     for name in list(app.tasks):
         if name != TASK_NAME:
             app.tasks.unregister(name)
@@ -204,8 +205,6 @@ class _NoBodies(logging.Filter):
     """Celery logs the whole body of an unknown or invalid message: farm's hold prompts."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from celery.worker.consumer import consumer
-
         if record.msg is consumer.UNKNOWN_TASK_ERROR:
             record.msg = "discarded a message for a task this worker does not run (%s)"
             record.args = (record.args[0],) if isinstance(record.args, tuple) else ()
@@ -224,8 +223,6 @@ def _keep_bodies_out_of_logs() -> None:
 
 def default_parallel() -> int:
     """Slots per model when --parallel is not given: more on a GPU, where batching pays most."""
-    import llama_cpp
-
     return 16 if llama_cpp.llama_supports_gpu_offload() else 4
 
 

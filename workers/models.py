@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from farm.errors import InvalidRequest, JobFailed, WorkerStartError
-from workers.host import EngineOptions, ModelHost, ModelSpec
+from workers.host import EngineOptions, ModelHost
+from workers.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

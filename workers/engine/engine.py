@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import ctypes
 import logging
 import threading
 import time
@@ -36,6 +35,7 @@ import llama_cpp
 from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence
 from workers.engine.sampling import GrammarError, Sampler, build_sampler
 from workers.engine.text import TextAssembler
+from workers.engine.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Engine:
         self.n_batch = n_batch
         self.threads = threads
         self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.tokens = Vocab(self.vocab)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_size or n_ctx * slots
         params.n_batch = params.n_ubatch = n_batch
@@ -123,7 +124,6 @@ class Engine:
         self._hold = False  # the KV cache was full: admit nothing until a sequence ends
         self._prompt_budget = self.n_batch
         self._admissions = 0
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -313,10 +313,10 @@ class Engine:
         slot.generated += 1
         job.generated = slot.generated
         self.tokens_generated += 1
-        if self._ends_turn(token, text.stops):
+        if self.tokens.ends_turn(token, text.stops):
             slot.generated -= 1  # like EOS, the end-of-turn token is not part of the reply
             self._finish(slot, "stop")
-        elif text.add(slot.decoder.decode(self._piece(token))):
+        elif text.add(slot.decoder.decode(self.tokens.text(token))):
             self._finish(slot, "stop")
         elif slot.generated >= slot.max_tokens:
             self._finish(slot, "length")
@@ -326,27 +326,6 @@ class Engine:
             self._finish(slot, "cancelled")
         else:
             slot.next_token = token
-
-    def _ends_turn(self, token: int, stops: tuple[str, ...]) -> bool:
-        """End of generation, or a control token that starts a stop string (<end_of_turn>).
-
-        Control tokens detokenize to nothing, so a chat template's stop string such as
-        "<end_of_turn>\n" would never match the text; match the token's own name instead.
-        """
-        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-            return True
-        if not llama_cpp.llama_vocab_is_control(self.vocab, token):
-            return False
-        name = self._piece(token, special=True).decode("utf-8", "replace")
-        return bool(name) and any(stop.startswith(name) for stop in stops)
-
-    def _piece(self, token: int, special: bool = False) -> bytes:
-        buf = self._piece_buf
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:  # a longer piece than the buffer: -n is its length
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
 
     # -- ending sequences ---------------------------------------------------------------------------
     def _finish(self, slot: Slot, reason: str) -> None:

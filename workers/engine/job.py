@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 TEXT, DONE, FAILED = "text", "done", "failed"
 
@@ -55,3 +55,17 @@ class Sequence:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+
+class SequenceRunner(Protocol):
+    """What runs Sequences behind a host: the Engine, or its in-memory twin (twin.py)."""
+
+    tokens_generated: int  # since start, for tokens/s in the heartbeat
+    kv_size: int
+
+    def submit(self, seq: Sequence) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def close(self) -> None: ...

@@ -6,7 +6,22 @@ streaming reader never sees the beginning of a stop string that ends the reply.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+
+# A token that stands for non-text input (an image, audio, video) rather than for text:
+# <start_of_image>, <end_of_image>, [multimodal], <image_soft_token>. HTML tags (<img>,
+# <table>) and tool-call tags (<tool_call>) name no such input and stay text.
+_MARKER = re.compile(
+    r"<[^<>\s]*(?:image|audio|video|vision|multimodal)[^<>\s]*>"
+    r"|\[[^\[\]\s]*(?:image|audio|video|vision|multimodal)[^\[\]\s]*\]",
+    re.IGNORECASE,
+)
+
+
+def is_marker(name: str) -> bool:
+    """True when a user-defined token's name marks non-text input (never shown as text)."""
+    return _MARKER.fullmatch(name) is not None
 
 
 class TextAssembler:
