@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from farm.cli.version import version_callback
 from farm.errors import FarmError
 
 app = typer.Typer(
@@ -30,16 +31,10 @@ def _root(
         "--version",
         is_eager=True,
         help="farm's, Celery's and llama-cpp-python's versions, and whether llama.cpp has GPU offload",
-        callback=lambda v: _version(v),
+        callback=version_callback,
     ),
 ) -> None:
     """farm: an inference farm for llama.cpp models."""
-
-
-def _version(value: bool) -> None:
-    from farm.cli.ops import version_callback
-
-    version_callback(value)
 
 
 app.add_typer(models_app, name="models")

@@ -1,4 +1,4 @@
-"""`farm jobs`, `farm logs`, `farm down`, `farm config`, `farm --version`: what an operator
+"""`farm jobs`, `farm logs`, `farm down`, `farm config`, `farm metrics`: what an operator
 reaches for once the farm runs."""
 
 from __future__ import annotations
@@ -282,29 +282,3 @@ def metrics(
         serve(ctx, port, address)
     except KeyboardInterrupt:
         return
-
-
-def version_callback(value: bool) -> None:
-    if not value:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    def of(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
-
-    llama = of("llama-cpp-python")
-    gpu = "-"
-    if llama != "not installed":
-        try:
-            import llama_cpp
-
-            gpu = "yes" if llama_cpp.llama_supports_gpu_offload() else "no (CPU only)"
-        except Exception as e:  # a broken build still gets its version printed
-            gpu = f"unknown ({type(e).__name__})"
-    print(f"farm {of('farm')}")
-    print(f"celery {of('celery')}, kombu {of('kombu')}")
-    print(f"llama-cpp-python {llama}; GPU offload: {gpu}")
-    raise typer.Exit()
