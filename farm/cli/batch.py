@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import app, err, friendly, out
+from farm.cli.base import app, err, friendly, out, priority_level
 
 batch_app = typer.Typer(help="Batch jobs: a JSONL file of requests run in the background.")
 app.add_typer(batch_app, name="batch", no_args_is_help=True)
@@ -43,7 +43,9 @@ def submit(
             "[default: the file's SHA-256]"
         ),
     ] = None,
-    priority: Annotated[str, typer.Option(help="high, normal or low")] = "low",
+    priority: Annotated[
+        str, typer.Option(metavar="LEVEL", parser=priority_level, help="high, normal or low")
+    ] = "low",
     session: Annotated[str, typer.Option(metavar="NAME", help="session billed")] = "default",
     window: Annotated[
         str, typer.Option(help="completion window: lines not started by then expire")

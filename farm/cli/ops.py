@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import _db_url, app, err, friendly, get_settings, out
+from farm.cli.base import JOB_STATUSES, _db_url, app, choice, err, friendly, get_settings, out
 
 
 def local_time(dt: datetime | None) -> str:
@@ -34,19 +34,18 @@ def jobs(
     status: Annotated[
         str | None,
         typer.Option(
-            metavar="STATUS", help="queued, running, succeeded, failed, cancelled or expired"
+            metavar="STATUS",
+            parser=choice(JOB_STATUSES, "a job status"),
+            help="queued, running, succeeded, failed, cancelled or expired",
         ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10000, help="how many, newest first")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per job")] = False,
 ) -> None:
     """Recent jobs, newest first, one per line."""
-    from farm.errors import InvalidRequest
     from farm.registry import queries, transaction
-    from farm.registry.tables import JOB_STATUSES, as_utc
+    from farm.registry.tables import as_utc
 
-    if status is not None and status not in JOB_STATUSES:
-        raise InvalidRequest(f"unknown status '{status}'; use one of: {', '.join(JOB_STATUSES)}")
     with transaction(_db_url()) as s:
         rows = queries.recent_jobs(s, session=session, model=model, status=status, limit=limit)
         found: list[dict[str, Any]] = [
