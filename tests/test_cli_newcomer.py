@@ -5,13 +5,17 @@ without a running farm, and errors that name the flags the user typed."""
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.conftest import run_cli
 
 CLI = Path(__file__).resolve().parent.parent / "farm" / "cli"
 
@@ -125,3 +129,84 @@ def test_submit_errors_name_the_flags_the_user_typed(message, said):
     from farm.cli.jobs import as_flags
 
     assert as_flags(message) == said
+
+
+# -- tables: whole values when piped, sensible folding on a terminal --------------------------
+def usage_like_table(*rows: tuple[str, ...]) -> Any:
+    from farm.cli.tables import FoldTable
+
+    table = FoldTable(
+        "session", "model", "jobs", "succeeded", "failed", "cancelled", "expired",
+        "in flight", "prompt tok", "completion tok", "note", whole=("session", "model"),
+    )  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+ROW = ("bar-alice", "gemma3-270m", "12", "10", "1", "1", "0", "0", "123456", "5678")
+NOTE = "a long free text note that goes on and on and does not fit beside the numbers"
+
+
+def printed(table: Any, *, terminal: bool, width: int = 80) -> list[str]:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer, width=width, soft_wrap=True, force_terminal=terminal, color_system=None
+    )
+    console.print(table)
+    return buffer.getvalue().splitlines()
+
+
+def test_a_piped_table_prints_each_row_whole_on_one_line_under_its_header():
+    lines = printed(usage_like_table((*ROW, NOTE), (*ROW[:9], "1", "-")), terminal=False)
+    assert lines[0].split() == [
+        "session", "model", "jobs", "succeeded", "failed", "cancelled", "expired", "in",
+        "flight", "prompt", "tok", "completion", "tok", "note",
+    ]  # fmt: skip
+    rows = lines[2:]
+    assert len(rows) == 2 and len(rows[0]) > 80
+    assert rows[0].split()[:10] == list(ROW) and rows[0].endswith(NOTE)
+    assert [line for line in lines if line != line.rstrip()] == []  # no padding to cut
+
+
+def test_on_an_80_column_terminal_names_stay_whole_and_free_text_folds():
+    lines = printed(usage_like_table((*ROW, NOTE)), terminal=True)
+    assert all(len(line) <= 80 for line in lines)
+    assert any(line.split()[:2] == ["bar-alice", "gemma3-270m"] for line in lines)
+    assert "123456" in "\n".join(lines)  # numbers are not split either
+    assert NOTE not in "\n".join(lines)  # the note folds (at its spaces)
+    assert " ".join(w for line in lines for w in line.split() if w in NOTE.split()).endswith(
+        "beside the numbers"
+    )
+
+
+def test_a_table_that_fits_the_terminal_is_printed_as_it_is():
+    from farm.cli.tables import FoldTable
+
+    table = FoldTable("job", "model", whole=("job",))
+    table.add_row("4f1c-9e", "gemma3-270m")
+    assert printed(table, terminal=True)[2].split() == ["4f1c-9e", "gemma3-270m"]
+
+
+def test_piped_jobs_usage_and_batch_tables_have_headers_and_whole_rows(farm_client):
+    session = "bar-alice-with-a-long-session-name"
+    r = farm_client.farm("submit", "hi", "--max-tokens", "2", "--session", session, "--no-wait")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    farm_client.farm("result", job_id, "--timeout", "60")
+    env = {**farm_client.env, "COLUMNS": "80"}
+    for args, header in [
+        (("jobs", "--session", session), ["job", "status", "model", "session", "priority"]),
+        (("usage", "--session", session), ["session", "model", "jobs", "succeeded"]),
+        (("usage", "--jobs", "--session", session), ["job", "session", "model", "priority"]),
+    ]:
+        out = run_cli(env, *args, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[: len(header)] == header, out.stdout
+        [row] = [line for line in lines if session in line.split()]  # grep finds it whole
+        assert "gemma3-270m" in row.split()
+        if args[0] != "usage" or "--jobs" in args:
+            assert job_id in row.split()

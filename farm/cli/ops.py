@@ -13,7 +13,17 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import JOB_STATUSES, _db_url, app, choice, err, friendly, get_settings, out
+from farm.cli.base import (
+    JOB_STATUSES,
+    _db_url,
+    app,
+    choice,
+    err,
+    fold_table,
+    friendly,
+    get_settings,
+    out,
+)
 
 
 def local_time(dt: datetime | None) -> str:
@@ -42,7 +52,7 @@ def jobs(
     limit: Annotated[int, typer.Option(min=1, max=10000, help="how many, newest first")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per job")] = False,
 ) -> None:
-    """Recent jobs, newest first, one per line."""
+    """Recent jobs, newest first: a table, one line per job when piped."""
     from farm.registry import queries, transaction
     from farm.registry.tables import as_utc
 
@@ -73,17 +83,33 @@ def jobs(
     if not found:
         out.print("no jobs yet" + (" that match" if session or model or status else ""))
         return
-    for j in found:  # one per line, ids whole, for grep and copy
-        duration = "-" if j["duration_s"] is None else f"{j['duration_s']:.1f}s"
+    table = fold_table(
+        "job",
+        "status",
+        "model",
+        "session",
+        "priority",
+        "tokens",
+        "took",
+        "submitted",
+        whole=("job", "model", "session"),
+    )
+    for j in found:
         if j["prompt_tokens"] is None:  # running: what it generated so far
-            tokens = f"{j['completion_tokens']} tok so far"
+            tokens = f"{j['completion_tokens']} so far"
         else:
-            tokens = f"{j['prompt_tokens']}+{j['completion_tokens']} tok"
-        out.print(
-            f"{j['job']}  {j['status']:<9}  {j['model']}  {j['session']}  {j['priority']:<6}  "
-            f"{tokens}  {duration:>7}  {local_time(j['submitted'])}",
-            highlight=False,
+            tokens = f"{j['prompt_tokens']}+{j['completion_tokens']}"
+        table.add_row(
+            j["job"],
+            j["status"],
+            j["model"],
+            j["session"],
+            j["priority"],
+            tokens,
+            "-" if j["duration_s"] is None else f"{j['duration_s']:.1f}s",
+            local_time(j["submitted"]),
         )
+    out.print(table, highlight=False)
 
 
 def _tokens_so_far(running: list[dict[str, Any]]) -> None:
