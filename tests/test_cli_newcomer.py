@@ -10,12 +10,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import finished_usage, run_cli
 
 CLI = Path(__file__).resolve().parent.parent / "farm" / "cli"
 
@@ -188,6 +189,42 @@ def test_a_table_that_fits_the_terminal_is_printed_as_it_is():
     table = FoldTable("job", "model", whole=("job",))
     table.add_row("4f1c-9e", "gemma3-270m")
     assert printed(table, terminal=True)[2].split() == ["4f1c-9e", "gemma3-270m"]
+
+
+# -- farm status JOB ------------------------------------------------------------------------------
+def test_status_of_a_job_answers_from_the_registry_when_no_farm_runs(tmp_path):
+    """`farm up` stopped: no broker to ask, but the registry still knows the job."""
+    from farm.registry import queries, transaction, upgrade
+
+    upgrade(f"sqlite:///{tmp_path / 'registry.db'}")  # where `farm up` keeps it
+    with transaction(f"sqlite:///{tmp_path / 'registry.db'}") as s:
+        queries.record_queued(
+            s, job_id="job-left-queued", session="alice", model="gemma3-270m",
+            priority="high", submitted_at=datetime.now(UTC),
+        )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FARM_")}
+    env["FARM_HOME"] = str(tmp_path)
+    r = run_cli(env, "status", "job-left-queued", "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["job"], info["status"], info["session"]) == ("job-left-queued", "queued", "alice")
+    assert "registry's view" in info["note"]
+    shown = run_cli(env, "status", "job-left-queued", timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "queued" in shown.stdout and "`farm up` starts one" in shown.stdout
+
+
+def test_status_right_after_cancel_says_cancelled(farm_client):
+    import farm
+    from farm.status import job_status
+    from tests.conftest import MODEL
+
+    job = farm.submit("Tell me a long story.", model=MODEL, max_tokens=300)
+    next(job.stream(timeout=120))  # running: it has produced a token
+    assert job.cancel()
+    assert job_status(job.id)["status"] == "cancelled"
+    [row] = finished_usage(farm_client.database_url, job.id, timeout=30)
+    assert row.status == "cancelled"  # what the registry says once the worker stopped it
 
 
 def test_piped_jobs_usage_and_batch_tables_have_headers_and_whole_rows(farm_client):
