@@ -247,3 +247,21 @@ def test_piped_jobs_usage_and_batch_tables_have_headers_and_whole_rows(farm_clie
         assert "gemma3-270m" in row.split()
         if args[0] != "usage" or "--jobs" in args:
             assert job_id in row.split()
+
+
+# -- the README --------------------------------------------------------------------------------
+def readme_block(section: str, language: str) -> str:
+    """The first fenced `language` block under the README's `## section` heading."""
+    text = (CLI.parent.parent / "README.md").read_text()
+    body = text.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_sample_batch_file_is_one_the_batches_endpoint_takes():
+    """/v1/batches, like OpenAI's, takes a file whose lines all go to its endpoint."""
+    from farm.batches.lines import check
+
+    sample = readme_block("Batch jobs", "json").encode()
+    first_url = json.loads(sample.splitlines()[0])["url"]
+    lines = check(sample, {"gemma3-270m": 4096}, endpoint=first_url)
+    assert len(lines) == len(sample.splitlines()) == 2
