@@ -61,7 +61,8 @@ class FoldTable(Table):
         not fold: the `whole` columns' widest values (in order, while they fit), the other
         columns' longest words; then the room left goes to the columns that need least to
         show their values and header words whole, shared a character at a time; what still
-        lacks room folds (headers, long free text). When not even the words fit, rich shares the width out itself."""
+        lacks room folds (headers, long free text). When not even the words fit, rich
+        shares the width out itself."""
         columns = self.columns
         cells = [[Text.from_markup(str(cell)) for cell in c.cells] for c in columns]
         widest = [max((t.cell_len for t in texts), default=1) for texts in cells]
