@@ -6,11 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+
 from farm.batches.store import active
 from farm.context import FarmContext, get_context
 from farm.depth import queue_depths, queue_place
-from farm.errors import UnknownJob
-from farm.queue import progress_key
+from farm.errors import FarmUnavailable, UnknownJob
+from farm.queue import cancel_key, progress_key
 from farm.registry import queries, transaction
 from farm.registry.tables import as_utc
 from farm.stream import stream_outcome
@@ -130,17 +132,35 @@ def job_status(job_id: str, ctx: FarmContext | None = None) -> dict[str, Any]:
             "finish_reason": row.finish_reason,
             "error": row.error,
         }
-    if info["status"] in ("queued", "running"):
-        info["status"] = stream_outcome(ctx.redis, job_id) or info["status"]
     if info["status"] == "queued":
         info["prompt_tokens"] = info["completion_tokens"] = None  # none counted yet
+    if info["status"] == "running":
+        info["prompt_tokens"] = info["prompt_tokens"] or None  # counted when the job ends
+    if info["status"] in ("queued", "running"):
+        try:
+            _live_state(ctx, job_id, info)
+        except (FarmUnavailable, redis.RedisError):
+            # No farm to ask (`farm up` stopped, Redis down): the registry's view is the answer.
+            info["note"] = NO_FARM_NOTE
+    return {k: v for k, v in info.items() if v is not None}
+
+
+NO_FARM_NOTE = "no running farm answers (`farm up` starts one): this is the registry's view"
+
+
+def _live_state(ctx: FarmContext, job_id: str, info: dict[str, Any]) -> None:
+    """What Redis knows of a job the registry still calls queued or running: that it ended
+    (its stream's final event), that a cancel was asked for (the worker stops it at its next
+    poll), its place in the queue, or the tokens generated so far."""
+    info["status"] = stream_outcome(ctx.redis, job_id) or info["status"]
+    if info["status"] in ("queued", "running") and ctx.redis.exists(cancel_key(job_id)):
+        info["status"] = "cancelled"
+    if info["status"] == "queued":
         place = queue_place(ctx, info["model"], job_id)
         if place is not None:
             info.update(place)
     if info["status"] == "running":
         [info["completion_tokens"]] = tokens_so_far(ctx, [job_id])
-        info["prompt_tokens"] = info["prompt_tokens"] or None  # counted when the job ends
-    return {k: v for k, v in info.items() if v is not None}
 
 
 def _shown_state(state: str, has_live_lease: bool, heartbeat_stale: bool) -> str:

@@ -77,9 +77,15 @@ def test_unknown_model_is_one_clear_line_and_exit_1(live_farm):
     assert "Traceback" not in r.stderr
 
 
-def test_out_of_range_flag_names_the_field(live_farm):
+def test_out_of_range_flag_is_named_as_the_user_typed_it(live_farm):
     r = live_farm.farm("submit", "hi", "--top-p", "3")
-    assert r.returncode == 1 and "'sampling.top_p'" in r.stderr
+    assert r.returncode == 1 and "invalid --top-p: " in r.stderr
+
+
+def test_max_tokens_beyond_the_models_context_names_the_flag(live_farm):
+    r = live_farm.farm("submit", "hi", "--max-tokens", "5000")
+    assert r.returncode == 1
+    assert f"invalid --max-tokens: 5000 is more than model '{MODEL}' can hold" in r.stderr
 
 
 def test_cancel_of_an_unknown_job_says_so(live_farm):

@@ -2,7 +2,12 @@
 manage models, read usage.
 
 Every error a user can cause is printed as one line saying what was wrong and what to do,
-with exit status 1; nothing is half-queued.
+with exit status 1; nothing is half-queued. A mistyped option or value is refused (exit 2)
+while the arguments are parsed.
+
+Each command imports the farm's libraries (Celery, Redis, SQLAlchemy, pydantic-settings)
+inside its body, for the CLI's start time: they take seconds to load on a small machine, and
+`--help` or an argument error must not wait for them.
 """
 
 from farm.cli import batch, fleet, gateway, jobs, models, ops, quota  # noqa: F401  (each registers its commands)

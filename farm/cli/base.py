@@ -3,14 +3,16 @@ which turns farm's errors into one clear line and exit status 1."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
+from farm.cli.version import version_callback
 from farm.errors import FarmError
+from farm.queue import PRIORITIES  # standard library only: --priority is checked as it is parsed
 
 app = typer.Typer(
     help="farm: an inference farm for llama.cpp models.",
@@ -30,16 +32,10 @@ def _root(
         "--version",
         is_eager=True,
         help="farm's, Celery's and llama-cpp-python's versions, and whether llama.cpp has GPU offload",
-        callback=lambda v: _version(v),
+        callback=version_callback,
     ),
 ) -> None:
     """farm: an inference farm for llama.cpp models."""
-
-
-def _version(value: bool) -> None:
-    from farm.cli.ops import version_callback
-
-    version_callback(value)
 
 
 app.add_typer(models_app, name="models")
@@ -49,6 +45,31 @@ app.add_typer(db_app, name="db")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def choice(names: Iterable[str], what: str) -> Callable[[str], str]:
+    """A parser that refuses any value but `names` while the arguments are parsed (exit 2,
+    naming the option), before a command loads the farm's libraries."""
+    known = tuple(names)
+
+    def parse(value: str) -> str:
+        if value not in known:
+            raise typer.BadParameter(f"'{value}' is not {what}; use one of: {', '.join(known)}")
+        return value
+
+    return parse
+
+
+priority_level = choice(PRIORITIES, "a priority")
+# The job states of the registry's usage rows (farm.registry.tables.JOB_STATUSES, which
+# loads SQLAlchemy): named here so that `farm jobs --status` is checked as it is parsed.
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+Priority = Annotated[
+    str,
+    typer.Option(
+        "--priority", "-p", metavar="LEVEL", parser=priority_level, help="high, normal or low"
+    ),
+]
 
 
 def friendly(fn: F) -> F:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import app, err, friendly, out
+from farm.cli.base import app, err, fold_table, friendly, out, priority_level
 
 batch_app = typer.Typer(help="Batch jobs: a JSONL file of requests run in the background.")
 app.add_typer(batch_app, name="batch", no_args_is_help=True)
@@ -43,7 +43,9 @@ def submit(
             "[default: the file's SHA-256]"
         ),
     ] = None,
-    priority: Annotated[str, typer.Option(help="high, normal or low")] = "low",
+    priority: Annotated[
+        str, typer.Option(metavar="LEVEL", parser=priority_level, help="high, normal or low")
+    ] = "low",
     session: Annotated[str, typer.Option(metavar="NAME", help="session billed")] = "default",
     window: Annotated[
         str, typer.Option(help="completion window: lines not started by then expire")
@@ -92,7 +94,7 @@ def list_(
     session: Annotated[str | None, typer.Option(metavar="NAME", help="only this session")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="a list of batch objects")] = False,
 ) -> None:
-    """The batches, newest first, one per line: id, name, status, lines by outcome, created."""
+    """The batches, newest first: id, name, status, lines by outcome, created."""
     import farm.batches as batches
 
     found = batches.listing(session=session, limit=limit)
@@ -102,14 +104,21 @@ def list_(
     if not found:
         out.print("no batches yet: `farm batch submit FILE`")
         return
-    for b in found:  # one line each, whole: ids to copy, lines to grep
+    table = fold_table(
+        "batch", "name", "status", "ok", "not ok", "created", whole=("batch", "name")
+    )
+    for b in found:
         c = b.counts
         ended = ", ".join(f"{c[k]} {k}" for k in ("failed", "cancelled", "expired") if c.get(k))
-        print(
-            f"{b.id}  {b.name}  {b.status:<10}  {b.succeeded}/{b.total} ok"
-            + (f" ({ended})" if ended else "")
-            + f"  {b.created_at.astimezone():%Y-%m-%d %H:%M}"
+        table.add_row(
+            b.id,
+            b.name,
+            b.status,
+            f"{b.succeeded}/{b.total}",
+            ended or "-",
+            f"{b.created_at.astimezone():%Y-%m-%d %H:%M}",
         )
+    out.print(table, highlight=False)
 
 
 @batch_app.command("status")

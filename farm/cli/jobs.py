@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import app, err, friendly, get_settings, out
+from farm.cli.base import Priority, app, err, friendly, get_settings, out
 from farm.errors import FarmError
-
-Priority = Annotated[
-    str, typer.Option("--priority", "-p", metavar="LEVEL", help="high, normal or low")
-]
 
 
 @app.command()
@@ -80,8 +78,6 @@ def submit(
     ] = None,
 ) -> None:
     """Queue a prompt; print its tokens as they are generated."""
-    from farm.enqueue import build, submit_request
-
     text = _read_stdin() if prompt == "-" else prompt
     params = {
         "max_tokens": max_tokens,
@@ -109,18 +105,62 @@ def submit(
         **params,
     }
     if chat or system:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
+        common["messages"] = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}
         ]
-        request = build(None, messages=messages, **common)
     else:
-        request = build(text, **common)
-    job = submit_request(request, wait_for_worker=wait_for_worker)
+        common["prompt"] = text
+    with flag_names():
+        # The request is checked (pydantic) before Celery, Redis and SQLAlchemy load: a bad
+        # value is refused without waiting for them.
+        from farm.request import make_request
+
+        request = make_request({k: v for k, v in common.items() if v is not None})
+        from farm.enqueue import submit_request
+
+        job = submit_request(request, wait_for_worker=wait_for_worker)
     if no_wait:
         print(job.id)
         return
     signal.signal(signal.SIGTERM, _interrupt)  # killed while following: cancel, as Ctrl-C does
     follow(job, as_json=as_json, timeout=timeout)
+
+
+# What `farm submit`'s errors call a request field: the flag the user typed. The
+# sampling and stopping fields are each the flag of their name (--max-tokens, --top-p).
+_FLAGS = {
+    "model": "--model",
+    "priority": "--priority",
+    "session": "--session",
+    "grammar": "--grammar",
+    "response_format": "--json-schema",
+    "prompt": "PROMPT",
+}
+_NESTED = re.compile(r"'(?:sampling|stopping)\.([a-z_]+)[\w.-]*'")
+_TOP = re.compile(r"(invalid |give )'([a-z_]+)[\w.-]*'")
+
+
+def as_flags(message: str) -> str:
+    """A farm error about a request, with each field it names ('stopping.max_tokens',
+    'sampling.top_p', 'model') written as `farm submit`'s flag (--max-tokens, --top-p,
+    --model)."""
+    message = _NESTED.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    message = _TOP.sub(
+        lambda m: m.group(1) + _FLAGS.get(m.group(2), m.group(0)[len(m.group(1)) :]), message
+    )
+    message = message.replace("'prompt' must not be empty", "PROMPT must not be empty")
+    return message.replace("a JSON 'response_format'", "--json-schema")
+
+
+@contextlib.contextmanager
+def flag_names() -> Iterator[None]:
+    """Re-raise the farm's errors about a request in the words of `farm submit`'s flags."""
+    from farm.errors import InvalidRequest
+
+    try:
+        yield
+    except InvalidRequest as e:
+        raise InvalidRequest(as_flags(str(e))) from e
 
 
 def _read_stdin() -> str:

@@ -271,7 +271,7 @@ def usage(
         "failed",
         "cancelled",
         "expired",
-        "queued/running",
+        "in flight",
         "prompt tok",
         "completion tok",
         "gen s",
@@ -348,14 +348,31 @@ def _usage_per_job(
         writer.writeheader()
         writer.writerows(rows)
     else:
+        table = fold_table(
+            "job",
+            "session",
+            "model",
+            "priority",
+            "status",
+            "tokens",
+            "wait",
+            "first token",
+            "generation",
+            whole=("job", "session", "model"),
+        )
         for r in rows:
-            out.print(
-                f"{r['job_id']}  {r['session']}  {r['model']}  {r['priority']:<6}  "
-                f"{r['status']:<9}  {r['prompt_tokens']}+{r['completion_tokens']} tok  "
-                f"wait {_ms(r['queue_wait_ms'])}  ttft {_ms(r['ttft_ms'])}  "
-                f"gen {_ms(r['generation_ms'])}",
-                highlight=False,
+            table.add_row(
+                r["job_id"],
+                r["session"],
+                r["model"],
+                r["priority"],
+                r["status"],
+                f"{r['prompt_tokens']}+{r['completion_tokens']}",
+                _ms(r["queue_wait_ms"]),
+                _ms(r["ttft_ms"]),
+                _ms(r["generation_ms"]),
             )
+        out.print(table, highlight=False)
 
 
 def _ms(value: float | None) -> str:

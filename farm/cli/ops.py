@@ -1,4 +1,4 @@
-"""`farm jobs`, `farm logs`, `farm down`, `farm config`, `farm --version`: what an operator
+"""`farm jobs`, `farm logs`, `farm down`, `farm config`, `farm metrics`: what an operator
 reaches for once the farm runs."""
 
 from __future__ import annotations
@@ -13,7 +13,17 @@ from typing import Annotated, Any
 
 import typer
 
-from farm.cli.base import _db_url, app, err, friendly, get_settings, out
+from farm.cli.base import (
+    JOB_STATUSES,
+    _db_url,
+    app,
+    choice,
+    err,
+    fold_table,
+    friendly,
+    get_settings,
+    out,
+)
 
 
 def local_time(dt: datetime | None) -> str:
@@ -34,19 +44,18 @@ def jobs(
     status: Annotated[
         str | None,
         typer.Option(
-            metavar="STATUS", help="queued, running, succeeded, failed, cancelled or expired"
+            metavar="STATUS",
+            parser=choice(JOB_STATUSES, "a job status"),
+            help="queued, running, succeeded, failed, cancelled or expired",
         ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10000, help="how many, newest first")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per job")] = False,
 ) -> None:
-    """Recent jobs, newest first, one per line."""
-    from farm.errors import InvalidRequest
+    """Recent jobs, newest first: a table, one line per job when piped."""
     from farm.registry import queries, transaction
-    from farm.registry.tables import JOB_STATUSES, as_utc
+    from farm.registry.tables import as_utc
 
-    if status is not None and status not in JOB_STATUSES:
-        raise InvalidRequest(f"unknown status '{status}'; use one of: {', '.join(JOB_STATUSES)}")
     with transaction(_db_url()) as s:
         rows = queries.recent_jobs(s, session=session, model=model, status=status, limit=limit)
         found: list[dict[str, Any]] = [
@@ -74,17 +83,33 @@ def jobs(
     if not found:
         out.print("no jobs yet" + (" that match" if session or model or status else ""))
         return
-    for j in found:  # one per line, ids whole, for grep and copy
-        duration = "-" if j["duration_s"] is None else f"{j['duration_s']:.1f}s"
+    table = fold_table(
+        "job",
+        "status",
+        "model",
+        "session",
+        "priority",
+        "tokens",
+        "took",
+        "submitted",
+        whole=("job", "model", "session"),
+    )
+    for j in found:
         if j["prompt_tokens"] is None:  # running: what it generated so far
-            tokens = f"{j['completion_tokens']} tok so far"
+            tokens = f"{j['completion_tokens']} so far"
         else:
-            tokens = f"{j['prompt_tokens']}+{j['completion_tokens']} tok"
-        out.print(
-            f"{j['job']}  {j['status']:<9}  {j['model']}  {j['session']}  {j['priority']:<6}  "
-            f"{tokens}  {duration:>7}  {local_time(j['submitted'])}",
-            highlight=False,
+            tokens = f"{j['prompt_tokens']}+{j['completion_tokens']}"
+        table.add_row(
+            j["job"],
+            j["status"],
+            j["model"],
+            j["session"],
+            j["priority"],
+            tokens,
+            "-" if j["duration_s"] is None else f"{j['duration_s']:.1f}s",
+            local_time(j["submitted"]),
         )
+    out.print(table, highlight=False)
 
 
 def _tokens_so_far(running: list[dict[str, Any]]) -> None:
@@ -282,29 +307,3 @@ def metrics(
         serve(ctx, port, address)
     except KeyboardInterrupt:
         return
-
-
-def version_callback(value: bool) -> None:
-    if not value:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    def of(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
-
-    llama = of("llama-cpp-python")
-    gpu = "-"
-    if llama != "not installed":
-        try:
-            import llama_cpp
-
-            gpu = "yes" if llama_cpp.llama_supports_gpu_offload() else "no (CPU only)"
-        except Exception as e:  # a broken build still gets its version printed
-            gpu = f"unknown ({type(e).__name__})"
-    print(f"farm {of('farm')}")
-    print(f"celery {of('celery')}, kombu {of('kombu')}")
-    print(f"llama-cpp-python {llama}; GPU offload: {gpu}")
-    raise typer.Exit()
