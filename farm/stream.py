@@ -115,6 +115,16 @@ class Fenced:
         held: Any = self.r.get(run_key(self.job_id))
         return held if held is None or isinstance(held, str) else held.decode()
 
+    def check(self) -> int:
+        """What a write would meet now, without writing: WRITTEN, CANCELLED_ or LOST."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(run_key(self.job_id))
+        pipe.exists(cancel_key(self.job_id))
+        holder, cancelled = pipe.execute()
+        if (holder.decode() if isinstance(holder, bytes) else holder) != self.token:
+            return LOST
+        return CANCELLED_ if cancelled else WRITTEN
+
     def release(self) -> None:
         self._release(keys=[run_key(self.job_id)], args=[self.token])
 

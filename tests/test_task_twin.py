@@ -6,6 +6,7 @@ the real engine does the same (test_e2e_infer.py)."""
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,7 @@ from celery.contrib.testing.worker import start_worker
 import farm
 from farm.context import FarmContext, get_context, reset_context
 from farm.errors import JobCancelled
-from farm.queue import queue_name
+from farm.queue import TASK_NAME, queue_name, run_key, stream_key
 from farm.registry import queries, transaction, upgrade
 from tests.conftest import finished_usage
 from workers.heartbeat import Membership
@@ -118,3 +119,82 @@ def test_cancelling_a_running_job_stops_it_and_its_row_says_cancelled(twin_farm)
     assert 0 < row.completion_tokens < 3000  # type: ignore[attr-defined]
     # The slot it held is free again: the next job runs to its end.
     assert farm.infer("after", model=TWIN, max_tokens=10).text == "after"
+
+
+def _events(ctx: FarmContext, job_id: str) -> list[tuple[str, dict[str, str]]]:
+    return [(entry_id, fields) for entry_id, fields in ctx.redis.xrange(stream_key(job_id))]
+
+
+def test_no_token_is_streamed_after_cancel_returns_and_only_those_before_are_billed(twin_farm):
+    for attempt in range(10):
+        job = farm.submit("y" * 2000, model=TWIN, max_tokens=2500)
+        tokens = job.stream(timeout=30)
+        for _ in range(3 + attempt):  # cancel at a different point each time
+            next(tokens)
+        assert job.cancel() is True
+        [(last_before, _)] = twin_farm.redis.xrevrange(stream_key(job.id), count=1)
+        with pytest.raises(JobCancelled):
+            for _ in tokens:
+                pass
+        events = _events(twin_farm, job.id)
+        after = [fields["kind"] for entry_id, fields in events if entry_id > last_before]
+        assert after == ["cancelled"], (attempt, after)
+        streamed = sum(1 for _, fields in events if fields["kind"] == "token")
+        row = usage_row(twin_farm, job.id)
+        assert row.status == "cancelled"  # type: ignore[attr-defined]
+        # One token per byte. Billed: what was streamed, plus the few the engine made in the
+        # moments between cancel() and the refused write that stopped it (2 ms a token here),
+        # not the ~100 it makes in one 0.2 s poll of the cancel flag.
+        assert streamed <= row.completion_tokens <= streamed + 8  # type: ignore[attr-defined]
+
+
+def test_a_second_delivery_of_a_running_job_waits_for_the_first_run_and_does_not_run_it_again(
+    twin_farm,
+):
+    prompt = "z" * 1500  # about 3 s at the twin's pace
+    job = farm.submit(prompt, model=TWIN, max_tokens=2000)
+    tokens = job.stream(timeout=60)
+    first = next(tokens)  # the first run is going
+    # What a broker restart does: the same message handed out again while the first run
+    # goes on (a streaming job, like the first: a second run would stream too).
+    again = farm.Request.model_validate(
+        {"model": TWIN, "prompt": prompt, "max_tokens": 2000, "stream_tokens": True}
+    )
+    twin_farm.app.send_task(
+        TASK_NAME, args=[again.to_wire()], task_id=job.id, queue=queue_name(TWIN), priority=0
+    )
+    text = first + "".join(tokens)
+    assert job.completion is not None and job.completion.finish_reason == "stop"
+    assert text == prompt  # one run's text, whole, once
+    # The second delivery ended once the first run had: it returned that run's result.
+    result = twin_farm.app.AsyncResult(job.id).get(timeout=30)
+    assert result["text"] == prompt
+    kinds = [fields["kind"] for _, fields in _events(twin_farm, job.id)]
+    assert (kinds.count("token"), kinds.count("done"), kinds.count("restart")) == (1500, 1, 0)
+    row = usage_row(twin_farm, job.id)
+    assert (row.status, row.completion_tokens) == ("succeeded", 1500)  # type: ignore[attr-defined]
+
+
+def test_a_run_that_lost_its_job_to_another_stops_and_writes_nothing_more(twin_farm):
+    # A worker cut off from Redis past the run key's ttl: another worker took the job over
+    # (its lease expired, the reaper put the job back). When the first comes back, it must
+    # neither stream nor end the job: the run holding the key does.
+    job = farm.submit("w" * 1500, model=TWIN, max_tokens=2000)
+    tokens = job.stream(timeout=60)
+    next(tokens)
+    twin_farm.redis.set(run_key(job.id), "another-worker:run", px=60_000)
+    [(taken_at, _)] = twin_farm.redis.xrevrange(stream_key(job.id), count=1)
+    # An absence, so a bounded watch: left alone the run would end within ~3 s (1500 tokens
+    # at 2 ms) with a done event; watch 4 s for anything it writes after losing the job.
+    deadline = time.monotonic() + 4
+    after: list[str] = []
+    while time.monotonic() < deadline and not after:
+        after = [f["kind"] for entry_id, f in _events(twin_farm, job.id) if entry_id > taken_at]
+        time.sleep(0.05)
+    assert after == []  # no token, no done, no cancelled: nothing after it lost the job
+    with transaction(twin_farm.database_url) as s:
+        row = queries.get_usage(s, job.id)
+    assert row is not None and row.status == "running"  # left to the run that holds it
+    assert twin_farm.redis.get(run_key(job.id)) == "another-worker:run"
+    twin_farm.redis.delete(run_key(job.id))
+    assert farm.infer("next", model=TWIN, max_tokens=10).text == "next"  # the slot is free

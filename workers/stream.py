@@ -8,22 +8,29 @@ broker) does not fail the job.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 
 from farm.stream import RECONNECT_WINDOW_S, publish
 
+T = TypeVar("T")
 
-def publish_event(client: redis.Redis, job_id: str, kind: str, **fields: Any) -> None:
-    """An event on the job's stream; the write is retried for RECONNECT_WINDOW_S."""
+
+def patiently(call: Callable[[], T]) -> T:
+    """`call()`, retried while Redis is unreachable, for RECONNECT_WINDOW_S."""
     deadline, delay = time.monotonic() + RECONNECT_WINDOW_S, 0.1
     while True:
         try:
-            publish(client, job_id, kind, **fields)
-            return
+            return call()
         except (redis.ConnectionError, redis.TimeoutError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def publish_event(client: redis.Redis, job_id: str, kind: str, **fields: Any) -> None:
+    """An event on the job's stream; the write is retried for RECONNECT_WINDOW_S."""
+    patiently(lambda: publish(client, job_id, kind, **fields))

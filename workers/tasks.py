@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -26,10 +27,21 @@ from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
 from farm.request import Request, describe_errors
-from farm.stream import CANCELLED, DONE, FAILED, RESTART, TOKEN
+from farm.stream import (
+    CANCELLED,
+    CANCELLED_,
+    DONE,
+    FAILED,
+    LOST,
+    RESTART,
+    TOKEN,
+    WRITTEN,
+    Fenced,
+)
 from workers.bookkeeping import Admission, Bookkeeper, usage_fields
 from workers.models import ModelCache
 from workers.spool import UsageSpool
+from workers.stream import patiently
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +87,72 @@ class JobRunner:
         submitted = request.submitted_at or started_wall
         stream_ttl = ctx.settings.job_time_limit + ctx.settings.stream_ttl
         redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+        # One run of a job at a time in the fleet: wait while another run holds it (a broker
+        # restart hands the message out again while the first run goes on); then the
+        # bookkeeping finds what that run left (its result, or nothing if it died).
+        fence = Fenced(r, job_id, f"{self.worker_id}:{uuid.uuid4().hex}", ctx.settings.lease_ttl)
+        if self._wait_for_other_run(fence):
+            redelivered = True
+        try:
+            return self._run_held(task, job_id, request, fence, started_wall, submitted,
+                                  stream_ttl, redelivered)  # fmt: skip
+        finally:
+            try:
+                fence.release()
+            except redis.RedisError as e:  # it expires on its own
+                log.debug("job %s: run key not released: %s", job_id, e)
+
+    def _wait_for_other_run(self, fence: Fenced) -> bool:
+        """Take the job for this run; True when another run held it first (and has ended
+        or died since). While Redis is unreachable, Reject: the job goes back to its queue."""
+        waited = False
+        deadline = time.monotonic() + self.ctx.settings.job_time_limit + fence.ttl_ms / 1000
+        while True:
+            try:
+                if patiently(fence.claim):
+                    return waited
+            except redis.RedisError as e:
+                raise Reject(f"cannot reach Redis to take the job: {e}", requeue=True) from e
+            if not waited:
+                log.warning(
+                    "job %s is running elsewhere (%s); this delivery waits for that run to end",
+                    fence.job_id,
+                    fence.holder(),
+                )
+            waited = True
+            if time.monotonic() > deadline:
+                raise Reject("another run of this job never ended", requeue=True)
+            time.sleep(0.25)
+
+    def _run_held(
+        self,
+        task: Task,
+        job_id: str,
+        request: Request,
+        fence: Fenced,
+        started_wall: float,
+        submitted: float,
+        stream_ttl: int,
+        redelivered: bool,
+    ) -> dict[str, Any]:
+        ctx, r = self.ctx, self.ctx.redis
         first = [True]
+        # Tokens generated when the run learnt it must stop (cancelled, or taken over):
+        # what it generated after that is neither streamed nor billed.
+        stopped: dict[str, Any] = {}
+
+        def stop(why: int, seq: Any) -> None:
+            if not stopped:
+                stopped.update(why=why, tokens=seq.generated)
+            seq.cancel()
 
         def on_text(piece: str) -> None:
-            if request.stream_tokens:
-                self._publish(job_id, TOKEN, ttl=stream_ttl if first[0] else None, text=piece)
+            if request.stream_tokens and not stopped:
+                ttl = stream_ttl if first[0] else None
+                written = patiently(lambda: fence.publish(TOKEN, ttl=ttl, text=piece))
                 first[0] = False
+                if written != WRITTEN:
+                    stop(written, seq)
 
         def should_cancel(tokens: int) -> bool:  # polled a few times a second while it runs
             pipe = r.pipeline(transaction=False)
@@ -88,9 +160,13 @@ class JobRunner:
             if request.batch is None:  # nobody follows a batch line: keep Redis small
                 pipe.set(progress_key(job_id), tokens, ex=stream_ttl)  # for `farm status JOB`
             try:
-                return bool(pipe.execute()[0])
+                if not fence.renew():
+                    stop(LOST, seq)
+                elif pipe.execute()[0]:
+                    stop(CANCELLED_, seq)
             except redis.RedisError:
-                return False  # Redis restarting or slow: ask again at the next poll
+                pass  # Redis restarting or slow: ask again at the next poll
+            return bool(stopped)
 
         try:
             # Loads the model first if it is not loaded (on demand); holds it for the job.
@@ -107,7 +183,7 @@ class JobRunner:
                     if redelivered and request.batch is None:
                         # An earlier delivery died part-way: tell streaming readers that the
                         # text starts over (the Completion holds the whole of this run's text).
-                        self._publish(job_id, RESTART, ttl=stream_ttl, worker=self.worker_id)
+                        fence.publish(RESTART, ttl=stream_ttl, worker=self.worker_id)
                     gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
                 except BaseException:
                     seq.cancel()  # whatever ended this job early, its slot is freed now
@@ -115,6 +191,17 @@ class JobRunner:
         except FarmError as e:
             return self._fail(job_id, str(e), request)
 
+        if stopped.get("why") == LOST:
+            return self._taken_over(job_id)
+        # A batch line streams nothing: whether it was cancelled meanwhile, ask now.
+        found = patiently(fence.check) if not stopped and request.batch is not None else WRITTEN
+        if found == LOST:
+            return self._taken_over(job_id)
+        if found != WRITTEN:
+            stopped.update(why=found, tokens=gen.completion_tokens)
+        if stopped:
+            gen.finish_reason = "cancelled"
+            gen.completion_tokens = min(gen.completion_tokens, stopped["tokens"])
         queue_wait_ms = max(0.0, (started_wall - submitted) * 1000)
         completion = Completion(
             job_id=job_id,
@@ -132,19 +219,25 @@ class JobRunner:
             worker=self.worker_id,
         )
         fields = usage_fields(completion)
-        if gen.finish_reason == "cancelled":
+        if gen.finish_reason != "cancelled" and request.batch is None:
+            # The caller waits for this event: send it first, then write the usage row.
+            # Should the worker die in between, the redelivered job finds this event and
+            # writes usage. A batch line has no caller: its result goes on its line, in the
+            # usage write, and Redis holds nothing per line (a 100,000-line batch leaves no
+            # 100,000 streams). A cancel that lands before this write wins over the result.
+            done = completion.model_dump_json()
+            written = patiently(
+                lambda: fence.publish(DONE, ttl=ctx.settings.stream_ttl, completion=done)
+            )
+            if written == LOST:
+                return self._taken_over(job_id)
+            if written == CANCELLED_:
+                completion.finish_reason = "cancelled"
+        if completion.finish_reason == "cancelled":
             self.books.end(job_id, "cancelled", batch=request.batch, **fields)
-            self._publish(job_id, CANCELLED, ttl=ctx.settings.stream_ttl)
+            patiently(lambda: fence.publish(CANCELLED, ttl=ctx.settings.stream_ttl))
             task.update_state(state=states.REVOKED)
             raise Ignore()
-        # The caller waits for this event: send it first, then write the usage row. Should
-        # the worker die in between, the redelivered job finds this event and writes usage.
-        # A batch line has no caller: its result goes on its line, in the usage write, and
-        # Redis holds nothing per line (a 100,000-line batch leaves no 100,000 streams).
-        if request.batch is None:
-            self._publish(
-                job_id, DONE, ttl=ctx.settings.stream_ttl, completion=completion.model_dump_json()
-            )
         result = completion.model_dump(mode="json")
         self.books.end(job_id, "succeeded", batch=request.batch, result=result, **fields)
         log.info(
@@ -156,6 +249,12 @@ class JobRunner:
             gen.generation_ms,
         )
         return completion.model_dump(mode="json")
+
+    def _taken_over(self, job_id: str) -> dict[str, Any]:
+        """This run lost the job (its worker was cut off past the run key's ttl and another
+        took the job over): it wrote nothing after that and leaves the job to that run."""
+        log.warning("job %s was taken over by another run; this run stops, writing nothing", job_id)
+        raise Ignore()
 
     def _publish(self, job_id: str, kind: str, **fields: Any) -> None:
         self.books.publish(job_id, kind, **fields)
