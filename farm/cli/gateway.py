@@ -89,8 +89,7 @@ def keys_create(
 @friendly
 def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Keys by their first characters, with their session and state."""
-    from farm.gateway import keys
-    from farm.registry import transaction
+    from farm.registry import keys, transaction
 
     with transaction(_db_url()) as s:
         rows: list[dict[str, str]] = [
@@ -120,8 +119,7 @@ def keys_revoke(
 ) -> None:
     """Revoke a key: it is refused from the next request on."""
     from farm.errors import InvalidRequest
-    from farm.gateway import keys
-    from farm.registry import transaction
+    from farm.registry import keys, transaction
 
     with transaction(_db_url()) as s:
         if not keys.revoke(s, prefix):
