@@ -16,16 +16,25 @@ calls block.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
+import farm
+from farm.context import get_context
 from farm.errors import FarmError
-from farm.gateway import openai
+from farm.gateway import keys, openai
+from farm.gateway.batches import add_routes
 from farm.queue import PRIORITIES
+from farm.registry import queries, transaction
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +43,12 @@ def create_app() -> FastAPI:
     app = FastAPI(title="farm", docs_url=None, redoc_url=None)
     unauthorized_handler(app)
 
-    from fastapi.exceptions import RequestValidationError
-
     @app.exception_handler(RequestValidationError)
     def _bad_query(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         param = str(first.get("loc", ["", "request"])[-1])
         status, body = openai.error(openai.BadBody(f"invalid '{param}': {first.get('msg')}", param))
         return JSONResponse(body, status_code=status)
-
-    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     def _http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -77,9 +82,6 @@ def create_app() -> FastAPI:
     @app.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
         _session(request)
-        from farm.context import get_context
-        from farm.registry import queries, transaction
-
         with transaction(get_context().database_url) as s:
             found = [m for m in queries.list_models(s) if m.enabled]
             return {
@@ -103,15 +105,11 @@ def create_app() -> FastAPI:
     async def completions(request: Request) -> Any:
         return await _complete(request, chat=False)
 
-    from farm.gateway.batches import add_routes
-
     add_routes(app, _session)
     return app
 
 
 async def _complete(request: Request, *, chat: bool) -> Any:
-    from starlette.concurrency import run_in_threadpool
-
     try:
         body = await request.json()
     except ValueError:
@@ -120,8 +118,6 @@ async def _complete(request: Request, *, chat: bool) -> Any:
 
 
 def _run(request: Request, body: Any, chat: bool) -> Any:
-    import farm
-
     session = _session(request)
     fields = openai.request_fields(body, chat=chat)
     priority = request.headers.get("x-farm-priority", "normal")
@@ -144,11 +140,6 @@ _END = object()
 async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """The job's text as server-sent events. When the client goes away, Starlette cancels
     this generator mid-await, and the job is cancelled."""
-    import json
-    import threading
-
-    from starlette.concurrency import run_in_threadpool
-
     tokens = job.stream()
     done = False
     try:
@@ -173,20 +164,12 @@ async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> Asyn
 
 
 def _keys_required() -> bool:
-    from farm.context import get_context
-    from farm.gateway import keys
-    from farm.registry import transaction
-
     with transaction(get_context().database_url) as s:
         return keys.any_keys(s)
 
 
 def _session(request: Request) -> str:
     """The session of the request's key; 'default' when the farm has no keys at all."""
-    from farm.context import get_context
-    from farm.gateway import keys
-    from farm.registry import transaction
-
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
     with transaction(get_context().database_url) as s:

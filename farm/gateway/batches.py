@@ -20,17 +20,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+import farm.batches as batches
+from farm.batches import store
+from farm.batches.lines import MAX_BYTES
+from farm.context import get_context
 from farm.errors import UnknownBatch
 from farm.gateway.openai import BadBody
+from farm.registry import transaction
 from farm.registry.tables import as_utc
 
 OUTPUT_SUFFIXES = {"-output": False, "-errors": True}
 
 
 def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
-    from starlette.concurrency import run_in_threadpool
-
     @app.post("/v1/files")
     async def upload(request: Request) -> dict[str, Any]:
         session = await run_in_threadpool(session_of, request)
@@ -46,8 +50,6 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             raise BadBody("'file' is required: the JSONL file, as a multipart file", "file")
         if purpose != "batch":
             raise BadBody("'purpose' must be 'batch' (the only files farm takes)", "purpose")
-        from farm.batches.lines import MAX_BYTES
-
         content = await upload.read(MAX_BYTES + 1)
         if len(content) > MAX_BYTES:
             raise BadBody(f"the file is over {MAX_BYTES // 2**20} MiB: split it", "file")
@@ -56,8 +58,6 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
 
     @app.get("/v1/files")
     def files(request: Request) -> dict[str, Any]:
-        from farm.batches import store
-
         session = session_of(request)
         with _registry() as s:
             found = [_file_json(f) for f in store.list_files(s, session=session)]
@@ -79,8 +79,6 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
                 "purpose": "batch_output",
                 "status": "processed",
             }
-        from farm.batches import store
-
         with _registry() as s:
             return _file_json(store.get_file(s, file_id, session=session))
 
@@ -93,16 +91,12 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             return StreamingResponse(
                 _lines(batch.id, failed, session), media_type="application/jsonl"
             )
-        from farm.batches import store
-
         with _registry() as s:
             record = store.get_file(s, file_id, session=session)
             return Response(record.content, media_type="application/jsonl")
 
     @app.delete("/v1/files/{file_id}")
     def delete(request: Request, file_id: str) -> dict[str, Any]:
-        from farm.batches import store
-
         session = session_of(request)
         with _registry() as s:
             s.delete(store.get_file(s, file_id, session=session))
@@ -117,9 +111,6 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
         return await run_in_threadpool(_create, request, body)
 
     def _create(request: Request, body: Any) -> dict[str, Any]:
-        import farm.batches as batches
-        from farm.batches import store
-
         session = session_of(request)
         if not isinstance(body, dict):
             raise BadBody("the request body must be a JSON object")
@@ -159,8 +150,6 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
 
     @app.get("/v1/batches")
     def listing(request: Request, limit: int = 20, after: str | None = None) -> dict[str, Any]:
-        import farm.batches as batches
-
         if not 1 <= limit <= 100:
             raise BadBody("'limit' must be from 1 to 100", "limit")
         found = batches.listing(session=session_of(request), limit=limit + 1, after=after)
@@ -175,26 +164,18 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
 
     @app.get("/v1/batches/{batch_id}")
     def retrieve(request: Request, batch_id: str) -> dict[str, Any]:
-        import farm.batches as batches
-
         return batches.get(batch_id, session=session_of(request)).to_json()
 
     @app.post("/v1/batches/{batch_id}/cancel")
     def cancel(request: Request, batch_id: str) -> dict[str, Any]:
-        import farm.batches as batches
-
         return batches.cancel(batch_id, session=session_of(request)).to_json()
 
 
 def _registry() -> Any:
-    from farm.context import get_context
-    from farm.registry import transaction
-
     return transaction(get_context().database_url)
 
 
 def _save(session: str, filename: str, content: bytes) -> dict[str, Any]:
-    from farm.batches import store
 
     if not content.strip():
         raise BadBody("the file is empty: one JSON request per line", "file")
@@ -218,8 +199,6 @@ def _file_json(record: Any) -> dict[str, Any]:
 
 def _produced(file_id: str, session: str) -> tuple[Any, bool] | None:
     """A batch's output or error file: (the batch, whether it is the error file)."""
-    import farm.batches as batches
-
     for suffix, failed in OUTPUT_SUFFIXES.items():
         if file_id.startswith("file-batch_") and file_id.endswith(suffix):
             batch_id = file_id.removeprefix("file-").removesuffix(suffix)
@@ -231,6 +210,4 @@ def _produced(file_id: str, session: str) -> tuple[Any, bool] | None:
 
 
 def _lines(batch_id: str, failed: bool, session: str) -> Iterator[str]:
-    import farm.batches as batches
-
     return batches.results(batch_id, failed=failed, session=session)
