@@ -28,12 +28,11 @@ def serve(
     from farm.batches.feeder import start_feeder
     from farm.context import get_context
     from farm.errors import ConfigError
-    from farm.gateway import keys
     from farm.gateway.app import create_app
-    from farm.registry import transaction
+    from farm.registry import keys, transaction
 
     with transaction(get_context().database_url) as s:
-        protected = keys.any_keys(s)
+        protected = keys.any_live(s)
     if host not in LOCAL and not protected:
         raise ConfigError(
             f"refusing to serve on {host} without API keys: anyone could use the farm; "
@@ -41,7 +40,9 @@ def serve(
         )
     stop = start_feeder()[1] if feeder else None
     try:
-        uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+        uvicorn.run(
+            create_app(exposed=host not in LOCAL), host=host, port=port, log_level="warning"
+        )
     finally:
         if stop is not None:
             stop.set()

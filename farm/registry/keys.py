@@ -3,7 +3,7 @@ session and none commits. The key's text never reaches here, only its digest."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from farm.registry.tables import ApiKeyRecord, utcnow
@@ -42,3 +42,11 @@ def revoke(s: Session, prefix: str) -> int:
 def listing(s: Session) -> list[ApiKeyRecord]:
     """Every key, live or revoked, oldest first."""
     return list(s.scalars(select(ApiKeyRecord).order_by(ApiKeyRecord.created_at)))
+
+
+def counts(s: Session) -> tuple[int, int]:
+    """(keys ever created, keys live now): one read of the table."""
+    total, revoked = s.execute(
+        select(func.count(ApiKeyRecord.id), func.count(ApiKeyRecord.revoked_at))
+    ).one()
+    return int(total), int(total) - int(revoked)
