@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from farm.errors import InvalidRequest
+from farm.grammar import check_gbnf, check_json_schema
 
 Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -106,6 +107,12 @@ class JsonSchema(_Strict):
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _convertible(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_json_schema(v)
+        return v
 
 
 class ResponseFormat(_Strict):
@@ -193,8 +200,6 @@ class Request(_Strict):
     @classmethod
     def _grammar_parses(cls, v: str | None) -> str | None:
         if v is not None:
-            from farm.grammar import check_gbnf
-
             check_gbnf(v)  # GrammarSyntaxError is a ValueError: reported as 'grammar'
         return v
 
