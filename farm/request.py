@@ -36,7 +36,7 @@ MODEL_NAME_RULE = "1-64 characters of a-z, 0-9, '.', '_' and '-', starting with 
 MAX_TOKENS_LIMIT = 32768
 
 
-def _valid_text(v: str) -> str:
+def valid_text(v: str) -> str:
     """Text that UTF-8 can carry and a database column can store."""
     if "\x00" in v:
         raise ValueError("must not contain NUL characters")
@@ -49,7 +49,7 @@ def _valid_text(v: str) -> str:
     return v
 
 
-Text = Annotated[str, AfterValidator(_valid_text)]
+Text = Annotated[str, AfterValidator(valid_text)]
 # Latest accepted client clock: year 2286. Past it the value is not a timestamp.
 MAX_TIMESTAMP = 10_000_000_000.0
 

@@ -68,7 +68,8 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     def _bad_query(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         param = str(first.get("loc", ["", "request"])[-1])
-        status, body = openai.error(openai.BadBody(f"invalid '{param}': {first.get('msg')}", param))
+        msg = str(first.get("msg")).removeprefix("Value error, ")
+        status, body = openai.error(openai.BadBody(f"invalid '{param}': {msg}", param))
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(HTTPException)
@@ -131,10 +132,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
 
 
 async def _complete(request: Request, session_of: Callable[[Request], str], *, chat: bool) -> Any:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise openai.BadBody("the request body is not JSON") from None
+    body = openai.parse_body(await request.body())
     return await run_in_threadpool(_run, request, session_of, body, chat)
 
 
@@ -144,12 +142,12 @@ def _run(request: Request, session_of: Callable[[Request], str], body: Any, chat
     priority = request.headers.get("x-farm-priority", "normal")
     if priority not in PRIORITIES:
         raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
-    stream = bool(body.get("stream"))
+    stream = body.get("stream") is True  # request_fields checked it is a boolean
     job = farm.submit(session=session, priority=priority, stream_tokens=stream, **fields)  # type: ignore[arg-type]
     if not stream:
         c = job.result()
         return openai.chat_response(c) if chat else openai.completion_response(c)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = (body.get("stream_options") or {}).get("include_usage") is True
     return StreamingResponse(
         _events(job, fields["model"], chat, include_usage), media_type="text/event-stream"
     )

@@ -1,8 +1,10 @@
-"""Who may call the gateway: the key rule of farm/gateway/keys.py, with the real app on a
-real registry (SQLite and PostgreSQL), and `farm serve` beyond loopback in a subprocess."""
+"""The gateway app in this process on a real registry (SQLite and PostgreSQL): who may call
+it (the key rule of farm/gateway/keys.py, and `farm serve` beyond loopback in a subprocess),
+and input it must refuse with a 4xx naming the parameter, never a 500."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +147,61 @@ def test_farm_serve_beyond_loopback_stops_serving_when_its_last_key_is_revoked(
         proc.wait(30)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "param"),
+    [
+        ("GET", "/v1/files/file-%00", "file_id"),
+        ("GET", "/v1/files/file-%00/content", "file_id"),
+        ("DELETE", "/v1/files/file-%00", "file_id"),
+        ("GET", "/v1/batches/batch_%00", "batch_id"),
+        ("POST", "/v1/batches/batch_%00/cancel", "batch_id"),
+        ("GET", "/v1/batches?after=%00", "after"),
+    ],
+)
+def test_a_nul_in_a_file_or_batch_id_is_a_400_naming_it(registry, method, path, param):
+    r = TestClient(create_app()).request(method, path)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "NUL" in r.json()["error"]["message"]
+
+
+def upload(gateway: TestClient, content: bytes, filename: str = "in.jsonl") -> httpx.Response:
+    return gateway.post("/v1/files", files={"file": (filename, content)}, data={"purpose": "batch"})
+
+
+def test_batch_bodies_and_files_holding_nul_are_refused_naming_the_field(registry):
+    gateway = TestClient(create_app())
+    form = (  # by hand: httpx would escape the NUL in the file's name
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a\x00.jsonl"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n{}\n\r\n--b--\r\n"
+    )
+    r = gateway.post(
+        "/v1/files", content=form, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    line = {
+        "custom_id": "q\u0000",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "m", "prompt": "hi"},
+    }
+    file_id = upload(gateway, json.dumps(line).encode() + b"\n").json()["id"]
+    for body, param, says in [
+        ({"input_file_id": file_id, "endpoint": "/v1/completions"}, "input_file_id", "custom_id"),
+        ({"input_file_id": "file-\x00", "endpoint": "/v1/completions"}, "input_file_id", "NUL"),
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/completions", "metadata": {"k": "\x00"}},
+            "metadata.k",
+            "NUL",
+        ),
+        ({"input_file_id": file_id, "endpoint": "/v1/completions", "metadata": {"k": 1}},
+         "metadata", "strings"),
+    ]:  # fmt: skip
+        r = gateway.post("/v1/batches", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param and says in r.json()["error"]["message"]
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    r = gateway.post("/v1/batches", content=deep)
+    assert r.status_code == 400 and "nests too deep" in r.json()["error"]["message"]
