@@ -5,13 +5,16 @@ refuse later (NUL bytes, lone surrogates, absurd timestamps, non-object groups).
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from farm.enqueue import build, check_seconds
 from farm.errors import InvalidRequest
 from farm.request import Request
+from tests.conftest import MODEL
 
 FIELDS = [
     "model", "prompt", "messages", "sampling", "stopping", "priority", "session", "grammar",
@@ -57,3 +60,63 @@ def test_wait_and_timeout_seconds_are_numbers_or_refused(value):
         assert "invalid 'wait_for_worker'" in str(e)
     else:
         assert isinstance(value, int | float) and 0 <= value <= 86400
+
+
+# -- the gateway ---------------------------------------------------------------------------
+OPENAI_NAMES = [
+    "model", "messages", "prompt", "stream", "stream_options", "n", "max_tokens",
+    "max_completion_tokens", "temperature", "top_p", "stop", "seed", "response_format",
+    "logprobs", "user", "metadata", "store", "top_k", "grammar", "bogus",
+]  # fmt: skip
+tricky = st.sampled_from(
+    [
+        True, False, None, "false", "2", 2, 1, 0, -1, 1.5, "yes", "\x00",
+        {"include_usage": True}, {"include_usage": "yes"}, {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/x"}}},
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        [{"role": "tool", "content": "x"}], ["a", 1],
+    ]
+)  # fmt: skip
+overrides = st.dictionaries(st.sampled_from(OPENAI_NAMES), junk | tricky, max_size=4)
+
+
+def usage_rows(database_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from farm.registry import transaction
+    from farm.registry.tables import UsageRecord
+
+    with transaction(database_url) as s:
+        return int(s.scalar(select(func.count()).select_from(UsageRecord)) or 0)
+
+
+@pytest.mark.e2e
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chat=st.booleans(), changes=overrides, whole=st.none() | junk)
+def test_no_body_gets_a_5xx_from_the_gateway_and_a_refused_one_queues_nothing(
+    live_farm, chat, changes, whole
+):
+    from fastapi.testclient import TestClient
+
+    from farm.gateway.app import create_app
+
+    live_farm.activate()
+    base: dict[str, Any] = {"model": MODEL, "max_tokens": 2}
+    base.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+    body: Any = {**base, **changes} if whole is None else whole
+    if isinstance(body, dict):  # whatever is accepted runs: keep it short
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 2:
+                body[name] = 2
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    before = usage_rows(live_farm.database_url)
+    with TestClient(create_app()) as gateway:
+        r = gateway.post(route, content=json.dumps(body).encode())
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert error["message"] and "param" in error
+        assert usage_rows(live_farm.database_url) == before, (body, r.text)

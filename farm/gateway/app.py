@@ -9,8 +9,8 @@
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
 With no key ever created the gateway needs none (a laptop, on 127.0.0.1); once one was, or
 with FARM_GATEWAY_REQUIRE_KEYS, every request needs a live key. Beyond loopback it refuses
-every request while no key is live (farm/gateway/keys.py). Priority comes from `X-Farm-Priority` (high,
-normal, low; default normal). A client that disconnects mid-stream cancels its job.
+every request while no key is live (farm/gateway/keys.py). Priority comes from
+`X-Farm-Priority` (high, normal, low; default normal). A client that disconnects mid-stream cancels its job.
 Endpoints are plain functions: FastAPI runs them in its thread pool, as farm's client
 calls block.
 """
