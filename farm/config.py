@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."
     )
+    gateway_require_keys: bool = Field(
+        default=False,
+        description="Require an API key on every gateway request even before any key was "
+        "created. Once one was created (revoked or not), keys are required anyway.",
+    )
 
     @model_validator(mode="after")
     def _limits_agree(self) -> Settings:

@@ -170,3 +170,47 @@ class _Parser:
         if self.i >= len(self.s) or self.s[self.i] != "}":
             raise self.fail("expected '}'")
         self.i += 1
+
+
+MAX_SCHEMA_DEPTH = 64
+
+
+def check_json_schema(schema: object) -> None:
+    """ValueError unless the worker's schema converter can take `schema`: nested at most
+    MAX_SCHEMA_DEPTH levels (the converter recurses, and so do JSON encoders), and every
+    `$ref` local (`#/...`) and pointing at a part of the schema. Walked without recursion,
+    so a schema nested 50,000 deep is refused, not a RecursionError."""
+    refs: list[str] = []
+    todo: list[tuple[object, int]] = [(schema, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels: flatten it")
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None:
+                if not isinstance(ref, str):
+                    raise ValueError("a '$ref' must be a string such as '#/$defs/name'")
+                refs.append(ref)
+            todo.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            todo.extend((v, depth + 1) for v in node)
+    for ref in refs:
+        _resolve(schema, ref)
+
+
+def _resolve(schema: object, ref: str) -> None:
+    """ValueError unless `ref` is a JSON pointer into `schema` (one starting with '#/')."""
+    shown = ref if len(ref) <= 60 else ref[:60] + "..."
+    if not ref.startswith("#/"):
+        raise ValueError(
+            f"'$ref' {shown!r} is not local: only references into the schema itself "
+            "('#/$defs/name') are taken; put the referred schema under '$defs'"
+        )
+    target = schema
+    for key in ref[2:].split("/"):  # as the converter reads it: object keys, unescaped
+        if not isinstance(target, dict) or key not in target:
+            raise ValueError(
+                f"'$ref' {shown!r} points at nothing in the schema ({key!r} is missing)"
+            )
+        target = target[key]

@@ -40,13 +40,85 @@ class BadBody(InvalidRequest):
         self.param = param
 
 
+def parse_body(raw: bytes) -> Any:
+    """A request's JSON body, or BadBody saying why it is not one."""
+    try:
+        return json.loads(raw)
+    except RecursionError:  # Python's parser gives up near 1,000 levels
+        raise BadBody("the request body nests too deep: no parameter takes that") from None
+    except ValueError:  # not JSON, or not UTF-8
+        raise BadBody("the request body is not JSON") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_stop(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+
+
+# OpenAI's types for the parameters farm reads (strict, as OpenAI's are: "2" is not an
+# integer, "false" not a boolean); null means "the default" for each of them.
+_INT, _NUMBER = ("an integer", _is_int), ("a number", _is_number)
+_BOOL = ("a boolean", lambda v: isinstance(v, bool))
+_STRING = ("a string", lambda v: isinstance(v, str))
+_OBJECT = ("an object", lambda v: isinstance(v, dict))
+TYPES: dict[str, tuple[str, Any]] = {
+    "max_tokens": _INT, "max_completion_tokens": _INT, "n": _INT, "seed": _INT,
+    "top_k": _INT, "penalty_last_n": _INT, "mirostat_mode": _INT, "max_time_ms": _INT,
+    "temperature": _NUMBER, "top_p": _NUMBER, "min_p": _NUMBER, "typical_p": _NUMBER,
+    "frequency_penalty": _NUMBER, "presence_penalty": _NUMBER, "repeat_penalty": _NUMBER,
+    "mirostat_tau": _NUMBER, "mirostat_eta": _NUMBER,
+    "stream": _BOOL, "store": _BOOL, "stream_options": _OBJECT, "response_format": _OBJECT,
+    "metadata": _OBJECT, "user": _STRING, "grammar": _STRING,
+    "stop": ("a string or an array of strings", _is_stop),
+}  # fmt: skip
+
+
+def json_type(v: Any) -> str:
+    """How JSON names the type of `v`, for messages."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object", type(None): "null"}  # fmt: skip
+    return names.get(type(v), type(v).__name__)
+
+
+def _typed(body: dict[str, Any], chat: bool) -> None:
+    """BadBody naming the first parameter whose JSON type is not OpenAI's."""
+    for name, value in body.items():
+        if value is None or (name not in TYPES and name != "logprobs"):
+            continue
+        what, ok = (_BOOL if chat else _INT) if name == "logprobs" else TYPES[name]
+        if not ok(value):
+            raise BadBody(f"invalid '{name}': must be {what}, not {json_type(value)}", name)
+    options = body.get("stream_options")
+    if options is not None:
+        if body.get("stream") is not True:
+            raise BadBody(
+                "'stream_options' is only allowed when 'stream' is true", "stream_options"
+            )
+        for key, value in options.items():
+            if key not in ("include_usage", "include_obfuscation"):
+                raise BadBody(f"unknown parameter 'stream_options.{key}'", f"stream_options.{key}")
+            if not isinstance(value, bool):
+                raise BadBody(
+                    f"invalid 'stream_options.{key}': must be a boolean, not {json_type(value)}",
+                    f"stream_options.{key}",
+                )
+
+
 def request_fields(body: Any, *, chat: bool) -> dict[str, Any]:
     """farm.submit's fields for an OpenAI body (BadBody naming the field otherwise)."""
     if not isinstance(body, dict):
         raise BadBody("the request body must be a JSON object")
     if not isinstance(body.get("model"), str):
         raise BadBody("'model' is required: one of GET /v1/models", "model")
-    if body.get("n", 1) != 1:
+    _typed(body, chat)
+    if body.get("n") not in (None, 1):
         raise BadBody("only n=1 is supported", "n")
     if body.get("logprobs"):
         raise BadBody("logprobs are not supported", "logprobs")
@@ -88,12 +160,31 @@ def _message(m: Any, i: int) -> dict[str, str]:
     if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
         raise BadBody(f"messages[{i}] needs a role: system, user or assistant", f"messages.{i}")
     content = m.get("content")
-    if isinstance(content, list):  # content parts: text only
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, list):
+        content = "".join(_text_part(p, i, j) for j, p in enumerate(content))
     if not isinstance(content, str):
         raise BadBody(f"messages[{i}].content must be text", f"messages.{i}.content")
     role = "system" if m["role"] == "developer" else m["role"]
     return {"role": role, "content": content}
+
+
+def _text_part(part: Any, i: int, j: int) -> str:
+    """A content part's text; BadBody naming the part for any other kind (an image, audio,
+    a file: farm's models take text only) or a malformed one."""
+    where = f"messages[{i}].content[{j}]"
+    param = f"messages.{i}.content.{j}"
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise BadBody(f"{where} must be an object with a 'type', such as 'text'", param)
+    if part["type"] != "text":
+        raise BadBody(
+            f"{where} is a '{part['type'][:40]}' part: farm's models take text only; "
+            "send the content as text parts",
+            param,
+        )
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise BadBody(f"{where}.text must be a string, not {json_type(text)}", f"{param}.text")
+    return text
 
 
 def usage(c: Any) -> dict[str, Any]:
@@ -179,7 +270,7 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
         found = re.search(r"invalid '([^']+)'", message) or re.search(
             r"unknown field '([^']+)'", message
         )
-        param = found.group(1).split(".")[-1] if found else None
+        param = found.group(1) if found else None  # sampling./stopping. are gone above
         return 400, _body(message, "invalid_request_error", param, None)
     if isinstance(e, UnknownModel):
         return 404, _body(message, "invalid_request_error", "model", "model_not_found")

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from farm.errors import InvalidRequest
-from farm.grammar import check_gbnf
+from farm.grammar import check_gbnf, check_json_schema
 
 Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -36,7 +36,7 @@ MODEL_NAME_RULE = "1-64 characters of a-z, 0-9, '.', '_' and '-', starting with 
 MAX_TOKENS_LIMIT = 32768
 
 
-def _valid_text(v: str) -> str:
+def valid_text(v: str) -> str:
     """Text that UTF-8 can carry and a database column can store."""
     if "\x00" in v:
         raise ValueError("must not contain NUL characters")
@@ -49,7 +49,7 @@ def _valid_text(v: str) -> str:
     return v
 
 
-Text = Annotated[str, AfterValidator(_valid_text)]
+Text = Annotated[str, AfterValidator(valid_text)]
 # Latest accepted client clock: year 2286. Past it the value is not a timestamp.
 MAX_TIMESTAMP = 10_000_000_000.0
 
@@ -107,6 +107,12 @@ class JsonSchema(_Strict):
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _convertible(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_json_schema(v)
+        return v
 
 
 class ResponseFormat(_Strict):

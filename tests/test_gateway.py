@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, func, select
 
 from farm.registry import transaction
-from farm.registry.tables import ApiKeyRecord
+from farm.registry.tables import ApiKeyRecord, UsageRecord
 from tests.conftest import MODEL, FarmUnderTest, finished_usage, free_port
 
 pytestmark = pytest.mark.e2e
@@ -104,6 +104,53 @@ def test_openai_shaped_errors_name_the_problem(gateway):
         c.completions.create(model=MODEL, prompt="hi", top_p=7)
     assert "'top_p'" in top_p.value.body["message"]  # type: ignore[index]
     assert "sampling." not in top_p.value.body["message"]  # type: ignore[index]
+
+
+def usage_rows(database_url: str) -> int:
+    with transaction(database_url) as s:
+        return int(s.scalar(select(func.count()).select_from(UsageRecord)) or 0)
+
+
+HI = [{"role": "user", "content": "hi"}]
+BAD_BODIES = [
+    ({"messages": HI, "stream": True, "stream_options": "yes"}, "stream_options"),
+    ({"messages": HI, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": HI, "stream": True, "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]},
+     "messages.0.content.0.text"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+     "messages.0.content.0"),
+    ({"messages": HI, "n": True}, "n"),
+    ({"messages": HI, "stream": "false"}, "stream"),
+    ({"messages": HI, "max_tokens": "2"}, "max_tokens"),
+    ({"messages": HI, "temperature": "0.5"}, "temperature"),
+    ({"messages": HI, "stop": ["a", 1]}, "stop"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "items": {"$ref": "#/$defs/gone"}}}}},
+     "response_format.json_schema.schema"),
+    ({"prompt": "hi", "logprobs": True}, "logprobs"),
+    ({"prompt": "hi", "max_tokens": 2.0}, "max_tokens"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_BODIES)
+def test_a_body_of_the_wrong_types_is_a_400_naming_the_param_and_queues_nothing(
+    gateway, live_farm, body, param
+):
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    before = usage_rows(live_farm.database_url)
+    r = httpx.post(f"{gateway}{route}", json={"model": MODEL, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+    assert usage_rows(live_farm.database_url) == before  # nothing was queued
+
+
+def test_a_body_nested_100000_deep_is_a_400(gateway):
+    deep = b'{"model":' * 100_000 + b"1" + b"}" * 100_000
+    r = httpx.post(f"{gateway}/v1/chat/completions", content=deep, timeout=30)
+    assert r.status_code == 400 and "nests too deep" in r.json()["error"]["message"]
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_job(gateway, live_farm):

@@ -1,11 +1,14 @@
 """The request type: both forms accepted, every bad field named, nothing else let through."""
 
+import json
+import os
 import re
 
 import pytest
 
 from farm.errors import InvalidRequest
 from farm.request import Request, make_request
+from tests.conftest import run_cli
 
 
 def test_flat_and_nested_forms_build_the_same_request():
@@ -189,3 +192,67 @@ def test_grammar_and_a_json_response_format_together_are_refused():
                 "response_format": {"type": "json_object"},
             }
         )
+
+
+def nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def with_schema(schema: dict) -> dict:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    return {"model": "m", "prompt": "p", "response_format": fmt}
+
+
+DEFS = {"$defs": {"item": {"type": "integer"}}, "type": "array"}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {**DEFS, "items": {"$ref": "#/$defs/item"}},
+        {
+            "definitions": {"a": {"properties": {"b": {"type": "string"}}}},
+            "items": {"$ref": "#/definitions/a/properties/b"},
+        },
+        nested(60),
+    ],
+)
+def test_json_schemas_the_workers_converter_takes_pass_the_submit_check(schema):
+    llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
+    make_request(with_schema(schema))
+    assert llama_grammar.json_schema_to_gbnf(json.dumps(schema))  # the worker's converter
+
+
+@pytest.mark.parametrize(
+    ("schema", "reason"),
+    [
+        ({**DEFS, "items": {"$ref": "#/$defs/missing"}}, "points at nothing"),
+        ({"type": "array", "items": {"$ref": "#/$defs/item"}}, "points at nothing"),
+        ({"items": {"$ref": "https://example.com/s.json"}}, "is not local"),
+        ({"items": {"$ref": 7}}, "must be a string"),
+        ({"d": [{"type": "string"}], "items": {"$ref": "#/d/0"}}, "points at nothing"),
+    ],
+)
+def test_a_json_schema_whose_ref_the_worker_cannot_resolve_is_refused_at_submit(schema, reason):
+    llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
+    with pytest.raises(InvalidRequest, match=f"'response_format.*{reason}"):
+        make_request(with_schema(schema))
+    with pytest.raises(Exception):  # noqa: B017 - the converter raises bare Exceptions
+        llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+
+
+def test_a_schema_nested_50000_deep_is_refused_without_a_recursion_error():
+    with pytest.raises(InvalidRequest, match="nests deeper than 64 levels"):
+        make_request(with_schema(nested(50_000)))
+
+
+def test_farm_submit_with_a_50000_deep_json_schema_says_so_without_a_traceback(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"items":' * 50_000 + "{}" + "}" * 50_000)
+    env = {**os.environ, "FARM_HOME": str(tmp_path)}
+    r = run_cli(env, "submit", "hi", "--json-schema", str(path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "--json-schema" in r.stderr and "nests too deep" in r.stderr

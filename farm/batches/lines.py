@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from farm import openai_api
 from farm.errors import BatchFileError, InvalidRequest
-from farm.request import Request, Stopping
+from farm.request import Request, Stopping, valid_text
 
 URLS = {"/v1/chat/completions": True, "/v1/completions": False}
 MAX_LINES = 200_000
@@ -117,6 +117,10 @@ def _line(
         raise _Bad("custom_id", "a non-empty string is needed, to match results to requests")
     if len(custom_id) > MAX_CUSTOM_ID:
         raise _Bad("custom_id", f"at most {MAX_CUSTOM_ID} characters")
+    try:
+        valid_text(custom_id)  # it is stored: PostgreSQL refuses a NUL
+    except ValueError as e:
+        raise _Bad("custom_id", str(e)) from None
     if custom_id in seen:
         raise _Bad("custom_id", f"'{_short(custom_id)}' is also on line {seen[custom_id]}")
     seen[custom_id] = number

@@ -32,7 +32,7 @@ def serve(
     from farm.config import get_settings
 
     protected = keys_exist()
-    if host not in LOCAL and not protected:
+    if host not in LOCAL and not live_key_exists():
         from farm.errors import ConfigError
 
         raise ConfigError(
@@ -48,7 +48,8 @@ def serve(
     url = base_url(host, port)
     try:
         gateway_server(
-            lambda: err.print(f"farm serve ready: {url} ({key_note(protected)})", highlight=False)
+            lambda: err.print(f"farm serve ready: {url} ({key_note(protected)})", highlight=False),
+            exposed=host not in LOCAL,
         ).run(sockets=[sock])
     finally:
         if following is not None:
@@ -58,13 +59,25 @@ def serve(
 
 
 def keys_exist() -> bool:
-    """Whether the farm's registry holds a live API key (then the gateway requires one)."""
+    """Whether the farm's gateway requires an API key: one was ever created (revoked or
+    not), or FARM_GATEWAY_REQUIRE_KEYS says so (the rule is farm/gateway/keys.py's)."""
+    from farm.config import get_settings
     from farm.context import get_context
-    from farm.gateway import keys
     from farm.registry import transaction
+    from farm.registry.queries import keys
 
     with transaction(get_context().database_url) as s:
-        return keys.any_keys(s)
+        created, _ = keys.counts(s)
+    return created > 0 or get_settings().gateway_require_keys
+
+
+def live_key_exists() -> bool:
+    from farm.context import get_context
+    from farm.registry import transaction
+    from farm.registry.queries import keys
+
+    with transaction(get_context().database_url) as s:
+        return keys.any_live(s)
 
 
 class _Feeding:
@@ -154,8 +167,10 @@ def key_note(protected: bool) -> str:
     )
 
 
-def gateway_server(ready: Any) -> Any:
-    """The gateway's uvicorn server; it calls `ready()` once it takes connections."""
+def gateway_server(ready: Any, *, exposed: bool = False) -> Any:
+    """The gateway's uvicorn server; it calls `ready()` once it takes connections.
+    `exposed`: it listens beyond loopback (then it refuses every request while no key is
+    live)."""
     import uvicorn
 
     from farm.gateway.app import create_app
@@ -166,7 +181,7 @@ def gateway_server(ready: Any) -> Any:
             if self.started:
                 ready()
 
-    return Gateway(uvicorn.Config(create_app(), log_level="warning"))
+    return Gateway(uvicorn.Config(create_app(exposed=exposed), log_level="warning"))
 
 
 def start_gateway(sock: socket.socket, timeout: float = 30.0) -> Any:
@@ -206,8 +221,8 @@ def keys_create(
 @friendly
 def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Keys by their first characters, with their session and state."""
-    from farm.gateway import keys
     from farm.registry import transaction
+    from farm.registry.queries import keys
 
     with transaction(_db_url()) as s:
         rows: list[dict[str, str]] = [
@@ -237,8 +252,8 @@ def keys_revoke(
 ) -> None:
     """Revoke a key: it is refused from the next request on."""
     from farm.errors import InvalidRequest
-    from farm.gateway import keys
     from farm.registry import transaction
+    from farm.registry.queries import keys
 
     with transaction(_db_url()) as s:
         if not keys.revoke(s, prefix):

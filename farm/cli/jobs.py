@@ -177,6 +177,7 @@ def _read_stdin() -> str:
 def _constraint(grammar: Path | None, json_schema: Path | None) -> dict[str, Any]:
     """--grammar / --json-schema as the request's `grammar` / `response_format`."""
     from farm.errors import InvalidRequest
+    from farm.grammar import MAX_SCHEMA_DEPTH
 
     def read(path: Path, flag: str) -> str:
         try:
@@ -192,6 +193,11 @@ def _constraint(grammar: Path | None, json_schema: Path | None) -> dict[str, Any
             schema = json.loads(read(json_schema, "--json-schema"))
         except ValueError as e:
             raise InvalidRequest(f"--json-schema: {json_schema} is not JSON: {e}") from e
+        except RecursionError:  # Python's JSON parser gives up near 1,000 levels
+            raise InvalidRequest(
+                f"--json-schema: {json_schema} nests too deep to read; "
+                f"a schema takes at most {MAX_SCHEMA_DEPTH} levels"
+            ) from None
         found["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": json_schema.stem[:64], "schema": schema},

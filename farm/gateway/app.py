@@ -7,43 +7,71 @@
     /v1/files, /v1/batches        batch jobs (farm/gateway/batches.py)
 
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
-With no key in the registry the gateway needs none (a laptop, on 127.0.0.1); `farm serve`
-refuses another address until keys exist. Priority comes from `X-Farm-Priority` (high,
-normal, low; default normal). A client that disconnects mid-stream cancels its job.
+With no key ever created the gateway needs none (a laptop, on 127.0.0.1); once one was, or
+with FARM_GATEWAY_REQUIRE_KEYS, every request needs a live key. Beyond loopback it refuses
+every request while no key is live (farm/gateway/keys.py). Priority comes from
+`X-Farm-Priority` (high, normal, low; default normal). A client that disconnects mid-stream cancels its job.
 Endpoints are plain functions: FastAPI runs them in its thread pool, as farm's client
 calls block.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
+import farm
 from farm import openai_api as openai
+from farm.config import get_settings
+from farm.context import get_context
 from farm.errors import FarmError
+from farm.gateway import keys
+from farm.gateway.batches import add_routes
 from farm.queue import PRIORITIES
+from farm.registry import queries, transaction
 
 log = logging.getLogger(__name__)
 
 
-def create_app() -> FastAPI:
+def create_app(*, exposed: bool = False) -> FastAPI:
+    """The gateway's app; `exposed`: it listens beyond loopback, so it refuses every request
+    while no API key is live (farm/gateway/keys.py has the whole rule)."""
     app = FastAPI(title="farm", docs_url=None, redoc_url=None)
-    unauthorized_handler(app)
+    check = keys.KeyCheck(
+        lambda: get_context().database_url,
+        required=get_settings().gateway_require_keys,
+        exposed=exposed,
+    )
 
-    from fastapi.exceptions import RequestValidationError
+    def _session(request: Request) -> str:
+        """The session of the request's key (farm/gateway/keys.py), or KeyRefused."""
+        auth = request.headers.get("authorization", "")
+        return check.session_for(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+
+    @app.exception_handler(keys.KeyRefused)
+    def _refused(_: Request, e: keys.KeyRefused) -> JSONResponse:
+        kind = "invalid_request_error" if e.status == 401 else "server_error"
+        return JSONResponse(
+            {"error": {"message": str(e), "type": kind, "param": None, "code": e.code}},
+            status_code=e.status,
+        )
 
     @app.exception_handler(RequestValidationError)
     def _bad_query(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         param = str(first.get("loc", ["", "request"])[-1])
-        status, body = openai.error(openai.BadBody(f"invalid '{param}': {first.get('msg')}", param))
+        msg = str(first.get("msg")).removeprefix("Value error, ")
+        status, body = openai.error(openai.BadBody(f"invalid '{param}': {msg}", param))
         return JSONResponse(body, status_code=status)
-
-    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     def _http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -72,14 +100,11 @@ def create_app() -> FastAPI:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "keys_required": _keys_required()}
+        return {"status": "ok", "keys_required": check.keys_required()}
 
     @app.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
         _session(request)
-        from farm.context import get_context
-        from farm.registry import queries, transaction
-
         with transaction(get_context().database_url) as s:
             found = [m for m in queries.list_models(s) if m.enabled]
             return {
@@ -97,42 +122,33 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        return await _complete(request, chat=True)
+        return await _complete(request, _session, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await _complete(request, chat=False)
-
-    from farm.gateway.batches import add_routes
+        return await _complete(request, _session, chat=False)
 
     add_routes(app, _session)
     return app
 
 
-async def _complete(request: Request, *, chat: bool) -> Any:
-    from starlette.concurrency import run_in_threadpool
-
-    try:
-        body = await request.json()
-    except ValueError:
-        raise openai.BadBody("the request body is not JSON") from None
-    return await run_in_threadpool(_run, request, body, chat)
+async def _complete(request: Request, session_of: Callable[[Request], str], *, chat: bool) -> Any:
+    body = openai.parse_body(await request.body())
+    return await run_in_threadpool(_run, request, session_of, body, chat)
 
 
-def _run(request: Request, body: Any, chat: bool) -> Any:
-    import farm
-
-    session = _session(request)
+def _run(request: Request, session_of: Callable[[Request], str], body: Any, chat: bool) -> Any:
+    session = session_of(request)
     fields = openai.request_fields(body, chat=chat)
     priority = request.headers.get("x-farm-priority", "normal")
     if priority not in PRIORITIES:
         raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
-    stream = bool(body.get("stream"))
+    stream = body.get("stream") is True  # request_fields checked it is a boolean
     job = farm.submit(session=session, priority=priority, stream_tokens=stream, **fields)  # type: ignore[arg-type]
     if not stream:
         c = job.result()
         return openai.chat_response(c) if chat else openai.completion_response(c)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = (body.get("stream_options") or {}).get("include_usage") is True
     return StreamingResponse(
         _events(job, fields["model"], chat, include_usage), media_type="text/event-stream"
     )
@@ -144,11 +160,6 @@ _END = object()
 async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """The job's text as server-sent events. When the client goes away, Starlette cancels
     this generator mid-await, and the job is cancelled."""
-    import json
-    import threading
-
-    from starlette.concurrency import run_in_threadpool
-
     tokens = job.stream()
     done = False
     try:
@@ -170,50 +181,3 @@ async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> Asyn
     finally:
         if not done:  # a thread, not an await: this task may be being cancelled
             threading.Thread(target=job.cancel, daemon=True).start()
-
-
-def _keys_required() -> bool:
-    from farm.context import get_context
-    from farm.gateway import keys
-    from farm.registry import transaction
-
-    with transaction(get_context().database_url) as s:
-        return keys.any_keys(s)
-
-
-def _session(request: Request) -> str:
-    """The session of the request's key; 'default' when the farm has no keys at all."""
-    from farm.context import get_context
-    from farm.gateway import keys
-    from farm.registry import transaction
-
-    auth = request.headers.get("authorization", "")
-    token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    with transaction(get_context().database_url) as s:
-        if not keys.any_keys(s):
-            return "default"  # a farm without keys (a laptop): whatever key a tool sends
-        session = keys.session_of(s, token) if token else None
-    if session is None:
-        raise _Unauthorized()
-    return session
-
-
-class _Unauthorized(Exception):
-    pass
-
-
-def unauthorized_handler(app: FastAPI) -> None:
-    @app.exception_handler(_Unauthorized)
-    def _401(_: Request, __: Exception) -> JSONResponse:
-        return JSONResponse(
-            {
-                "error": {
-                    "message": "missing or unknown API key: send Authorization: Bearer KEY "
-                    "(`farm keys create --session NAME` makes one)",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "invalid_api_key",
-                }
-            },
-            status_code=401,
-        )

@@ -16,21 +16,38 @@ file and endpoint returns the first one: a retried request never queues a file t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import AfterValidator
+from starlette.concurrency import run_in_threadpool
 
+import farm.batches as batches
+from farm.batches import store
+from farm.batches.lines import MAX_BYTES
+from farm.context import get_context
 from farm.errors import UnknownBatch
-from farm.openai_api import BadBody
+from farm.openai_api import BadBody, parse_body
+from farm.registry import transaction
 from farm.registry.tables import as_utc
+from farm.request import valid_text
 
 OUTPUT_SUFFIXES = {"-output": False, "-errors": True}
+# An id in a path or query: text a database can look up (a NUL is a 400, not a 500 on
+# PostgreSQL).
+Id = Annotated[str, AfterValidator(valid_text)]
+
+
+def _text(value: Any, param: str) -> str:
+    """`value` as text a database can store, or BadBody naming `param`."""
+    try:
+        return valid_text(value)
+    except ValueError as e:
+        raise BadBody(f"invalid '{param}': {e}", param) from None
 
 
 def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
-    from starlette.concurrency import run_in_threadpool
-
     @app.post("/v1/files")
     async def upload(request: Request) -> dict[str, Any]:
         session = await run_in_threadpool(session_of, request)
@@ -46,25 +63,21 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             raise BadBody("'file' is required: the JSONL file, as a multipart file", "file")
         if purpose != "batch":
             raise BadBody("'purpose' must be 'batch' (the only files farm takes)", "purpose")
-        from farm.batches.lines import MAX_BYTES
-
         content = await upload.read(MAX_BYTES + 1)
         if len(content) > MAX_BYTES:
             raise BadBody(f"the file is over {MAX_BYTES // 2**20} MiB: split it", "file")
-        filename = upload.filename or "upload.jsonl"
+        filename = _text(upload.filename or "upload.jsonl", "file")
         return await run_in_threadpool(_save, session, filename, content)
 
     @app.get("/v1/files")
     def files(request: Request) -> dict[str, Any]:
-        from farm.batches import store
-
         session = session_of(request)
         with _registry() as s:
             found = [_file_json(f) for f in store.list_files(s, session=session)]
         return {"object": "list", "data": found, "has_more": False}
 
     @app.get("/v1/files/{file_id}")
-    def file(request: Request, file_id: str) -> dict[str, Any]:
+    def file(request: Request, file_id: Id) -> dict[str, Any]:
         session = session_of(request)
         produced = _produced(file_id, session)
         if produced is not None:
@@ -79,13 +92,11 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
                 "purpose": "batch_output",
                 "status": "processed",
             }
-        from farm.batches import store
-
         with _registry() as s:
             return _file_json(store.get_file(s, file_id, session=session))
 
     @app.get("/v1/files/{file_id}/content")
-    def content(request: Request, file_id: str) -> Response:
+    def content(request: Request, file_id: Id) -> Response:
         session = session_of(request)
         produced = _produced(file_id, session)
         if produced is not None:
@@ -93,16 +104,12 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             return StreamingResponse(
                 _lines(batch.id, failed, session), media_type="application/jsonl"
             )
-        from farm.batches import store
-
         with _registry() as s:
             record = store.get_file(s, file_id, session=session)
             return Response(record.content, media_type="application/jsonl")
 
     @app.delete("/v1/files/{file_id}")
-    def delete(request: Request, file_id: str) -> dict[str, Any]:
-        from farm.batches import store
-
+    def delete(request: Request, file_id: Id) -> dict[str, Any]:
         session = session_of(request)
         with _registry() as s:
             s.delete(store.get_file(s, file_id, session=session))
@@ -110,16 +117,10 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
 
     @app.post("/v1/batches")
     async def create(request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise BadBody("the request body is not JSON") from None
+        body = parse_body(await request.body())
         return await run_in_threadpool(_create, request, body)
 
     def _create(request: Request, body: Any) -> dict[str, Any]:
-        import farm.batches as batches
-        from farm.batches import store
-
         session = session_of(request)
         if not isinstance(body, dict):
             raise BadBody("the request body must be a JSON object")
@@ -131,6 +132,7 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             raise BadBody(
                 "'input_file_id' is required: the id POST /v1/files gave", "input_file_id"
             )
+        _text(file_id, "input_file_id")
         endpoint = body.get("endpoint")
         if endpoint not in ("/v1/chat/completions", "/v1/completions"):
             raise BadBody("'endpoint' must be /v1/chat/completions or /v1/completions", "endpoint")
@@ -138,8 +140,13 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
         if not isinstance(window, str):
             raise BadBody("'completion_window' must be a string such as 24h", "completion_window")
         metadata = body.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
+        if metadata is not None and (
+            not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+        ):
             raise BadBody("'metadata' must be an object of strings", "metadata")
+        for k, v in (metadata or {}).items():
+            _text(k, "metadata")
+            _text(v, f"metadata.{k}")
         priority = request.headers.get("x-farm-priority", "low")
         with _registry() as s:
             upload = store.get_file(s, file_id, session=session)
@@ -158,9 +165,7 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
         return batch.to_json()
 
     @app.get("/v1/batches")
-    def listing(request: Request, limit: int = 20, after: str | None = None) -> dict[str, Any]:
-        import farm.batches as batches
-
+    def listing(request: Request, limit: int = 20, after: Id | None = None) -> dict[str, Any]:
         if not 1 <= limit <= 100:
             raise BadBody("'limit' must be from 1 to 100", "limit")
         found = batches.listing(session=session_of(request), limit=limit + 1, after=after)
@@ -174,27 +179,19 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
         }
 
     @app.get("/v1/batches/{batch_id}")
-    def retrieve(request: Request, batch_id: str) -> dict[str, Any]:
-        import farm.batches as batches
-
+    def retrieve(request: Request, batch_id: Id) -> dict[str, Any]:
         return batches.get(batch_id, session=session_of(request)).to_json()
 
     @app.post("/v1/batches/{batch_id}/cancel")
-    def cancel(request: Request, batch_id: str) -> dict[str, Any]:
-        import farm.batches as batches
-
+    def cancel(request: Request, batch_id: Id) -> dict[str, Any]:
         return batches.cancel(batch_id, session=session_of(request)).to_json()
 
 
 def _registry() -> Any:
-    from farm.context import get_context
-    from farm.registry import transaction
-
     return transaction(get_context().database_url)
 
 
 def _save(session: str, filename: str, content: bytes) -> dict[str, Any]:
-    from farm.batches import store
 
     if not content.strip():
         raise BadBody("the file is empty: one JSON request per line", "file")
@@ -218,8 +215,6 @@ def _file_json(record: Any) -> dict[str, Any]:
 
 def _produced(file_id: str, session: str) -> tuple[Any, bool] | None:
     """A batch's output or error file: (the batch, whether it is the error file)."""
-    import farm.batches as batches
-
     for suffix, failed in OUTPUT_SUFFIXES.items():
         if file_id.startswith("file-batch_") and file_id.endswith(suffix):
             batch_id = file_id.removeprefix("file-").removesuffix(suffix)
@@ -231,6 +226,4 @@ def _produced(file_id: str, session: str) -> tuple[Any, bool] | None:
 
 
 def _lines(batch_id: str, failed: bool, session: str) -> Iterator[str]:
-    import farm.batches as batches
-
     return batches.results(batch_id, failed=failed, session=session)

@@ -1,16 +1,35 @@
-"""API keys: created once and shown once, kept as SHA-256 digests, each mapped to a session."""
+"""API keys: created once and shown once, kept as SHA-256 digests, each mapped to a session;
+and the gateway's rule for who may call it. The registry's queries on keys are in
+farm/registry/keys.py.
+
+The rule, checked on every request:
+
+- a live key is its session's;
+- a revoked key is refused (401), always: never taken for a farm without keys;
+- with no key in the registry at all and keys not required by FARM_GATEWAY_REQUIRE_KEYS,
+  any request (with whatever key a tool sends) is session `default`: a laptop;
+- once a key was ever created, revoked or not, every request needs a live key (401);
+- a gateway listening beyond loopback refuses every request (503) while no key is live.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from farm.registry import transaction
+from farm.registry.queries import keys as stored
 
-from farm.registry.tables import ApiKeyRecord, utcnow
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 KEY_PREFIX = "farm-"
+CREATE_HINT = "`farm keys create --session NAME` makes one"
+STATE_TTL = 1.0  # seconds the gateway trusts its count of keys: one cheap read a second
 
 
 def digest(key: str) -> str:
@@ -20,34 +39,80 @@ def digest(key: str) -> str:
 def create(s: Session, session: str) -> str:
     """A new key for `session`; the only time its text exists outside the caller."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    s.add(ApiKeyRecord(prefix=key[:12], digest=digest(key), session=session))
+    stored.add(s, prefix=key[:12], digest=digest(key), session=session)
     return key
 
 
-def session_of(s: Session, key: str) -> str | None:
-    """The session a live key maps to; None for an unknown or revoked key."""
-    row = s.scalar(select(ApiKeyRecord).where(ApiKeyRecord.digest == digest(key)))
-    return None if row is None or row.revoked_at is not None else row.session
+class KeyRefused(Exception):
+    """A request the key rule turns away: `status` 401 (the caller's key) or 503 (the
+    gateway has no live key to check against)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
-def any_keys(s: Session) -> bool:
-    return (
-        s.scalar(select(ApiKeyRecord.id).where(ApiKeyRecord.revoked_at.is_(None)).limit(1))
-        is not None
-    )
+class KeyCheck:
+    """The key rule above for one gateway. `database_url` is read on each use (the farm's
+    context decides it); `exposed`: the gateway listens beyond loopback."""
 
+    def __init__(self, database_url: Callable[[], str], *, required: bool, exposed: bool) -> None:
+        self._database_url = database_url
+        self.required = required
+        self.exposed = exposed
+        self._lock = threading.Lock()
+        self._counts: tuple[int, int] = (0, 0)
+        self._read_at = -float("inf")
 
-def revoke(s: Session, prefix: str) -> int:
-    """Revoke the live keys starting with `prefix`; returns how many."""
-    rows = s.scalars(
-        select(ApiKeyRecord).where(
-            ApiKeyRecord.prefix == prefix[:12], ApiKeyRecord.revoked_at.is_(None)
-        )
-    ).all()
-    for row in rows:
-        row.revoked_at = utcnow()
-    return len(rows)
+    def counts(self, s: Session | None = None) -> tuple[int, int]:
+        """(keys ever created, keys live): read in `s` when given, else at most STATE_TTL
+        seconds old (a request without a key costs no query on a busy laptop farm)."""
+        with self._lock:
+            if s is not None:
+                self._counts, self._read_at = stored.counts(s), time.monotonic()
+            elif time.monotonic() - self._read_at >= STATE_TTL:
+                with transaction(self._database_url()) as fresh:
+                    self._counts = stored.counts(fresh)
+                self._read_at = time.monotonic()
+            return self._counts
 
+    def keys_required(self) -> bool:
+        return self.required or self.exposed or self.counts()[0] > 0
 
-def listing(s: Session) -> list[ApiKeyRecord]:
-    return list(s.scalars(select(ApiKeyRecord).order_by(ApiKeyRecord.created_at)))
+    def session_for(self, token: str) -> str:
+        """The session `token` (the Bearer value, "" for none) acts as, or KeyRefused."""
+        if token:  # a key is looked up anyway: the counts come fresh with it
+            with transaction(self._database_url()) as s:
+                row = stored.by_digest(s, digest(token))
+                if row is not None and row.revoked_at is None:
+                    return row.session
+                revoked = row is not None
+                created, live = self.counts(s)
+        else:
+            revoked = False
+            created, live = self.counts()
+        if self.exposed and not live:
+            raise KeyRefused(
+                503,
+                "this gateway listens beyond loopback and no API key is live (none was "
+                "created, or all are revoked), so it refuses every request; "
+                f"{CREATE_HINT}, or serve on 127.0.0.1",
+                "no_live_key",
+            )
+        if revoked:
+            raise KeyRefused(
+                401,
+                "this API key was revoked: ask for a new one "
+                f"({CREATE_HINT}; `farm keys list` shows which are live)",
+                "invalid_api_key",
+            )
+        if created or self.required:
+            why = "missing" if not token else "unknown"
+            raise KeyRefused(
+                401,
+                f"{why} API key: this farm requires one; send Authorization: Bearer KEY "
+                f"({CREATE_HINT})",
+                "invalid_api_key",
+            )
+        return "default"  # a farm that never had keys (a laptop): whatever key a tool sends

@@ -1,0 +1,207 @@
+"""The gateway app in this process on a real registry (SQLite and PostgreSQL): who may call
+it (the key rule of farm/gateway/keys.py, and `farm serve` beyond loopback in a subprocess),
+and input it must refuse with a 4xx naming the parameter, never a 500."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from farm.config import reset_settings
+from farm.context import reset_context
+from farm.gateway import keys
+from farm.gateway.app import create_app
+from farm.registry import transaction, upgrade
+from farm.registry.queries import keys as stored
+from tests.conftest import free_port, run_cli
+
+
+@pytest.fixture
+def registry(migrated_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """This process's farm pointed at an empty, migrated registry."""
+    monkeypatch.setenv("FARM_DATABASE_URL", migrated_db)
+    monkeypatch.delenv("FARM_GATEWAY_REQUIRE_KEYS", raising=False)
+    reset_settings()
+    reset_context()
+    yield migrated_db
+    monkeypatch.undo()
+    reset_settings()
+    reset_context()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_key(url: str, session: str) -> str:
+    with transaction(url) as s:
+        return keys.create(s, session)
+
+
+def revoke(url: str, key: str) -> None:
+    with transaction(url) as s:
+        assert stored.revoke(s, key) == 1
+
+
+def test_revoking_the_last_key_leaves_keys_required_and_the_revoked_key_refused(registry):
+    gateway = TestClient(create_app())
+    assert gateway.get("/v1/models").status_code == 200  # no key ever: a laptop's farm
+    key = new_key(registry, "alice")
+    assert gateway.get("/v1/models", headers=bearer(key)).status_code == 200
+    revoke(registry, key)
+
+    revoked = gateway.get("/v1/models", headers=bearer(key))
+    assert revoked.status_code == 401
+    assert "revoked" in revoked.json()["error"]["message"]
+    assert revoked.json()["error"]["code"] == "invalid_api_key"
+    unknown = gateway.get("/v1/models", headers=bearer("none"))
+    assert unknown.status_code == 401 and "unknown API key" in unknown.json()["error"]["message"]
+    # Without a key the count may be a second old: it may take that long, never more.
+    deadline = time.monotonic() + 5
+    while (r := gateway.get("/v1/models")).status_code != 401:
+        assert r.status_code == 200 and time.monotonic() < deadline
+    assert "missing API key" in r.json()["error"]["message"]
+    assert gateway.get("/health").json()["keys_required"] is True
+    refused = gateway.post("/v1/chat/completions", headers=bearer(key), json={"model": "m"})
+    assert refused.status_code == 401  # the revoked key never acts as session 'default'
+
+
+def test_keys_are_required_before_any_exists_when_the_setting_says_so(registry, monkeypatch):
+    monkeypatch.setenv("FARM_GATEWAY_REQUIRE_KEYS", "true")
+    reset_settings()
+    gateway = TestClient(create_app())
+    r = gateway.get("/v1/models", headers=bearer("sk-anything"))
+    assert r.status_code == 401 and "farm keys create" in r.json()["error"]["message"]
+    assert gateway.get("/health").json()["keys_required"] is True
+    key = new_key(registry, "bob")
+    assert gateway.get("/v1/models", headers=bearer(key)).status_code == 200
+
+
+def test_an_exposed_gateway_refuses_every_request_once_no_key_is_live(registry):
+    gateway = TestClient(create_app(exposed=True))
+    key = new_key(registry, "carol")
+    assert gateway.get("/v1/models", headers=bearer(key)).status_code == 200
+    revoke(registry, key)
+    for headers in (bearer(key), bearer("other"), {}):
+        deadline = time.monotonic() + 5
+        while (r := gateway.get("/v1/files", headers=headers)).status_code != 503:
+            assert r.status_code == 401 and time.monotonic() < deadline
+        error = r.json()["error"]
+        assert error["code"] == "no_live_key" and "farm keys create" in error["message"]
+    assert gateway.get("/health").status_code == 200  # liveness probes still answered
+
+
+def test_farm_serve_beyond_loopback_stops_serving_when_its_last_key_is_revoked(
+    tmp_path: Path, redis_url: str
+):
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    upgrade(url)
+    env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path),
+        "FARM_DATABASE_URL": url,
+        "FARM_BROKER_URL": redis_url,
+    }
+    key = run_cli(env, "keys", "create", "--session", "dave").stdout.strip()
+    port = free_port()
+    host = "127.0.0.2"  # a loopback address, but not one `farm serve` takes for local
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "serve", "--host", host, "--port", str(port),
+         "--no-feeder"],
+        env=env,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.get(f"{base}/v1/models", headers=bearer(key)).status_code == 200
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert run_cli(env, "keys", "revoke", key).returncode == 0
+        upload = httpx.post(
+            f"{base}/v1/files",
+            headers=bearer(key),
+            files={"file": ("in.jsonl", b"{}\n")},
+            data={"purpose": "batch"},
+        )
+        assert upload.status_code == 503 and upload.json()["error"]["code"] == "no_live_key"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "param"),
+    [
+        ("GET", "/v1/files/file-%00", "file_id"),
+        ("GET", "/v1/files/file-%00/content", "file_id"),
+        ("DELETE", "/v1/files/file-%00", "file_id"),
+        ("GET", "/v1/batches/batch_%00", "batch_id"),
+        ("POST", "/v1/batches/batch_%00/cancel", "batch_id"),
+        ("GET", "/v1/batches?after=%00", "after"),
+    ],
+)
+def test_a_nul_in_a_file_or_batch_id_is_a_400_naming_it(registry, method, path, param):
+    r = TestClient(create_app()).request(method, path)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "NUL" in r.json()["error"]["message"]
+
+
+def upload(gateway: TestClient, content: bytes, filename: str = "in.jsonl") -> httpx.Response:
+    return gateway.post("/v1/files", files={"file": (filename, content)}, data={"purpose": "batch"})
+
+
+def test_batch_bodies_and_files_holding_nul_are_refused_naming_the_field(registry):
+    gateway = TestClient(create_app())
+    form = (  # by hand: httpx would escape the NUL in the file's name
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a\x00.jsonl"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n{}\n\r\n--b--\r\n"
+    )
+    r = gateway.post(
+        "/v1/files", content=form, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    line = {
+        "custom_id": "q\u0000",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "m", "prompt": "hi"},
+    }
+    file_id = upload(gateway, json.dumps(line).encode() + b"\n").json()["id"]
+    for body, param, says in [
+        ({"input_file_id": file_id, "endpoint": "/v1/completions"}, "input_file_id", "custom_id"),
+        ({"input_file_id": "file-\x00", "endpoint": "/v1/completions"}, "input_file_id", "NUL"),
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/completions", "metadata": {"k": "\x00"}},
+            "metadata.k",
+            "NUL",
+        ),
+        ({"input_file_id": file_id, "endpoint": "/v1/completions", "metadata": {"k": 1}},
+         "metadata", "strings"),
+    ]:  # fmt: skip
+        r = gateway.post("/v1/batches", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param and says in r.json()["error"]["message"]
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    r = gateway.post("/v1/batches", content=deep)
+    assert r.status_code == 400 and "nests too deep" in r.json()["error"]["message"]
