@@ -6,6 +6,7 @@ the real engine does the same (test_e2e_infer.py)."""
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Iterator
 
@@ -121,7 +122,7 @@ def test_cancelling_a_running_job_stops_it_and_its_row_says_cancelled(twin_farm)
     assert farm.infer("after", model=TWIN, max_tokens=10).text == "after"
 
 
-def _events(ctx: FarmContext, job_id: str) -> list[tuple[str, dict[str, str]]]:
+def _events_of(ctx: FarmContext, job_id: str) -> list[tuple[str, dict[str, str]]]:
     return [(entry_id, fields) for entry_id, fields in ctx.redis.xrange(stream_key(job_id))]
 
 
@@ -136,7 +137,7 @@ def test_no_token_is_streamed_after_cancel_returns_and_only_those_before_are_bil
         with pytest.raises(JobCancelled):
             for _ in tokens:
                 pass
-        events = _events(twin_farm, job.id)
+        events = _events_of(twin_farm, job.id)
         after = [fields["kind"] for entry_id, fields in events if entry_id > last_before]
         assert after == ["cancelled"], (attempt, after)
         streamed = sum(1 for _, fields in events if fields["kind"] == "token")
@@ -169,7 +170,7 @@ def test_a_second_delivery_of_a_running_job_waits_for_the_first_run_and_does_not
     # The second delivery ended once the first run had: it returned that run's result.
     result = twin_farm.app.AsyncResult(job.id).get(timeout=30)
     assert result["text"] == prompt
-    kinds = [fields["kind"] for _, fields in _events(twin_farm, job.id)]
+    kinds = [fields["kind"] for _, fields in _events_of(twin_farm, job.id)]
     assert (kinds.count("token"), kinds.count("done"), kinds.count("restart")) == (1500, 1, 0)
     row = usage_row(twin_farm, job.id)
     assert (row.status, row.completion_tokens) == ("succeeded", 1500)  # type: ignore[attr-defined]
@@ -189,7 +190,7 @@ def test_a_run_that_lost_its_job_to_another_stops_and_writes_nothing_more(twin_f
     deadline = time.monotonic() + 4
     after: list[str] = []
     while time.monotonic() < deadline and not after:
-        after = [f["kind"] for entry_id, f in _events(twin_farm, job.id) if entry_id > taken_at]
+        after = [f["kind"] for entry_id, f in _events_of(twin_farm, job.id) if entry_id > taken_at]
         time.sleep(0.05)
     assert after == []  # no token, no done, no cancelled: nothing after it lost the job
     with transaction(twin_farm.database_url) as s:
@@ -198,3 +199,53 @@ def test_a_run_that_lost_its_job_to_another_stops_and_writes_nothing_more(twin_f
     assert twin_farm.redis.get(run_key(job.id)) == "another-worker:run"
     twin_farm.redis.delete(run_key(job.id))
     assert farm.infer("next", model=TWIN, max_tokens=10).text == "next"  # the slot is free
+
+
+def test_a_gateway_stream_whose_job_starts_over_elsewhere_sends_its_text_once(twin_farm):
+    import asyncio
+
+    from farm.gateway.app import _events
+
+    prompt = "v" * 1200
+    job = farm.submit(prompt, model=TWIN, max_tokens=1500)
+
+    async def read() -> str:
+        events = _events(job, TWIN, False, False)
+        text, lost = "", False
+        async for event in events:
+            if not event.startswith("data: {"):
+                continue
+            body = json.loads(event[6:])
+            assert "error" not in body, body
+            text += body["choices"][0]["text"] if body["choices"] else ""
+            if len(text) > 50 and not lost:
+                # Its worker is lost: its run stops writing (another holds the job now), and
+                # the job is delivered again and starts over from the beginning.
+                lost = True
+                # Held by another for 0.5 s (its first run writes a token every 2 ms, so it
+                # meets the fence at once), then free for the new delivery to take.
+                twin_farm.redis.set(run_key(job.id), "gone-worker:run", px=500)
+                again = farm.Request.model_validate(
+                    {"model": TWIN, "prompt": prompt, "max_tokens": 1500, "stream_tokens": True}
+                )
+                twin_farm.app.send_task(
+                    TASK_NAME, args=[again.to_wire()], task_id=job.id,
+                    queue=queue_name(TWIN), priority=0,
+                )  # fmt: skip
+        return text
+
+    text = asyncio.run(read())
+    kinds = [fields["kind"] for _, fields in _events_of(twin_farm, job.id)]
+    assert "restart" in kinds  # the job did start over
+    assert text == prompt  # and the client got its text once, whole
+
+
+def test_a_rerun_with_other_text_ends_the_gateway_stream_with_an_error_not_garbled_text():
+    from farm.gateway.app import _Replay
+
+    replay = _Replay()
+    assert [replay.new_text(p) for p in ("Once ", "upon")] == ["Once ", "upon"]
+    replay.restart()
+    assert [replay.new_text(p) for p in ("On", "ce up", "on a time")] == ["", "", " a time"]
+    replay.restart()
+    assert replay.new_text("Once upon a hill") is None  # differs from what the client has

@@ -33,7 +33,7 @@ import farm
 from farm import openai_api as openai
 from farm.config import get_settings
 from farm.context import get_context
-from farm.errors import FarmError
+from farm.errors import FarmError, JobFailed
 from farm.gateway import keys
 from farm.gateway.batches import add_routes
 from farm.queue import PRIORITIES
@@ -157,16 +157,57 @@ def _run(request: Request, session_of: Callable[[Request], str], body: Any, chat
 _END = object()
 
 
+class _Replay:
+    """A job that starts over on another worker (its first worker was lost) streams its
+    text again from the start. What the client already has is not sent twice: the new run's
+    text is matched against it and only what goes beyond is sent. A new run whose text
+    differs (sampled without a seed) cannot be mended in a stream the client has read:
+    the stream ends with an error saying so."""
+
+    def __init__(self) -> None:
+        self.sent = ""
+        self.again: str | None = None  # while a restarted run repeats: what it must repeat
+
+    def restart(self, worker: str | None = None) -> None:
+        self.again = self.sent
+
+    def new_text(self, piece: str) -> str | None:
+        """What of `piece` the client has not had; None when the rerun's text differs."""
+        if self.again is None:
+            self.sent += piece
+            return piece
+        overlap = min(len(piece), len(self.again))
+        if piece[:overlap] != self.again[:overlap]:
+            return None
+        self.again = self.again[overlap:] or None
+        rest = piece[overlap:]
+        self.sent += rest
+        return rest
+
+
+RESTARTED_DIFFERENTLY = JobFailed(
+    "the worker running this job was lost and the job started over on another, with other "
+    "text than was already streamed; retry the request (with a seed a rerun repeats its text)"
+)
+
+
 async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """The job's text as server-sent events. When the client goes away, Starlette cancels
     this generator mid-await, and the job is cancelled."""
     tokens = job.stream()
+    replay = _Replay()
+    job.on_restart = replay.restart
     done = False
     try:
         if chat:
             yield openai.chunk(job.id, model, chat=True, role=True, text="")
         while (piece := await run_in_threadpool(next, tokens, _END)) is not _END:
-            yield openai.chunk(job.id, model, chat=chat, text=str(piece))
+            new = replay.new_text(str(piece))
+            if new is None:  # done stays False: the job is cancelled below
+                yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
+                return
+            if new:
+                yield openai.chunk(job.id, model, chat=chat, text=new)
         c = job.completion
         yield openai.chunk(
             job.id, model, chat=chat, finish=openai.FINISH.get(c.finish_reason, "stop")
