@@ -166,13 +166,23 @@ def load_catalog(path: Path, extra_roots: list[Path] | None = None) -> tuple[Cat
     """Parse and check the whole file. CatalogError lists every problem with its line."""
     catalog, problems = _parse(path)
     problem = problems.add
-    roots = [(path.parent / d).expanduser() for d in catalog.model_dirs] + list(extra_roots or [])
+    # The file's model_dirs say where relative paths are looked up. They cannot widen the
+    # operator's FARM_MODEL_DIRS (`extra_roots`): each must lie inside them, and model
+    # paths are confined to FARM_MODEL_DIRS when it is set, else to the file's folders.
+    own = [(path.parent / d).expanduser() for d in catalog.model_dirs]
+    allowed = list(extra_roots or [])
+    for i, folder in enumerate(own):
+        try:
+            confine(folder, allowed)
+        except InvalidRequest as e:
+            problem(("model_dirs", i), str(e))
+    roots = allowed or own
     for name, model in catalog.models.items():
         if not MODEL_NAME_RE.match(name):
             problem(("models", name), f"invalid model name: names are {MODEL_NAME_RULE}")
             continue
         try:
-            file = confine(_locate(model.path, roots, path.parent), roots)
+            file = confine(_locate(model.path, own + allowed, path.parent), roots)
             if not file.is_file():
                 raise InvalidRequest(f"no file at {file}")
             read_gguf_info(file)
@@ -224,14 +234,17 @@ def apply_catalog(database_url: str, catalog: Catalog) -> tuple[list[str], list[
     return added, updated
 
 
-def scan(folder: Path) -> tuple[list[Any], list[str]]:
-    """GGUF files under `folder` with their metadata, and a reason for each file skipped."""
+def scan(folder: Path, roots: list[Path] | None = None) -> tuple[list[Any], list[str]]:
+    """GGUF files under `folder` with their metadata, and a reason for each file skipped;
+    with `roots` (FARM_MODEL_DIRS), a file that resolves outside them (a link out) is
+    skipped."""
     folder = folder.expanduser()
     if not folder.is_dir():
         raise InvalidRequest(f"{folder} is not a folder")
     found, skipped = [], []
     for file in sorted(folder.rglob("*.gguf")):
         try:
+            confine(file, roots or [])
             found.append(read_gguf_info(file))
         except InvalidRequest as e:
             skipped.append(str(e))

@@ -218,3 +218,37 @@ def test_farm_worker_takes_parallel_from_the_models_file_unless_told(tmp_path, m
     assert r.returncode == 1
     assert "sets different `parallel` for the models of this worker (a 2, b 3)" in r.stderr
     assert "pass --parallel N, or serve them from separate workers" in r.stderr
+
+
+def test_scan_with_model_folders_skips_a_link_out_of_them_and_adds_only_what_lies_inside(
+    tmp_path, model_dir
+):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(db)
+    env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path),
+        "FARM_DATABASE_URL": db,
+        "FARM_MODEL_DIRS": json.dumps([str(model_dir)]),
+    }
+    r = run_cli(env, "models", "scan", str(model_dir), "--json", "--add", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "linked-out.gguf is outside the model folders" in r.stderr
+    with transaction(db) as s:
+        assert [m.name for m in queries.list_models(s)] == ["gemma"]
+
+
+def test_a_models_file_cannot_widen_the_model_folders_the_operator_set(tmp_path, model_dir):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(model_dir / "gemma.gguf", outside / "stray.gguf")
+    path = write(tmp_path, f'model_dirs = ["/"]\n\n[models.stray]\npath = "{outside}/stray.gguf"\n')
+    with pytest.raises(CatalogError) as e:
+        load_catalog(path, [model_dir])
+    message = str(e.value)
+    assert "models.toml:1: model_dirs.0: / is outside the model folders" in message
+    assert "models.toml:4: models.stray.path:" in message
+    assert "stray.gguf is outside the model folders" in message
+    # Without FARM_MODEL_DIRS the file's own folders are the bound (here "/": anything).
+    catalog, _ = load_catalog(path)
+    assert catalog.models["stray"].path == str((outside / "stray.gguf").resolve())

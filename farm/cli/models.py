@@ -108,8 +108,9 @@ def models_scan(
     from farm.catalog import confine, default_chat_format, scan, suggest_name
     from farm.registry import queries, transaction
 
-    folder = confine(folder, get_settings().model_dirs)
-    found, skipped = scan(folder)
+    roots = get_settings().model_dirs
+    folder = confine(folder, roots)
+    found, skipped = scan(folder, roots)
     for reason in skipped:
         err.print(f"skipped: {reason}", highlight=False)
     if not found:
