@@ -320,7 +320,23 @@ def _served_context(ctx: FarmContext, model: str, wait_for_worker: float) -> int
         time.sleep(0.25)
 
 
+# No tokenizer's token spans more bytes than this on average over a prompt: a prompt
+# longer than n_ctx times it cannot fit the context, and is refused before it is queued,
+# carried through Redis and tokenised by a worker (a 20 MB prompt took 92 s to fail there).
+MAX_BYTES_PER_TOKEN = 64
+
+
 def _check_fits(request: Request, model: str, n_ctx: int) -> None:
+    size = len((request.prompt or "").encode()) + sum(
+        len(m.content.encode()) for m in request.messages or ()
+    )
+    if size > n_ctx * MAX_BYTES_PER_TOKEN:
+        field = "messages" if request.is_chat else "prompt"
+        raise InvalidRequest(
+            f"invalid '{field}': {size:,} bytes cannot fit model '{model}' (context "
+            f"{n_ctx} tokens, at most about {n_ctx * MAX_BYTES_PER_TOKEN:,} bytes of text); "
+            "shorten it or use a model with a longer context"
+        )
     if request.stopping.max_tokens > n_ctx:
         raise InvalidRequest(
             f"invalid 'stopping.max_tokens': {request.stopping.max_tokens} is more than "

@@ -279,7 +279,16 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
     if isinstance(e, QueueFull | QuotaExceeded):
         code = "rate_limit_exceeded" if isinstance(e, QueueFull) else "insufficient_quota"
         return 429, _body(message, "rate_limit_error", None, code)
-    if isinstance(e, NoLiveWorker | FarmUnavailable):
+    if isinstance(e, NoLiveWorker):
+        # The client's own message names CLI flags; an HTTP caller can only wait and retry.
+        model = re.search(r"model '([^']+)'", message)
+        name = model.group(1) if model else "this model"
+        message = (
+            f"no worker is serving model '{name}' right now; retry later. The farm's "
+            f"operator starts one with `farm worker --model {name}` (or `farm up`)"
+        )
+        return 503, _body(message, "server_error", None, "service_unavailable")
+    if isinstance(e, FarmUnavailable):
         return 503, _body(message, "server_error", None, "service_unavailable")
     if isinstance(e, JobFailed) and "tokens but model" in message:
         param = "messages" if chat else "prompt"

@@ -204,3 +204,13 @@ def test_usage_totals_reflect_finished_jobs(farm_client):
     with transaction(farm_client.database_url) as s:
         [total] = queries.usage_totals(s, session="usage-test")
     assert total.jobs == 2 and total.succeeded == 2 and total.completion_tokens > 0
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_at_submit_and_nothing_is_queued(farm_client):
+    before = _count(farm_client.database_url)
+    # Raised by submit itself (a worker's refusal would come as JobFailed from result()).
+    with pytest.raises(farm.InvalidRequest, match="invalid 'prompt': 20,000,000 bytes cannot fit"):
+        farm.submit("x" * 20_000_000, model=MODEL, max_tokens=4)
+    with pytest.raises(farm.InvalidRequest, match="invalid 'messages'"):
+        farm.submit(model=MODEL, messages=[{"role": "user", "content": "y" * 300_000}])
+    assert _count(farm_client.database_url) == before

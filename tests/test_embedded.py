@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_cli, start_farm
+from tests.conftest import free_port, run_cli, start_farm
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,9 @@ def steady(fleet):
 
 
 def test_farm_up_ask_once_answers_a_prompt_and_stops(tmp_path):
-    r = farm(bare_env(tmp_path), "up", "--ask", "Why is the sky blue?", "--once", timeout=180)
+    # --port 0: no gateway (a test must not need port 8000 free)
+    r = farm(bare_env(tmp_path), "up", "--port", "0", "--ask", "Why is the sky blue?", "--once",
+             timeout=180)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()  # the streamed answer
     assert "farm is up" in r.stderr and "farm stopped" in r.stderr
@@ -47,7 +49,7 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
         assert r.returncode == 1 and "start one with `farm up`" in r.stderr, command
     assert not (tmp_path / "registry.db").exists()  # asking created nothing
 
-    up = start_farm(env, "up")
+    up = start_farm(env, "up", "--port", str(free_port()))
     try:
         state = json.loads((tmp_path / "farm.json").read_text())
         assert state["broker_url"].startswith("redis://127.0.0.1:")
@@ -88,7 +90,7 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
         unknown = farm(env, "status", "no-such-job")
         assert unknown.returncode == 1 and "no job with id 'no-such-job'" in unknown.stderr
 
-        second = farm(env, "up")
+        second = farm(env, "up", "--port", str(free_port()))
         assert second.returncode == 1 and "a farm is already running here" in second.stderr
     finally:
         up.send_signal(signal.SIGINT)

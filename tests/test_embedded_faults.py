@@ -16,8 +16,9 @@ import pytest
 
 import farm
 from farm.context import get_context, reset_context
+from farm.queue import stream_key
 from farm.registry import queries, transaction
-from tests.conftest import finished_usage, run_cli
+from tests.conftest import finished_usage, free_port, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +45,7 @@ def start_up(
     `sigint_ignored`: as a script's `farm up &` starts it, with SIGINT ignored."""
     out = log.open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "up"],
+        [sys.executable, "-m", "farm.cli", "up", "--port", str(free_port())],
         env=env,
         stdout=out,
         stderr=out,
@@ -144,6 +145,47 @@ def test_the_broker_killed_with_jobs_queued_is_restarted_and_loses_none(up):
     for job in jobs:
         [row] = finished_usage(db, job.id, timeout=30)
         assert row.status == "succeeded"  # type: ignore[attr-defined]
+
+
+def test_a_broker_restart_while_a_job_runs_does_not_start_it_a_second_time(up):
+    """The reproduction of the one-run-at-a-time issue: stream a job, stop its worker, kill
+    the broker, let farm up restart it, let the worker go on. kombu hands the job's message
+    out again while its first run goes on; before, the worker ran it a second time at once
+    (two done events, the runs' tokens mixed on the stream)."""
+    _, home, log, _ = up
+    db = f"sqlite:///{home / 'registry.db'}"
+    for i in range(3):
+        restarts = log.read_text().count("restarting it on the same port")
+        job = farm.submit(f"Describe a river delta ({i}).", model=MODEL, max_tokens=80, seed=i)
+        stream = job.stream(timeout=180)
+        text = "".join(next(stream) for _ in range(5))
+        worker, broker = worker_pid(db), broker_pid()
+        time.sleep(1.1)  # the broker's append-only file is flushed every second
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            os.kill(broker, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while log.read_text().count("restarting it on the same port") == restarts:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        text += "".join(stream)
+        c = job.completion
+        assert c is not None
+        events = [f for _, f in get_context().redis.xrange(stream_key(job.id))]
+        kinds = [f["kind"] for f in events]
+        assert kinds.count("done") == 1, kinds
+        # The run that ended wrote its text alone: after the last restart marker (if the job
+        # had to start over), the stream holds exactly the Completion's text.
+        last = max((n for n, k in enumerate(kinds) if k == "restart"), default=-1)
+        after = "".join(f["text"] for f in events[last + 1 :] if f["kind"] == "token")
+        assert after == c.text
+        [row] = finished_usage(db, job.id, timeout=30)
+        assert (row.status, row.completion_tokens) == (  # type: ignore[attr-defined]
+            "succeeded",
+            c.usage.completion_tokens,
+        )
 
 
 def test_ctrl_c_to_the_process_group_finishes_the_running_job_and_a_restart_runs_the_queue(up):

@@ -205,3 +205,18 @@ def test_batch_bodies_and_files_holding_nul_are_refused_naming_the_field(registr
     deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
     r = gateway.post("/v1/batches", content=deep)
     assert r.status_code == 400 and "nests too deep" in r.json()["error"]["message"]
+
+
+def test_a_503_for_a_model_no_worker_serves_tells_an_http_client_to_retry_not_a_cli_flag():
+    from farm import openai_api
+    from farm.errors import NoLiveWorker
+
+    raised = NoLiveWorker(
+        "no worker is serving model 'qwen'; start one with `farm worker --model qwen` (or "
+        "`farm up --model qwen`), or pass --wait-for-worker SECONDS to wait for one"
+    )
+    status, body = openai_api.error(raised)
+    assert status == 503 and body["error"]["code"] == "service_unavailable"
+    message = body["error"]["message"]
+    assert "model 'qwen'" in message and "retry later" in message
+    assert "--wait-for-worker" not in message
