@@ -101,6 +101,7 @@ class Fenced:
         self.job_id = job_id
         self.token = token
         self.ttl_ms = max(1000, int(ttl_s * 1000))
+        self.lost = False  # set by whoever renews it, once another run holds the job
         self._xadd = r.register_script(_FENCED_XADD)
         self._claim = r.register_script(_CLAIM)
         self._release = r.register_script(_RELEASE)

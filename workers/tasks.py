@@ -41,7 +41,7 @@ from farm.stream import (
 from workers.bookkeeping import Admission, Bookkeeper, usage_fields
 from workers.models import ModelCache
 from workers.spool import UsageSpool
-from workers.stream import patiently
+from workers.stream import RunKeeper, patiently
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class JobRunner:
         self.models = models
         self.spool = spool or UsageSpool(ctx.settings.home / "spool", worker_id)
         self.books = Bookkeeper(ctx, worker_id, self.spool)
+        settings = ctx.settings
+        self.run_keys = RunKeeper(min(settings.heartbeat_interval, settings.lease_ttl / 3))
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
@@ -93,10 +95,12 @@ class JobRunner:
         fence = Fenced(r, job_id, f"{self.worker_id}:{uuid.uuid4().hex}", ctx.settings.lease_ttl)
         if self._wait_for_other_run(fence):
             redelivered = True
+        self.run_keys.hold(fence)
         try:
             return self._run_held(task, job_id, request, fence, started_wall, submitted,
                                   stream_ttl, redelivered)  # fmt: skip
         finally:
+            self.run_keys.drop(fence)
             try:
                 fence.release()
             except redis.RedisError as e:  # it expires on its own
@@ -159,10 +163,10 @@ class JobRunner:
             pipe.exists(cancel_key(job_id))
             if request.batch is None:  # nobody follows a batch line: keep Redis small
                 pipe.set(progress_key(job_id), tokens, ex=stream_ttl)  # for `farm status JOB`
+            if fence.lost:
+                stop(LOST, seq)
             try:
-                if not fence.renew():
-                    stop(LOST, seq)
-                elif pipe.execute()[0]:
+                if pipe.execute()[0]:
                     stop(CANCELLED_, seq)
             except redis.RedisError:
                 pass  # Redis restarting or slow: ask again at the next poll
