@@ -297,8 +297,10 @@ def marker_prompt(host: ModelHost, marker: str, n: int = 20) -> list[int]:
     return host.llm.tokenize(b"", add_bos=True, special=True) + ids * n
 
 
-def test_image_markers_the_model_generates_are_counted_but_never_in_the_text(host):
-    # The base model's first answer once began with a literal <start_of_image>.
+def test_the_engine_never_samples_an_image_marker_and_writes_text_instead(host):
+    # The base model's first answer once began with a literal <start_of_image>; after 20 of
+    # them, greedy, it goes on writing markers unless they are barred from sampling. Hidden
+    # from the text they would still cost tokens: an answer of nothing (`farm up --ask`).
     seq = Sequence(
         tokens=marker_prompt(host, "<start_of_image>"), max_tokens=6, sampling={"temperature": 0}
     )
@@ -308,8 +310,8 @@ def test_image_markers_the_model_generates_are_counted_but_never_in_the_text(hos
         streamed.append(event[1])
     assert event[0] == DONE, event
     g = event[1]
-    assert (g.text, streamed) == ("", [])
     assert (g.completion_tokens, g.finish_reason) == (6, "length")
+    assert g.text.strip() and "".join(streamed) == g.text and "image>" not in g.text
 
 
 def test_text_after_an_image_marker_is_kept_without_the_marker(host):
@@ -317,19 +319,15 @@ def test_text_after_an_image_marker_is_kept_without_the_marker(host):
     seq = Sequence(tokens=prompt, max_tokens=8, sampling={"temperature": 0})
     [g] = submit_at_once(host, [seq])
     assert g.completion_tokens == 8
-    assert "image>" not in g.text and g.text.strip()  # the markers go, the text stays
+    assert "image>" not in g.text and g.text  # no marker; what it writes instead is text
 
 
-def test_a_stop_string_naming_an_image_marker_still_ends_the_reply(host):
-    marker = "<start_of_image>"
-    seq = Sequence(
-        tokens=marker_prompt(host, marker),
-        max_tokens=6,
-        sampling={"temperature": 0},
-        stops=(marker,),
-    )
-    [g] = submit_at_once(host, [seq])
-    assert (g.text, g.finish_reason, g.completion_tokens) == ("", "stop", 0)
+def test_the_markers_barred_from_sampling_are_the_vocabularys_non_text_markers(host):
+    from workers.engine.vocab import Vocab
+
+    vocab = Vocab(llama_cpp.llama_model_get_vocab(host.llm.model))
+    names = sorted(vocab.name(token) for token in vocab.markers())
+    assert names == ["<end_of_image>", "<start_of_image>", "[multimodal]"]
 
 
 def test_html_tags_in_the_vocabulary_are_still_text(host):

@@ -212,7 +212,7 @@ class Engine:
         return self._thread.is_alive()
 
     def _start(self, slot: Slot, seq: Sequence) -> None:
-        sampler = build_sampler(self.vocab, seq.sampling, seq.grammar)
+        sampler = build_sampler(self.vocab, seq.sampling, seq.grammar, self.tokens.markers())
         keep = common_prefix(slot.cache, seq.tokens)
         if keep == len(seq.tokens):
             keep -= 1  # the last prompt token is evaluated again: its logits start the reply

@@ -13,6 +13,7 @@ rejects it are the candidates filtered by the grammar and the chain run again.
 from __future__ import annotations
 
 import ctypes
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -105,8 +106,11 @@ class Sampler:
         self.chain = self.grammar = None
 
 
-def build_sampler(vocab: Any, sampling: dict[str, Any], grammar: str | None) -> Sampler:
-    """A sampler for one sequence. GrammarError when llama.cpp rejects the grammar."""
+def build_sampler(
+    vocab: Any, sampling: dict[str, Any], grammar: str | None, banned: tuple[int, ...] = ()
+) -> Sampler:
+    """A sampler for one sequence that never picks a `banned` token (a non-text marker).
+    GrammarError when llama.cpp rejects the grammar."""
     p = {**DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
     seed = p.get("seed")
@@ -121,6 +125,13 @@ def build_sampler(vocab: Any, sampling: dict[str, Any], grammar: str | None) -> 
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
+        if banned:
+            biases = (llama_cpp.llama_logit_bias * len(banned))(
+                *(llama_cpp.llama_logit_bias(token, -math.inf) for token in banned)
+            )
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(banned), biases)
+            )
         _fill_chain(chain, p, n_vocab, seed)
     except BaseException:
         llama_cpp.llama_sampler_free(chain)  # frees the samplers already added too

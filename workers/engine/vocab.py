@@ -24,6 +24,7 @@ class Vocab:
         self.ptr = vocab
         self._buf = ctypes.create_string_buffer(256)
         self._hidden: dict[int, bool] = {}  # token -> renders as nothing; filled as sampled
+        self._markers: tuple[int, ...] | None = None
 
     def text(self, token: int) -> bytes:
         """The bytes a reader sees for `token`: nothing for a control token or a marker."""
@@ -39,6 +40,20 @@ class Vocab:
             )
             self._hidden[token] = hidden
         return hidden
+
+    def markers(self) -> tuple[int, ...]:
+        """The vocabulary's markers for non-text input (<start_of_image> ...): a text engine
+        never samples them (they would cost a token and show nothing). Read once."""
+        if self._markers is None:
+            n = int(llama_cpp.llama_vocab_n_tokens(self.ptr))
+            user_defined = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            self._markers = tuple(
+                token
+                for token in range(n)
+                if int(llama_cpp.llama_vocab_get_attr(self.ptr, token)) & user_defined
+                and is_marker(self.name(token))
+            )
+        return self._markers
 
     def ends_turn(self, token: int, stops: tuple[str, ...]) -> bool:
         """End of generation, or a hidden token that starts a stop string (<end_of_turn>).
