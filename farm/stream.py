@@ -61,28 +61,63 @@ def publish(
     pipe.execute()
 
 
-# KEYS: the stream, the cancel flag, the run key. ARGV: the run's token, the stream's ttl
-# ('' for none), the event's kind, then the event's fields and values.
-# Returns WRITTEN, CANCELLED_ (the job was cancelled: only a `cancelled` event is written) or
-# LOST (another run holds the job, or none does: nothing is written).
-_FENCED_XADD = """
-if redis.call('get', KEYS[3]) ~= ARGV[1] then return -1 end
-if ARGV[3] ~= 'cancelled' and redis.call('exists', KEYS[2]) == 1 then return 0 end
-redis.call('xadd', KEYS[1], '*', 'kind', ARGV[3], unpack(ARGV, 4))
-if ARGV[2] ~= '' then redis.call('expire', KEYS[1], ARGV[2]) end
+# The run key holds the token of the run that holds the job; once that run ends, `ended:`
+# and its token, for ENDED_TTL_S. The rules:
+# - a run starting (claim) takes the key when it is free or says `ended:`; it waits while
+#   another token holds it;
+# - a running run keeps it (renew, and before each write) while it holds it, and takes it
+#   again when it is free (a Redis restart lost it, or it expired while nobody else took
+#   the job); once another run holds it, or a run ended the job, the run has lost it.
+ENDED = "ended:"
+ENDED_TTL_S = 3600
+# Lua: 1 when the run `ARGV[1]` holds the run key KEYS[1] now (taking it again if it is
+# free, with ttl ARGV[2] ms), else 0.
+_HOLDS = """
+local function holds(key, token, ttl)
+  local holder = redis.call('get', key)
+  if holder == token then redis.call('pexpire', key, ttl) return 1 end
+  if holder then return 0 end
+  redis.call('set', key, token, 'PX', ttl)
+  return 1
+end
+"""
+# KEYS: the stream, the cancel flag, the run key. ARGV: the run's token, the run key's ttl
+# (ms), the stream's ttl (s), the event's kind, then its fields and values. Returns WRITTEN,
+# CANCELLED_ (the job was cancelled: only a `cancelled` event is written) or LOST.
+_FENCED_XADD = (
+    _HOLDS
+    + """
+if holds(KEYS[3], ARGV[1], ARGV[2]) == 0 then return -1 end
+if ARGV[4] ~= 'cancelled' and redis.call('exists', KEYS[2]) == 1 then return 0 end
+redis.call('xadd', KEYS[1], '*', 'kind', ARGV[4], unpack(ARGV, 5))
+redis.call('expire', KEYS[1], ARGV[3])
 return 1
 """
-# KEYS: the run key. ARGV: the token, the ttl in ms. Take the job (or keep it) unless
-# another run holds it: 1 taken or renewed, 0 held by another.
+)
+# KEYS: the run key, the cancel flag. ARGV: the token, the ttl in ms. As a write would meet.
+_CHECK = (
+    _HOLDS
+    + """
+if holds(KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
+if redis.call('exists', KEYS[2]) == 1 then return 0 end
+return 1
+"""
+)
+_RENEW = _HOLDS + "return holds(KEYS[1], ARGV[1], ARGV[2])"
+# KEYS: the run key. ARGV: the token, the ttl in ms. 1 taken, 0 held by another run.
 _CLAIM = """
 local holder = redis.call('get', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
+if holder and holder ~= ARGV[1] and string.sub(holder, 1, 6) ~= 'ended:' then return 0 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
-# KEYS: the run key. ARGV: the token. Let go of the job, if this run still holds it.
+# KEYS: the run key. ARGV: the token, the marker's ttl in s. The run ended the job: the key
+# says so, so that a run cut off meanwhile cannot take the job back.
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[1], 'ended:' .. ARGV[1], 'EX', ARGV[2])
+  return 1
+end
 return 0
 """
 WRITTEN, CANCELLED_, LOST = 1, 0, -1
@@ -91,9 +126,10 @@ WRITTEN, CANCELLED_, LOST = 1, 0, -1
 class Fenced:
     """One run's hold on a job and its fenced writes on the job's stream.
 
-    `claim()` takes the job for this run (False while another live run holds it); `renew()`
-    keeps it, and says False once it was lost; `publish()` writes an event unless the job
-    was cancelled or the run lost the job, returning WRITTEN, CANCELLED_ or LOST.
+    `claim()` takes the job for a run starting (False while another live run holds it);
+    `renew()` keeps it, False once it was lost; `publish()` writes an event unless the job
+    was cancelled or the run lost the job, returning WRITTEN, CANCELLED_ or LOST; `check()`
+    says which a write would meet; `release()` marks the job ended by this run.
     """
 
     def __init__(self, r: redis.Redis, job_id: str, token: str, ttl_s: float):
@@ -103,36 +139,31 @@ class Fenced:
         self.ttl_ms = max(1000, int(ttl_s * 1000))
         self.lost = False  # set by whoever renews it, once another run holds the job
         self._xadd = r.register_script(_FENCED_XADD)
+        self._check = r.register_script(_CHECK)
+        self._renew = r.register_script(_RENEW)
         self._claim = r.register_script(_CLAIM)
         self._release = r.register_script(_RELEASE)
 
     def claim(self) -> bool:
         return bool(self._claim(keys=[run_key(self.job_id)], args=[self.token, self.ttl_ms]))
 
-    renew = claim
-
-    def holder(self) -> str | None:
-        """The token of the run that holds the job now, if any."""
-        held: Any = self.r.get(run_key(self.job_id))
-        return held if held is None or isinstance(held, str) else held.decode()
+    def renew(self, client: redis.Redis | None = None) -> bool:
+        """Keep the job; `client`: another connection to the same Redis (with timeouts)."""
+        args: list[str | int] = [self.token, self.ttl_ms]
+        return bool(self._renew(keys=[run_key(self.job_id)], args=args, client=client))
 
     def check(self) -> int:
         """What a write would meet now, without writing: WRITTEN, CANCELLED_ or LOST."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.get(run_key(self.job_id))
-        pipe.exists(cancel_key(self.job_id))
-        holder, cancelled = pipe.execute()
-        if (holder.decode() if isinstance(holder, bytes) else holder) != self.token:
-            return LOST
-        return CANCELLED_ if cancelled else WRITTEN
+        keys = [run_key(self.job_id), cancel_key(self.job_id)]
+        return int(self._check(keys=keys, args=[self.token, self.ttl_ms]))
 
     def release(self) -> None:
-        self._release(keys=[run_key(self.job_id)], args=[self.token])
+        self._release(keys=[run_key(self.job_id)], args=[self.token, ENDED_TTL_S])
 
-    def publish(self, kind: str, *, ttl: int | None = None, **fields: Any) -> int:
+    def publish(self, kind: str, *, ttl: int, **fields: Any) -> int:
+        """Write an event on the job's stream, which then expires `ttl` seconds on."""
         flat: list[str] = []
         for k, v in fields.items():
             flat += [k, v if isinstance(v, str) else json.dumps(v)]
         keys = [stream_key(self.job_id), cancel_key(self.job_id), run_key(self.job_id)]
-        args = [self.token, "" if ttl is None else str(ttl), kind, *flat]
-        return int(self._xadd(keys=keys, args=args))
+        return int(self._xadd(keys=keys, args=[self.token, self.ttl_ms, ttl, kind, *flat]))

@@ -46,7 +46,8 @@ class RunKeeper:
     keeps its key). A key another run took is marked `lost`; a worker cut off from Redis,
     or stopped, renews nothing and its keys expire: that is the fence."""
 
-    def __init__(self, interval: float):
+    def __init__(self, client: redis.Redis, interval: float):
+        self.client = client  # its own connections, with timeouts: one hung call holds no key
         self.interval = interval
         self._held: set[Fenced] = set()
         self._lock = threading.Lock()
@@ -72,7 +73,7 @@ class RunKeeper:
                 held = list(self._held)
             for fence in held:
                 try:
-                    if not fence.renew():
+                    if not fence.renew(self.client):
                         fence.lost = True
                 except redis.RedisError as e:  # the next round tries again; the ttl decides
                     log.debug("run key of job %s not renewed: %s", fence.job_id, e)

@@ -58,7 +58,11 @@ class JobRunner:
         self.spool = spool or UsageSpool(ctx.settings.home / "spool", worker_id)
         self.books = Bookkeeper(ctx, worker_id, self.spool)
         settings = ctx.settings
-        self.run_keys = RunKeeper(min(settings.heartbeat_interval, settings.lease_ttl / 3))
+        interval = min(settings.heartbeat_interval, settings.lease_ttl / 3)
+        keeper_redis = redis.Redis.from_url(
+            ctx.result_url, socket_connect_timeout=interval, socket_timeout=interval
+        )
+        self.run_keys = RunKeeper(keeper_redis, interval)
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
@@ -108,9 +112,9 @@ class JobRunner:
 
     def _wait_for_other_run(self, fence: Fenced) -> bool:
         """Take the job for this run; True when another run held it first (and has ended
-        or died since). While Redis is unreachable, Reject: the job goes back to its queue."""
+        or died since: its key is renewed while it lives, so the wait has no other bound).
+        While Redis is unreachable, Reject: the job goes back to its queue."""
         waited = False
-        deadline = time.monotonic() + self.ctx.settings.job_time_limit + fence.ttl_ms / 1000
         while True:
             try:
                 if patiently(fence.claim):
@@ -119,13 +123,10 @@ class JobRunner:
                 raise Reject(f"cannot reach Redis to take the job: {e}", requeue=True) from e
             if not waited:
                 log.warning(
-                    "job %s is running elsewhere (%s); this delivery waits for that run to end",
+                    "job %s is running elsewhere; this delivery waits for that run to end",
                     fence.job_id,
-                    fence.holder(),
                 )
             waited = True
-            if time.monotonic() > deadline:
-                raise Reject("another run of this job never ended", requeue=True)
             time.sleep(0.25)
 
     def _run_held(
@@ -140,7 +141,6 @@ class JobRunner:
         redelivered: bool,
     ) -> dict[str, Any]:
         ctx, r = self.ctx, self.ctx.redis
-        first = [True]
         # Tokens generated when the run learnt it must stop (cancelled, or taken over):
         # what it generated after that is neither streamed nor billed.
         stopped: dict[str, Any] = {}
@@ -152,9 +152,7 @@ class JobRunner:
 
         def on_text(piece: str) -> None:
             if request.stream_tokens and not stopped:
-                ttl = stream_ttl if first[0] else None
-                written = patiently(lambda: fence.publish(TOKEN, ttl=ttl, text=piece))
-                first[0] = False
+                written = patiently(lambda: fence.publish(TOKEN, ttl=stream_ttl, text=piece))
                 if written != WRITTEN:
                     stop(written, seq)
 
@@ -187,12 +185,16 @@ class JobRunner:
                     if redelivered and request.batch is None:
                         # An earlier delivery died part-way: tell streaming readers that the
                         # text starts over (the Completion holds the whole of this run's text).
-                        fence.publish(RESTART, ttl=stream_ttl, worker=self.worker_id)
+                        patiently(
+                            lambda: fence.publish(RESTART, ttl=stream_ttl, worker=self.worker_id)
+                        )
                     gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
                 except BaseException:
                     seq.cancel()  # whatever ended this job early, its slot is freed now
                     raise
         except FarmError as e:
+            if patiently(fence.check) == LOST:  # the job is another run's to end
+                return self._taken_over(job_id)
             return self._fail(job_id, str(e), request)
 
         if stopped.get("why") == LOST:
@@ -222,7 +224,6 @@ class JobRunner:
             ),
             worker=self.worker_id,
         )
-        fields = usage_fields(completion)
         if gen.finish_reason != "cancelled" and request.batch is None:
             # The caller waits for this event: send it first, then write the usage row.
             # Should the worker die in between, the redelivered job finds this event and
@@ -237,6 +238,7 @@ class JobRunner:
                 return self._taken_over(job_id)
             if written == CANCELLED_:
                 completion.finish_reason = "cancelled"
+        fields = usage_fields(completion)
         if completion.finish_reason == "cancelled":
             self.books.end(job_id, "cancelled", batch=request.batch, **fields)
             patiently(lambda: fence.publish(CANCELLED, ttl=ctx.settings.stream_ttl))

@@ -208,6 +208,10 @@ async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> Asyn
                 return
             if new:
                 yield openai.chunk(job.id, model, chat=chat, text=new)
+        if replay.again:  # the rerun ended short of what the client already has
+            yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
+            done = True
+            return
         c = job.completion
         yield openai.chunk(
             job.id, model, chat=chat, finish=openai.FINISH.get(c.finish_reason, "stop")

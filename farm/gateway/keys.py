@@ -1,6 +1,6 @@
 """API keys: created once and shown once, kept as SHA-256 digests, each mapped to a session;
 and the gateway's rule for who may call it. The registry's queries on keys are in
-farm/registry/keys.py.
+farm/registry/queries/keys.py.
 
 The rule, checked on every request:
 
