@@ -258,8 +258,10 @@ def _release(ctx: FarmContext, jobs: list[_Prepared]) -> None:
     for job in jobs:
         try:
             quotas.settle(ctx, job.id, 0)
-        except Exception as e:  # Redis gone too: the reservation expires with its day
-            log.warning("could not release the quota of unqueued job %s: %s", job.id, e)
+        except Exception as e:
+            # Redis gone too: the reservation expires with its day, and the caller is about
+            # to hear that the broker is unreachable; a line above that would only confuse.
+            log.debug("could not release the quota of unqueued job %s: %s", job.id, e)
 
 
 def _unreachable(ctx: FarmContext, e: Exception) -> FarmUnavailable:
