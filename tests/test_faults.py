@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -258,3 +259,68 @@ def test_db_upgrade_on_an_unreachable_database_says_so_without_a_traceback(tmp_p
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "cannot reach the registry at postgresql://farm:***@127.0.0.1:1/farm" in r.stderr
     assert "Secret42" not in r.stderr
+
+
+def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_nothing_more(
+    redis_url, pg_server, tmp_path
+):
+    """The partition of issue 22: a worker cut off from Redis and PostgreSQL mid-job loses
+    its lease; another worker runs the job again; when the link comes back, the cut-off
+    run must neither stream into the job nor end it (before: both runs' text interleaved
+    on the stream)."""
+    fault_redis = REDIS_URL.rsplit("/", 1)[0] + "/12"
+    redis.Redis.from_url(fault_redis).flushdb()
+    direct = make_pg_database(pg_server)
+    prepare_registry(direct)
+    pg_proxy, pg_proxied = through_proxy(direct)
+    url = urlsplit(fault_redis)
+    redis_proxy = Proxy(url.hostname or "127.0.0.1", url.port or 6379)
+    redis_proxied = url._replace(netloc=f"{url.hostname}:{redis_proxy.port}").geturl()
+    cut_off = FarmUnderTest(tmp_path / "a", redis_proxied, pg_proxied)
+    healthy = FarmUnderTest(tmp_path / "b", fault_redis, direct)
+    for f in (cut_off, healthy):
+        f.home.mkdir()
+    try:
+        cut_off.wait_for_lease(proc=cut_off.start_worker(MODEL, "a@part", "--parallel", "2"))
+        healthy.activate()  # the test and its client reach both servers directly
+        job = farm.submit("Write a long story about a river.", model=MODEL, max_tokens=300, seed=7)
+        stream = job.stream(timeout=300)
+        for _ in range(5):
+            next(stream)  # it runs on a@part, the only worker
+        second = healthy.start_worker(MODEL, "b@part", "--parallel", "2")
+        pg_proxy.partition()
+        redis_proxy.partition()
+        r = get_context().redis
+        deadline = time.monotonic() + 120
+        while not any(  # b@part reaped a@part and started the job over
+            f.get("kind") == "restart" and f.get("worker") == "b@part"
+            for _, f in r.xrange(stream_key(job.id))
+        ):
+            assert second.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        for proxy in (pg_proxy, redis_proxy):  # the link comes back
+            proxy.cut()
+            proxy.restore()
+        for _ in stream:
+            pass
+        c = job.completion
+        assert c is not None and c.worker == "b@part"
+        events = [f for _, f in r.xrange(stream_key(job.id))]
+        kinds = [f["kind"] for f in events]
+        assert kinds.count("done") == 1
+        last = max(n for n, k in enumerate(kinds) if k == "restart")
+        after = "".join(f["text"] for f in events[last + 1 :] if f["kind"] == "token")
+        assert after == c.text  # b@part's text alone, nothing of a@part's run in it
+        [row] = finished_usage(direct, job.id, timeout=30)
+        assert (row.status, row.worker_id, row.completion_tokens) == (  # type: ignore[attr-defined]
+            "succeeded",
+            "b@part",
+            c.usage.completion_tokens,
+        )
+    finally:
+        for f in (cut_off, healthy):
+            f.stop_workers()
+        pg_proxy.cut()
+        redis_proxy.cut()
+        redis.Redis.from_url(fault_redis).flushdb()
+        drop_pg_database(pg_server, direct)
