@@ -24,11 +24,12 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def gateway(live_farm: FarmUnderTest) -> Iterator[str]:
     port = free_port()
+    log = live_farm.home / "gateway.log"  # a file, not a pipe: the access log never blocks
     proc = subprocess.Popen(
         [sys.executable, "-m", "farm.cli", "serve", "--port", str(port)],
         env=live_farm.env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log.open("ab"),
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -38,7 +39,7 @@ def gateway(live_farm: FarmUnderTest) -> Iterator[str]:
                 break
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert proc.poll() is None, log.read_text(errors="replace")
         assert time.monotonic() < deadline
         time.sleep(0.2)
     yield url
@@ -282,3 +283,31 @@ def test_cancelling_a_batch_through_the_sdk_keeps_what_ran(gateway, live_farm, t
     errors = [json.loads(x) for x in c.files.content(batch.error_file_id).text.splitlines()]
     assert len(errors) == counts.failed
     assert {e["error"]["code"] for e in errors if e["error"]} <= {"batch_cancelled"}
+
+
+def test_a_completion_answers_with_its_job_id_and_leaves_an_access_line_without_the_prompt(
+    gateway, live_farm
+):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me about zebra-kumquat."}],
+        "max_tokens": 3,
+    }
+    r = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200
+    job_id = r.json()["id"].removeprefix("chatcmpl-")
+    assert r.headers["x-request-id"] == job_id
+    with httpx.stream(
+        "POST", f"{gateway}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+    ) as streamed:
+        streamed.read()
+        streamed_id = streamed.headers["x-request-id"]
+    assert finished_usage(live_farm.database_url, streamed_id)  # a job's id, and it ran
+    log = (live_farm.home / "gateway.log").read_text(errors="replace")
+    deadline = time.monotonic() + 10
+    while f"job={streamed_id}" not in log and time.monotonic() < deadline:  # once it ends
+        time.sleep(0.1)
+        log = (live_farm.home / "gateway.log").read_text(errors="replace")
+    assert "POST /v1/chat/completions 200" in log and f"job={job_id}" in log
+    assert f"job={streamed_id}" in log and "session=default" in log
+    assert "zebra-kumquat" not in log  # never the prompt

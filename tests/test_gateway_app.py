@@ -5,6 +5,7 @@ and input it must refuse with a 4xx naming the parameter, never a 500."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -220,3 +221,27 @@ def test_a_503_for_a_model_no_worker_serves_tells_an_http_client_to_retry_not_a_
     message = body["error"]["message"]
     assert "model 'qwen'" in message and "retry later" in message
     assert "--wait-for-worker" not in message
+
+
+def test_every_response_has_a_request_id_and_every_request_an_access_log_line(registry, caplog):
+    gateway = TestClient(create_app())
+    key = new_key(registry, "alice")
+    caplog.set_level(logging.INFO, logger="farm.access")
+    ok = gateway.get("/v1/models", headers=bearer(key))
+    refused = gateway.get("/v1/models", headers={**bearer("wrong"), "x-request-id": "trace-7"})
+    bad = gateway.post(
+        "/v1/chat/completions",
+        headers={**bearer(key), "x-request-id": "not ok\nid"},
+        json={"model": "m", "messages": [{"role": "user", "content": "my secret prompt"}],
+              "max_tokens": "2"},
+    )  # fmt: skip
+    assert (ok.status_code, refused.status_code, bad.status_code) == (200, 401, 400)
+    assert len(ok.headers["x-request-id"]) == 32  # a new id
+    assert refused.headers["x-request-id"] == "trace-7"  # the caller's own, echoed
+    assert bad.headers["x-request-id"] != "not ok\nid"  # not plain text: a new one instead
+    lines = [r.getMessage() for r in caplog.records if r.name == "farm.access"]
+    assert len(lines) == 3
+    assert lines[0].startswith("GET /v1/models 200 ") and "session=alice" in lines[0]
+    assert lines[1].startswith("GET /v1/models 401 ")
+    assert lines[2].startswith("POST /v1/chat/completions 400 ") and "session=alice" in lines[2]
+    assert not any("secret" in line for line in lines)  # never the prompt

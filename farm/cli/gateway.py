@@ -47,6 +47,7 @@ def serve(
     feeding.start()
     url = base_url(host, port)
     try:
+        _log_access_to_stderr()
         gateway_server(
             lambda: err.print(f"farm serve ready: {url} ({key_note(protected)})", highlight=False),
             exposed=host not in LOCAL,
@@ -165,6 +166,20 @@ def key_note(protected: bool) -> str:
         "OpenAI-compatible; no API key needed until one is made with "
         "`farm keys create --session NAME`"
     )
+
+
+def _log_access_to_stderr() -> None:
+    """`farm serve` prints the gateway's access log (farm/gateway/access.py): a line a
+    request, without prompts."""
+    import logging
+
+    access = logging.getLogger("farm.access")
+    if not access.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
 
 
 def gateway_server(ready: Any, *, exposed: bool = False) -> Any:

@@ -35,6 +35,7 @@ from farm.config import get_settings
 from farm.context import get_context
 from farm.errors import FarmError, JobFailed
 from farm.gateway import keys
+from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
@@ -46,6 +47,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     """The gateway's app; `exposed`: it listens beyond loopback, so it refuses every request
     while no API key is live (farm/gateway/keys.py has the whole rule)."""
     app = FastAPI(title="farm", docs_url=None, redoc_url=None)
+    app.add_middleware(AccessLog)
     check = keys.KeyCheck(
         lambda: get_context().database_url,
         required=get_settings().gateway_require_keys,
@@ -55,7 +57,9 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     def _session(request: Request) -> str:
         """The session of the request's key (farm/gateway/keys.py), or KeyRefused."""
         auth = request.headers.get("authorization", "")
-        return check.session_for(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        session = check.session_for(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        request.state.session = session  # for the access log
+        return session
 
     @app.exception_handler(keys.KeyRefused)
     def _refused(_: Request, e: keys.KeyRefused) -> JSONResponse:
@@ -145,6 +149,7 @@ def _run(request: Request, session_of: Callable[[Request], str], body: Any, chat
         raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
     stream = body.get("stream") is True  # request_fields checked it is a boolean
     job = farm.submit(session=session, priority=priority, stream_tokens=stream, **fields)  # type: ignore[arg-type]
+    request.state.job_id = job.id  # the response's x-request-id, and the access log's job
     if not stream:
         c = job.result()
         return openai.chat_response(c) if chat else openai.completion_response(c)
