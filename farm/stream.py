@@ -68,7 +68,6 @@ def publish(
 # - a running run keeps it (renew, and before each write) while it holds it, and takes it
 #   again when it is free (a Redis restart lost it, or it expired while nobody else took
 #   the job); once another run holds it, or a run ended the job, the run has lost it.
-ENDED = "ended:"
 ENDED_TTL_S = 3600
 # Lua: 1 when the run `ARGV[1]` holds the run key KEYS[1] now (taking it again if it is
 # free, with ttl ARGV[2] ms), else 0.

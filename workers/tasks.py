@@ -262,9 +262,6 @@ class JobRunner:
         log.warning("job %s was taken over by another run; this run stops, writing nothing", job_id)
         raise Ignore()
 
-    def _publish(self, job_id: str, kind: str, **fields: Any) -> None:
-        self.books.publish(job_id, kind, **fields)
-
     def expired(self, job_id: str, expires: Any, args: Any) -> None:
         """Celery dropped the job unrun: it waited past its expiry (the caller gave up)."""
         reason = (
@@ -278,7 +275,7 @@ class JobRunner:
             request = None
         self.books.end(job_id, "expired", request, error=reason)
         if request is None or request.batch is None:  # the feeder queues a batch line again
-            self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+            self.books.publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
 
     def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
@@ -287,7 +284,7 @@ class JobRunner:
             job_id, "failed", request, batch=batch, error=reason, worker_id=self.worker_id
         )
         if batch is None:  # a batch line's error is on its line
-            self._publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
+            self.books.publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
 
 

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = BATCH_FEEDER_LOCK
 LOCK_TTL_MS = 15_000
 _NAMESPACE = uuid.UUID("5c6b1f5e-9a53-4a53-8f1b-6a7d0f1c2b3a")
 
@@ -83,7 +82,7 @@ class Feeder:
 
     def _lock(self) -> bool:
         r = self.ctx.redis
-        if r.set(LOCK_KEY, self._token, nx=True, px=LOCK_TTL_MS):
+        if r.set(BATCH_FEEDER_LOCK, self._token, nx=True, px=LOCK_TTL_MS):
             return True
         # Ours already: renew it (atomic compare-and-extend).
         return bool(
@@ -91,7 +90,7 @@ class Feeder:
                 "if redis.call('get', KEYS[1]) == ARGV[1] then "
                 "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end",
                 1,
-                LOCK_KEY,
+                BATCH_FEEDER_LOCK,
                 self._token,
                 LOCK_TTL_MS,
             )
@@ -103,7 +102,7 @@ class Feeder:
                 "if redis.call('get', KEYS[1]) == ARGV[1] then "
                 "return redis.call('del', KEYS[1]) else return 0 end",
                 1,
-                LOCK_KEY,
+                BATCH_FEEDER_LOCK,
                 self._token,
             )
         except Exception as e:  # it expires on its own

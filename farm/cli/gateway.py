@@ -59,26 +59,24 @@ def serve(
         sock.close()
 
 
-def keys_exist() -> bool:
-    """Whether the farm's gateway requires an API key: one was ever created (revoked or
-    not), or FARM_GATEWAY_REQUIRE_KEYS says so (the rule is farm/gateway/keys.py's)."""
+def _key_check() -> Any:
+    """The gateway's key rule (farm/gateway/keys.py) for this farm, read once."""
     from farm.config import get_settings
     from farm.context import get_context
-    from farm.registry import transaction
-    from farm.registry.queries import keys
+    from farm.gateway.keys import KeyCheck
 
-    with transaction(get_context().database_url) as s:
-        created, _ = keys.counts(s)
-    return created > 0 or get_settings().gateway_require_keys
+    url = get_context().database_url
+    return KeyCheck(lambda: url, required=get_settings().gateway_require_keys, exposed=False)
+
+
+def keys_exist() -> bool:
+    """Whether the farm's gateway requires an API key (one was ever created, revoked or
+    not, or FARM_GATEWAY_REQUIRE_KEYS says so)."""
+    return bool(_key_check().keys_required())
 
 
 def live_key_exists() -> bool:
-    from farm.context import get_context
-    from farm.registry import transaction
-    from farm.registry.queries import keys
-
-    with transaction(get_context().database_url) as s:
-        return keys.any_live(s)
+    return bool(_key_check().counts()[1] > 0)
 
 
 class _Feeding:

@@ -21,12 +21,6 @@ def by_digest(s: Session, digest: str) -> ApiKeyRecord | None:
     return s.scalar(select(ApiKeyRecord).where(ApiKeyRecord.digest == digest))
 
 
-def any_live(s: Session) -> bool:
-    """Whether some key is not revoked."""
-    found = select(ApiKeyRecord.id).where(ApiKeyRecord.revoked_at.is_(None)).limit(1)
-    return s.scalar(found) is not None
-
-
 def revoke(s: Session, prefix: str) -> int:
     """Revoke the live keys starting with `prefix`; returns how many."""
     rows = s.scalars(
