@@ -2,7 +2,7 @@
 
 A request's path, module by module:
 
-    farm.infer() / farm.submit() / `farm submit`      (farm/: no llama.cpp needed)
+    farm.infer() / farm.submit() / farm.embed() / `farm submit`   (no llama.cpp needed)
       -> request.py   validate fields and ranges into one Request
       -> enqueue.py   model known? fits its context? a live worker? record usage "queued",
                       then Celery send_task to the model's queue at the request's priority
@@ -42,7 +42,7 @@ from farm.errors import (
 )
 
 if TYPE_CHECKING:
-    from farm.completion import Completion, Timings, Usage
+    from farm.completion import Completion, Embeddings, Timings, Usage
     from farm.request import Message, Request
     from farm.results import Job
 
@@ -52,6 +52,7 @@ _LAZY = {
     "Message": "farm.request",
     "Request": "farm.request",
     "Completion": "farm.completion",
+    "Embeddings": "farm.completion",
     "Job": "farm.results",
     "Timings": "farm.completion",
     "Usage": "farm.completion",
@@ -71,6 +72,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Completion",
+    "Embeddings",
     "FarmError",
     "FarmUnavailable",
     "InvalidRequest",
@@ -88,6 +90,7 @@ __all__ = [
     "UnknownJob",
     "UnknownModel",
     "Usage",
+    "embed",
     "infer",
     "job",
     "submit",
@@ -193,6 +196,49 @@ def infer(
     if stream:
         return Stream(job_, timeout)
     return job_.result(timeout)
+
+
+def embed(
+    input: str | list[str] | list[int] | list[list[int]],
+    *,
+    model: str | None = None,
+    dimensions: int | None = None,
+    priority: Literal["high", "normal", "low"] = "normal",
+    session: str = "default",
+    timeout: float | None = None,
+    wait_for_worker: float = 0.0,
+) -> Embeddings:
+    """Embed a text, a list of up to 2,048 texts, a token array or a list of them; wait for
+    the vectors (one per input, in order).
+
+    The job goes on the model's queue like a completion (priorities, quotas, usage); the
+    worker batches its inputs with other jobs' in one decode. `dimensions` shortens the
+    vectors, for models registered with the sizes they allow.
+
+        e = farm.embed(["a cat", "a dog"], model="gemma3-270m")
+        len(e.vectors), len(e.vectors[0]), e.usage.prompt_tokens
+
+    Raises InvalidRequest (naming `input`, `model`, `dimensions`; nothing queued) or what
+    `farm.infer` raises.
+    """
+    from farm.completion import Embeddings
+    from farm.config import get_settings
+    from farm.enqueue import build, check_seconds, submit_request
+    from farm.openai_embeddings import embedding_inputs
+
+    check_seconds("timeout", timeout, optional=True)
+    inputs = embedding_inputs(input)  # the gateway's rules and words (an InvalidRequest)
+    request = build(
+        None,
+        model=model or get_settings().default_model,
+        input=inputs,
+        dimensions=dimensions,
+        priority=priority,
+        session=session,
+        stream_tokens=False,
+    )
+    job_ = submit_request(request, wait_for_worker=wait_for_worker)
+    return Embeddings.from_completion(job_.result(timeout))
 
 
 def job(job_id: str) -> Job:

@@ -8,6 +8,9 @@
     chat_format = "gemma"
     defaults = { temperature = 0.7 }
     parallel = 2                          # slots of the worker that serves it (optional)
+    embedding = true                      # serves POST /v1/embeddings too (optional)
+    pooling = "mean"                      # mean | cls | last (default: the GGUF's own, else mean)
+    normalize = true                      # unit-length vectors (the default)
 
     [profiles.fast]
     models = ["gemma3-270m"]
@@ -27,7 +30,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -51,6 +54,15 @@ class CatalogModel(BaseModel):
     n_gpu_layers: int = Field(default=-1, ge=-1)
     chat_format: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
+    # Embeddings (POST /v1/embeddings): served when true; pooled as `pooling` (default:
+    # the GGUF's own, else mean); unit vectors when `normalize`; `dimensions`: the shorter
+    # sizes a request may ask for (Matryoshka-trained models).
+    embedding: bool = Field(default=False, strict=True)
+    pooling: Literal["mean", "cls", "last"] | None = None
+    normalize: bool = Field(default=True, strict=True)
+    dimensions: list[Annotated[int, Field(ge=1, le=65536, strict=True)]] | None = Field(
+        default=None, min_length=1
+    )
     # Slots of the worker serving it: for `farm up`/`fleet`/`worker`, not the registry.
     parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL, strict=True)
 

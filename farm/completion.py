@@ -1,8 +1,15 @@
 """The Completion: what a finished job gives back (its text, why it stopped, its token counts
 and timings). Workers build it, the stream and Celery's result backend carry it as JSON, and
-clients, the gateway and batch output files read it."""
+clients, the gateway and batch output files read it.
+
+An embeddings job's Completion has no text: `embeddings` holds one vector per input, each
+as base64 of little-endian float32 (exact, and a quarter of the size of JSON numbers on
+the wire); `vectors()` decodes them."""
 
 from __future__ import annotations
+
+import base64
+import struct
 
 from pydantic import BaseModel
 
@@ -30,3 +37,44 @@ class Completion(BaseModel):
     usage: Usage
     timings: Timings
     worker: str
+    embeddings: list[str] | None = None  # an embeddings job's vectors (base64 float32 LE)
+
+    def vectors(self) -> list[list[float]]:
+        """An embeddings job's vectors, as floats ([] for a generation)."""
+        return [decode_vector(v) for v in self.embeddings or ()]
+
+
+def encode_vector(values: list[float]) -> str:
+    """base64 of the values as little-endian float32, as OpenAI's `encoding_format=base64`."""
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+def decode_vector(text: str) -> list[float]:
+    raw = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+class Embeddings(BaseModel):
+    """A finished embeddings job (`farm.embed`): one vector per input, in the inputs' order.
+
+    e = farm.embed(["a cat", "a dog"], model="gemma3-270m")
+    e.vectors[0][:4], len(e.vectors), e.usage.prompt_tokens
+    """
+
+    job_id: str
+    model: str
+    vectors: list[list[float]]
+    usage: Usage
+    timings: Timings
+    worker: str
+
+    @classmethod
+    def from_completion(cls, c: Completion) -> Embeddings:
+        return cls(
+            job_id=c.job_id,
+            model=c.model,
+            vectors=c.vectors(),
+            usage=c.usage,
+            timings=c.timings,
+            worker=c.worker,
+        )

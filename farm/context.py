@@ -26,6 +26,8 @@ class FarmContext:
     settings: Settings
     # model -> (monotonic expiry, context size): models recently seen served by a live worker.
     servable: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # model -> (serves embeddings, the dimensions it allows), beside `servable`
+    embeds: dict[str, tuple[bool, tuple[int, ...]]] = field(default_factory=dict)
     # session -> (monotonic expiry, its quota limits or None)
     quotas: dict[str, tuple[float, object]] = field(default_factory=dict)
     # model -> [monotonic expiry, queue depth read, jobs this process queued since]

@@ -63,7 +63,17 @@ def register_default_model(database_url: str) -> None:
             return
     path = default_model_path()  # outside the transaction: the first call writes the file
     with transaction(database_url) as s, suppress(ModelExists):
-        queries.add_model(s, name=DEFAULT_MODEL, path=path, n_ctx=4096, chat_format="gemma")
+        # Chat and embeddings out of the box: mean pooling, as `llama-server --embeddings
+        # --pooling mean` serves this decoder-only model's vectors.
+        queries.add_model(
+            s,
+            name=DEFAULT_MODEL,
+            path=path,
+            n_ctx=4096,
+            chat_format="gemma",
+            embedding=True,
+            pooling="mean",
+        )
 
 
 def _free_port(preferred: int = 0) -> int:

@@ -107,8 +107,11 @@ def submit_many(
         try:
             n_ctx = contexts[request.model]
             if isinstance(n_ctx, FarmError):
+                if isinstance(n_ctx, NoLiveWorker):
+                    _check_embeddable(ctx, request)
                 raise n_ctx
             _check_fits(request, request.model, n_ctx)
+            _check_embeddable(ctx, request)
             if request.model not in room:
                 room[request.model] = _room(ctx, request.model)
             if room[request.model] <= 0:
@@ -294,7 +297,13 @@ SERVABLE_CACHE_S = 1.0
 
 def _check_servable(ctx: FarmContext, request: Request, wait_for_worker: float) -> None:
     """Raise unless the model is known, the request fits it, and a live worker serves it."""
-    _check_fits(request, request.model, _served_context(ctx, request.model, wait_for_worker))
+    try:
+        n_ctx = _served_context(ctx, request.model, wait_for_worker)
+    except NoLiveWorker:
+        _check_embeddable(ctx, request)  # a model that serves no embeddings is a 400 first
+        raise
+    _check_fits(request, request.model, n_ctx)
+    _check_embeddable(ctx, request)
 
 
 def _served_context(ctx: FarmContext, model: str, wait_for_worker: float) -> int:
@@ -310,6 +319,7 @@ def _served_context(ctx: FarmContext, model: str, wait_for_worker: float) -> int
     while True:
         with transaction(ctx.database_url) as s:
             record = queries.get_model(s, model)
+            ctx.embeds[model] = (record.embedding, tuple(record.dimensions or ()))
             if queries.live_leases(s, model):
                 ctx.servable[model] = (time.monotonic() + SERVABLE_CACHE_S, record.n_ctx)
                 return record.n_ctx
@@ -328,7 +338,35 @@ def _served_context(ctx: FarmContext, model: str, wait_for_worker: float) -> int
 MAX_BYTES_PER_TOKEN = 64
 
 
+def _check_embeddable(ctx: FarmContext, request: Request) -> None:
+    """An embeddings request needs a model that serves embeddings, and `dimensions` it
+    allows (read with the model's context size by `_served_context`)."""
+    if request.input is None:
+        return
+    embedding, dimensions = ctx.embeds.get(request.model, (False, ()))
+    if not embedding:
+        raise InvalidRequest(
+            f"invalid 'model': model '{request.model}' does not serve embeddings; register "
+            "one with `embedding = true` in the models file (or `farm models add --embedding`)"
+        )
+    if request.dimensions is not None and request.dimensions not in dimensions:
+        allowed = ", ".join(map(str, dimensions)) if dimensions else "none: leave it out"
+        raise InvalidRequest(
+            f"invalid 'dimensions': model '{request.model}' does not allow {request.dimensions} "
+            f"dimensions (allowed: {allowed})"
+        )
+
+
 def _check_fits(request: Request, model: str, n_ctx: int) -> None:
+    if request.input is not None:
+        for i, item in enumerate(request.input):
+            size = len(item) if isinstance(item, tuple) else len(item.encode())
+            if size > n_ctx * (1 if isinstance(item, tuple) else MAX_BYTES_PER_TOKEN):
+                raise InvalidRequest(
+                    f"invalid 'input': input {i} ({size:,} {'tokens' if isinstance(item, tuple) else 'bytes'}) "
+                    f"cannot fit model '{model}' (context {n_ctx} tokens)"
+                )
+        return
     size = len((request.prompt or "").encode()) + sum(
         len(m.content.encode()) for m in request.messages or ()
     )
@@ -349,6 +387,8 @@ def _check_fits(request: Request, model: str, n_ctx: int) -> None:
 def _argsrepr(request: Request, ctx: FarmContext) -> str:
     if ctx.settings.log_prompts:
         return repr(request.to_wire())
+    if request.input is not None:
+        return f"(embeddings of {len(request.input)} inputs, session={request.session!r})"
     size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
     kind = "chat" if request.is_chat else "prompt"
     return f"({kind} of {size} chars, session={request.session!r})"

@@ -27,6 +27,10 @@ _SCALARS = {
 }  # fmt: skip
 
 
+# llama.cpp's enum llama_pooling_type, for the poolings farm serves.
+POOLING_TYPES = {1: "mean", 2: "cls", 3: "last"}
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     path: str
@@ -38,6 +42,8 @@ class GGUFInfo:
     context_length: int | None
     has_chat_template: bool
     file_bytes: int
+    # An embedding model's pooling (mean, cls, last) from its header; None for others.
+    pooling: str | None = None
 
 
 def _read(f: BinaryIO, fmt: str) -> Any:
@@ -84,7 +90,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             _version, n_tensors, n_kv = _read(f, "<I"), _read(f, "<Q"), _read(f, "<Q")
             for _ in range(n_kv):
                 key = _string(f)
-                keep = key in wanted or key.endswith(".context_length")
+                keep = key in wanted or key.endswith((".context_length", ".pooling_type"))
                 value = _value(f, _read(f, "<I"), keep)
                 if keep:
                     meta[key] = value
@@ -115,4 +121,5 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         context_length=meta.get(f"{arch}.context_length"),
         has_chat_template="tokenizer.chat_template" in meta,
         file_bytes=path.stat().st_size,
+        pooling=POOLING_TYPES.get(meta.get(f"{arch}.pooling_type")),  # type: ignore[arg-type]
     )

@@ -3,8 +3,10 @@
 A request has three parts, kept apart on purpose:
 
 - routing and accounting: `model`, `priority`, `session` (never passed to llama.cpp);
-- the input: a raw `prompt` or chat `messages` (exactly one);
-- generation: `sampling` (how tokens are drawn) and `stopping` (when generation ends).
+- the input: a raw `prompt`, chat `messages`, or `input` to embed (exactly one);
+- generation: `sampling` (how tokens are drawn) and `stopping` (when generation ends);
+  an embeddings job (`input`) generates nothing: it gives one vector per input, and
+  `dimensions` shortens them where the model allows it.
 
 Both the nested form `{"sampling": {...}, "stopping": {...}}` and the flat form
 `{"temperature": 0.2, "max_tokens": 64}` are accepted; the flat one is folded into the
@@ -34,6 +36,7 @@ Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MODEL_NAME_RULE = "1-64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
 MAX_TOKENS_LIMIT = 32768
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
 
 
 def valid_text(v: str) -> str:
@@ -135,6 +138,11 @@ class BatchLine(_Strict):
     line: int = Field(ge=1)
 
 
+# One input of an embeddings job: a text, or the model's token ids.
+TokenIds = tuple[Annotated[int, Field(ge=0, le=2**31 - 1)], ...]
+EmbeddingInput = Text | TokenIds
+
+
 SAMPLING_FIELDS = frozenset(Sampling.model_fields)
 STOPPING_FIELDS = frozenset(Stopping.model_fields)
 
@@ -145,6 +153,19 @@ class Request(_Strict):
     model: str = Field(description="registered model name")
     prompt: Text | None = None
     messages: tuple[Message, ...] | None = None
+    input: tuple[EmbeddingInput, ...] | None = Field(
+        default=None,
+        max_length=MAX_EMBEDDING_INPUTS,
+        description="texts or token arrays to embed: an embeddings job, one vector per input",
+    )
+    dimensions: int | None = Field(
+        default=None, ge=1, le=65536, description="shorten each vector (models that allow it)"
+    )
+    encoding_format: Literal["float", "base64"] | None = Field(
+        default=None,
+        description="how a response carries the vectors (the gateway's and batch output's "
+        "concern; workers ignore it)",
+    )
     sampling: Sampling = Sampling()
     stopping: Stopping = Stopping()
     grammar: Text | None = Field(
@@ -214,8 +235,15 @@ class Request(_Strict):
 
     @model_validator(mode="after")
     def _one_input(self) -> Request:
+        if self.input is not None:
+            if self.prompt is not None or self.messages is not None:
+                raise ValueError("give 'input' (to embed) or 'prompt'/'messages', not both")
+            _check_embedding_inputs(self.input)
+            return self
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.dimensions is not None or self.encoding_format is not None:
+            raise ValueError("'dimensions' and 'encoding_format' are for embeddings ('input')")
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must hold at least one message")
         if self.prompt is not None and not self.prompt:
@@ -226,9 +254,22 @@ class Request(_Strict):
     def is_chat(self) -> bool:
         return self.messages is not None
 
+    @property
+    def is_embedding(self) -> bool:
+        return self.input is not None
+
     def to_wire(self) -> dict[str, Any]:
         """The JSON-safe dict that travels as the task's argument."""
         return self.model_dump(mode="json", exclude_none=True, by_alias=True)
+
+
+def _check_embedding_inputs(inputs: tuple[EmbeddingInput, ...]) -> None:
+    if not inputs:
+        raise ValueError("'input' must hold at least one text or token array")
+    for i, item in enumerate(inputs):
+        if not item:
+            kind = "string" if isinstance(item, str) else "token array"
+            raise ValueError(f"'input' item {i} is an empty {kind}; every input needs content")
 
 
 def make_request(data: dict[str, Any]) -> Request:

@@ -250,7 +250,15 @@ def prepare_registry(database_url: str) -> None:
     path = gemma_path()  # outside the transaction: it reads the whole model file
     with transaction(database_url) as s:
         if not any(m.name == MODEL for m in queries.list_models(s)):
-            queries.add_model(s, name=MODEL, path=path, n_ctx=4096, chat_format="gemma")
+            queries.add_model(
+                s,
+                name=MODEL,
+                path=path,
+                n_ctx=4096,
+                chat_format="gemma",
+                embedding=True,
+                pooling="mean",
+            )
 
 
 @pytest.fixture(scope="session")

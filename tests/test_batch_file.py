@@ -59,7 +59,7 @@ def test_every_bad_line_is_reported_and_nothing_is_created(ctx: FarmContext, tmp
                 line("t", temperature=9),
                 line("m", model="deepsek"),
                 line("x", max_tokens=600),  # more than the model's context
-                json.dumps({"custom_id": "u", "url": "/v1/embeddings", "body": {}}),
+                json.dumps({"custom_id": "u", "url": "/v1/moderations", "body": {}}),
                 line("s", stream=True),
                 line("f", bogus=1),
                 "",
@@ -77,7 +77,8 @@ def test_every_bad_line_is_reported_and_nothing_is_created(ctx: FarmContext, tmp
         "4: body.temperature: Input should be less than or equal to 5 (got 9)",
         "5: body.model: unknown model 'deepsek'; registered: tiny",
         "6: body.max_tokens: 600 is more than model 'tiny' holds (context 512 tokens)",
-        "7: url: must be one of /v1/chat/completions, /v1/completions (got '/v1/embeddings')",
+        "7: url: must be one of /v1/chat/completions, /v1/completions, /v1/embeddings "
+        "(got '/v1/moderations')",
         "8: body.stream: streaming is not available in a batch; leave it out",
         "9: body.bogus: unknown parameter 'bogus'",
         "11: line: a JSON object is needed, not list",

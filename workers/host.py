@@ -21,9 +21,20 @@ import llama_cpp
 
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
-from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation, SequenceRunner
+from workers.engine import (
+    DONE,
+    FAILED,
+    TEXT,
+    Embedder,
+    EmbedderError,
+    EmbeddingJob,
+    Engine,
+    EngineError,
+    Generation,
+    SequenceRunner,
+)
 from workers.engine import Sequence as EngineSequence
-from workers.prepare import PromptTokens, prompt_tokens, sequence_for
+from workers.prepare import PromptTokens, embedding_job, prompt_tokens, sequence_for
 from workers.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -73,6 +84,7 @@ class ModelHost:
         self.engine: SequenceRunner | None = None
         self.device = "cpu"
         self.chat_source = ""
+        self.embedder: Embedder | None = None  # when the model serves embeddings
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -107,11 +119,12 @@ class ModelHost:
                 threads=opts.threads,
                 name=self.spec.name,
             )
-        except EngineError as e:
-            self.llm.close()
+            self._start_embedder()
+        except (EngineError, EmbedderError) as e:
+            self.close()
             raise WorkerStartError(f"model '{self.spec.name}': {e}") from e
         except WorkerStartError:
-            self.llm.close()
+            self.close()
             raise
         self.device = "cuda" if gpu else "cpu"
         self._choose_chat_format()
@@ -125,6 +138,32 @@ class ModelHost:
             self.engine.kv_size,
             opts.threads,
             self.chat_source,
+        )
+
+    def pooling(self) -> str | None:
+        """How this model pools embeddings: the registry's choice, else the GGUF's own
+        pooling type (an embedding model's), else mean for a model flagged `embedding`;
+        None when it serves no embeddings."""
+        if self.spec.pooling:
+            return self.spec.pooling
+        meta = self.llm.metadata
+        own = meta.get(f"{meta.get('general.architecture', '')}.pooling_type")
+        found = {"1": "mean", "2": "cls", "3": "last"}.get(str(own))
+        if found:
+            return found
+        return "mean" if self.spec.embedding else None
+
+    def _start_embedder(self) -> None:
+        pooling = self.pooling()
+        if pooling is None:
+            return
+        opts = self.options
+        self.embedder = Embedder(
+            self.llm.model,
+            pooling=pooling,
+            n_batch=opts.n_batch,
+            threads=opts.threads,
+            name=self.spec.name,
         )
 
     def kv_bytes_per_token(self) -> int:
@@ -181,12 +220,18 @@ class ModelHost:
             )
 
     def warm_up(self) -> None:
-        """One short generation, so the first real job does not pay for first-use costs."""
+        """One short generation (and one embedding, when the model serves them), so the
+        first real job does not pay for first-use costs."""
         self.generate(
             Request(model=self.spec.name, prompt="Hello", stopping=Stopping(max_tokens=1))
         )
+        if self.embedder is not None:
+            self.generate(Request(model=self.spec.name, input=("Hello",)))
 
     def close(self) -> None:
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -210,10 +255,21 @@ class ModelHost:
 
     def start(
         self, request: Request, *, time_limit_s: float | None = None, label: str = ""
-    ) -> EngineSequence:
-        """Tokenize the request and hand it to the engine; follow it with `follow`.
+    ) -> EngineSequence | EmbeddingJob:
+        """Tokenize the request and hand it to the engine (an embeddings job: to the
+        embedder); follow it with `follow`.
 
-        JobFailed when it cannot be served (a prompt longer than the context)."""
+        JobFailed when it cannot be served (a prompt longer than the context, embeddings
+        from a model that serves none)."""
+        if request.is_embedding:
+            if self.embedder is None:
+                raise JobFailed(
+                    f"model '{self.spec.name}' does not serve embeddings on this worker; "
+                    "register it with embedding = true"
+                )
+            job = embedding_job(request, self.spec, self.llm, label=label)
+            self.embedder.submit(job)
+            return job
         engine = self.engine
         assert engine is not None, "start() before load()"
         started = time.perf_counter()
@@ -234,7 +290,7 @@ class ModelHost:
 
     def follow(
         self,
-        seq: EngineSequence,
+        seq: EngineSequence | EmbeddingJob,
         *,
         on_text: Callable[[str], None] = lambda _: None,
         should_cancel: Callable[[int], bool] = lambda _: False,
@@ -264,7 +320,8 @@ class ModelHost:
                     raise JobFailed("the worker's engine for this model stopped; see its log")
 
     def _engine_alive(self) -> bool:
-        return self.engine is not None and self.engine.alive
+        alive = self.engine is not None and self.engine.alive
+        return alive and (self.embedder is None or self.embedder.alive)
 
 
 def check_gguf(path: Path, name: str) -> None:

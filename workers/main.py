@@ -55,6 +55,10 @@ def load_spec(database_url: str, model: str) -> ModelSpec:
             n_gpu_layers=record.n_gpu_layers,
             chat_format=record.chat_format,
             defaults=dict(record.defaults),
+            embedding=record.embedding,
+            pooling=record.pooling,
+            normalize=record.normalize,
+            dimensions=tuple(record.dimensions) if record.dimensions else None,
         )
 
 

@@ -5,6 +5,7 @@ defaults, the grammar, stops and deadline.
 
     Request -> prompt_tokens (raw prompt, or messages through the chat handler)
             -> sequence_for: context check, sampling, stops, grammar, deadline -> Sequence
+    Request with `input` -> embedding_job: each input's tokens -> EmbeddingJob
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from farm.errors import JobFailed
 from farm.request import SAMPLING_FIELDS, Message, Request
+from workers.engine import EmbeddingJob
 from workers.engine import Sequence as EngineSequence
 from workers.spec import ModelSpec
 
@@ -55,6 +57,27 @@ def sequence_for(
         deadline=started + min(limits) if limits else None,
         started=started,
         label=label,
+    )
+
+
+def embedding_job(request: Request, spec: ModelSpec, llm: Any, *, label: str = "") -> EmbeddingJob:
+    """The embedder's job for an embeddings request: each text tokenized as llama-server
+    tokenizes what it embeds (the model's BOS/EOS added, special tokens parsed); token
+    arrays as given. JobFailed for `dimensions` the model does not allow."""
+    assert request.input is not None
+    if request.dimensions is not None and request.dimensions not in (spec.dimensions or ()):
+        raise JobFailed(
+            f"invalid 'dimensions': model '{spec.name}' allows "
+            f"{', '.join(map(str, spec.dimensions)) if spec.dimensions else 'no dimensions'}"
+        )
+    inputs = [
+        llm.tokenize(item.encode("utf-8"), add_bos=True, special=True)
+        if isinstance(item, str)
+        else list(item)
+        for item in request.input
+    ]
+    return EmbeddingJob(
+        inputs=inputs, normalize=spec.normalize, dimensions=request.dimensions, label=label
     )
 
 

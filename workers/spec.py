@@ -16,3 +16,10 @@ class ModelSpec:
     n_gpu_layers: int = -1
     chat_format: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    # Embeddings: served when `embedding`, pooled as `pooling` (mean, cls, last; None: the
+    # GGUF's own, else mean), unit length when `normalize`; `dimensions`: the shorter
+    # sizes a request may ask for (Matryoshka-trained models), None for none.
+    embedding: bool = False
+    pooling: str | None = None
+    normalize: bool = True
+    dimensions: tuple[int, ...] | None = None

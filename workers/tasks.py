@@ -22,7 +22,7 @@ from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
-from farm.completion import Completion, Timings, Usage
+from farm.completion import Completion, Timings, Usage, encode_vector
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
@@ -223,6 +223,7 @@ class JobRunner:
                 queue_wait_ms=queue_wait_ms, ttft_ms=gen.ttft_ms, generation_ms=gen.generation_ms
             ),
             worker=self.worker_id,
+            embeddings=None if gen.embeddings is None else list(map(encode_vector, gen.embeddings)),
         )
         if gen.finish_reason != "cancelled" and request.batch is None:
             # The caller waits for this event: send it first, then write the usage row.

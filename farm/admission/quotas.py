@@ -75,6 +75,11 @@ def resets_at(now: datetime | None = None) -> datetime:
 def reservation(request: Request) -> int:
     """The most tokens the job can use: its prompt's bytes (at least one per token), what a
     chat template adds, and max_tokens."""
+    if request.input is not None:  # embeddings generate nothing: their inputs' tokens
+        return sum(
+            len(item) if isinstance(item, tuple) else len(item.encode()) + PER_MESSAGE
+            for item in request.input
+        )
     if request.messages is not None:
         prompt = sum(len(m.content.encode()) + PER_MESSAGE for m in request.messages)
     else:

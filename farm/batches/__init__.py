@@ -79,8 +79,10 @@ def submit(
         if existing is not None:
             _check_owner(existing.session, session, name)
             return store.get(s, existing.id), False
-        models = {m.name: m.n_ctx for m in queries.list_models(s) if m.enabled}
-    checked = lines.check(content, models, source=shown, endpoint=endpoint)
+        found = [m for m in queries.list_models(s) if m.enabled]
+        models = {m.name: m.n_ctx for m in found}
+        embedders = frozenset(m.name for m in found if m.embedding)
+    checked = lines.check(content, models, source=shown, endpoint=endpoint, embedders=embedders)
     try:
         with transaction(ctx.database_url) as s:
             record = store.create(

@@ -5,8 +5,8 @@ OpenAI's batch input format: one JSON object per line,
     {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "gemma3-270m", "messages": [...], "max_tokens": 64}}
 
-with `url` "/v1/chat/completions" or "/v1/completions" and `body` what that endpoint
-takes. Every bad line is reported as `LINE: field: reason`; one bad line and nothing is
+with `url` "/v1/chat/completions", "/v1/completions" or "/v1/embeddings" (the classic
+nightly embedding of a corpus) and `body` what that endpoint takes. Every bad line is reported as `LINE: field: reason`; one bad line and nothing is
 queued. Blank lines are skipped.
 """
 
@@ -19,11 +19,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from farm import openai_api
+from farm import openai_api, openai_embeddings
 from farm.errors import BatchFileError, InvalidRequest
 from farm.request import Request, Stopping, valid_text
 
-URLS = {"/v1/chat/completions": True, "/v1/completions": False}
+EMBEDDINGS_URL = "/v1/embeddings"
+URLS = {"/v1/chat/completions": True, "/v1/completions": False, EMBEDDINGS_URL: False}
 MAX_LINES = 200_000
 MAX_BYTES = 200 * 1024 * 1024
 MAX_CUSTOM_ID = 512
@@ -38,6 +39,7 @@ class Line:
     custom_id: str
     chat: bool
     request: dict[str, Any]  # the Request's fields on the wire, without routing
+    url: str = ""  # the line's endpoint
 
 
 def content_hash(content: bytes) -> str:
@@ -50,11 +52,13 @@ def check(
     *,
     source: str = "the batch file",
     endpoint: str | None = None,
+    embedders: frozenset[str] = frozenset(),
 ) -> list[Line]:
     """The file's lines, each checked; BatchFileError listing every bad one otherwise.
 
     `models`: the registered, enabled models and their context sizes. `endpoint`: the url
-    every line must have, when the batch was created for one."""
+    every line must have, when the batch was created for one. `embedders`: the models that
+    serve embeddings."""
     if len(content) > MAX_BYTES:
         raise InvalidRequest(
             f"{source} is {len(content) / 2**20:.0f} MiB; a batch file may be at most "
@@ -68,7 +72,7 @@ def check(
         if not raw.strip():
             continue
         try:
-            line = _line(number, raw, models, seen, endpoint)
+            line = _line(number, raw, models, seen, endpoint, embedders)
         except _Bad as e:
             bad += 1
             if len(errors) < KEPT_ERRORS:
@@ -93,7 +97,12 @@ class _Bad(Exception):
 
 
 def _line(
-    number: int, raw: bytes, models: dict[str, int], seen: dict[str, int], endpoint: str | None
+    number: int,
+    raw: bytes,
+    models: dict[str, int],
+    seen: dict[str, int],
+    endpoint: str | None,
+    embedders: frozenset[str],
 ) -> Line:
     try:
         text = raw.decode("utf-8")
@@ -135,7 +144,19 @@ def _line(
     body = item.get("body")
     if not isinstance(body, dict):
         raise _Bad("body", "a JSON object is needed: the request the url takes")
-    return Line(number, custom_id, chat, _request(body, chat, models))
+    if url == EMBEDDINGS_URL:
+        return Line(number, custom_id, False, _embedding(body, models, embedders), url)
+    return Line(number, custom_id, chat, _request(body, chat, models), url)
+
+
+def _embedding(
+    body: dict[str, Any], models: dict[str, int], embedders: frozenset[str]
+) -> dict[str, Any]:
+    try:
+        fields = openai_embeddings.embedding_fields(body)
+    except openai_api.BadBody as e:
+        raise _Bad(f"body.{e.param}" if e.param else "body", str(e)) from None
+    return _checked(fields, models, embedders)
 
 
 def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[str, Any]:
@@ -155,6 +176,13 @@ def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[s
         fields = openai_api.request_fields(body, chat=chat)
     except openai_api.BadBody as e:
         raise _Bad(f"body.{e.param}" if e.param else "body", str(e)) from None
+    return _checked(fields, models)
+
+
+def _checked(
+    fields: dict[str, Any], models: dict[str, int], embedders: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The line's Request on the wire, without routing; _Bad naming the field otherwise."""
     try:
         request = Request.model_validate(fields)
     except ValidationError as e:
@@ -168,6 +196,12 @@ def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[s
     if request.model not in models:
         known = ", ".join(sorted(models)) or "none yet (`farm models add`)"
         raise _Bad("body.model", f"unknown model '{request.model}'; registered: {known}")
+    if request.is_embedding and request.model not in embedders:
+        serving = ", ".join(sorted(embedders)) or "none (register one with `embedding = true`)"
+        raise _Bad(
+            "body.model",
+            f"model '{request.model}' does not serve embeddings; those that do: {serving}",
+        )
     wire = request.to_wire()
     for routing in ("priority", "session", "stream_tokens"):
         wire.pop(routing, None)

@@ -3,6 +3,7 @@ line, keyed by the request's `custom_id`, in the input file's order.
 
     {"id": "batch_req_...", "custom_id": "q1",
      "response": {"status_code": 200, "request_id": JOB, "body": <chat.completion>},
+     (or a text_completion, or an embeddings list for /v1/embeddings lines)
      "error": null}
 
 A line that failed has its error body and status code in `response`; one that never ran
@@ -18,6 +19,7 @@ from typing import Any
 from farm import openai_api as openai
 from farm.completion import Completion
 from farm.errors import JobFailed
+from farm.openai_embeddings import embeddings_response
 from farm.registry.tables import BatchLineRecord, as_utc
 
 NEVER_RAN = {"cancelled": "batch_cancelled", "expired": "batch_expired"}
@@ -25,7 +27,12 @@ NEVER_RAN = {"cancelled": "batch_cancelled", "expired": "batch_expired"}
 
 def output_line(line: BatchLineRecord) -> dict[str, Any]:
     completion = Completion.model_validate(line.result)
-    body = openai.chat_response(completion) if line.chat else openai.completion_response(completion)
+    if completion.embeddings is not None:  # a /v1/embeddings line
+        body = embeddings_response(completion, line.request.get("encoding_format", "float"))
+    elif line.chat:
+        body = openai.chat_response(completion)
+    else:
+        body = openai.completion_response(completion)
     if line.finished_at is not None:
         body["created"] = int(as_utc(line.finished_at).timestamp())
     return {

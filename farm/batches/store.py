@@ -158,11 +158,9 @@ def create(
 ) -> BatchRecord:
     """A new batch and its lines, all pending: the feeder queues them from here."""
     now = utcnow()
-    kinds = {line.chat for line in lines}
-    endpoint = (
-        "/v1/chat/completions" if kinds == {True} else "/v1/completions" if kinds == {False}
-        else "mixed"
-    )  # fmt: skip
+    urls = {line.url or ("/v1/chat/completions" if line.chat else "/v1/completions")
+            for line in lines}  # fmt: skip
+    endpoint = urls.pop() if len(urls) == 1 else "mixed"
     record = BatchRecord(
         id=new_id(),
         name=name,

@@ -10,7 +10,7 @@ inside its body, for the CLI's start time: they take seconds to load on a small 
 `--help` or an argument error must not wait for them.
 """
 
-from farm.cli import batch, fleet, gateway, jobs, models, ops, quota  # noqa: F401  (each registers its commands)
+from farm.cli import batch, embed, fleet, gateway, jobs, models, ops, quota  # noqa: F401  (each registers its commands)
 from farm.cli.base import app
 
 

@@ -32,6 +32,16 @@ def models_add(
     chat_format: Annotated[
         str | None, typer.Option(help="llama-cpp-python chat format when the GGUF has no template")
     ] = None,
+    embedding: Annotated[
+        bool | None,
+        typer.Option(
+            "--embedding/--no-embedding",
+            help="serve POST /v1/embeddings (default: when the GGUF has a pooling type)",
+        ),
+    ] = None,
+    pooling: Annotated[
+        str | None, typer.Option(help="embedding pooling: mean, cls or last (default: the GGUF's)")
+    ] = None,
 ) -> None:
     """Register a GGUF file as a model."""
     from farm.errors import InvalidRequest
@@ -64,6 +74,8 @@ def models_add(
                 "(a llama-cpp-python format such as chatml)",
                 highlight=False,
             )
+    if pooling is not None and pooling not in ("mean", "cls", "last"):
+        raise InvalidRequest(f"invalid --pooling {pooling!r}: give mean, cls or last")
     with transaction(_db_url_for_writes()) as s:
         queries.add_model(
             s,
@@ -72,6 +84,8 @@ def models_add(
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
             chat_format=chat_format,
+            embedding=bool(info.pooling or pooling) if embedding is None else embedding,
+            pooling=pooling,
         )
     out.print(f"added model {name} ({path}); serve it with `farm worker --model {name}`")
 
@@ -152,7 +166,14 @@ def models_scan(
                     continue
                 n_ctx = min(i.context_length or 4096, 8192)
                 chat_format = default_chat_format(i)
-                queries.add_model(s, name=name, path=i.path, n_ctx=n_ctx, chat_format=chat_format)
+                queries.add_model(
+                    s,
+                    name=name,
+                    path=i.path,
+                    n_ctx=n_ctx,
+                    chat_format=chat_format,
+                    embedding=i.pooling is not None,
+                )
                 out.print(
                     f"added {name} (context {n_ctx}, chat: {chat_format or 'its own template'})"
                 )

@@ -4,6 +4,7 @@
     GET  /v1/models               the registered, enabled models
     POST /v1/chat/completions     chat; "stream": true gives server-sent events ending in [DONE]
     POST /v1/completions          plain prompts, the same way
+    POST /v1/embeddings           vectors (farm/gateway/embeddings.py)
     /v1/files, /v1/batches        batch jobs (farm/gateway/batches.py)
 
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
@@ -34,7 +35,7 @@ from farm import openai_api as openai
 from farm.config import get_settings
 from farm.context import get_context
 from farm.errors import FarmError, JobFailed
-from farm.gateway import keys
+from farm.gateway import embeddings, keys
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.queue import PRIORITIES
@@ -133,6 +134,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         return await _complete(request, _session, chat=False)
 
     add_routes(app, _session)
+    embeddings.add_routes(app, _session)
     return app
 
 

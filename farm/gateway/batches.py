@@ -134,8 +134,11 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
             )
         _text(file_id, "input_file_id")
         endpoint = body.get("endpoint")
-        if endpoint not in ("/v1/chat/completions", "/v1/completions"):
-            raise BadBody("'endpoint' must be /v1/chat/completions or /v1/completions", "endpoint")
+        if endpoint not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            raise BadBody(
+                "'endpoint' must be /v1/chat/completions, /v1/completions or /v1/embeddings",
+                "endpoint",
+            )
         window = body.get("completion_window", "24h")
         if not isinstance(window, str):
             raise BadBody("'completion_window' must be a string such as 24h", "completion_window")

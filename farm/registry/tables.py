@@ -69,6 +69,13 @@ class ModelRecord(Base):
     defaults: Mapped[dict[str, Any]] = mapped_column(default=dict)
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Embeddings (POST /v1/embeddings): served when `embedding`; pooled as `pooling` (mean,
+    # cls, last; null: the GGUF's own, else mean); unit vectors when `normalize`;
+    # `dimensions`: the shorter sizes a request may ask for (null: none).
+    embedding: Mapped[bool] = mapped_column(default=False, server_default=false())
+    pooling: Mapped[str | None] = mapped_column(String(8))
+    normalize: Mapped[bool] = mapped_column(default=True, server_default=true())
+    dimensions: Mapped[list[int] | None] = mapped_column(JSON)
 
 
 class WorkerRecord(Base):

@@ -5,12 +5,16 @@
       follow Sequence.events, publish    <--events--  one llama_decode for every sequence
       text to the job's Redis stream                  sample, stream, stop, free the slot
 
+Embeddings jobs go to the Embedder (`embedder.py`): a pooled context of its own on the
+same weights, which batches the inputs of many jobs into one decode.
+
 This package is the only place that calls llama.cpp's low-level API. Its boundary is
 `Sequence` in, events out (`job.py`); nothing above it knows about slots or batches, and
 it imports nothing from `farm`: what it needs comes in through a Sequence or the Engine's
 constructor (tests/test_engine_boundary.py).
 """
 
+from workers.engine.embedder import Embedder, EmbedderError, EmbeddingJob
 from workers.engine.engine import Engine, EngineError
 from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence, SequenceRunner
 
@@ -18,6 +22,9 @@ __all__ = [
     "DONE",
     "FAILED",
     "TEXT",
+    "Embedder",
+    "EmbedderError",
+    "EmbeddingJob",
     "Engine",
     "EngineError",
     "Generation",

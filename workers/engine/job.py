@@ -31,6 +31,7 @@ class Generation:
     ttft_ms: float | None
     generation_ms: float
     cached_tokens: int = 0
+    embeddings: list[list[float]] | None = None  # an embeddings job's vectors, one per input
 
 
 @dataclass(eq=False)

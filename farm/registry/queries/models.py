@@ -23,6 +23,10 @@ def add_model(
     n_gpu_layers: int = -1,
     chat_format: str | None = None,
     defaults: dict[str, Any] | None = None,
+    embedding: bool = False,
+    pooling: str | None = None,
+    normalize: bool = True,
+    dimensions: list[int] | None = None,
 ) -> ModelRecord:
     if s.scalar(select(ModelRecord).where(ModelRecord.name == name)) is not None:
         raise ModelExists(
@@ -37,6 +41,10 @@ def add_model(
         chat_format=chat_format,
         defaults=defaults or {},
         enabled=True,
+        embedding=embedding,
+        pooling=pooling,
+        normalize=normalize,
+        dimensions=dimensions,
     )
     s.add(record)
     s.flush()
