@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import openai
 import pytest
 
 from tests.conftest import free_port, run_cli, start_farm
@@ -49,7 +50,8 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
         assert r.returncode == 1 and "start one with `farm up`" in r.stderr, command
     assert not (tmp_path / "registry.db").exists()  # asking created nothing
 
-    up = start_farm(env, "up", "--port", str(free_port()))
+    port = free_port()
+    up = start_farm(env, "up", "--port", str(port))
     try:
         state = json.loads((tmp_path / "farm.json").read_text())
         assert state["broker_url"].startswith("redis://127.0.0.1:")
@@ -57,6 +59,14 @@ def test_other_shells_find_the_running_farm_and_ctrl_c_stops_it(tmp_path):
         r = farm(env, "submit", "Hello", "--max-tokens", "4", "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["usage"]["completion_tokens"] > 0
+        # Out of the box the default model answers embeddings too (mean pooling), from the
+        # CLI and through the gateway with the openai SDK.
+        r = farm(env, "embed", "Hello", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["dimensions"] == 640
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        got = sdk.embeddings.create(model="gemma3-270m", input=["Hello", "World"])
+        assert len(got.data) == 2 and len(got.data[0].embedding) == 640
 
         # `farm status` asks the running farm (farm.local): no SQLAlchemy, redis or Celery
         # to import; a shell that names the servers another way reads them itself. The
