@@ -277,3 +277,20 @@ def test_embedding_fields_refuse_what_openai_refuses_without_a_farm():
         with pytest.raises(BadBody) as e:
             embedding_fields({"model": "m"} | body)
         assert e.value.param == param
+
+
+def test_embeddings_count_against_the_session_quota_in_tokens(farm_client: FarmUnderTest):
+    from farm.admission.quotas import standing
+    from farm.context import get_context
+
+    session = f"emb-quota-{time.time_ns()}"
+    r = farm_client.farm("quota", "set", session, "--tokens-per-day", "200")
+    assert r.returncode == 0, r.stderr
+    get_context().quotas.clear()  # this process's one-second cache of the limits
+    done = farm.embed(["one short text", "and another"], model=MODEL, session=session)
+    with pytest.raises(farm.QuotaExceeded):  # 64 texts reserve far more than what is left
+        farm.embed(TEXTS[:64], model=MODEL, session=session)
+    deadline = time.monotonic() + 10  # the worker settles the reservation after the result
+    while (now := standing(get_context(), session))["reserved"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now["used_today"] == done.usage.prompt_tokens and now["reserved"] == 0
