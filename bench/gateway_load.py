@@ -63,6 +63,25 @@ def main() -> None:
             gateway.wait(30)
 
 
+def probe(url: str) -> None:
+    """`--probe URL`: GET /health every 50 ms until terminated, printing each time in ms
+    (-1 for a failure)."""
+    import signal
+
+    import httpx
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while True:
+            t = time.perf_counter()
+            try:
+                ok = http.get("/health").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            print((time.perf_counter() - t) * 1000 if ok else -1, flush=True)
+            time.sleep(0.05)
+
+
 def rss_mib(pid: int) -> float:
     import psutil
 
@@ -144,20 +163,11 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
         else:
             done["wait"] += 1
 
-    health: list[float] = []
     rss = {"before": rss_mib(pid), "peak": 0.0}
-    stop = asyncio.Event()
-
-    async def probe() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            while not stop.is_set():
-                t = time.perf_counter()
-                r = await http.get("/health")
-                health.append((time.perf_counter() - t) * 1000)
-                if r.status_code != 200:
-                    errors.append(f"health {r.status_code}")
-                rss["peak"] = max(rss["peak"], rss_mib(pid))
-                await asyncio.sleep(0.05)
+    # /health is probed from a process of its own, so the clients' work here never delays it.
+    prober = subprocess.Popen(
+        [sys.executable, __file__, "--probe", url], stdout=subprocess.PIPE, text=True
+    )
 
     async def guarded(call: Any) -> None:
         try:
@@ -169,15 +179,20 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
 
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
-        prober = asyncio.create_task(probe())
         calls = [asyncio.create_task(guarded(streaming(http))) for _ in range(args.streams)]
         calls += [asyncio.create_task(guarded(waiting(http))) for _ in range(args.waits)]
-        _, pending = await asyncio.wait(calls, timeout=args.seconds)
+        pending = set(calls)
+        bound = time.monotonic() + args.seconds
+        while pending and time.monotonic() < bound:
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+            rss["peak"] = max(rss["peak"], rss_mib(pid))
         for call in pending:
             call.cancel()  # the bound: these clients hang up
         await asyncio.gather(*pending, return_exceptions=True)
-        stop.set()
-        await prober
+    prober.terminate()
+    health = [float(x) for x in (prober.communicate()[0] or "").split()]
+    errors += [f"health probe failed: {x}" for x in health if x < 0]
+    health = [x for x in health if x >= 0]
     took = time.monotonic() - started
     await asyncio.sleep(5)  # the cancelled jobs drain
     rss["after"] = rss_mib(pid)
@@ -261,4 +276,7 @@ async def hangups(url: str, n: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--probe"]:
+        probe(sys.argv[2])
+    else:
+        main()
