@@ -18,6 +18,7 @@ from farm.errors import (
     NoLiveWorker,
     QueueFull,
     QuotaExceeded,
+    RateLimited,
     UnknownBatch,
     UnknownModel,
 )
@@ -283,7 +284,8 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
     if isinstance(e, UnknownBatch):
         return 404, _body(message, "invalid_request_error", None, "not_found")
     if isinstance(e, QueueFull | QuotaExceeded):
-        code = "rate_limit_exceeded" if isinstance(e, QueueFull) else "insufficient_quota"
+        limited = isinstance(e, QueueFull | RateLimited)
+        code = "rate_limit_exceeded" if limited else "insufficient_quota"
         return 429, _body(message, "rate_limit_error", None, code)
     if isinstance(e, NoLiveWorker):
         # The client's own message names CLI flags; an HTTP caller can only wait and retry.

@@ -48,6 +48,9 @@ class Job:
         # stream then repeats text from the start, and `completion.text` is the final run's.
         self.restarts = 0
         self.on_restart: Any = None  # called with the new worker's id, e.g. to tell the user
+        # The session's rate-limit state when it was queued (farm/admission/quotas.py), if
+        # its session has a rate limit: the gateway's x-ratelimit-* headers.
+        self.rate: Any = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} model={self.model}>"

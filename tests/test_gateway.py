@@ -475,3 +475,27 @@ def test_what_the_http_server_answers_itself_is_json_and_slow_headers_are_cut_of
         for _ in range(3):
             assert http.get("/health").status_code == 200
             time.sleep(1)
+
+
+def test_a_rate_limited_session_gets_429_with_retry_after_and_ratelimit_headers(gateway, live_farm):
+    assert live_farm.farm("quota", "set", "default", "--rpm", "2").returncode == 0
+    try:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+        first = httpx.post(f"{gateway}/v1/completions", json=body, timeout=60)
+        assert first.status_code == 200, first.text
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+        streamed = httpx.post(
+            f"{gateway}/v1/completions", json={**body, "stream": True}, timeout=60
+        )
+        assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError) as refused:
+            client(gateway).completions.create(**body)
+        response = refused.value.response
+        assert response.status_code == 429 and 1 <= int(response.headers["retry-after"]) <= 60
+        assert int(response.headers["retry-after-ms"]) > 0
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    finally:
+        assert live_farm.farm("quota", "remove", "default").returncode == 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -36,9 +37,10 @@ from starlette.exceptions import HTTPException
 
 import farm
 from farm import openai_api as openai
+from farm.admission.quotas import RateState
 from farm.config import get_settings
 from farm.context import get_context
-from farm.errors import FarmError, JobFailed
+from farm.errors import FarmError, JobFailed, RateLimited
 from farm.gateway import follow, keys
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
@@ -111,7 +113,13 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         status, body = openai.error(e, chat=not request.url.path.endswith("/v1/completions"))
         if status >= 500:
             log.warning("request failed: %s", e)
-        return JSONResponse(body, status_code=status)
+        headers: dict[str, str] = {}
+        if isinstance(e, RateLimited):  # the SDKs wait this long before their retry
+            headers["retry-after"] = str(max(1, math.ceil(e.retry_after)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(e.retry_after * 1000)))
+            if isinstance(e.limits, RateState):
+                headers.update(e.limits.headers())
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     def _bug(request: Request, e: Exception) -> JSONResponse:
@@ -169,14 +177,17 @@ async def _complete(
     request.state.job_id = job.id  # the response's x-request-id, and the access log's job
     ctx = get_context()
     r = follow.async_redis(ctx.result_url, ctx.settings.connect_timeout)
+    headers = job.rate.headers() if isinstance(job.rate, RateState) else {}
     if stream:
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
-        return JobStream(_events(job, r, fields["model"], chat, include_usage), job)
+        events = _events(job, r, fields["model"], chat, include_usage)
+        return JobStream(events, job, headers=headers)
     if await until_done_or_gone(request, follow.result(job, r)):
         follow.cancel_soon(job)
         return Response(status_code=499)  # nobody reads it: for the access log
     c = job.completion
-    return openai.chat_response(c) if chat else openai.completion_response(c)
+    reply = openai.chat_response(c) if chat else openai.completion_response(c)
+    return JSONResponse(reply, headers=headers)
 
 
 class _Replay:

@@ -78,8 +78,10 @@ class JobStream(StreamingResponse):
     to its end: when the client goes away (watched from the start, so a job still queued is
     cancelled too), or the gateway stops."""
 
-    def __init__(self, content: AsyncIterator[str], job: Job):
-        super().__init__(content, media_type="text/event-stream")
+    def __init__(
+        self, content: AsyncIterator[str], job: Job, headers: dict[str, str] | None = None
+    ):
+        super().__init__(content, media_type="text/event-stream", headers=headers)
         self.content = content
         self.job = job
 
