@@ -18,6 +18,7 @@ from farm.errors import (
     NoLiveWorker,
     QueueFull,
     QuotaExceeded,
+    RateLimited,
     UnknownBatch,
     UnknownModel,
 )
@@ -38,6 +39,10 @@ class BadBody(InvalidRequest):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class BodyTooLarge(BadBody):
+    """A request body over the gateway's limit (FARM_GATEWAY_MAX_BODY): 413."""
 
 
 def parse_body(raw: bytes) -> Any:
@@ -262,6 +267,8 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
     request was a chat one (a prompt too long is then in 'messages', else in 'prompt')."""
     # farm's Request nests sampling and stopping fields; OpenAI's are flat.
     message = re.sub(r"'(?:sampling|stopping)\.", "'", str(e))
+    if isinstance(e, BodyTooLarge):
+        return 413, _body(message, "invalid_request_error", None, "request_too_large")
     if isinstance(e, BadBody):
         return 400, _body(message, "invalid_request_error", e.param, None)
     if isinstance(e, BatchFileError):
@@ -277,7 +284,8 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
     if isinstance(e, UnknownBatch):
         return 404, _body(message, "invalid_request_error", None, "not_found")
     if isinstance(e, QueueFull | QuotaExceeded):
-        code = "rate_limit_exceeded" if isinstance(e, QueueFull) else "insufficient_quota"
+        limited = isinstance(e, QueueFull | RateLimited)
+        code = "rate_limit_exceeded" if limited else "insufficient_quota"
         return 429, _body(message, "rate_limit_error", None, code)
     if isinstance(e, NoLiveWorker):
         # The client's own message names CLI flags; an HTTP caller can only wait and retry.

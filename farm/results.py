@@ -48,6 +48,9 @@ class Job:
         # stream then repeats text from the start, and `completion.text` is the final run's.
         self.restarts = 0
         self.on_restart: Any = None  # called with the new worker's id, e.g. to tell the user
+        # The session's rate-limit state when it was queued (farm/admission/quotas.py), if
+        # its session has a rate limit: the gateway's x-ratelimit-* headers.
+        self.rate: Any = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} model={self.model}>"
@@ -137,22 +140,32 @@ class Job:
                     # Nothing on the stream: it may have expired long ago, or the job may
                     # have ended without writing to it. Ask the backend and the registry.
                     next_check = time.monotonic() + 5.0
-                    if self._settled():
+                    if self.settled():
                         return
                 continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id
-                kind = fields.get("kind")
-                if kind == RESTART:
-                    self.restarts += 1
-                    if self.on_restart is not None:
-                        self.on_restart(fields.get("worker"))
-                elif kind == TOKEN:
-                    if tokens:
-                        yield fields["text"]
-                elif kind in TERMINAL_EVENTS:
-                    self._finish(kind, fields)
+                text, ended = self.apply(fields)
+                if text is not None and tokens:
+                    yield text
+                if ended:
                     return
+
+    def apply(self, fields: dict[str, str]) -> tuple[str | None, bool]:
+        """Take one event read off the job's stream: (its text, for a token; whether it was
+        the final event). A final event sets `completion`, or raises JobCancelled or
+        JobFailed. Shared by this blocking reader and the gateway's async one."""
+        kind = fields.get("kind")
+        if kind == RESTART:
+            self.restarts += 1
+            if self.on_restart is not None:
+                self.on_restart(fields.get("worker"))
+        elif kind == TOKEN:
+            return fields["text"], False
+        elif kind in TERMINAL_EVENTS:
+            self._finish(kind, fields)
+            return None, True
+        return None, False
 
     def _finish(self, kind: str, fields: dict[str, str]) -> None:
         if kind == DONE:
@@ -162,7 +175,7 @@ class Job:
             raise JobCancelled(f"job {self.id} was cancelled")
         raise JobFailed(f"job {self.id} failed: {fields.get('error', 'no reason given')}")
 
-    def _settled(self) -> bool:
+    def settled(self) -> bool:
         """True when the job's outcome is known elsewhere than its stream (and was applied)."""
         if self._from_backend():
             return True

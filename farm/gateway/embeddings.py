@@ -5,56 +5,57 @@
          -> the worker's embedder batches its inputs with other jobs' -> the vectors
 
 An embeddings request is a job like a completion: the same priorities (X-Farm-Priority),
-quotas (its inputs' tokens), usage row and cancel (a client that goes away cancels it).
+quotas and rate limits (its inputs' tokens), usage row, and cancel: it waits on the event
+loop (farm/gateway/follow.py), and a client that goes away cancels its job.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 import farm
 from farm import openai_api as openai
+from farm.admission.quotas import RateState
+from farm.context import get_context
 from farm.errors import JobFailed
+from farm.gateway import follow
+from farm.gateway.edge import read_body, until_done_or_gone
 from farm.openai_embeddings import embedding_fields, embeddings_response
 from farm.queue import PRIORITIES
+from farm.results import Job
 
 
-def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
+def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
-        body = openai.parse_body(await request.body())
-        job: list[Any] = []
+        session = await session_of(request)  # the key before the body
+        fields = embedding_fields(openai.parse_body(await read_body(request)))
+        priority = request.headers.get("x-farm-priority", "normal")
+        if priority not in PRIORITIES:
+            raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
+        submit = partial(farm.submit, session=session, priority=priority, stream_tokens=False)  # type: ignore[arg-type]
+        job: Job = await run_in_threadpool(submit, **fields)
+        request.state.job_id = job.id  # the response's x-request-id, and the access log's job
+        ctx = get_context()
+        r = follow.async_redis(ctx.result_url, ctx.settings.connect_timeout)
+        headers = job.rate.headers() if isinstance(job.rate, RateState) else {}
         try:
-            return await run_in_threadpool(_embed, request, session_of, body, job)
-        except BaseException:
-            if job:  # the client went away (or the wait failed): the job need not run
-                threading.Thread(target=job[0].cancel, daemon=True).start()
+            gone = await until_done_or_gone(request, follow.result(job, r))
+        except JobFailed as e:  # what the worker found wrong with the input is the caller's
+            found = re.match(r"invalid '([a-z_]+)'", str(e))
+            if found:
+                raise openai.BadBody(str(e), found.group(1)) from e
             raise
-
-
-def _embed(
-    request: Request, session_of: Callable[[Request], str], body: Any, started: list[Any]
-) -> dict[str, Any]:
-    session = session_of(request)
-    fields = embedding_fields(body)
-    priority = request.headers.get("x-farm-priority", "normal")
-    if priority not in PRIORITIES:
-        raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
-    job = farm.submit(session=session, priority=priority, stream_tokens=False, **fields)  # type: ignore[arg-type]
-    started.append(job)
-    request.state.job_id = job.id  # the response's x-request-id, and the access log's job
-    try:
-        c = job.result()
-    except JobFailed as e:  # what the worker found wrong with the input is the caller's
-        found = re.match(r"invalid '([a-z_]+)'", str(e))
-        if found:
-            raise openai.BadBody(str(e), found.group(1)) from e
-        raise
-    started.clear()
-    return embeddings_response(c, fields.get("encoding_format", "float"))
+        if gone:
+            follow.cancel_soon(job)
+            return Response(status_code=499)  # nobody reads it: for the access log
+        assert job.completion is not None
+        body = embeddings_response(job.completion, fields.get("encoding_format", "float"))
+        return JSONResponse(body, headers=headers)
