@@ -252,3 +252,30 @@ def test_a_models_file_cannot_widen_the_model_folders_the_operator_set(tmp_path,
     # Without FARM_MODEL_DIRS the file's own folders are the bound (here "/": anything).
     catalog, _ = load_catalog(path)
     assert catalog.models["stray"].path == str((outside / "stray.gguf").resolve())
+
+
+def test_the_models_file_flags_a_model_that_serves_embeddings(tmp_path, model_dir, migrated_db):
+    catalog, _ = load_catalog(
+        write(
+            tmp_path,
+            GOOD.replace(
+                'chat_format = "gemma"',
+                'chat_format = "gemma"\nembedding = true\npooling = "mean"\nnormalize = false\n'
+                "dimensions = [256, 128]",
+            ),
+        )
+    )
+    apply_catalog(migrated_db, catalog)
+    with transaction(migrated_db) as s:
+        [m] = queries.list_models(s)
+        assert (m.embedding, m.pooling, m.normalize, m.dimensions) == (
+            True,
+            "mean",
+            False,
+            [256, 128],
+        )
+    bad = write(tmp_path, GOOD.replace('chat_format = "gemma"', 'pooling = "max"\nembedding = 1'))
+    with pytest.raises(CatalogError) as e:
+        load_catalog(bad)
+    assert "pooling" in str(e.value) and "embedding" in str(e.value)
+    assert read_gguf_info(Path(gemma_path())).pooling is None  # a decoder: no pooling of its own
