@@ -236,7 +236,7 @@ def test_a_bad_embeddings_line_is_refused_with_the_file_and_nothing_is_queued(
     assert "2: body.input" in r.stderr and "3: body.model" in r.stderr, r.stderr
 
 
-def test_the_embedder_puts_the_inputs_of_many_jobs_in_one_decode():
+def test_the_embedder_puts_the_inputs_of_many_jobs_in_one_decode_fairly():
     from llama_cpp import Llama
 
     from workers.engine import DONE, Embedder, EmbeddingJob
@@ -261,6 +261,13 @@ def test_the_embedder_puts_the_inputs_of_many_jobs_in_one_decode():
         embedder.submit(cancelled)
         kind, gen = cancelled.events.get(timeout=60)
         assert kind == DONE and gen.finish_reason == "cancelled"
+        # Fair: a one-input job submitted behind one of 192 inputs ends long before it.
+        big, small = EmbeddingJob(inputs=tokens * 8), EmbeddingJob(inputs=[tokens[0]])
+        embedder.submit(big)
+        embedder.submit(small)
+        assert small.events.get(timeout=60)[0] == DONE
+        assert big.events.empty() and big.next_input < len(big.inputs)
+        assert big.events.get(timeout=300)[0] == DONE
         too_long = EmbeddingJob(inputs=[[2] * 600])
         embedder.submit(too_long)
         kind, reason = too_long.events.get(timeout=5)

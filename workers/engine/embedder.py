@@ -1,7 +1,7 @@
 """The embedder: pooled vectors for embeddings jobs, the inputs of many jobs in one decode.
 
-    loop:  take waiting inputs, oldest job first, each input a sequence of its own, until
-           the batch holds n_batch tokens or n_seq_max sequences
+    loop:  take waiting inputs, one of each job in turn (oldest first), each input a
+           sequence of its own, until the batch holds n_batch tokens or n_seq_max sequences
            llama_decode once (every token is an output; llama.cpp pools each sequence)
            read each sequence's pooled vector (llama_get_embeddings_seq), shorten and
            normalise it, hand it to its job; clear the KV cache for the next batch
@@ -236,24 +236,29 @@ class Embedder:
             self._waiting.clear()
 
     def _plan(self) -> list[tuple[EmbeddingJob, int]]:
-        """The next batch, as (job, input index) per sequence: oldest job first, as many of
-        its inputs as fit, then the next job's. Cancelled jobs end here. Holds the lock."""
+        """The next batch, as (job, input index) per sequence: one input of each waiting job
+        in turn (oldest first), round after round, until no more fit. So a job of a few
+        inputs is not held behind one of 2,048, and every job moves each decode. Cancelled
+        jobs end here. Holds the lock."""
         planned: list[tuple[EmbeddingJob, int]] = []
-        tokens = 0
-        for job in list(self._waiting):
-            if job.cancelled:
-                self._waiting.remove(job)
-                job.events.put((DONE, self._result(job, "cancelled")))
-                continue
-            while job.next_input < len(job.inputs) and len(planned) < self.n_seq_max:
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            job.events.put((DONE, self._result(job, "cancelled")))
+        tokens, added = 0, True
+        while added and len(planned) < self.n_seq_max:
+            added = False
+            for job in self._waiting:
+                if job.next_input >= len(job.inputs):
+                    continue
                 size = len(job.inputs[job.next_input])
                 if tokens + size > self.n_batch:
-                    return planned
+                    continue  # another job's next input may still fit
                 planned.append((job, job.next_input))
                 tokens += size
                 job.next_input += 1
-            if len(planned) >= self.n_seq_max:
-                break
+                added = True
+                if len(planned) >= self.n_seq_max:
+                    break
         return planned
 
     def _decode(self, planned: list[tuple[EmbeddingJob, int]]) -> None:
