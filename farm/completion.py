@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from farm.tools.schema import ToolCall
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -25,8 +27,10 @@ class Completion(BaseModel):
 
     job_id: str
     model: str
-    text: str
+    text: str  # with tool calls: the text outside them
     finish_reason: str  # stop, length, time
+    # The calls the model made, for a request with tools (None without, or when it made none).
+    tool_calls: list[ToolCall] | None = None
     usage: Usage
     timings: Timings
     worker: str

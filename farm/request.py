@@ -29,6 +29,7 @@ from pydantic import (
 
 from farm.errors import InvalidRequest
 from farm.grammar import check_gbnf, check_json_schema
+from farm.tools.schema import MAX_TOOLS, NamedToolChoice, Tool, ToolCall, ToolChoice
 
 Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -59,8 +60,27 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    """A chat message. An assistant's may carry the `tool_calls` it made (its content then
+    may be empty); a `tool` message is a call's result, naming the call by `tool_call_id`."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text = ""
+    tool_calls: tuple[ToolCall, ...] | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries 'tool_calls'")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a 'tool' message, and only one, names its call by 'tool_call_id'")
+        return self
+
+    def size(self) -> int:
+        """Bytes of text this message gives the prompt (its calls as JSON included)."""
+        calls = sum(len(c.model_dump_json()) for c in self.tool_calls or ())
+        return len(self.content.encode()) + calls
 
 
 class Sampling(_Strict):
@@ -151,6 +171,11 @@ class Request(_Strict):
         default=None, max_length=100_000, description="GBNF grammar the reply must follow"
     )
     response_format: ResponseFormat | None = None
+    tools: tuple[Tool, ...] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="none, auto, required or a named function; default auto"
+    )
+    parallel_tool_calls: bool | None = None
     priority: Priority = "normal"
     session: Text = Field(default="default", min_length=1, max_length=128)
     batch: BatchLine | None = Field(
@@ -222,6 +247,49 @@ class Request(_Strict):
             raise ValueError("'prompt' must not be empty")
         return self
 
+    @model_validator(mode="after")
+    def _tools_fit(self) -> Request:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("invalid 'tools': two tools have the same function name")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto"):
+            if not names:
+                raise ValueError("invalid 'tool_choice': it asks for a call but 'tools' is empty")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(
+                    f"invalid 'tool_choice': function {choice.function.name!r} is not in "
+                    f"'tools' ({', '.join(names)})"
+                )
+        if self.tools and self.prompt is not None:
+            raise ValueError("invalid 'tools': tools take chat 'messages', not a 'prompt'")
+        if self.calls_tools and (self.grammar is not None or self.response_format is not None):
+            raise ValueError(
+                "invalid 'tool_choice': give 'tools' or a 'grammar'/'response_format', not "
+                "both (or set tool_choice to 'none')"
+            )
+        made: set[str] = set()
+        for i, m in enumerate(self.messages or ()):
+            made.update(c.id for c in m.tool_calls or ())
+            if m.role == "tool" and m.tool_call_id not in made:
+                raise ValueError(
+                    f"invalid 'messages.{i}.tool_call_id': {m.tool_call_id!r} matches no call "
+                    "of an earlier assistant message"
+                )
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def input_size(self) -> int:
+        """Bytes of text the prompt is made of: the prompt or messages, and the tools."""
+        tools = sum(len(t.model_dump_json()) for t in self.tools or ())
+        text = len((self.prompt or "").encode()) + sum(m.size() for m in self.messages or ())
+        return text + tools
+
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
@@ -257,7 +325,8 @@ def describe_errors(e: ValidationError) -> str:
             shown = repr(err.get("input"))
             got = f" (got {shown[:40] + '...' if len(shown) > 40 else shown})"
         if not err["loc"]:
-            lines.append(f"invalid request: {msg}")
+            # A check across fields names the field itself ("invalid 'tool_choice': ...").
+            lines.append(msg if msg.startswith("invalid '") else f"invalid request: {msg}")
         else:
             lines.append(f"invalid '{loc}': {msg}{got}")
     return "; ".join(lines)

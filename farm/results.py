@@ -30,10 +30,12 @@ from farm.stream import (
     RESTART,
     TERMINAL_EVENTS,
     TOKEN,
+    TOOL_CALL,
     last_event,
     publish,
     stream_outcome,
 )
+from farm.tools.schema import ToolCallDelta
 
 
 class Job:
@@ -95,9 +97,16 @@ class Job:
 
         After the last piece, `self.completion` holds the Completion.
         """
+        for piece in self._events(timeout, tokens=True):
+            if isinstance(piece, str):
+                yield piece
+
+    def stream_deltas(self, timeout: float | None = None) -> Iterator[str | ToolCallDelta]:
+        """As `stream`, with the pieces of the tool calls the model makes as they come
+        (`ToolCallDelta`: per call its index, id and name first, then its arguments)."""
         yield from self._events(timeout, tokens=True)
 
-    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[str]:
+    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[str | ToolCallDelta]:
         r = self._ctx.redis
         key = stream_key(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -150,6 +159,9 @@ class Job:
                 elif kind == TOKEN:
                     if tokens:
                         yield fields["text"]
+                elif kind == TOOL_CALL:
+                    if tokens:
+                        yield ToolCallDelta.model_validate_json(fields["delta"])
                 elif kind in TERMINAL_EVENTS:
                     self._finish(kind, fields)
                     return

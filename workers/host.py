@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,12 @@ import llama_cpp
 
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
+from farm.tools.formats import ToolPlan
+from farm.tools.parse import CallParser, Piece, call_id
+from farm.tools.schema import ToolCallDelta
 from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation, SequenceRunner
 from workers.engine import Sequence as EngineSequence
-from workers.prepare import PromptTokens, prompt_tokens, sequence_for
+from workers.prepare import PromptTokens, marker_tokens, prompt_tokens, sequence_for, tool_plan
 from workers.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,10 @@ class ModelHost:
         self.engine: SequenceRunner | None = None
         self.device = "cpu"
         self.chat_source = ""
+        # The tool plans of started sequences whose replies `follow` parses into calls.
+        self._tool_plans: weakref.WeakKeyDictionary[EngineSequence, ToolPlan] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -217,20 +225,37 @@ class ModelHost:
         engine = self.engine
         assert engine is not None, "start() before load()"
         started = time.perf_counter()
+        tools = self.plan_tools(request)
         seq = sequence_for(
             request,
             self.spec,
-            self.tokenize(request),
+            self.tokenize(request, tools),
             started=started,
             time_limit_s=time_limit_s,
             label=label,
+            tools=tools,
+            markers=self.markers(tools),
         )
+        if tools is not None and tools.calls:
+            self._tool_plans[seq] = tools  # `follow` parses the reply's calls
         engine.submit(seq)
         return seq
 
-    def tokenize(self, request: Request) -> PromptTokens:
+    def tokenize(self, request: Request, tools: ToolPlan | None = None) -> PromptTokens:
         """The request's prompt tokens on this model, and its chat template's stops."""
-        return prompt_tokens(self.llm, request)
+        return prompt_tokens(self.llm, request, tools)
+
+    def plan_tools(self, request: Request) -> ToolPlan | None:
+        """The request's tool plan on this model (its GGUF's chat template, if it is used)."""
+        if not request.is_chat:
+            return None
+        meta = self.llm.metadata
+        used = self.llm.chat_handler is None and "tokenizer.chat_template" in meta
+        return tool_plan(request, meta["tokenizer.chat_template"] if used else None)
+
+    def markers(self, tools: ToolPlan | None) -> dict[str, int]:
+        """Token ids of the plan's special markers."""
+        return marker_tokens(self.llm, tools)
 
     def follow(
         self,
@@ -239,10 +264,25 @@ class ModelHost:
         on_text: Callable[[str], None] = lambda _: None,
         should_cancel: Callable[[int], bool] = lambda _: False,
         poll_s: float = 0.2,
+        on_tool_call: Callable[[ToolCallDelta], None] = lambda _: None,
     ) -> Generation:
         """Follow a started sequence to its end: `on_text` gets each piece of text;
-        `should_cancel` is polled every `poll_s` with the tokens generated so far.
+        `should_cancel` is polled every `poll_s` with the tokens generated so far. For a
+        request with tools the reply is parsed as it comes: `on_tool_call` gets the pieces
+        of its calls, `on_text` the text outside them, and the Generation holds the calls.
         JobFailed when the engine fails it."""
+        tools = self._tool_plans.pop(seq, None)
+        parser = (
+            None if tools is None else CallParser(tools.family, lambda i: call_id(seq.label, i))
+        )
+
+        def send(pieces: list[Piece]) -> None:
+            for p in pieces:
+                if isinstance(p, str):
+                    on_text(p)
+                else:
+                    on_tool_call(p)
+
         next_check = time.monotonic() + poll_s
         while True:
             try:
@@ -250,8 +290,15 @@ class ModelHost:
             except queue.Empty:
                 kind, value = "", None
             if kind == TEXT:
-                on_text(value)
+                if parser is None:
+                    on_text(value)
+                else:
+                    send(parser.feed(value))
             elif kind == DONE:
+                if parser is not None:
+                    send(parser.close())
+                    value.text = parser.content
+                    value.tool_calls = parser.calls or None
                 return value
             elif kind == FAILED:
                 raise JobFailed(value)

@@ -35,9 +35,11 @@ from farm.stream import (
     LOST,
     RESTART,
     TOKEN,
+    TOOL_CALL,
     WRITTEN,
     Fenced,
 )
+from farm.tools.schema import ToolCallDelta
 from workers.bookkeeping import Admission, Bookkeeper, usage_fields
 from workers.models import ModelCache
 from workers.spool import UsageSpool
@@ -156,6 +158,13 @@ class JobRunner:
                 if written != WRITTEN:
                     stop(written, seq)
 
+        def on_tool_call(delta: ToolCallDelta) -> None:
+            if request.stream_tokens and not stopped:
+                piece = delta.model_dump_json(exclude_none=True)
+                written = patiently(lambda: fence.publish(TOOL_CALL, ttl=stream_ttl, delta=piece))
+                if written != WRITTEN:
+                    stop(written, seq)
+
         def should_cancel(tokens: int) -> bool:  # polled a few times a second while it runs
             pipe = r.pipeline(transaction=False)
             pipe.exists(cancel_key(job_id))
@@ -188,7 +197,12 @@ class JobRunner:
                         patiently(
                             lambda: fence.publish(RESTART, ttl=stream_ttl, worker=self.worker_id)
                         )
-                    gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
+                    gen = host.follow(
+                        seq,
+                        on_text=on_text,
+                        should_cancel=should_cancel,
+                        on_tool_call=on_tool_call,
+                    )
                 except BaseException:
                     seq.cancel()  # whatever ended this job early, its slot is freed now
                     raise
@@ -213,6 +227,7 @@ class JobRunner:
             job_id=job_id,
             model=request.model,
             text=gen.text,
+            tool_calls=gen.tool_calls,
             finish_reason=gen.finish_reason,
             usage=Usage(
                 prompt_tokens=gen.prompt_tokens,

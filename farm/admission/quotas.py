@@ -73,13 +73,10 @@ def resets_at(now: datetime | None = None) -> datetime:
 
 
 def reservation(request: Request) -> int:
-    """The most tokens the job can use: its prompt's bytes (at least one per token), what a
-    chat template adds, and max_tokens."""
-    if request.messages is not None:
-        prompt = sum(len(m.content.encode()) + PER_MESSAGE for m in request.messages)
-    else:
-        prompt = len((request.prompt or "").encode()) + PER_MESSAGE
-    return prompt + request.stopping.max_tokens
+    """The most tokens the job can use: its prompt's bytes (at least one per token; tools
+    and calls as JSON included), what a chat template adds, and max_tokens."""
+    messages = len(request.messages) if request.messages is not None else 1
+    return request.input_size + PER_MESSAGE * messages + request.stopping.max_tokens
 
 
 def limits(ctx: FarmContext, session: str) -> Limits | None:

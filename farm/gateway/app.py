@@ -199,7 +199,7 @@ RESTARTED_DIFFERENTLY = JobFailed(
 async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """The job's text as server-sent events. When the client goes away, Starlette cancels
     this generator mid-await, and the job is cancelled."""
-    tokens = job.stream()
+    tokens = job.stream_deltas()
     replay = _Replay()
     job.on_restart = replay.restart
     done = False
@@ -207,7 +207,10 @@ async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> Asyn
         if chat:
             yield openai.chunk(job.id, model, chat=True, role=True, text="")
         while (piece := await run_in_threadpool(next, tokens, _END)) is not _END:
-            new = replay.new_text(str(piece))
+            if not isinstance(piece, str):  # a piece of a tool call
+                yield openai.chunk(job.id, model, chat=chat, tool_call=piece)
+                continue
+            new = replay.new_text(piece)
             if new is None:  # done stays False: the job is cancelled below
                 yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
                 return
@@ -218,9 +221,7 @@ async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> Asyn
             done = True
             return
         c = job.completion
-        yield openai.chunk(
-            job.id, model, chat=chat, finish=openai.FINISH.get(c.finish_reason, "stop")
-        )
+        yield openai.chunk(job.id, model, chat=chat, finish=openai.finish_reason(c))
         if include_usage:
             yield openai.chunk(job.id, model, chat=chat, usage_of=c)
         done = True

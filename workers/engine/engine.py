@@ -33,7 +33,7 @@ from typing import Any
 import llama_cpp
 
 from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence
-from workers.engine.sampling import GrammarError, Sampler, build_sampler
+from workers.engine.sampling import GrammarError, Lazy, Sampler, build_sampler
 from workers.engine.text import TextAssembler
 from workers.engine.vocab import Vocab
 
@@ -212,7 +212,10 @@ class Engine:
         return self._thread.is_alive()
 
     def _start(self, slot: Slot, seq: Sequence) -> None:
-        sampler = build_sampler(self.vocab, seq.sampling, seq.grammar, self.tokens.markers())
+        lazy = Lazy(seq.grammar_patterns, seq.grammar_tokens) if seq.grammar_lazy else None
+        sampler = build_sampler(
+            self.vocab, seq.sampling, seq.grammar, self.tokens.markers(), lazy=lazy
+        )
         keep = common_prefix(slot.cache, seq.tokens)
         if keep == len(seq.tokens):
             keep -= 1  # the last prompt token is evaluated again: its logits start the reply
@@ -316,7 +319,7 @@ class Engine:
         if self.tokens.ends_turn(token, text.stops):
             slot.generated -= 1  # like EOS, the end-of-turn token is not part of the reply
             self._finish(slot, "stop")
-        elif text.add(slot.decoder.decode(self.tokens.text(token))):
+        elif text.add(slot.decoder.decode(self.tokens.text(token, job.shown))):
             self._finish(slot, "stop")
         elif slot.generated >= slot.max_tokens:
             self._finish(slot, "length")

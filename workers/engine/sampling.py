@@ -106,10 +106,24 @@ class Sampler:
         self.chain = self.grammar = None
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """When a grammar starts to apply: once the text so far fully matches one of `patterns`
+    (from the pattern's first group on), or once one of `tokens` is sampled."""
+
+    patterns: tuple[str, ...] = ()
+    tokens: tuple[int, ...] = ()
+
+
 def build_sampler(
-    vocab: Any, sampling: dict[str, Any], grammar: str | None, banned: tuple[int, ...] = ()
+    vocab: Any,
+    sampling: dict[str, Any],
+    grammar: str | None,
+    banned: tuple[int, ...] = (),
+    lazy: Lazy | None = None,
 ) -> Sampler:
-    """A sampler for one sequence that never picks a `banned` token (a non-text marker).
+    """A sampler for one sequence that never picks a `banned` token (a non-text marker);
+    with `lazy`, its grammar waits for a trigger (tool calls under tool_choice auto).
     GrammarError when llama.cpp rejects the grammar."""
     p = {**DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -117,9 +131,7 @@ def build_sampler(
     seed = int(seed) if seed is not None else random.randrange(2**31)
     grammar_sampler = None
     if grammar is not None:
-        grammar_sampler = llama_cpp.llama_sampler_init_grammar(
-            vocab, grammar.encode("utf-8"), b"root"
-        )
+        grammar_sampler = _grammar_sampler(vocab, grammar, lazy)
         if not grammar_sampler:  # NULL: llama.cpp logged why and returned nothing
             raise GrammarError("llama.cpp could not parse the grammar")
 
@@ -139,6 +151,24 @@ def build_sampler(
             llama_cpp.llama_sampler_free(grammar_sampler)
         raise
     return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), _penalized(p))
+
+
+def _grammar_sampler(vocab: Any, grammar: str, lazy: Lazy | None) -> Any:
+    if lazy is None:
+        return llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    patterns = (ctypes.c_char_p * max(1, len(lazy.patterns)))(
+        *(p.encode("utf-8") for p in lazy.patterns)
+    )
+    tokens = (llama_cpp.llama_token * max(1, len(lazy.tokens)))(*lazy.tokens)
+    return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        vocab,
+        grammar.encode("utf-8"),
+        b"root",
+        patterns,
+        len(lazy.patterns),
+        tokens,
+        len(lazy.tokens),
+    )
 
 
 def _penalized(p: dict[str, Any]) -> bool:
