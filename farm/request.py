@@ -221,6 +221,20 @@ class Request(_Strict):
             raise ValueError(f"model names are {MODEL_NAME_RULE}")
         return v
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        # One message naming the field, not one per member of the union.
+        if v is None or v in ("none", "auto", "required") or isinstance(v, NamedToolChoice):
+            return v
+        try:
+            return NamedToolChoice.model_validate(v)
+        except ValidationError:
+            raise ValueError(
+                "must be 'none', 'auto', 'required' or "
+                '{"type": "function", "function": {"name": NAME}}'
+            ) from None
+
     @field_validator("grammar")
     @classmethod
     def _grammar_parses(cls, v: str | None) -> str | None:
