@@ -122,13 +122,17 @@ def main() -> None:
     plain = totals[False][0] / totals[False][1]
     tooled = totals[True][0] / totals[True][1]
     n = args.prompts * args.rounds
-    print(f"{args.prompts} prompts x {args.rounds} rounds, {args.slots} slots, {args.threads} threads")
+    print(
+        f"{args.prompts} prompts x {args.rounds} rounds, {args.slots} slots, {args.threads} threads"
+    )
     print("| run | tokens after the first | tokens/s per sequence | calls | mean TTFT s |")
     print("| --- | --- | --- | --- | --- |")
     for name, t in (("no tools", totals[False]), ("tool_choice required", totals[True])):
         calls = t[2] if name != "no tools" else "-"
         print(f"| {name} | {t[0]} | {t[0] / t[1]:.1f} | {calls} | {t[3] / n:.2f} |")
-    print(f"grammar cost: {100 * (1 - tooled / plain):.1f} % ({time.perf_counter() - started:.0f}s)")
+    print(
+        f"grammar cost: {100 * (1 - tooled / plain):.1f} % ({time.perf_counter() - started:.0f}s)"
+    )
 
 
 if __name__ == "__main__":

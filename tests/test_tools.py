@@ -120,7 +120,9 @@ def test_a_batch_line_with_tools_is_checked_like_an_http_body():
 
 # -- plans ---------------------------------------------------------------------------------------
 QWEN = "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> <tool_call>..."
-LLAMA = "<|start_header_id|>ipython<|end_header_id|>{%- if tools %}{{ tools }}{% endif %}<|python_tag|>"
+LLAMA = (
+    "<|start_header_id|>ipython<|end_header_id|>{%- if tools %}{{ tools }}{% endif %}<|python_tag|>"
+)
 MISTRAL_T = "{%- if tools %}[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]"
 
 
@@ -133,7 +135,9 @@ def test_the_family_comes_from_the_template_and_any_other_model_gets_the_generic
 
 
 @pytest.mark.parametrize("template", [None, QWEN, LLAMA, MISTRAL_T])
-@pytest.mark.parametrize("choice", ["required", "auto", {"type": "function", "function": {"name": "add"}}])
+@pytest.mark.parametrize(
+    "choice", ["required", "auto", {"type": "function", "function": {"name": "add"}}]
+)
 def test_every_plan_grammar_parses_in_llama_cpp(template, choice):
     tools = [Tool.model_validate(WEATHER), Tool.model_validate(ADD)]
     named = make_request(chat_body(tool_choice=choice)).tool_choice
@@ -167,8 +171,16 @@ def test_a_model_without_a_tool_format_gets_the_tools_and_history_as_text():
     assert messages[2]["content"].startswith('<tool_call>{"name": "get_weather"')
     assert '"name": "get_weather", "content": "18 C"' in messages[3]["content"]
     native = plan(request.tools, "auto", template=QWEN).messages(request.messages)
-    assert native[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "unit": "celsius"}
-    assert native[3] == {"role": "tool", "content": "18 C", "tool_call_id": "call_1", "name": "get_weather"}
+    assert native[2]["tool_calls"][0]["function"]["arguments"] == {
+        "city": "Paris",
+        "unit": "celsius",
+    }
+    assert native[3] == {
+        "role": "tool",
+        "content": "18 C",
+        "tool_call_id": "call_1",
+        "name": "get_weather",
+    }
 
 
 def test_tool_choice_none_offers_no_tools_and_no_grammar():
@@ -207,7 +219,11 @@ def test_a_reply_streamed_in_pieces_gives_the_same_calls_as_parsed_whole(
         deltas = [p for p in pieces if isinstance(p, ToolCallDelta)]
         for i, call in enumerate(whole.calls):
             mine = [d for d in deltas if d.index == i]
-            assert (mine[0].id, mine[0].name, mine[0].arguments) == (call.id, call.function.name, "")
+            assert (mine[0].id, mine[0].name, mine[0].arguments) == (
+                call.id,
+                call.function.name,
+                "",
+            )
             assert all(d.id is None for d in mine[1:])
             assert "".join(d.arguments for d in mine) == call.function.arguments
     if calls:
@@ -215,7 +231,9 @@ def test_a_reply_streamed_in_pieces_gives_the_same_calls_as_parsed_whole(
 
 
 def test_a_call_cut_off_by_max_tokens_is_not_a_call():
-    p = parse_calls(GENERIC, '<tool_call>{"name": "add", "arguments": {"a": 1', lambda i: call_id("", i))
+    p = parse_calls(
+        GENERIC, '<tool_call>{"name": "add", "arguments": {"a": 1', lambda i: call_id("", i)
+    )
     assert p.calls == [] and p.truncated
 
 
@@ -223,4 +241,3 @@ def test_call_ids_are_stable_per_job_and_call_and_random_without_a_job():
     assert call_id("job-1", 0) == call_id("job-1", 0) != call_id("job-1", 1)
     assert call_id("job-1", 0).startswith("call_") and len(call_id("job-1", 0)) == 29
     assert call_id("", 0) != call_id("", 0)
-
