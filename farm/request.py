@@ -69,6 +69,14 @@ class Message(_Strict):
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
     name: str | None = Field(default=None, max_length=64)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_without_content(cls, data: Any) -> Any:
+        # OpenAI's assistant message that only calls tools has content null.
+        if isinstance(data, dict) and data.get("content", "") is None and data.get("tool_calls"):
+            return {**data, "content": ""}
+        return data
+
     @model_validator(mode="after")
     def _tool_fields(self) -> Message:
         if self.tool_calls is not None and self.role != "assistant":

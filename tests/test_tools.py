@@ -241,3 +241,67 @@ def test_call_ids_are_stable_per_job_and_call_and_random_without_a_job():
     assert call_id("job-1", 0) == call_id("job-1", 0) != call_id("job-1", 1)
     assert call_id("job-1", 0).startswith("call_") and len(call_id("job-1", 0)) == 29
     assert call_id("", 0) != call_id("", 0)
+
+
+# -- a template that renders tools (as Qwen 2.5's does), through the worker's chat prompt ------
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+{% endif %}Functions:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+Call one with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
+{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif not (tools and message.role == 'system') %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+class _TemplateModel:
+    """What `chat_prompt` reads of a Llama whose GGUF has a chat template: its handler, and
+    a tokenizer (one token per byte, so the prompt reads back as text)."""
+
+    def __init__(self, template: str):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.chat_handler = None
+        self.chat_format = "chat_template.default"
+        self._chat_handlers = {
+            self.chat_format: Jinja2ChatFormatter(template, "<|im_end|>", "").to_chat_handler()
+        }
+        self.metadata = {"tokenizer.chat_template": template}
+        self.verbose = False
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        return list(text)
+
+
+def test_a_template_that_takes_tools_renders_them_and_the_calls_in_its_own_format():
+    from workers.prepare import chat_prompt, tool_plan
+
+    request = make_request(
+        chat_body(
+            messages=[
+                USER,
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+            ]
+        )
+    )
+    p = tool_plan(request, HERMES_TEMPLATE)
+    assert p is not None and p.family is HERMES and p.lazy and p.grammar is not None
+    assert request.messages is not None
+    tokens, _ = chat_prompt(_TemplateModel(HERMES_TEMPLATE), request.messages, p)
+    prompt = bytes(tokens).decode()
+    assert '"name": "get_weather", "description": "The weather now in a city"' in prompt
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"' in prompt
+    assert "<tool_response>\n18 C\n</tool_response>" in prompt
+    assert "You can call functions" not in prompt  # farm's generic text is not added

@@ -54,19 +54,22 @@ def sequence_for(
     stopping = request.stopping
     limits = [s for s in (stopping.max_time_ms and stopping.max_time_ms / 1000, time_limit_s) if s]
     markers = markers or {}
-    calls = tools is not None and tools.grammar is not None
+    grammar: dict[str, Any] = {"grammar": request_grammar(request)}
+    if tools is not None and tools.grammar is not None:
+        grammar = {
+            "grammar": tools.grammar,
+            "grammar_lazy": tools.lazy,
+            "grammar_patterns": tools.lazy_patterns,
+            "grammar_tokens": tuple(markers[m] for m in tools.lazy_tokens if m in markers),
+        }
+    calls = tools is not None and tools.calls
     return EngineSequence(
         tokens=tokens,
         max_tokens=stopping.max_tokens,
         sampling=sampling_for(request, spec),
         stops=tuple(stopping.stop) + template_stops,
-        grammar=tools.grammar if tools is not None and calls else request_grammar(request),
-        grammar_lazy=calls and tools is not None and tools.lazy,
-        grammar_patterns=tools.lazy_patterns if tools is not None else (),
-        grammar_tokens=tuple(markers[m] for m in tools.lazy_tokens if m in markers)
-        if tools is not None
-        else (),
-        shown=frozenset(markers.values()) if tools is not None and tools.calls else frozenset(),
+        **grammar,
+        shown=frozenset(markers.values()) if calls else frozenset(),
         deadline=started + min(limits) if limits else None,
         started=started,
         label=label,

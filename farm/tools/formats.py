@@ -148,7 +148,9 @@ def plan(
         elif family.open:
             patterns = (r"[\s\S]*?(" + re.escape(family.open) + r")[\s\S]*",)
         else:  # the reply opens with the call's JSON
-            patterns = (r"\s*(\{\s*\"name\")[\s\S]*",)
+            # Anchored: llama.cpp matches ^...$ patterns against the whole text, others
+            # anywhere in it (the grammar starts at the first group either way).
+            patterns = (r"^\s*(\{\s*\"name\")[\s\S]*$",)
     return ToolPlan(
         family,
         tuple(tools),

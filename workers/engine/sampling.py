@@ -54,6 +54,10 @@ class Sampler:
     n_vocab: int
     penalty_last_n: int
     penalties: bool
+    # The chain keeps no state that a token it accepts changes (no penalties, no mirostat):
+    # its own pick may then be made by llama.cpp, which accepts it, even when the grammar
+    # turns it down afterwards.
+    stateless: bool = False
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties see the prompt's last tokens, as llama-server does."""
@@ -66,10 +70,14 @@ class Sampler:
         if self.grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
-        token = self._pick(logits, with_grammar=False)
+        if self.stateless:  # llama.cpp's own pick: no copy of the logits in Python
+            token = int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+        else:
+            token = self._pick(logits, with_grammar=False)
         if not self._grammar_allows(token):
             token = self._pick(logits, with_grammar=True)
-        llama_cpp.llama_sampler_accept(self.chain, token)
+        if not self.stateless:
+            llama_cpp.llama_sampler_accept(self.chain, token)
         llama_cpp.llama_sampler_accept(self.grammar, token)
         return token
 
@@ -174,7 +182,9 @@ def build_sampler(
         if grammar_sampler:
             llama_cpp.llama_sampler_free(grammar_sampler)
         raise
-    return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), _penalized(p))
+    penalties = _penalized(p)
+    stateless = not penalties and p["mirostat_mode"] == 0
+    return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), penalties, stateless)
 
 
 def _grammar_sampler(vocab: Any, grammar: str, lazy: Lazy | None) -> Any:
