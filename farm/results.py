@@ -9,8 +9,10 @@ Celery's result backend.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -34,6 +36,16 @@ from farm.stream import (
     publish,
     stream_outcome,
 )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a job's text as it streams: its choice, its text, and the logprobs of the
+    tokens that brought it (None unless the request asked for logprobs)."""
+
+    index: int
+    text: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class Job:
@@ -95,9 +107,22 @@ class Job:
 
         After the last piece, `self.completion` holds the Completion.
         """
-        yield from self._events(timeout, tokens=True)
+        for fields in self._events(timeout, tokens=True):
+            yield fields["text"]
 
-    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[str]:
+    def pieces(self, timeout: float | None = None) -> Iterator[Piece]:
+        """As `stream`, each piece with its choice (a job of several prompts, or n > 1,
+        streams its choices interleaved) and, when logprobs were asked for, the logprobs
+        of the tokens that brought it."""
+        for fields in self._events(timeout, tokens=True):
+            logprobs = fields.get("logprobs")
+            yield Piece(
+                int(fields.get("index", 0)),
+                fields["text"],
+                None if logprobs is None else json.loads(logprobs),
+            )
+
+    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[dict[str, str]]:
         r = self._ctx.redis
         key = stream_key(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -149,7 +174,7 @@ class Job:
                         self.on_restart(fields.get("worker"))
                 elif kind == TOKEN:
                     if tokens:
-                        yield fields["text"]
+                        yield fields
                 elif kind in TERMINAL_EVENTS:
                     self._finish(kind, fields)
                     return

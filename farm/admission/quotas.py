@@ -1,6 +1,6 @@
 """Quotas: a session's tokens per day and jobs in flight, reserved before a job is queued.
 
-    submit:  up to (the prompt's UTF-8 bytes + 16 per message) + max_tokens tokens are
+    submit:  up to (the prompts' UTF-8 bytes + 16 per message) + max_tokens x choices are
              reserved, and one job counted in flight, in one Redis script: either the
              whole reservation fits under the session's limits or nothing is taken
     end:     the worker (or a cancel, or the expiry of a lost job) settles the job's
@@ -73,13 +73,14 @@ def resets_at(now: datetime | None = None) -> datetime:
 
 
 def reservation(request: Request) -> int:
-    """The most tokens the job can use: its prompt's bytes (at least one per token), what a
-    chat template adds, and max_tokens."""
+    """The most tokens the job can use: its prompts' bytes (at least one per token; each
+    prompt counted once however many sequences share it), what a chat template adds, and
+    max_tokens for every sequence (prompts x n)."""
     if request.messages is not None:
         prompt = sum(len(m.content.encode()) + PER_MESSAGE for m in request.messages)
     else:
-        prompt = len((request.prompt or "").encode()) + PER_MESSAGE
-    return prompt + request.stopping.max_tokens
+        prompt = sum(len(p.encode()) + PER_MESSAGE for p in request.prompts)
+    return prompt + request.stopping.max_tokens * request.choices
 
 
 def limits(ctx: FarmContext, session: str) -> Limits | None:

@@ -35,6 +35,7 @@ from farm.config import get_settings
 from farm.context import get_context
 from farm.errors import FarmError, JobFailed
 from farm.gateway import keys
+from farm.gateway import models as model_routes
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.queue import PRIORITIES
@@ -133,6 +134,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         return await _complete(request, _session, chat=False)
 
     add_routes(app, _session)
+    model_routes.add_routes(app, _session)
     return app
 
 
@@ -154,12 +156,12 @@ def _run(request: Request, session_of: Callable[[Request], str], body: Any, chat
         c = job.result()
         return openai.chat_response(c) if chat else openai.completion_response(c)
     include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+    prompts = fields.get("prompt")
+    choices = fields.get("n", 1) * (len(prompts) if isinstance(prompts, list) else 1)
     return StreamingResponse(
-        _events(job, fields["model"], chat, include_usage), media_type="text/event-stream"
+        _events(job, fields["model"], chat, include_usage, choices),
+        media_type="text/event-stream",
     )
-
-
-_END = object()
 
 
 class _Replay:
@@ -196,31 +198,41 @@ RESTARTED_DIFFERENTLY = JobFailed(
 )
 
 
-async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """The job's text as server-sent events. When the client goes away, Starlette cancels
-    this generator mid-await, and the job is cancelled."""
-    tokens = job.stream()
-    replay = _Replay()
-    job.on_restart = replay.restart
+async def _events(
+    job: Any, model: str, chat: bool, include_usage: bool, choices: int = 1
+) -> AsyncIterator[str]:
+    """The job's text as server-sent events, each chunk with its choice's index. When the
+    client goes away, Starlette cancels this generator mid-await, and the job is cancelled."""
+    pieces = job.pieces()
+    replays = {i: _Replay() for i in range(choices)}
+
+    def restart(worker: str | None = None) -> None:
+        for replay in replays.values():
+            replay.restart(worker)
+
+    job.on_restart = restart
     done = False
     try:
         if chat:
-            yield openai.chunk(job.id, model, chat=True, role=True, text="")
-        while (piece := await run_in_threadpool(next, tokens, _END)) is not _END:
-            new = replay.new_text(str(piece))
+            for i in range(choices):
+                yield openai.chunk(job.id, model, chat=True, role=True, text="", index=i)
+        while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+            new = replays.setdefault(piece.index, _Replay()).new_text(piece.text)
             if new is None:  # done stays False: the job is cancelled below
                 yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
                 return
             if new:
-                yield openai.chunk(job.id, model, chat=chat, text=new)
-        if replay.again:  # the rerun ended short of what the client already has
+                yield openai.chunk(
+                    job.id, model, chat=chat, text=new, index=piece.index, logprobs=piece.logprobs
+                )
+        if any(r.again for r in replays.values()):  # a rerun ended short of what was sent
             yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
             done = True
             return
         c = job.completion
-        yield openai.chunk(
-            job.id, model, chat=chat, finish=openai.FINISH.get(c.finish_reason, "stop")
-        )
+        for choice in c.all_choices():
+            finish = openai.FINISH.get(choice.finish_reason, "stop")
+            yield openai.chunk(job.id, model, chat=chat, finish=finish, index=choice.index)
         if include_usage:
             yield openai.chunk(job.id, model, chat=chat, usage_of=c)
         done = True
