@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, finished_usage
 from tests import test_gateway
+from tests.conftest import MODEL, finished_usage
 from tests.test_gateway import client, usage_rows
 
 gateway = test_gateway.gateway  # the same `farm serve` fixture, in front of the live farm
