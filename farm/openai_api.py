@@ -42,6 +42,10 @@ IGNORED = ("user", "stream_options", "stream", "model", "metadata", "store")
 FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "stop"}
 
 
+class BodyTooLarge(BadBody):
+    """A request body over the gateway's limit (FARM_GATEWAY_MAX_BODY): 413."""
+
+
 def parse_body(raw: bytes) -> Any:
     """A request's JSON body, or BadBody saying why it is not one."""
     try:
@@ -284,6 +288,8 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
     request was a chat one (a prompt too long is then in 'messages', else in 'prompt')."""
     # farm's Request nests sampling and stopping fields; OpenAI's are flat.
     message = re.sub(r"'(?:sampling|stopping)\.", "'", str(e))
+    if isinstance(e, BodyTooLarge):
+        return 413, _body(message, "invalid_request_error", None, "request_too_large")
     if isinstance(e, BadBody):
         return 400, _body(message, "invalid_request_error", e.param, None)
     if isinstance(e, BatchFileError):

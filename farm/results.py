@@ -107,22 +107,16 @@ class Job:
 
         After the last piece, `self.completion` holds the Completion.
         """
-        for fields in self._events(timeout, tokens=True):
-            yield fields["text"]
+        for piece in self._events(timeout, tokens=True):
+            yield piece.text
 
     def pieces(self, timeout: float | None = None) -> Iterator[Piece]:
         """As `stream`, each piece with its choice (a job of several prompts, or n > 1,
         streams its choices interleaved) and, when logprobs were asked for, the logprobs
         of the tokens that brought it."""
-        for fields in self._events(timeout, tokens=True):
-            logprobs = fields.get("logprobs")
-            yield Piece(
-                int(fields.get("index", 0)),
-                fields["text"],
-                None if logprobs is None else json.loads(logprobs),
-            )
+        yield from self._events(timeout, tokens=True)
 
-    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[dict[str, str]]:
+    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[Piece]:
         r = self._ctx.redis
         key = stream_key(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -162,22 +156,36 @@ class Job:
                     # Nothing on the stream: it may have expired long ago, or the job may
                     # have ended without writing to it. Ask the backend and the registry.
                     next_check = time.monotonic() + 5.0
-                    if self._settled():
+                    if self.settled():
                         return
                 continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id
-                kind = fields.get("kind")
-                if kind == RESTART:
-                    self.restarts += 1
-                    if self.on_restart is not None:
-                        self.on_restart(fields.get("worker"))
-                elif kind == TOKEN:
-                    if tokens:
-                        yield fields
-                elif kind in TERMINAL_EVENTS:
-                    self._finish(kind, fields)
+                piece, ended = self.apply(fields)
+                if piece is not None and tokens:
+                    yield piece
+                if ended:
                     return
+
+    def apply(self, fields: dict[str, str]) -> tuple[Piece | None, bool]:
+        """Take one event read off the job's stream: (its Piece, for a token; whether it
+        was the final event). A final event sets `completion`, or raises JobCancelled or
+        JobFailed. Shared by this blocking reader and the gateway's async one."""
+        kind = fields.get("kind")
+        if kind == RESTART:
+            self.restarts += 1
+            if self.on_restart is not None:
+                self.on_restart(fields.get("worker"))
+        elif kind == TOKEN:
+            logprobs = fields.get("logprobs")
+            index = int(fields.get("index", 0))
+            return Piece(
+                index, fields["text"], None if logprobs is None else json.loads(logprobs)
+            ), False
+        elif kind in TERMINAL_EVENTS:
+            self._finish(kind, fields)
+            return None, True
+        return None, False
 
     def _finish(self, kind: str, fields: dict[str, str]) -> None:
         if kind == DONE:
@@ -187,7 +195,7 @@ class Job:
             raise JobCancelled(f"job {self.id} was cancelled")
         raise JobFailed(f"job {self.id} failed: {fields.get('error', 'no reason given')}")
 
-    def _settled(self) -> bool:
+    def settled(self) -> bool:
         """True when the job's outcome is known elsewhere than its stream (and was applied)."""
         if self._from_backend():
             return True

@@ -3,12 +3,13 @@ that is not registered or is disabled)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 
 from farm.context import get_context
+from farm.gateway.edge import off_loop
 from farm.registry import queries, transaction
 
 
@@ -17,12 +18,16 @@ def model_object(name: str, created: float) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(created), "owned_by": "farm"}
 
 
-def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
+def _model(name: str) -> dict[str, Any]:
+    with transaction(get_context().database_url) as s:
+        record = queries.get_model(s, name)  # UnknownModel: 404, param 'model'
+        return model_object(record.name, record.created_at.timestamp())
+
+
+def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) -> None:
     """Register GET /v1/models/{model_id} on the gateway's app."""
 
     @app.get("/v1/models/{model_id:path}")
-    def model(model_id: str, request: Request) -> dict[str, Any]:
-        session_of(request)
-        with transaction(get_context().database_url) as s:
-            record = queries.get_model(s, model_id)  # UnknownModel: 404, param 'model'
-            return model_object(record.name, record.created_at.timestamp())
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        await session_of(request)
+        return await off_loop(_model, model_id)
