@@ -37,6 +37,7 @@ from farm.errors import (
     NoLiveWorker,
     QueueFull,
     QuotaExceeded,
+    RateLimited,
     UnknownJob,
     UnknownModel,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "NoLiveWorker",
     "QueueFull",
     "QuotaExceeded",
+    "RateLimited",
     "Request",
     "Stream",
     "Timings",

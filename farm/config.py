@@ -124,6 +124,18 @@ class Settings(BaseSettings):
         description="Require an API key on every gateway request even before any key was "
         "created. Once one was created (revoked or not), keys are required anyway.",
     )
+    gateway_max_body: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Bytes a gateway request body may have (file uploads excepted); a "
+        "larger one is refused with 413 before it is read.",
+    )
+    gateway_header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds the gateway waits for a request's headers before closing the "
+        "connection (a client that never finishes them holds nothing for long).",
+    )
 
     @model_validator(mode="after")
     def _limits_agree(self) -> Settings:

@@ -50,7 +50,7 @@ def submit_request(
     _check_servable(ctx, request, wait_for_worker)
     _check_room(ctx, request.model, 1)
     job = _Prepared(request)
-    quotas.reserve(ctx, job.id, request)
+    rate = quotas.reserve(ctx, job.id, request)
     try:
         _send(ctx, job)
     except BrokerError as e:
@@ -58,7 +58,9 @@ def submit_request(
         raise _unreachable(ctx, e) from e
     _record(ctx, [job])
     log.info("queued job %s for model %s at priority %s", job.id, request.model, request.priority)
-    return Job(job.id, request.model, ctx)
+    queued = Job(job.id, request.model, ctx)
+    queued.rate = rate
+    return queued
 
 
 BULK_CHUNK = 1000  # messages per pipelined publish (kombu's default batch size)
@@ -69,6 +71,7 @@ def submit_many(
     *,
     ctx: FarmContext | None = None,
     job_ids: list[str] | None = None,
+    rate: bool = True,
 ) -> list[Job | FarmError]:
     """Queue many requests at once: one Job or one error per item, in the items' order.
 
@@ -114,7 +117,7 @@ def submit_many(
             if room[request.model] <= 0:
                 raise _full(ctx, request.model)
             job = _Prepared(request, job_ids[i] if job_ids is not None else None)
-            quotas.reserve(ctx, job.id, request)
+            quotas.reserve(ctx, job.id, request, rate=rate)
             room[request.model] -= 1
         except FarmError as e:
             results[i] = e
@@ -347,7 +350,9 @@ def _check_fits(request: Request, model: str, n_ctx: int) -> None:
 def _argsrepr(request: Request, ctx: FarmContext) -> str:
     if ctx.settings.log_prompts:
         return repr(request.to_wire())
-    size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+    size = sum(len(p) for p in request.prompts) + sum(
+        len(m.content) for m in request.messages or ()
+    )
     kind = "chat" if request.is_chat else "prompt"
     return f"({kind} of {size} chars, session={request.session!r})"
 

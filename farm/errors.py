@@ -48,6 +48,16 @@ class QuotaExceeded(FarmError):
     """The session's tokens per day or jobs in flight leave no room for the job."""
 
 
+class RateLimited(QuotaExceeded):
+    """The session's requests or tokens per minute leave no room for the job now;
+    `retry_after` is the seconds until it would fit, `limits` the session's rate state."""
+
+    def __init__(self, message: str, retry_after: float, limits: object = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.limits = limits
+
+
 class InvalidRequest(FarmError):
     """A request field is unknown, missing or out of range."""
 

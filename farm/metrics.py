@@ -61,7 +61,7 @@ class FarmCollector(Collector):
         rejected = CounterMetricFamily(
             "farm_rejections", "Submits refused before queuing", labels=["model", "reason"]
         )
-        reasons = ("queue_full", "quota")
+        reasons = ("queue_full", "quota", "rate")
         pipe = self.ctx.redis.pipeline(transaction=False)
         for model in models:
             for reason in reasons:

@@ -91,6 +91,12 @@ def quota_active_key(session: str) -> str:
     return f"{KEY_PREFIX}quota:{session}:active"
 
 
+def rate_key(session: str, kind: str) -> str:
+    """A session's sliding minute of submits: `kind` requests or tokens (a sorted set of
+    job ids, or job id:tokens, scored by submit time in ms)."""
+    return f"{KEY_PREFIX}rate:{session}:{kind}"
+
+
 def quota_job_key(job_id: str) -> str:
     """A job's reservation (session, day, tokens) until it is settled, once."""
     return f"{KEY_PREFIX}job:{job_id}:quota"

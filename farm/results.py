@@ -9,8 +9,10 @@ Celery's result backend.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -38,6 +40,18 @@ from farm.stream import (
 from farm.tools.schema import ToolCallDelta
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a job's text as it streams: its choice, its text, and the logprobs of the
+    tokens that brought it (None unless the request asked for logprobs); or a piece of one
+    of its tool calls."""
+
+    index: int
+    text: str
+    logprobs: list[dict[str, Any]] | None = None
+    tool_call: ToolCallDelta | None = None  # a piece of a tool call (text "")
+
+
 class Job:
     """A queued job. `farm.submit` returns one; `farm.job(id)` finds one by id."""
 
@@ -50,6 +64,9 @@ class Job:
         # stream then repeats text from the start, and `completion.text` is the final run's.
         self.restarts = 0
         self.on_restart: Any = None  # called with the new worker's id, e.g. to tell the user
+        # The session's rate-limit state when it was queued (farm/admission/quotas.py), if
+        # its session has a rate limit: the gateway's x-ratelimit-* headers.
+        self.rate: Any = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} model={self.model}>"
@@ -98,15 +115,17 @@ class Job:
         After the last piece, `self.completion` holds the Completion.
         """
         for piece in self._events(timeout, tokens=True):
-            if isinstance(piece, str):
-                yield piece
+            if piece.tool_call is None:
+                yield piece.text
 
-    def stream_deltas(self, timeout: float | None = None) -> Iterator[str | ToolCallDelta]:
-        """As `stream`, with the pieces of the tool calls the model makes as they come
-        (`ToolCallDelta`: per call its index, id and name first, then its arguments)."""
+    def pieces(self, timeout: float | None = None) -> Iterator[Piece]:
+        """As `stream`, each piece with its choice (a job of several prompts, or n > 1,
+        streams its choices interleaved) and, when logprobs were asked for, the logprobs
+        of the tokens that brought it; for a request with tools, the pieces of the calls
+        the model makes (`Piece.tool_call`, its text empty)."""
         yield from self._events(timeout, tokens=True)
 
-    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[str | ToolCallDelta]:
+    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[Piece]:
         r = self._ctx.redis
         key = stream_key(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -146,25 +165,39 @@ class Job:
                     # Nothing on the stream: it may have expired long ago, or the job may
                     # have ended without writing to it. Ask the backend and the registry.
                     next_check = time.monotonic() + 5.0
-                    if self._settled():
+                    if self.settled():
                         return
                 continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id
-                kind = fields.get("kind")
-                if kind == RESTART:
-                    self.restarts += 1
-                    if self.on_restart is not None:
-                        self.on_restart(fields.get("worker"))
-                elif kind == TOKEN:
-                    if tokens:
-                        yield fields["text"]
-                elif kind == TOOL_CALL:
-                    if tokens:
-                        yield ToolCallDelta.model_validate_json(fields["delta"])
-                elif kind in TERMINAL_EVENTS:
-                    self._finish(kind, fields)
+                piece, ended = self.apply(fields)
+                if piece is not None and tokens:
+                    yield piece
+                if ended:
                     return
+
+    def apply(self, fields: dict[str, str]) -> tuple[Piece | None, bool]:
+        """Take one event read off the job's stream: (its Piece, for a token; whether it
+        was the final event). A final event sets `completion`, or raises JobCancelled or
+        JobFailed. Shared by this blocking reader and the gateway's async one."""
+        kind = fields.get("kind")
+        if kind == RESTART:
+            self.restarts += 1
+            if self.on_restart is not None:
+                self.on_restart(fields.get("worker"))
+        elif kind == TOKEN:
+            logprobs = fields.get("logprobs")
+            index = int(fields.get("index", 0))
+            return Piece(
+                index, fields["text"], None if logprobs is None else json.loads(logprobs)
+            ), False
+        elif kind == TOOL_CALL:
+            delta = ToolCallDelta.model_validate_json(fields["delta"])
+            return Piece(int(fields.get("index", 0)), "", tool_call=delta), False
+        elif kind in TERMINAL_EVENTS:
+            self._finish(kind, fields)
+            return None, True
+        return None, False
 
     def _finish(self, kind: str, fields: dict[str, str]) -> None:
         if kind == DONE:
@@ -174,7 +207,7 @@ class Job:
             raise JobCancelled(f"job {self.id} was cancelled")
         raise JobFailed(f"job {self.id} failed: {fields.get('error', 'no reason given')}")
 
-    def _settled(self) -> bool:
+    def settled(self) -> bool:
         """True when the job's outcome is known elsewhere than its stream (and was applied)."""
         if self._from_backend():
             return True

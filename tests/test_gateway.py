@@ -3,20 +3,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 from sqlalchemy import delete, func, select
 
+import farm
 from farm.registry import transaction
-from farm.registry.tables import ApiKeyRecord, UsageRecord
-from tests.conftest import MODEL, FarmUnderTest, finished_usage, free_port
+from farm.registry.tables import TERMINAL_STATUSES, ApiKeyRecord, UsageRecord
+from tests.conftest import LIVE_SLOTS, MODEL, FarmUnderTest, finished_usage, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +31,7 @@ def gateway(live_farm: FarmUnderTest) -> Iterator[str]:
     log = live_farm.home / "gateway.log"  # a file, not a pipe: the access log never blocks
     proc = subprocess.Popen(
         [sys.executable, "-m", "farm.cli", "serve", "--port", str(port)],
-        env=live_farm.env,
+        env={**live_farm.env, "FARM_GATEWAY_HEADER_TIMEOUT": "2"},
         stdout=subprocess.DEVNULL,
         stderr=log.open("ab"),
     )
@@ -311,3 +315,187 @@ def test_a_completion_answers_with_its_job_id_and_leaves_an_access_line_without_
     assert "POST /v1/chat/completions 200" in log and f"job={job_id}" in log
     assert f"job={streamed_id}" in log and "session=default" in log
     assert "zebra-kumquat" not in log  # never the prompt
+
+
+# -- under load: waiting holds no thread, and a client that goes away cancels its job ---------
+def last_usage_id(database_url: str) -> int:
+    with transaction(database_url) as s:
+        return int(s.scalar(select(func.max(UsageRecord.id))) or 0)
+
+
+def rows_after(database_url: str, first: int, *, n: int, timeout: float = 15) -> list[UsageRecord]:
+    """The `n` gateway jobs queued after usage row `first`, once all have ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with transaction(database_url) as s:
+            rows = list(
+                s.scalars(
+                    select(UsageRecord)
+                    .where(UsageRecord.id > first, UsageRecord.session != "filler")
+                    .order_by(UsageRecord.id)
+                )
+            )
+            s.expunge_all()
+        if len(rows) >= n and all(r.status in TERMINAL_STATUSES for r in rows):
+            return rows
+        assert time.monotonic() < deadline, [(r.job_id, r.status) for r in rows]
+        time.sleep(0.1)
+
+
+@contextmanager
+def every_slot_busy(live_farm: FarmUnderTest) -> Iterator[None]:
+    """The live worker's slots all on long jobs, so what is queued now waits."""
+    live_farm.activate()
+    fillers = [
+        farm.submit(
+            model=MODEL, prompt=f"Count to a thousand, {i}.", max_tokens=2000, session="filler",
+            priority="high",
+        )
+        for i in range(LIVE_SLOTS)
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while any(job.status() != "running" for job in fillers):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        yield
+    finally:
+        for job in fillers:
+            job.cancel()
+
+
+def test_closing_a_stream_whose_job_is_queued_cancels_it_before_it_starts(gateway, live_farm):
+    body = {"model": MODEL, "messages": HI, "max_tokens": 50, "stream": True}
+    with every_slot_busy(live_farm):
+        with httpx.stream(
+            "POST", f"{gateway}/v1/chat/completions", json=body, timeout=30,
+            headers={"X-Farm-Priority": "low"},
+        ) as r:  # fmt: skip
+            job_id = r.headers["x-request-id"]
+            assert farm.job(job_id).status() == "queued"
+        [row] = finished_usage(live_farm.database_url, job_id, timeout=5)
+        assert row.status == "cancelled" and row.started_at is None  # type: ignore[attr-defined]
+
+
+def test_a_client_timeout_with_retries_leaves_every_attempts_job_cancelled(gateway, live_farm):
+    first = last_usage_id(live_farm.database_url)
+    impatient = openai.OpenAI(base_url=f"{gateway}/v1", api_key="none", timeout=2, max_retries=2)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell me a very long story."}],
+            max_tokens=2000,
+        )
+    rows = rows_after(live_farm.database_url, first, n=3)
+    assert len(rows) == 3  # the call and its 2 retries
+    assert all(r.status == "cancelled" and r.completion_tokens < 2000 for r in rows)
+
+
+def test_health_answers_while_more_requests_wait_than_any_pool_has_threads(gateway, live_farm):
+    """60 non-streaming requests wait on queued jobs (Starlette's pool has 40 threads, and a
+    wait held one each before): /health and /v1/models still answer, and when the 60
+    clients go away, their jobs are cancelled without ever starting."""
+    waiting = 60
+    body = {"model": MODEL, "messages": HI, "max_tokens": 4}
+
+    async def crowd() -> None:
+        limits = httpx.Limits(max_connections=waiting + 10)
+        async with httpx.AsyncClient(base_url=gateway, timeout=60, limits=limits) as http:
+            calls = [
+                asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                for _ in range(waiting)
+            ]
+            deadline = time.monotonic() + 30
+            while usage_rows(live_farm.database_url) < before + waiting:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            health = await http.get("/health", timeout=5)
+            models = await http.get("/v1/models", timeout=5)
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+            assert MODEL in [m["id"] for m in models.json()["data"]]
+            assert not any(call.done() for call in calls)  # all still waiting
+            for call in calls:
+                call.cancel()  # the clients hang up
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    with every_slot_busy(live_farm):
+        first = last_usage_id(live_farm.database_url)
+        before = usage_rows(live_farm.database_url)
+        asyncio.run(crowd())
+        rows = rows_after(live_farm.database_url, first, n=waiting)
+    assert len(rows) == waiting
+    assert all(r.status == "cancelled" and r.started_at is None for r in rows)
+
+
+def test_a_body_over_the_limit_is_a_413_and_reaches_no_queue(gateway, live_farm):
+    before = usage_rows(live_farm.database_url)
+    huge = json.dumps({"model": MODEL, "prompt": "word " * 4_000_000}).encode()  # 20 MB
+    r = httpx.post(f"{gateway}/v1/completions", content=huge, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+    assert "FARM_GATEWAY_MAX_BODY" in r.json()["error"]["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused as it arrives
+        yield huge[:1_000_000]
+        for i in range(1_000_000, len(huge), 1_000_000):
+            yield huge[i : i + 1_000_000]
+
+    r = httpx.post(f"{gateway}/v1/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413, r.text
+    assert usage_rows(live_farm.database_url) == before
+
+
+def raw_exchange(url: str, data: bytes, *, wait: float = 10) -> tuple[bytes, float]:
+    """What the gateway answers to `data` on a raw connection before closing it, and when."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
+def test_what_the_http_server_answers_itself_is_json_and_slow_headers_are_cut_off(gateway):
+    # Headers that never finish (slow-loris): 408 after FARM_GATEWAY_HEADER_TIMEOUT (2 s here).
+    answer, took = raw_exchange(gateway, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and 1.5 < took < 8, (answer, took)
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    # Headers over the limit, and bytes that are not HTTP: 400 in OpenAI's shape, not text.
+    huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n"
+    for data in (huge, b"\x16\x03\x01 not http at all\r\n\r\n"):
+        answer, _ = raw_exchange(gateway, data)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    # A connection that keeps its requests coming in time is never cut off.
+    with httpx.Client(base_url=gateway, timeout=10) as http:
+        for _ in range(3):
+            assert http.get("/health").status_code == 200
+            time.sleep(1)
+
+
+def test_a_rate_limited_session_gets_429_with_retry_after_and_ratelimit_headers(gateway, live_farm):
+    assert live_farm.farm("quota", "set", "default", "--rpm", "2").returncode == 0
+    try:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+        first = httpx.post(f"{gateway}/v1/completions", json=body, timeout=60)
+        assert first.status_code == 200, first.text
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+        streamed = httpx.post(
+            f"{gateway}/v1/completions", json={**body, "stream": True}, timeout=60
+        )
+        assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError) as refused:
+            client(gateway).completions.create(**body)
+        response = refused.value.response
+        assert response.status_code == 429 and 1 <= int(response.headers["retry-after"]) <= 60
+        assert int(response.headers["retry-after-ms"]) > 0
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    finally:
+        assert live_farm.farm("quota", "remove", "default").returncode == 0

@@ -245,3 +245,33 @@ def test_every_response_has_a_request_id_and_every_request_an_access_log_line(re
     assert lines[1].startswith("GET /v1/models 401 ")
     assert lines[2].startswith("POST /v1/chat/completions 400 ") and "session=alice" in lines[2]
     assert not any("secret" in line for line in lines)  # never the prompt
+
+
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(registry, monkeypatch):
+    monkeypatch.setenv("FARM_GATEWAY_REQUIRE_KEYS", "true")
+    reset_settings()
+    reset_context()
+    gateway = TestClient(create_app())
+    junk = b"not json " * 2_000_000  # 18 MB: read and parsed, it would be a 400
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/batches"):
+        r = gateway.post(route, content=junk)
+        assert r.status_code == 401, (route, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_body_over_the_limit_is_a_413_whether_or_not_it_declares_its_length(
+    registry, monkeypatch
+):
+    monkeypatch.setenv("FARM_GATEWAY_MAX_BODY", "4096")
+    reset_settings()
+    reset_context()
+    gateway = TestClient(create_app())
+    big = json.dumps({"model": "m", "prompt": "word " * 2000}).encode()
+    declared = gateway.post("/v1/completions", content=big)
+    chunked = gateway.post("/v1/completions", content=iter([big[:3000], big[3000:]]))
+    for r in (declared, chunked):
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "request_too_large" and "4,096 bytes" in error["message"]
+    small = gateway.post("/v1/completions", json={"model": "m", "prompt": 7})
+    assert small.status_code == 400 and small.json()["error"]["param"] == "prompt"

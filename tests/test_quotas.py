@@ -97,3 +97,56 @@ def test_a_failed_job_gives_back_its_reservation_and_counts_nothing(farm_client)
         job.result(timeout=60)
     finished_usage(farm_client.database_url, job.id)
     assert standing(get_context(), "q-fail") == {"used_today": 0, "reserved": 0, "in_flight": 0}
+
+
+def test_fifty_concurrent_submitters_never_pass_a_rate_limit_and_are_told_when_to_retry(
+    farm_client,
+):
+    set_quota(farm_client, "r60", "--requests-per-minute", "60")
+    accepted: list[farm.Job] = []
+    refused: list[farm.RateLimited] = []
+    lock = threading.Lock()
+
+    def two() -> None:
+        for _ in range(2):
+            try:
+                job = farm.submit("r", model=MODEL, max_tokens=1, session="r60")
+            except farm.RateLimited as e:
+                with lock:
+                    refused.append(e)
+                continue
+            with lock:
+                accepted.append(job)
+
+    threads = [threading.Thread(target=two) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(accepted) == 60 and len(refused) == 40  # 100 tries, the minute holds 60
+    assert all(0 < e.retry_after <= 60 for e in refused)
+    assert "over its rate limit of 60 requests a minute" in str(refused[0])
+    assert isinstance(refused[0], farm.QuotaExceeded)  # callers catching quotas catch it too
+    # Each was told what remained after it: 59 down to 0, once each.
+    assert sorted(job.rate.requests_remaining for job in accepted) == list(range(60))
+    assert {job.rate.requests_limit for job in accepted} == {60}
+    for job in accepted:
+        job.cancel()
+
+
+def test_a_tokens_per_minute_limit_counts_prompt_and_max_tokens(farm_client):
+    set_quota(farm_client, "t100", "--tokens-per-minute", "100")
+    first = farm.submit("hi", model=MODEL, max_tokens=40, session="t100")  # about 41 tokens
+    assert first.rate.tokens_remaining == 100 - 41 and first.rate.requests_limit is None
+    farm.submit("hi", model=MODEL, max_tokens=40, session="t100")
+    with pytest.raises(farm.RateLimited, match="100 tokens a minute") as over:
+        farm.submit("hi", model=MODEL, max_tokens=40, session="t100")
+    assert 50 < over.value.retry_after <= 60  # when the first of the minute ages out
+    with pytest.raises(farm.RateLimited, match="on its own"):
+        farm.submit("hi", model=MODEL, max_tokens=200, session="t100")
+    assert farm_client.farm("quota", "set", "t100", "--tpm", "0").returncode == 0
+    get_context().quotas.clear()
+    farm.submit("hi", model=MODEL, max_tokens=40, session="t100").result(timeout=120)
+    listed = json.loads(farm_client.farm("quota", "list", "--json").stdout)
+    [q] = [q for q in listed if q["session"] == "t100"]
+    assert q["tokens_per_minute"] is None  # 0 removed it

@@ -204,13 +204,17 @@ def test_a_run_that_lost_its_job_to_another_stops_and_writes_nothing_more(twin_f
 def test_a_gateway_stream_whose_job_starts_over_elsewhere_sends_its_text_once(twin_farm):
     import asyncio
 
+    from farm.context import get_context
     from farm.gateway.app import _events
+    from farm.gateway.follow import async_redis
 
     prompt = "v" * 1200
     job = farm.submit(prompt, model=TWIN, max_tokens=1500)
 
     async def read() -> str:
-        events = _events(job, TWIN, False, False)
+        ctx = get_context()
+        r = async_redis(ctx.result_url, ctx.settings.connect_timeout)
+        events = _events(job, r, TWIN, False, False)
         text, lost = "", False
         async for event in events:
             if not event.startswith("data: {"):
@@ -260,9 +264,9 @@ def test_a_reply_with_a_tool_call_streams_its_deltas_and_the_completion_holds_th
     job = farm.submit(
         model=TWIN, messages=[{"role": "user", "content": said}], tools=tools, max_tokens=200
     )
-    pieces = list(job.stream_deltas(timeout=30))
-    text = "".join(p for p in pieces if isinstance(p, str))
-    deltas = [p for p in pieces if not isinstance(p, str)]
+    pieces = list(job.pieces(timeout=30))
+    text = "".join(p.text for p in pieces)
+    deltas = [p.tool_call for p in pieces if p.tool_call is not None]
     assert text == "Sure." and deltas[0].name == "add" and deltas[0].id
     assert "".join(d.arguments for d in deltas) == '{"a": 1, "b": 2}'
     c = job.completion

@@ -73,6 +73,8 @@ def sequence_for(
         deadline=started + min(limits) if limits else None,
         started=started,
         label=label,
+        logprobs=request.logprobs,
+        prompt_logprobs=request.echo and request.logprobs is not None,
     )
 
 
@@ -137,11 +139,11 @@ def marker_tokens(llm: Any, tools: ToolPlan | None) -> dict[str, int]:
 
 
 def prompt_tokens(llm: Any, request: Request, tools: ToolPlan | None = None) -> PromptTokens:
-    """The request's prompt tokens on llama-cpp-python's `Llama` `llm`, and the chat
-    template's stop strings (none for a raw prompt); `tools`: the request's tool plan."""
+    """The request's (first) prompt's tokens on llama-cpp-python's `Llama` `llm`, and the
+    chat template's stop strings (none for a raw prompt); `tools`: the request's tool plan."""
     if request.messages is None:
-        assert request.prompt is not None
-        return llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True), ()
+        prompt = request.prompts[0]  # a request of several prompts is run one by one
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), ()
     return chat_prompt(llm, request.messages, tools)
 
 

@@ -42,8 +42,7 @@ class TwinHost(ModelHost):
 
     def tokenize(self, request: Request, tools: ToolPlan | None = None) -> PromptTokens:
         if request.messages is None:
-            assert request.prompt is not None
-            return byte_tokens(request.prompt), ()
+            return byte_tokens(request.prompts[0]), ()
         return byte_tokens("\n".join(m.content for m in request.messages)), ()
 
     def plan_tools(self, request: Request) -> ToolPlan | None:

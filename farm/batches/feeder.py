@@ -180,7 +180,7 @@ class Feeder:
                 }
             )
         ids = [line_job_id(b.id, line.line, line.attempts + 1) for line, b in picked]
-        results = submit_many(requests, ctx=self.ctx, job_ids=ids)
+        results = submit_many(requests, ctx=self.ctx, job_ids=ids, rate=False)  # a level of its own
         queued, failed, held = [], [], None
         for (line, batch), job_id, result in zip(picked, ids, results, strict=True):
             if not isinstance(result, FarmError):

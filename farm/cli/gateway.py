@@ -187,6 +187,7 @@ def gateway_server(ready: Any, *, exposed: bool = False) -> Any:
     import uvicorn
 
     from farm.gateway.app import create_app
+    from farm.gateway.server import gateway_config
 
     class Gateway(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -194,7 +195,7 @@ def gateway_server(ready: Any, *, exposed: bool = False) -> Any:
             if self.started:
                 ready()
 
-    return Gateway(uvicorn.Config(create_app(exposed=exposed), log_level="warning"))
+    return Gateway(gateway_config(create_app(exposed=exposed)))
 
 
 def start_gateway(sock: socket.socket, timeout: float = 30.0) -> Any:

@@ -1,4 +1,5 @@
-"""`farm quota set|list|remove`: per-session limits on tokens per day and jobs in flight."""
+"""`farm quota set|list|remove`: per-session limits on tokens per day, jobs in flight, and
+requests and tokens per minute (rate limits; a session is an API key's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import typer
 
 from farm.cli.base import _db_url, _db_url_for_writes, app, fold_table, friendly, out
 
-quota_app = typer.Typer(help="Per-session quotas: tokens per day, jobs queued or running.")
+quota_app = typer.Typer(
+    help="Per-session quotas: tokens per day, jobs queued or running, requests and tokens "
+    "per minute."
+)
 app.add_typer(quota_app, name="quota", no_args_is_help=True)
 
 
@@ -24,17 +28,49 @@ def quota_set(
     max_queued: Annotated[
         int | None, typer.Option(metavar="N", min=1, help="jobs queued or running at once")
     ] = None,
+    requests_per_minute: Annotated[
+        int | None,
+        typer.Option(
+            "--requests-per-minute",
+            "--rpm",
+            metavar="N",
+            min=0,
+            help="submits in any minute (0 removes the limit)",
+        ),
+    ] = None,
+    tokens_per_minute: Annotated[
+        int | None,
+        typer.Option(
+            "--tokens-per-minute",
+            "--tpm",
+            metavar="N",
+            min=0,
+            help="prompt (about 4 characters a token) and max_tokens in any minute (0 removes)",
+        ),
+    ] = None,
 ) -> None:
-    """Set (or change) a session's limits; a submit over them is refused before queuing."""
+    """Set (or change) a session's limits; a submit over them is refused before queuing
+    (over a rate limit, with the seconds to wait: 429 and Retry-After at the gateway)."""
     from farm.errors import InvalidRequest
     from farm.registry import queries, transaction
     from farm.request import Request
 
-    if tokens_per_day is None and max_queued is None:
-        raise InvalidRequest("give --tokens-per-day N, --max-queued N, or both")
+    given = (tokens_per_day, max_queued, requests_per_minute, tokens_per_minute)
+    if all(v is None for v in given):
+        raise InvalidRequest(
+            "give one or more of --tokens-per-day N, --max-queued N, --requests-per-minute N "
+            "and --tokens-per-minute N"
+        )
     Request.model_validate({"model": "m", "prompt": "p", "session": session})  # a valid name
     with transaction(_db_url_for_writes()) as s:
-        queries.set_quota(s, session, tokens_per_day=tokens_per_day, max_queued=max_queued)
+        queries.set_quota(
+            s,
+            session,
+            tokens_per_day=tokens_per_day,
+            max_queued=max_queued,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+        )  # fmt: skip
     out.print(f"quota for session '{session}' set", highlight=False)
 
 
@@ -49,7 +85,13 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
     with transaction(_db_url()) as s:
         rows = queries.list_quotas(s)
         found: list[dict[str, Any]] = [
-            {"session": r.session, "tokens_per_day": r.tokens_per_day, "max_queued": r.max_queued}
+            {
+                "session": r.session,
+                "tokens_per_day": r.tokens_per_day,
+                "max_queued": r.max_queued,
+                "requests_per_minute": r.requests_per_minute,
+                "tokens_per_minute": r.tokens_per_minute,
+            }
             for r in rows
         ]
     ctx = get_context()
@@ -69,6 +111,8 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
         "reserved",
         "max queued",
         "in flight",
+        "req/min",
+        "tokens/min",
         whole=("session",),
     )
     for q in found:
@@ -79,6 +123,8 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
             str(q["reserved"]),
             str(q["max_queued"] or "-"),
             str(q["in_flight"]),
+            str(q["requests_per_minute"] or "-"),
+            str(q["tokens_per_minute"] or "-"),
         )
     out.print(table)
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible gateway: FastAPI on top of farm.submit and the job's stream.
 
-    GET  /health                  ok, and whether keys are required
+    GET  /health                  ok, and whether keys are required (from memory)
     GET  /v1/models               the registered, enabled models
     POST /v1/chat/completions     chat; "stream": true gives server-sent events ending in [DONE]
     POST /v1/completions          plain prompts, the same way
@@ -10,35 +10,45 @@ An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted 
 With no key ever created the gateway needs none (a laptop, on 127.0.0.1); once one was, or
 with FARM_GATEWAY_REQUIRE_KEYS, every request needs a live key. Beyond loopback it refuses
 every request while no key is live (farm/gateway/keys.py). Priority comes from
-`X-Farm-Priority` (high, normal, low; default normal). A client that disconnects mid-stream cancels its job.
-Endpoints are plain functions: FastAPI runs them in its thread pool, as farm's client
-calls block.
+`X-Farm-Priority` (high, normal, low; default normal).
+
+A request waiting for its job holds no thread: it reads the job's stream on the event loop
+(farm/gateway/follow.py), and a client that goes away, streaming or not, queued or running,
+cancels its job at once. Threads do the short, blocking parts: the key check and registry
+reads on a pool of their own (so /v1/models never waits behind a burst of submits), and
+`farm.submit` on Starlette's pool. The key is checked before the body is read, and a body
+over FARM_GATEWAY_MAX_BODY is refused (413) before it is read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import farm
 from farm import openai_api as openai
+from farm.admission.quotas import RateState
 from farm.config import get_settings
 from farm.context import get_context
-from farm.errors import FarmError, JobFailed
-from farm.gateway import keys
+from farm.errors import FarmError, JobFailed, RateLimited
+from farm.gateway import follow, keys
+from farm.gateway import models as model_routes
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
+from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
 from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
+from farm.results import Job
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +65,15 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     )
 
     def _session(request: Request) -> str:
-        """The session of the request's key (farm/gateway/keys.py), or KeyRefused."""
+        """The session of the request's key (farm/gateway/keys.py), or KeyRefused. Blocks:
+        sync routes call it on their thread, async ones through `session_of`."""
         auth = request.headers.get("authorization", "")
         session = check.session_for(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
         request.state.session = session  # for the access log
         return session
+
+    async def session_of(request: Request) -> str:
+        return await off_loop(_session, request)
 
     @app.exception_handler(keys.KeyRefused)
     def _refused(_: Request, e: keys.KeyRefused) -> JSONResponse:
@@ -100,66 +114,84 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         status, body = openai.error(e, chat=not request.url.path.endswith("/v1/completions"))
         if status >= 500:
             log.warning("request failed: %s", e)
+        headers: dict[str, str] = {}
+        if isinstance(e, RateLimited):  # the SDKs wait this long before their retry
+            headers["retry-after"] = str(max(1, math.ceil(e.retry_after)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(e.retry_after * 1000)))
+            if isinstance(e.limits, RateState):
+                headers.update(e.limits.headers())
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    def _bug(request: Request, e: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        status, body = openai.error(e)  # a 500 in OpenAI's shape, without the internals
         return JSONResponse(body, status_code=status)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "keys_required": check.keys_required()}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "keys_required": check.keys_required(wait=False)}
 
     @app.get("/v1/models")
-    def models(request: Request) -> dict[str, Any]:
-        _session(request)
-        with transaction(get_context().database_url) as s:
-            found = [m for m in queries.list_models(s) if m.enabled]
-            return {
-                "object": "list",
-                "data": [
-                    {
-                        "id": m.name,
-                        "object": "model",
-                        "created": int(m.created_at.timestamp()),
-                        "owned_by": "farm",
-                    }
-                    for m in found
-                ],
-            }
+    async def models(request: Request) -> dict[str, Any]:
+        await session_of(request)
+        return {"object": "list", "data": await off_loop(_models)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        return await _complete(request, _session, chat=True)
+        return await _complete(request, session_of, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await _complete(request, _session, chat=False)
+        return await _complete(request, session_of, chat=False)
 
-    add_routes(app, _session)
+    add_routes(app, _session, session_of)
+    model_routes.add_routes(app, session_of)
     return app
 
 
-async def _complete(request: Request, session_of: Callable[[Request], str], *, chat: bool) -> Any:
-    body = openai.parse_body(await request.body())
-    return await run_in_threadpool(_run, request, session_of, body, chat)
+def _models() -> list[dict[str, Any]]:
+    with transaction(get_context().database_url) as s:
+        return [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": int(m.created_at.timestamp()),
+                "owned_by": "farm",
+            }
+            for m in queries.list_models(s)
+            if m.enabled
+        ]
 
 
-def _run(request: Request, session_of: Callable[[Request], str], body: Any, chat: bool) -> Any:
-    session = session_of(request)
+async def _complete(
+    request: Request, session_of: Callable[[Request], Awaitable[str]], *, chat: bool
+) -> Any:
+    session = await session_of(request)  # the key before the body
+    body = openai.parse_body(await read_body(request))
     fields = openai.request_fields(body, chat=chat)
     priority = request.headers.get("x-farm-priority", "normal")
     if priority not in PRIORITIES:
         raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
     stream = body.get("stream") is True  # request_fields checked it is a boolean
-    job = farm.submit(session=session, priority=priority, stream_tokens=stream, **fields)  # type: ignore[arg-type]
+    submit = partial(farm.submit, session=session, priority=priority, stream_tokens=stream)  # type: ignore[arg-type]
+    job: Job = await run_in_threadpool(submit, **fields)
     request.state.job_id = job.id  # the response's x-request-id, and the access log's job
-    if not stream:
-        c = job.result()
-        return openai.chat_response(c) if chat else openai.completion_response(c)
-    include_usage = (body.get("stream_options") or {}).get("include_usage") is True
-    return StreamingResponse(
-        _events(job, fields["model"], chat, include_usage), media_type="text/event-stream"
-    )
-
-
-_END = object()
+    ctx = get_context()
+    r = follow.async_redis(ctx.result_url, ctx.settings.connect_timeout)
+    headers = job.rate.headers() if isinstance(job.rate, RateState) else {}
+    if stream:
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        prompts = fields.get("prompt")
+        choices = fields.get("n", 1) * (len(prompts) if isinstance(prompts, list) else 1)
+        events = _events(job, r, fields["model"], chat, include_usage, choices)
+        return JobStream(events, job, headers=headers)
+    if await until_done_or_gone(request, follow.result(job, r)):
+        follow.cancel_soon(job)
+        return Response(status_code=499)  # nobody reads it: for the access log
+    c = job.completion
+    reply = openai.chat_response(c) if chat else openai.completion_response(c)
+    return JSONResponse(reply, headers=headers)
 
 
 class _Replay:
@@ -196,39 +228,48 @@ RESTARTED_DIFFERENTLY = JobFailed(
 )
 
 
-async def _events(job: Any, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """The job's text as server-sent events. When the client goes away, Starlette cancels
-    this generator mid-await, and the job is cancelled."""
-    tokens = job.stream_deltas()
-    replay = _Replay()
-    job.on_restart = replay.restart
-    done = False
+async def _events(
+    job: Job, r: Any, model: str, chat: bool, include_usage: bool, choices: int = 1
+) -> AsyncIterator[str]:
+    """The job's text as server-sent events, each chunk with its choice's index, read on
+    the event loop (farm/gateway/follow.py). JobStream cancels the job when the client goes
+    away before the end."""
+    replays = {i: _Replay() for i in range(choices)}
+
+    def restart(worker: str | None = None) -> None:
+        for replay in replays.values():
+            replay.restart(worker)
+
+    job.on_restart = restart
     try:
         if chat:
-            yield openai.chunk(job.id, model, chat=True, role=True, text="")
-        while (piece := await run_in_threadpool(next, tokens, _END)) is not _END:
-            if not isinstance(piece, str):  # a piece of a tool call
-                yield openai.chunk(job.id, model, chat=chat, tool_call=piece)
+            for i in range(choices):
+                yield openai.chunk(job.id, model, chat=True, role=True, text="", index=i)
+        async for piece in follow.events(job, r, tokens=True):
+            if piece.tool_call is not None:
+                yield openai.chunk(
+                    job.id, model, chat=chat, tool_call=piece.tool_call, index=piece.index
+                )
                 continue
-            new = replay.new_text(piece)
-            if new is None:  # done stays False: the job is cancelled below
+            new = replays.setdefault(piece.index, _Replay()).new_text(piece.text)
+            if new is None:  # the rerun cannot be mended: stop it
+                follow.cancel_soon(job)
                 yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
                 return
             if new:
-                yield openai.chunk(job.id, model, chat=chat, text=new)
-        if replay.again:  # the rerun ended short of what the client already has
+                yield openai.chunk(
+                    job.id, model, chat=chat, text=new, index=piece.index, logprobs=piece.logprobs
+                )
+        if any(x.again for x in replays.values()):  # a rerun ended short of what was sent
             yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
-            done = True
             return
         c = job.completion
-        yield openai.chunk(job.id, model, chat=chat, finish=openai.finish_reason(c))
+        assert c is not None
+        for choice in c.all_choices():
+            finish = openai.finish_reason(choice)
+            yield openai.chunk(job.id, model, chat=chat, finish=finish, index=choice.index)
         if include_usage:
             yield openai.chunk(job.id, model, chat=chat, usage_of=c)
-        done = True
         yield "data: [DONE]\n\n"
     except FarmError as e:  # the status line is sent: the error goes in the stream
-        done = True
         yield f"data: {json.dumps(openai.error(e, chat=chat)[1])}\n\n"
-    finally:
-        if not done:  # a thread, not an await: this task may be being cancelled
-            threading.Thread(target=job.cancel, daemon=True).start()

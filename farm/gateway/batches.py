@@ -15,7 +15,7 @@ file and endpoint returns the first one: a retried request never queues a file t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,7 @@ from farm.batches import store
 from farm.batches.lines import MAX_BYTES
 from farm.context import get_context
 from farm.errors import UnknownBatch
+from farm.gateway.edge import read_body
 from farm.openai_api import BadBody, parse_body
 from farm.registry import transaction
 from farm.registry.tables import as_utc
@@ -47,10 +48,17 @@ def _text(value: Any, param: str) -> str:
         raise BadBody(f"invalid '{param}': {e}", param) from None
 
 
-def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
+def add_routes(
+    app: FastAPI,
+    session_of: Callable[[Request], str],
+    session_async: Callable[[Request], Awaitable[str]],
+) -> None:
+    """The routes; `session_of` checks the request's key on a thread (the sync routes run
+    on one), `session_async` from the event loop."""
+
     @app.post("/v1/files")
     async def upload(request: Request) -> dict[str, Any]:
-        session = await run_in_threadpool(session_of, request)
+        session = await session_async(request)  # the key before the file
         try:
             form = await request.form()
         except Exception:  # not multipart: python-multipart's own error is for developers
@@ -117,11 +125,11 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], str]) -> None:
 
     @app.post("/v1/batches")
     async def create(request: Request) -> dict[str, Any]:
-        body = parse_body(await request.body())
-        return await run_in_threadpool(_create, request, body)
+        session = await session_async(request)  # the key before the body
+        body = parse_body(await read_body(request))
+        return await run_in_threadpool(_create, request, session, body)
 
-    def _create(request: Request, body: Any) -> dict[str, Any]:
-        session = session_of(request)
+    def _create(request: Request, session: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise BadBody("the request body must be a JSON object")
         unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})

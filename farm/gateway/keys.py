@@ -64,6 +64,7 @@ class KeyCheck:
         self._lock = threading.Lock()
         self._counts: tuple[int, int] = (0, 0)
         self._read_at = -float("inf")
+        self._refreshing = threading.Event()  # a background read of the counts is under way
 
     def counts(self, s: Session | None = None) -> tuple[int, int]:
         """(keys ever created, keys live): read in `s` when given, else at most STATE_TTL
@@ -77,8 +78,26 @@ class KeyCheck:
                 self._read_at = time.monotonic()
             return self._counts
 
-    def keys_required(self) -> bool:
-        return self.required or self.exposed or self.counts()[0] > 0
+    def keys_required(self, *, wait: bool = True) -> bool:
+        """Whether a request needs a key. `wait=False` (for /health, on the event loop)
+        answers from memory and, when that is older than STATE_TTL, refreshes it in the
+        background for the next caller."""
+        if self.required or self.exposed:
+            return True
+        if wait or self._read_at == -float("inf"):
+            return self.counts()[0] > 0
+        if time.monotonic() - self._read_at >= STATE_TTL and not self._refreshing.is_set():
+            self._refreshing.set()
+            threading.Thread(target=self._refresh, name="key-counts", daemon=True).start()
+        return self._counts[0] > 0
+
+    def _refresh(self) -> None:
+        try:
+            self.counts()
+        except Exception:  # the registry is away: /health still answers, from memory
+            pass
+        finally:
+            self._refreshing.clear()
 
     def session_for(self, token: str) -> str:
         """The session `token` (the Bearer value, "" for none) acts as, or KeyRefused."""

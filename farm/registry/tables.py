@@ -141,7 +141,8 @@ class UsageRecord(Base):
 
 
 class QuotaRecord(Base):
-    """A session's limits: tokens per day (prompt and completion) and jobs queued or running.
+    """A session's limits: tokens per day (prompt and completion), jobs queued or running,
+    and requests and tokens per minute (a rate limit, per API key's session).
 
     What is used and reserved lives in Redis (farm/admission/quotas.py), where a submit
     reserves atomically; the registry keeps the limits and, in usage, what was used."""
@@ -151,6 +152,8 @@ class QuotaRecord(Base):
     session: Mapped[str] = mapped_column(String(128), primary_key=True)
     tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
     max_queued: Mapped[int | None] = mapped_column(Integer)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -45,6 +45,10 @@ class GrammarError(ValueError):
     """llama.cpp could not parse a grammar."""
 
 
+class LogitBiasError(ValueError):
+    """A logit bias names a token the model's vocabulary does not have."""
+
+
 @dataclass
 class Sampler:
     """A sequence's sampler chain, and its grammar when it has one. Engine thread only."""
@@ -58,6 +62,9 @@ class Sampler:
     # its own pick may then be made by llama.cpp, which accepts it, even when the grammar
     # turns it down afterwards.
     stateless: bool = False
+    # Nothing in the chain raises a token's logit (no penalties, no positive logit_bias): a
+    # grammar's pick may look at the best tokens by raw logit first (`_pick`).
+    prefilter: bool = False
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties see the prompt's last tokens, as llama-server does."""
@@ -83,7 +90,7 @@ class Sampler:
 
     def _pick(self, logits: Any, *, with_grammar: bool) -> int:
         view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-        if with_grammar and self.n_vocab > GRAMMAR_FIRST:
+        if with_grammar and self.prefilter and self.n_vocab > GRAMMAR_FIRST:
             # The grammar refused the chain's pick. Filtering the whole vocabulary costs tens
             # of ms on Gemma's 262k tokens: try the best GRAMMAR_FIRST tokens by logit first.
             # When the grammar allows any of them, the best token it allows is among them
@@ -154,11 +161,14 @@ def build_sampler(
     banned: tuple[int, ...] = (),
     lazy: Lazy | None = None,
 ) -> Sampler:
-    """A sampler for one sequence that never picks a `banned` token (a non-text marker);
-    with `lazy`, its grammar waits for a trigger (tool calls under tool_choice auto).
-    GrammarError when llama.cpp rejects the grammar."""
+    """A sampler for one sequence that never picks a `banned` token (a non-text marker),
+    with the request's `logit_bias` (token id -> bias; -100 bans the token) added to the
+    logits first; with `lazy`, its grammar waits for a trigger (tool calls under
+    tool_choice auto). GrammarError when llama.cpp rejects the grammar, LogitBiasError for
+    a bias on a token the vocabulary does not have."""
     p = {**DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+    biases = _biases(p.pop("logit_bias", None) or {}, banned, n_vocab)
     seed = p.get("seed")
     seed = int(seed) if seed is not None else random.randrange(2**31)
     grammar_sampler = None
@@ -169,12 +179,12 @@ def build_sampler(
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
-        if banned:
-            biases = (llama_cpp.llama_logit_bias * len(banned))(
-                *(llama_cpp.llama_logit_bias(token, -math.inf) for token in banned)
+        if biases:
+            array = (llama_cpp.llama_logit_bias * len(biases))(
+                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in biases.items())
             )
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(banned), biases)
+                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array)
             )
         _fill_chain(chain, p, n_vocab, seed)
     except BaseException:
@@ -183,8 +193,15 @@ def build_sampler(
             llama_cpp.llama_sampler_free(grammar_sampler)
         raise
     penalties = _penalized(p)
-    stateless = not penalties and p["mirostat_mode"] == 0
-    return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), penalties, stateless)
+    return Sampler(
+        chain,
+        grammar_sampler,
+        n_vocab,
+        int(p["penalty_last_n"]),
+        penalties,
+        stateless=not penalties and p["mirostat_mode"] == 0,
+        prefilter=not penalties and all(b <= 0 for b in biases.values()),
+    )
 
 
 def _grammar_sampler(vocab: Any, grammar: str, lazy: Lazy | None) -> Any:
@@ -203,6 +220,21 @@ def _grammar_sampler(vocab: Any, grammar: str, lazy: Lazy | None) -> Any:
         tokens,
         len(lazy.tokens),
     )
+
+
+def _biases(requested: dict[Any, float], banned: tuple[int, ...], n_vocab: int) -> dict[int, float]:
+    """One bias per token: the request's (-100 bans, as OpenAI's does), then the bans."""
+    biases: dict[int, float] = {}
+    for key, bias in requested.items():
+        token = int(key)
+        if not 0 <= token < n_vocab:
+            raise LogitBiasError(
+                f"token {token} is not in the model's vocabulary (ids 0 to {n_vocab - 1})"
+            )
+        biases[token] = -math.inf if bias <= -100 else float(bias)
+    for token in banned:
+        biases[token] = -math.inf
+    return biases
 
 
 def _penalized(p: dict[str, Any]) -> bool:

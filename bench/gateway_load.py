@@ -1,0 +1,282 @@
+"""The gateway under load: many clients waiting at once, and clients that hang up.
+
+Against a real farm (embedded unless FARM_BROKER_URL is set) running Gemma 3 270M, with
+`farm serve` in its own process, all on 127.0.0.1:
+
+1. added latency: `farm.infer` and the same one-token request through the gateway, one
+   at a time; the gateway's p50 over farm.infer's;
+2. load: `--streams` streaming and `--waits` non-streaming clients at once (httpx, async),
+   for at most `--seconds`; /health polled every 50 ms meanwhile (p99 and max), and the
+   gateway's RSS before, during and after. Requests still waiting at the bound hang up
+   (their jobs are cancelled: that is part of the load);
+3. hang-ups: `--hangups` streaming clients each hang up at a random moment, queued or
+   running; the time from hanging up to the job's `cancelled` event on its stream (p50,
+   max), and whether any such job still ran to its end.
+
+    python bench/gateway_load.py --streams 500 --waits 500 --seconds 60 --hangups 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from farm_under_bench import farm_for_bench, free_port
+
+MODEL = "gemma3-270m"
+HI = [{"role": "user", "content": "Say hi."}]
+STORY = [{"role": "user", "content": "Write a long story about the sea."}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--waits", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--hangups", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--latency-runs", type=int, default=30)
+    args = parser.parse_args()
+    with farm_for_bench([MODEL]):
+        port = free_port()
+        log = open(Path(os.environ["FARM_HOME"]) / "gateway.log", "ab")  # noqa: SIM115
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "farm.cli", "serve", "--port", str(port), "--no-feeder"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            asyncio.run(run(f"http://127.0.0.1:{port}", gateway.pid, args))
+        finally:
+            gateway.terminate()
+            gateway.wait(30)
+
+
+def probe(url: str) -> None:
+    """`--probe URL`: GET /health every 50 ms until terminated, printing each time in ms
+    (-1 for a failure)."""
+    import signal
+
+    import httpx
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while True:
+            t = time.perf_counter()
+            try:
+                ok = http.get("/health").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            print((time.perf_counter() - t) * 1000 if ok else -1, flush=True)
+            time.sleep(0.05)
+
+
+def rss_mib(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def run(url: str, pid: int, args: argparse.Namespace) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if (await http.get("/health")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "farm serve did not start"
+            await asyncio.sleep(0.2)
+    await added_latency(url, args.latency_runs)
+    await load(url, pid, args)
+    await hangups(url, args.hangups)
+
+
+async def added_latency(url: str, runs: int) -> None:
+    import httpx
+
+    import farm
+
+    body = {"model": MODEL, "messages": HI, "max_tokens": 1, "temperature": 0}
+    direct, through = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        for _ in range(3):  # warm both paths
+            await asyncio.to_thread(farm.infer, messages=HI, model=MODEL, max_tokens=1)
+            await http.post("/v1/chat/completions", json=body)
+        for _ in range(runs):
+            t = time.perf_counter()
+            await asyncio.to_thread(
+                farm.infer, messages=HI, model=MODEL, max_tokens=1, temperature=0
+            )
+            direct.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            through.append((time.perf_counter() - t) * 1000)
+    d, g = statistics.median(direct), statistics.median(through)
+    print(f"added latency ({runs} one-token chats, one at a time):")
+    print(f"  farm.infer p50 {d:.1f} ms, through the gateway p50 {g:.1f} ms: +{g - d:.1f} ms")
+
+
+async def load(url: str, pid: int, args: argparse.Namespace) -> None:
+    import httpx
+
+    errors: list[str] = []
+    done = {"stream": 0, "wait": 0}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    body = {"model": MODEL, "messages": HI, "max_tokens": args.max_tokens}
+
+    async def streaming(http: httpx.AsyncClient) -> None:
+        async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            if r.status_code != 200:
+                errors.append(f"stream {r.status_code}: {(await r.aread())[:200]!r}")
+                return
+            async for line in r.aiter_lines():
+                if '"error"' in line:
+                    errors.append(f"stream error event: {line[:200]}")
+                if line == "data: [DONE]":
+                    done["stream"] += 1
+
+    async def waiting(http: httpx.AsyncClient) -> None:
+        r = await http.post("/v1/chat/completions", json=body)
+        if r.status_code != 200:
+            errors.append(f"wait {r.status_code}: {r.text[:200]}")
+        else:
+            done["wait"] += 1
+
+    rss = {"before": rss_mib(pid), "peak": 0.0}
+    # /health is probed from a process of its own, so the clients' work here never delays it.
+    prober = subprocess.Popen(
+        [sys.executable, __file__, "--probe", url], stdout=subprocess.PIPE, text=True
+    )
+
+    async def guarded(call: Any) -> None:
+        try:
+            await call
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a transport error is an error of the load
+            errors.append(f"{type(e).__name__}: {e}")
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+        calls = [asyncio.create_task(guarded(streaming(http))) for _ in range(args.streams)]
+        calls += [asyncio.create_task(guarded(waiting(http))) for _ in range(args.waits)]
+        pending = set(calls)
+        bound = time.monotonic() + args.seconds
+        while pending and time.monotonic() < bound:
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+            rss["peak"] = max(rss["peak"], rss_mib(pid))
+        for call in pending:
+            call.cancel()  # the bound: these clients hang up
+        await asyncio.gather(*pending, return_exceptions=True)
+    prober.terminate()
+    health = [float(x) for x in (prober.communicate()[0] or "").split()]
+    errors += [f"health probe failed: {x}" for x in health if x < 0]
+    health = [x for x in health if x >= 0]
+    took = time.monotonic() - started
+    await asyncio.sleep(5)  # the cancelled jobs drain
+    rss["after"] = rss_mib(pid)
+    print(
+        f"load: {args.streams} streaming + {args.waits} non-streaming clients at once, "
+        f"max_tokens {args.max_tokens}, bound {args.seconds:g}s:"
+    )
+    print(
+        f"  ended in {took:.1f}s: {done['stream']} streams and {done['wait']} waits complete, "
+        f"{len(pending)} hung up at the bound, {len(errors)} errors"
+    )
+    for e in errors[:5]:
+        print(f"    {e}")
+    print(
+        f"  /health while they waited ({len(health)} probes): p50 {pct(health, 0.5):.1f} ms, "
+        f"p99 {pct(health, 0.99):.1f} ms, max {max(health):.1f} ms"
+    )
+    print(
+        f"  gateway RSS: before {rss['before']:.0f} MiB, peak {rss['peak']:.0f} MiB, "
+        f"after {rss['after']:.0f} MiB ({(rss['after'] / rss['before'] - 1) * 100:+.0f} %)"
+    )
+
+
+async def hangups(url: str, n: int) -> None:
+    import httpx
+
+    from farm.context import get_context
+    from farm.gateway.follow import async_redis
+    from farm.queue import stream_key
+    from farm.registry import queries, transaction
+    from farm.stream import CANCELLED, TERMINAL_EVENTS
+
+    ctx = get_context()
+    r = async_redis(ctx.result_url, ctx.settings.connect_timeout)
+    rng = random.Random(7)
+    to_cancel: list[float] = []
+    job_ids: list[str] = []
+    not_cancelled: list[str] = []
+    body = {"model": MODEL, "messages": STORY, "max_tokens": 300, "stream": True}
+
+    async def one(http: httpx.AsyncClient) -> None:
+        await asyncio.sleep(rng.uniform(0, 3))
+        async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            job_id = resp.headers["x-request-id"]
+            job_ids.append(job_id)
+            stay = rng.uniform(0.05, 2.0)
+            try:
+                async with asyncio.timeout(stay):
+                    async for _ in resp.aiter_lines():
+                        pass
+            except TimeoutError:
+                pass
+        hung_up = time.monotonic()  # the connection is closed here
+        last = "0"
+        while True:
+            reply: Any = await r.xread({stream_key(job_id): last}, block=5000)
+            assert reply, f"no final event for {job_id} within 5 s of hanging up"
+            for entry, fields in reply[0][1]:
+                last = entry
+                if fields.get("kind") in TERMINAL_EVENTS:
+                    if fields["kind"] == CANCELLED:
+                        to_cancel.append((time.monotonic() - hung_up) * 1000)
+                    else:
+                        not_cancelled.append(job_id)
+                    return
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        await asyncio.gather(*(one(http) for _ in range(n)))
+    await asyncio.sleep(2)
+    with transaction(ctx.database_url) as s:
+        rows = [queries.get_usage(s, j) for j in job_ids]
+        ran_out = [x.job_id for x in rows if x is not None and x.completion_tokens >= 300]
+    print(f"hang-ups: {n} streaming clients hang up after 0.05-2 s (queued or running):")
+    print(
+        f"  hang-up to the job's cancelled event: p50 {pct(to_cancel, 0.5):.0f} ms, "
+        f"max {max(to_cancel):.0f} ms; {len(not_cancelled)} ended otherwise, "
+        f"{len(ran_out)} ran to their end"
+    )
+    print(json.dumps({"cancelled": len(to_cancel), "other": not_cancelled[:5]}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--probe"]:
+        probe(sys.argv[2])
+    else:
+        main()

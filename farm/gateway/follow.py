@@ -1,0 +1,113 @@
+"""Following a job from the gateway's event loop: its text and its result, read off the
+job's stream (farm/stream.py) with redis.asyncio, so that a request waiting for its job
+holds no thread, and a client that goes away cancels its job at once, queued or running.
+
+`Job.apply` (farm/results.py) interprets each event, as it does for the blocking reader of
+`farm.infer` and the CLI; only the waiting differs. Each waiting request blocks on one
+pooled async connection (an XREAD of its own stream, a second at most); the rare fallback
+that asks the result backend and the registry (a stream that expired, or was never
+written) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import redis
+import redis.asyncio as aioredis
+
+from farm.errors import FarmUnavailable
+from farm.queue import stream_key
+from farm.results import Job, Piece
+from farm.stream import RECONNECT_WINDOW_S
+
+log = logging.getLogger(__name__)
+
+BLOCK_MS = 1000  # one XREAD waits at most this long before the loop looks around
+SETTLED_EVERY_S = 5.0  # how often a silent stream is checked against the backend/registry
+
+# One async client per event loop and Redis URL: a redis.asyncio connection belongs to the
+# loop that opened it (the test client runs each app in a loop of its own).
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
+    """This event loop's client for `url` (the farm's result backend Redis)."""
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    if url not in per_loop:
+        per_loop[url] = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout,
+            decode_responses=True,
+            max_connections=None,  # one per waiting request, reused after
+        )
+    return per_loop[url]
+
+
+async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[Piece]:
+    """The job's text (when `tokens`) as it is generated, piece by piece, each with its
+    choice and logprobs (farm/results.py's Piece); when this ends, `job.completion`
+    holds the result, or JobFailed / JobCancelled was raised. Cancelling the task that
+    iterates this stops the wait at once (the job itself is cancelled by the caller)."""
+    key = stream_key(job.id)
+    last = "0"
+    check_at = time.monotonic() + 1.0
+    lost_since: float | None = None
+    while True:
+        try:
+            reply: Any = await r.xread({key: last}, block=BLOCK_MS, count=256)
+            lost_since = None
+        except redis.ConnectionError as e:
+            # A broker restarting (farm up restarts its own) comes back with the stream.
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > RECONNECT_WINDOW_S:
+                raise FarmUnavailable(
+                    f"lost the connection to Redis while waiting, for over "
+                    f"{RECONNECT_WINDOW_S:g}s: {e}; the job goes on"
+                ) from e
+            await asyncio.sleep(0.5)
+            continue
+        except redis.RedisError as e:
+            raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
+        if not reply:
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + SETTLED_EVERY_S
+                if await anyio.to_thread.run_sync(job.settled):
+                    return
+            continue
+        for entry_id, fields in reply[0][1]:
+            last = entry_id
+            piece, ended = job.apply(fields)
+            if piece is not None and tokens:
+                yield piece
+            if ended:
+                return
+
+
+async def result(job: Job, r: aioredis.Redis) -> None:
+    """Wait for the job to end: `job.completion` is set, or the job's error raised."""
+    async for _ in events(job, r, tokens=False):
+        pass
+
+
+def cancel_soon(job: Job) -> None:
+    """Cancel `job` from a task that is itself being cancelled (its client went away): on a
+    thread of its own, as an await here would be cut short and the thread pool may be full
+    of submits."""
+    threading.Thread(target=_cancel, args=(job,), name=f"cancel-{job.id}", daemon=True).start()
+
+
+def _cancel(job: Job) -> None:
+    try:
+        job.cancel()
+    except Exception:  # the job may have just ended, or Redis gone: nothing to tell a client
+        log.debug("could not cancel %s", job.id, exc_info=True)
