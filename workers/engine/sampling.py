@@ -36,7 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "mirostat_eta": 0.1,
 }
 
-# How many of the best tokens a grammar filters first when it refused the chain's pick.
+# Which tokens a grammar filters first when it refused the chain's pick: those whose logit
+# is within GRAMMAR_MARGIN of the best, at most GRAMMAR_FIRST of them.
+GRAMMAR_MARGIN = 12.0
 GRAMMAR_FIRST = 512
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
@@ -90,16 +92,21 @@ class Sampler:
 
     def _pick(self, logits: Any, *, with_grammar: bool) -> int:
         view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-        if with_grammar and self.prefilter and self.n_vocab > GRAMMAR_FIRST:
+        if with_grammar and self.prefilter:
             # The grammar refused the chain's pick. Filtering the whole vocabulary costs tens
-            # of ms on Gemma's 262k tokens: try the best GRAMMAR_FIRST tokens by logit first.
-            # When the grammar allows any of them, the best token it allows is among them
-            # (greedy picks exactly as over the whole vocabulary; top-k/top-p draw from the
-            # allowed ones among the best); only when it allows none is the rest filtered.
-            best = np.argpartition(view, -GRAMMAR_FIRST)[-GRAMMAR_FIRST:]
-            token = self._pick_among(best.astype(np.intc), view[best], with_grammar=True)
-            if token is not None:
-                return token
+            # of ms on Gemma's 262k tokens: try the tokens near the best logit first (within
+            # GRAMMAR_MARGIN, at most GRAMMAR_FIRST). When the grammar allows any of them,
+            # the best token it allows is among them (greedy picks exactly as over the whole
+            # vocabulary; top-k/top-p draw from the allowed ones among the best, the rest
+            # being e^-GRAMMAR_MARGIN as likely); only when it allows none is the rest
+            # filtered. A threshold, not a sort: argpartition over 262k costs ~3 ms.
+            best = np.flatnonzero(view >= view.max() - GRAMMAR_MARGIN)
+            if len(best) > GRAMMAR_FIRST:
+                best = best[np.argpartition(view[best], -GRAMMAR_FIRST)[-GRAMMAR_FIRST:]]
+            if len(best) < self.n_vocab:
+                token = self._pick_among(best.astype(np.intc), view[best], with_grammar=True)
+                if token is not None:
+                    return token
         token = self._pick_among(None, view, with_grammar=with_grammar)
         if token is None:
             # Accepting a token the grammar forbids would abort llama.cpp.
