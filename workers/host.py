@@ -23,7 +23,7 @@ import llama_cpp
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
 from farm.tools.formats import ToolPlan
-from farm.tools.parse import Piece
+from farm.tools.parse import Parsed
 from farm.tools.schema import ToolCallDelta
 from workers.choices import Outcome, Run, outcome
 from workers.engine import (
@@ -288,7 +288,7 @@ class ModelHost:
         tools = self._tool_plans.pop(run, None)
         calls = None if tools is None else ReplyCalls(tools, run.seqs[0].label, len(run.seqs))
 
-        def send(index: int, pieces: list[Piece], logprobs: Any) -> None:
+        def send(index: int, pieces: list[Parsed], logprobs: Any) -> None:
             for piece in pieces:
                 if isinstance(piece, str):
                     on_text(piece, index, logprobs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from farm.tools.formats import ToolPlan
-from farm.tools.parse import CallParser, Piece, call_id
+from farm.tools.parse import CallParser, Parsed, call_id
 from workers.engine import Generation
 
 
@@ -26,11 +26,11 @@ class ReplyCalls:
             for i in range(choices)
         ]
 
-    def feed(self, index: int, text: str) -> list[Piece]:
+    def feed(self, index: int, text: str) -> list[Parsed]:
         """What choice `index`'s next raw text makes certain: text and call pieces."""
         return self.parsers[index].feed(text)
 
-    def close(self, index: int, generation: Generation) -> list[Piece]:
+    def close(self, index: int, generation: Generation) -> list[Parsed]:
         """The rest of choice `index`'s reply; its Generation gets the text outside the calls
         and the calls."""
         parser = self.parsers[index]

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from farm.tools.formats import Family
 from farm.tools.schema import FunctionCall, ToolCall, ToolCallDelta
 
-Piece = str | ToolCallDelta
+# What the parser gives back: text to show, or a piece of a call.
+Parsed = str | ToolCallDelta
 _TEXT, _BEFORE_CALL, _CALL, _AFTER_CALL, _DONE = "text", "before", "call", "after", "done"
 
 
@@ -63,18 +64,18 @@ class CallParser:
         return text.strip() if self.calls else text
 
     # -- feeding ---------------------------------------------------------------------------------
-    def feed(self, piece: str) -> list[Piece]:
+    def feed(self, piece: str) -> list[Parsed]:
         """The text and call deltas that `piece` (the next raw text) makes certain."""
         self._buf += piece
-        out: list[Piece] = []
+        out: list[Parsed] = []
         progressed = True
         while progressed and self._buf:
             progressed = self._step(out)
         return out
 
-    def close(self) -> list[Piece]:
+    def close(self) -> list[Parsed]:
         """The rest, at the end of the reply."""
-        out: list[Piece] = []
+        out: list[Parsed] = []
         if self._state == _TEXT:
             rest = self._buf
             if not self.calls or rest.strip():
@@ -87,13 +88,13 @@ class CallParser:
         return out
 
     # -- states ----------------------------------------------------------------------------------
-    def _emit_text(self, text: str, out: list[Piece]) -> None:
+    def _emit_text(self, text: str, out: list[Parsed]) -> None:
         if text:
             self._text.append(text)
             out.append(text)
             self._seen_text = self._seen_text or bool(text.strip())
 
-    def _step(self, out: list[Piece]) -> bool:
+    def _step(self, out: list[Parsed]) -> bool:
         if self._state == _TEXT:
             return self._in_text(out)
         if self._state == _BEFORE_CALL:
@@ -106,7 +107,7 @@ class CallParser:
         self._state = _TEXT
         return True
 
-    def _in_text(self, out: list[Piece]) -> bool:
+    def _in_text(self, out: list[Parsed]) -> bool:
         fam, buf = self.family, self._buf
         if not fam.open:  # the reply itself opens the call, or is text
             stripped = buf.lstrip()
@@ -140,7 +141,7 @@ class CallParser:
         """Text before a call, without the spaces that only lead up to the call."""
         return text.rstrip()
 
-    def _before_call(self, out: list[Piece]) -> bool:
+    def _before_call(self, out: list[Parsed]) -> bool:
         buf = self._buf.lstrip()
         if not buf:
             self._buf = ""
@@ -160,7 +161,7 @@ class CallParser:
         self._state = _CALL
         return True
 
-    def _not_a_call(self, rest: str, out: list[Piece]) -> bool:
+    def _not_a_call(self, rest: str, out: list[Parsed]) -> bool:
         """The marker was not followed by a call: it and what follows are text."""
         self._emit_text(self.family.open, out)
         self._buf = rest
@@ -178,7 +179,7 @@ class CallParser:
         self._args_end = -1
         self._id = ""
 
-    def _in_call(self, out: list[Piece]) -> bool:
+    def _in_call(self, out: list[Parsed]) -> bool:
         """Scan the call's JSON object; name it as soon as its header is there, then send
         its arguments as they come."""
         index = len(self.calls)
@@ -226,7 +227,7 @@ class CallParser:
         self._state = _AFTER_CALL
         return True
 
-    def _name_call(self, index: int, out: list[Piece]) -> None:
+    def _name_call(self, index: int, out: list[Parsed]) -> None:
         m = self._header.match(self._obj)
         if m is None:
             return
@@ -240,7 +241,7 @@ class CallParser:
         self._args_start = m.end()
         out.append(ToolCallDelta(index=index, id=self._id, name=name, arguments=""))
 
-    def _send_args(self, index: int, out: list[Piece], *, final: bool) -> None:
+    def _send_args(self, index: int, out: list[Parsed], *, final: bool) -> None:
         if self._args_sent == 0:  # the header matched before the spaces that follow it
             while self._args_start < len(self._obj) and self._obj[self._args_start].isspace():
                 self._args_start += 1
@@ -251,7 +252,7 @@ class CallParser:
             out.append(ToolCallDelta(index=index, arguments=text[self._args_sent :]))
             self._args_sent = len(text)
 
-    def _finish_call(self, index: int, out: list[Piece]) -> None:
+    def _finish_call(self, index: int, out: list[Parsed]) -> None:
         if self._named:
             arguments = self._obj[self._args_start : self._args_end].strip()
             self.calls.append(
