@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import struct
+from typing import Any
 
 from pydantic import BaseModel
+
+from farm.tools.schema import ToolCall
 
 
 class Usage(BaseModel):
@@ -27,17 +30,52 @@ class Timings(BaseModel):
     generation_ms: float
 
 
+class Choice(BaseModel):
+    """One sequence of a job: a job of several prompts, or n > 1, has one per sequence,
+    ordered as OpenAI indexes them (prompt by prompt, n each)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int = 0
+    # Per token, when logprobs were asked for: {"token", "bytes", "logprob",
+    # "top_logprobs": [{"token", "bytes", "logprob"}], "text_offset"}; with echo the
+    # prompt's tokens come first (the first with logprob None).
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # the calls this choice made (tools requests)
+
+
 class Completion(BaseModel):
-    """A finished job: its text, why it stopped, its token counts and timings."""
+    """A finished job: its text, why it stopped, its token counts and timings.
+
+    `text` and `finish_reason` are the first choice's; `choices` holds every choice when
+    the job has more than one or reports logprobs (empty otherwise: see `all_choices`)."""
 
     job_id: str
     model: str
-    text: str
+    text: str  # with tool calls: the text outside them
     finish_reason: str  # stop, length, time
+    # The calls the model made, for a request with tools (None without, or when it made none).
+    tool_calls: list[ToolCall] | None = None
     usage: Usage
     timings: Timings
     worker: str
+    choices: list[Choice] = []
     embeddings: list[str] | None = None  # an embeddings job's vectors (base64 float32 LE)
+
+    def all_choices(self) -> list[Choice]:
+        """Every choice: `choices`, or the one the text and finish reason describe."""
+        if self.choices:
+            return self.choices
+        return [
+            Choice(
+                index=0,
+                text=self.text,
+                finish_reason=self.finish_reason,
+                completion_tokens=self.usage.completion_tokens,
+                tool_calls=self.tool_calls,
+            )
+        ]
 
     def vectors(self) -> list[list[float]]:
         """An embeddings job's vectors, as floats ([] for a generation)."""

@@ -365,14 +365,13 @@ def _check_fits(request: Request, model: str, n_ctx: int) -> None:
         for i, item in enumerate(request.input):
             size = len(item) if isinstance(item, tuple) else len(item.encode())
             if size > n_ctx * (1 if isinstance(item, tuple) else MAX_BYTES_PER_TOKEN):
+                unit = "tokens" if isinstance(item, tuple) else "bytes"
                 raise InvalidRequest(
-                    f"invalid 'input': input {i} ({size:,} {'tokens' if isinstance(item, tuple) else 'bytes'}) "
-                    f"cannot fit model '{model}' (context {n_ctx} tokens)"
+                    f"invalid 'input': input {i} ({size:,} {unit}) cannot fit model "
+                    f"'{model}' (context {n_ctx} tokens)"
                 )
         return
-    size = len((request.prompt or "").encode()) + sum(
-        len(m.content.encode()) for m in request.messages or ()
-    )
+    size = request.input_size
     if size > n_ctx * MAX_BYTES_PER_TOKEN:
         field = "messages" if request.is_chat else "prompt"
         raise InvalidRequest(
@@ -392,7 +391,9 @@ def _argsrepr(request: Request, ctx: FarmContext) -> str:
         return repr(request.to_wire())
     if request.input is not None:
         return f"(embeddings of {len(request.input)} inputs, session={request.session!r})"
-    size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+    size = sum(len(p) for p in request.prompts) + sum(
+        len(m.content) for m in request.messages or ()
+    )
     kind = "chat" if request.is_chat else "prompt"
     return f"({kind} of {size} chars, session={request.session!r})"
 

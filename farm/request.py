@@ -31,12 +31,17 @@ from pydantic import (
 
 from farm.errors import InvalidRequest
 from farm.grammar import check_gbnf, check_json_schema
+from farm.tools.schema import MAX_TOOLS, NamedToolChoice, Tool, ToolCall, ToolChoice
 
 Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MODEL_NAME_RULE = "1-64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
 MAX_TOKENS_LIMIT = 32768
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
+MAX_N = 16  # sequences from one prompt
+MAX_CHOICES = 64  # sequences in one job: prompts x n
+MAX_LOGPROBS = 20  # alternatives per token
+MAX_LOGIT_BIAS = 1024
 
 
 def valid_text(v: str) -> str:
@@ -62,8 +67,35 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    """A chat message. An assistant's may carry the `tool_calls` it made (its content then
+    may be empty); a `tool` message is a call's result, naming the call by `tool_call_id`."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text = ""
+    tool_calls: tuple[ToolCall, ...] | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_without_content(cls, data: Any) -> Any:
+        # OpenAI's assistant message that only calls tools has content null.
+        if isinstance(data, dict) and data.get("content", "") is None and data.get("tool_calls"):
+            return {**data, "content": ""}
+        return data
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries 'tool_calls'")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a 'tool' message, and only one, names its call by 'tool_call_id'")
+        return self
+
+    def size(self) -> int:
+        """Bytes of text this message gives the prompt (its calls as JSON included)."""
+        calls = sum(len(c.model_dump_json()) for c in self.tool_calls or ())
+        return len(self.content.encode()) + calls
 
 
 class Sampling(_Strict):
@@ -84,13 +116,30 @@ class Sampling(_Strict):
     mirostat_tau: float | None = Field(default=None, gt=0.0, le=20.0)
     mirostat_eta: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    logit_bias: dict[int, float] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="token id -> bias added to its logit, -100 (never) to 100 (always)",
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases_in_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (v or {}).items():
+            if token < 0:
+                raise ValueError(f"token ids are 0 or more, not {token}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are from -100 to 100, not {bias:g} (token {token})")
+        return v
 
 
 class Stopping(_Strict):
     """When generation ends: whichever comes first."""
 
     stop: tuple[Text, ...] = Field(default=(), max_length=16)
-    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(
+        default=256, ge=0, le=MAX_TOKENS_LIMIT, description="0: the prompt alone is read"
+    )
     max_time_ms: int | None = Field(default=None, gt=0, le=24 * 3600 * 1000)
 
     @field_validator("stop")
@@ -151,7 +200,9 @@ class Request(_Strict):
     """One prompt for one model. Build it with `make_request` to get farm's error messages."""
 
     model: str = Field(description="registered model name")
-    prompt: Text | None = None
+    prompt: Text | tuple[Text, ...] | None = Field(
+        default=None, description="a prompt, or several: each gets its own choices"
+    )
     messages: tuple[Message, ...] | None = None
     input: tuple[EmbeddingInput, ...] | None = Field(
         default=None,
@@ -166,12 +217,27 @@ class Request(_Strict):
         description="how a response carries the vectors (the gateway's and batch output's "
         "concern; workers ignore it)",
     )
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices per prompt")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="report each token's logprob and this many alternatives (None: none)",
+    )
+    echo: bool = Field(
+        default=False, description="the reply starts with the prompt (and its logprobs)"
+    )
     sampling: Sampling = Sampling()
     stopping: Stopping = Stopping()
     grammar: Text | None = Field(
         default=None, max_length=100_000, description="GBNF grammar the reply must follow"
     )
     response_format: ResponseFormat | None = None
+    tools: tuple[Tool, ...] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="none, auto, required or a named function; default auto"
+    )
+    parallel_tool_calls: bool | None = None
     priority: Priority = "normal"
     session: Text = Field(default="default", min_length=1, max_length=128)
     batch: BatchLine | None = Field(
@@ -217,6 +283,20 @@ class Request(_Strict):
             raise ValueError(f"model names are {MODEL_NAME_RULE}")
         return v
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        # One message naming the field, not one per member of the union.
+        if v is None or v in ("none", "auto", "required") or isinstance(v, NamedToolChoice):
+            return v
+        try:
+            return NamedToolChoice.model_validate(v)
+        except ValidationError:
+            raise ValueError(
+                "must be 'none', 'auto', 'required' or "
+                '{"type": "function", "function": {"name": NAME}}'
+            ) from None
+
     @field_validator("grammar")
     @classmethod
     def _grammar_parses(cls, v: str | None) -> str | None:
@@ -246,9 +326,79 @@ class Request(_Strict):
             raise ValueError("'dimensions' and 'encoding_format' are for embeddings ('input')")
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must hold at least one message")
-        if self.prompt is not None and not self.prompt:
+        if isinstance(self.prompt, tuple) and not 1 <= len(self.prompt) <= MAX_CHOICES:
+            raise ValueError(f"'prompt' must hold 1 to {MAX_CHOICES} prompts")
+        if any(not p for p in self.prompts) and self.prompt is not None:
             raise ValueError("'prompt' must not be empty")
+        if len(self.prompts or (None,)) * self.n > MAX_CHOICES:
+            raise ValueError(
+                f"prompts x n is {len(self.prompts) * self.n}; one request makes at most "
+                f"{MAX_CHOICES} choices"
+            )
+        if self.echo and self.messages is not None:
+            raise ValueError("'echo' is for prompts, not chat messages")
         return self
+
+    @model_validator(mode="after")
+    def _tools_fit(self) -> Request:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("invalid 'tools': two tools have the same function name")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto"):
+            if not names:
+                raise ValueError("invalid 'tool_choice': it asks for a call but 'tools' is empty")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(
+                    f"invalid 'tool_choice': function {choice.function.name!r} is not in "
+                    f"'tools' ({', '.join(names)})"
+                )
+        if self.tools and self.prompt is not None:
+            raise ValueError("invalid 'tools': tools take chat 'messages', not a 'prompt'")
+        if self.calls_tools and (self.grammar is not None or self.response_format is not None):
+            raise ValueError(
+                "invalid 'tool_choice': give 'tools' or a 'grammar'/'response_format', not "
+                "both (or set tool_choice to 'none')"
+            )
+        made: set[str] = set()
+        for i, m in enumerate(self.messages or ()):
+            made.update(c.id for c in m.tool_calls or ())
+            if m.role == "tool" and m.tool_call_id not in made:
+                raise ValueError(
+                    f"invalid 'messages.{i}.tool_call_id': {m.tool_call_id!r} matches no call "
+                    "of an earlier assistant message"
+                )
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def input_size(self) -> int:
+        """Bytes of text the longest prompt is made of: a raw prompt, or the messages (their
+        calls as JSON included) and the tools."""
+        if self.messages is None:
+            return max((len(p.encode()) for p in self.prompts), default=0)
+        return sum(m.size() for m in self.messages) + self.tools_size
+
+    @property
+    def tools_size(self) -> int:
+        """Bytes of the tools as JSON: the model reads them in its prompt."""
+        return sum(len(t.model_dump_json()) for t in self.tools or ())
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The raw prompts, one or more (none for chat messages)."""
+        if self.prompt is None:
+            return ()
+        return self.prompt if isinstance(self.prompt, tuple) else (self.prompt,)
+
+    @property
+    def choices(self) -> int:
+        """How many sequences the job runs: prompts (or the chat) x n."""
+        return max(1, len(self.prompts)) * self.n
 
     @property
     def is_chat(self) -> bool:
@@ -298,7 +448,8 @@ def describe_errors(e: ValidationError) -> str:
             shown = repr(err.get("input"))
             got = f" (got {shown[:40] + '...' if len(shown) > 40 else shown})"
         if not err["loc"]:
-            lines.append(f"invalid request: {msg}")
+            # A check across fields names the field itself ("invalid 'tool_choice': ...").
+            lines.append(msg if msg.startswith("invalid '") else f"invalid request: {msg}")
         else:
             lines.append(f"invalid '{loc}': {msg}{got}")
     return "; ".join(lines)

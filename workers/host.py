@@ -12,8 +12,9 @@ import logging
 import os
 import queue
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,14 @@ import llama_cpp
 
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
+from farm.tools.formats import ToolPlan
+from farm.tools.parse import Parsed
+from farm.tools.schema import ToolCallDelta
+from workers.choices import Outcome, Run, outcome
 from workers.engine import (
     DONE,
     FAILED,
+    LOGPROBS,
     TEXT,
     Embedder,
     EmbedderError,
@@ -33,9 +39,17 @@ from workers.engine import (
     Generation,
     SequenceRunner,
 )
-from workers.engine import Sequence as EngineSequence
-from workers.prepare import PromptTokens, embedding_job, prompt_tokens, sequence_for
+from workers.engine import Sequence as EngineSequence  # noqa: F401
+from workers.prepare import (
+    PromptTokens,
+    embedding_job,
+    marker_tokens,
+    prompt_tokens,
+    sequence_for,
+    tool_plan,
+)
 from workers.spec import ModelSpec
+from workers.toolcalls import ReplyCalls
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +99,8 @@ class ModelHost:
         self.device = "cpu"
         self.chat_source = ""
         self.embedder: Embedder | None = None  # when the model serves embeddings
+        # The tool plans of started sequences whose replies `follow` parses into calls.
+        self._tool_plans: weakref.WeakKeyDictionary[Run, ToolPlan] = weakref.WeakKeyDictionary()
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -244,20 +260,20 @@ class ModelHost:
         self,
         request: Request,
         *,
-        on_text: Callable[[str], None] = lambda _: None,
+        on_text: OnText = lambda *_: None,
         should_cancel: Callable[[int], bool] = lambda _: False,
         time_limit_s: float | None = None,
         label: str = "",
-    ) -> Generation:
+    ) -> Outcome:
         """Run one request to its end on the engine, alongside whatever else it runs."""
-        seq = self.start(request, time_limit_s=time_limit_s, label=label)
-        return self.follow(seq, on_text=on_text, should_cancel=should_cancel)
+        run = self.start(request, time_limit_s=time_limit_s, label=label)
+        return self.follow(run, on_text=on_text, should_cancel=should_cancel)
 
     def start(
         self, request: Request, *, time_limit_s: float | None = None, label: str = ""
-    ) -> EngineSequence | EmbeddingJob:
-        """Tokenize the request and hand it to the engine (an embeddings job: to the
-        embedder); follow it with `follow`.
+    ) -> Run | EmbeddingJob:
+        """Tokenize the request and hand its sequences (one per choice) to the engine (an
+        embeddings job: its inputs to the embedder); follow them with `follow`.
 
         JobFailed when it cannot be served (a prompt longer than the context, embeddings
         from a model that serves none)."""
@@ -273,55 +289,136 @@ class ModelHost:
         engine = self.engine
         assert engine is not None, "start() before load()"
         started = time.perf_counter()
-        seq = sequence_for(
-            request,
-            self.spec,
-            self.tokenize(request),
-            started=started,
-            time_limit_s=time_limit_s,
-            label=label,
-        )
-        engine.submit(seq)
-        return seq
+        tools = self.plan_tools(request)
+        markers = self.markers(tools)
+        one = [request] if len(request.prompts) <= 1 else [
+            request.model_copy(update={"prompt": p}) for p in request.prompts
+        ]  # fmt: skip
+        groups = [
+            (
+                sequence_for(
+                    r, self.spec, self.tokenize(r, tools), started=started,
+                    time_limit_s=time_limit_s, label=label, tools=tools, markers=markers,
+                ),
+                r.prompts[0] if r.prompts else "",
+            )
+            for r in one
+        ]  # fmt: skip
+        run = Run.of(groups, request.n, request.echo)
+        if tools is not None and tools.calls:
+            self._tool_plans[run] = tools  # `follow` parses the replies' calls
+        engine.submit_all(run.seqs)
+        return run
 
-    def tokenize(self, request: Request) -> PromptTokens:
+    def tokenize(self, request: Request, tools: ToolPlan | None = None) -> PromptTokens:
         """The request's prompt tokens on this model, and its chat template's stops."""
-        return prompt_tokens(self.llm, request)
+        return prompt_tokens(self.llm, request, tools)
+
+    def plan_tools(self, request: Request) -> ToolPlan | None:
+        """The request's tool plan on this model (its GGUF's chat template, if it is used)."""
+        if not request.is_chat:
+            return None
+        meta = self.llm.metadata
+        used = self.llm.chat_handler is None and "tokenizer.chat_template" in meta
+        return tool_plan(request, meta["tokenizer.chat_template"] if used else None)
+
+    def markers(self, tools: ToolPlan | None) -> dict[str, int]:
+        """Token ids of the plan's special markers."""
+        return marker_tokens(self.llm, tools)
 
     def follow(
         self,
-        seq: EngineSequence | EmbeddingJob,
+        run: Run | EmbeddingJob,
         *,
-        on_text: Callable[[str], None] = lambda _: None,
+        on_text: OnText = lambda *_: None,
         should_cancel: Callable[[int], bool] = lambda _: False,
         poll_s: float = 0.2,
-    ) -> Generation:
-        """Follow a started sequence to its end: `on_text` gets each piece of text;
-        `should_cancel` is polled every `poll_s` with the tokens generated so far.
-        JobFailed when the engine fails it."""
+        on_tool_call: Callable[[ToolCallDelta, int], None] = lambda *_: None,
+    ) -> Outcome:
+        """Follow a started run to its end: `on_text(piece, choice, logprobs)` gets each
+        piece of text, with the logprobs of the tokens it brings when they were asked for;
+        `should_cancel` is polled every `poll_s` with the tokens generated so far. For a
+        request with tools each reply is parsed as it comes: `on_tool_call(delta, choice)`
+        gets the pieces of its calls, `on_text` the text outside them, and each Generation
+        holds its calls. JobFailed when the engine fails one of its sequences (the others
+        are cancelled)."""
+        if isinstance(run, EmbeddingJob):
+            return self._follow_embedding(run, should_cancel, poll_s)
+        tools = self._tool_plans.pop(run, None)
+        calls = None if tools is None else ReplyCalls(tools, run.seqs[0].label, len(run.seqs))
+
+        def send(index: int, pieces: list[Parsed], logprobs: Any) -> None:
+            for piece in pieces:
+                if isinstance(piece, str):
+                    on_text(piece, index, logprobs)
+                    logprobs = None
+                else:
+                    on_tool_call(piece, index)
+
         next_check = time.monotonic() + poll_s
-        while True:
+        done: dict[int, Generation] = {}
+        pending: dict[int, list[dict[str, Any]]] = {}
+        for index, echo in enumerate(run.echoes):
+            if echo:
+                on_text(echo, index, None)
+        while len(done) < len(run.seqs):
             try:
-                kind, value = seq.events.get(timeout=poll_s)
+                index, kind, value = run.events.get(timeout=poll_s)
             except queue.Empty:
-                kind, value = "", None
+                index, kind, value = 0, "", None
             if kind == TEXT:
-                on_text(value)
+                logprobs = pending.pop(index, None)
+                if calls is None:
+                    on_text(value, index, logprobs)
+                else:
+                    send(index, calls.feed(index, value), logprobs)
+            elif kind == LOGPROBS:
+                shift = len(run.echoes[index])
+                entry = {**value, "text_offset": value["text_offset"] + shift}
+                pending.setdefault(index, []).append(entry)
             elif kind == DONE:
-                return value
+                if calls is not None:
+                    send(index, calls.close(index, value), None)
+                done[index] = value
             elif kind == FAILED:
+                run.cancel()
                 raise JobFailed(value)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + poll_s
-                if not seq.cancelled and should_cancel(seq.generated):
-                    seq.cancel()
-                if kind == "" and seq.events.empty() and not self._engine_alive():
+                if not run.cancelled and should_cancel(run.generated):
+                    run.cancel()
+                if kind == "" and run.events.empty() and not self._engine_alive():
                     raise JobFailed("the worker's engine for this model stopped; see its log")
+        return outcome(run, [done[i] for i in range(len(run.seqs))])
+
+    def _follow_embedding(
+        self, job: EmbeddingJob, should_cancel: Callable[[int], bool], poll_s: float
+    ) -> Outcome:
+        """Follow an embeddings job to its vectors (one Generation, no text)."""
+        while True:
+            try:
+                kind, value = job.events.get(timeout=poll_s)
+            except queue.Empty:
+                kind, value = "", None
+            if kind == DONE:
+                gen: Generation = value
+                return Outcome(**{f.name: getattr(gen, f.name) for f in fields(Generation)})
+            if kind == FAILED:
+                raise JobFailed(value)
+            if not job.cancelled and should_cancel(0):
+                job.cancel()
+            if kind == "" and not self._engine_alive():
+                raise JobFailed("the worker's embedder for this model stopped; see its log")
 
     def _engine_alive(self) -> bool:
         alive = self.engine is not None and self.engine.alive
         return alive and (self.embedder is None or self.embedder.alive)
+
+
+# What follow calls with each piece of text: the piece, its choice, the logprobs of the
+# tokens it brings (None unless asked for).
+OnText = Callable[[str, int, list[dict[str, Any]] | None], None]
 
 
 def check_gguf(path: Path, name: str) -> None:

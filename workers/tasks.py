@@ -22,7 +22,7 @@ from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
-from farm.completion import Completion, Timings, Usage, encode_vector
+from farm.completion import Choice, Completion, Timings, Usage, encode_vector
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
@@ -35,10 +35,13 @@ from farm.stream import (
     LOST,
     RESTART,
     TOKEN,
+    TOOL_CALL,
     WRITTEN,
     Fenced,
 )
+from farm.tools.schema import ToolCallDelta
 from workers.bookkeeping import Admission, Bookkeeper, usage_fields
+from workers.choices import Outcome
 from workers.models import ModelCache
 from workers.spool import UsageSpool
 from workers.stream import RunKeeper, patiently
@@ -150,9 +153,25 @@ class JobRunner:
                 stopped.update(why=why, tokens=seq.generated)
             seq.cancel()
 
-        def on_text(piece: str) -> None:
+        several = request.choices > 1
+
+        def on_text(piece: str, index: int, logprobs: list[dict[str, Any]] | None) -> None:
             if request.stream_tokens and not stopped:
-                written = patiently(lambda: fence.publish(TOKEN, ttl=stream_ttl, text=piece))
+                fields: dict[str, Any] = {"text": piece}
+                if several:
+                    fields["index"] = str(index)
+                if logprobs is not None:
+                    fields["logprobs"] = logprobs
+                written = patiently(lambda: fence.publish(TOKEN, ttl=stream_ttl, **fields))
+                if written != WRITTEN:
+                    stop(written, seq)
+
+        def on_tool_call(delta: ToolCallDelta, index: int) -> None:
+            if request.stream_tokens and not stopped:
+                fields: dict[str, Any] = {"delta": delta.model_dump_json(exclude_none=True)}
+                if several:
+                    fields["index"] = str(index)
+                written = patiently(lambda: fence.publish(TOOL_CALL, ttl=stream_ttl, **fields))
                 if written != WRITTEN:
                     stop(written, seq)
 
@@ -188,7 +207,12 @@ class JobRunner:
                         patiently(
                             lambda: fence.publish(RESTART, ttl=stream_ttl, worker=self.worker_id)
                         )
-                    gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
+                    gen = host.follow(
+                        seq,
+                        on_text=on_text,
+                        should_cancel=should_cancel,
+                        on_tool_call=on_tool_call,
+                    )
                 except BaseException:
                     seq.cancel()  # whatever ended this job early, its slot is freed now
                     raise
@@ -213,6 +237,7 @@ class JobRunner:
             job_id=job_id,
             model=request.model,
             text=gen.text,
+            tool_calls=gen.tool_calls,
             finish_reason=gen.finish_reason,
             usage=Usage(
                 prompt_tokens=gen.prompt_tokens,
@@ -223,6 +248,7 @@ class JobRunner:
                 queue_wait_ms=queue_wait_ms, ttft_ms=gen.ttft_ms, generation_ms=gen.generation_ms
             ),
             worker=self.worker_id,
+            choices=choices_of(gen, request),
             embeddings=None if gen.embeddings is None else list(map(encode_vector, gen.embeddings)),
         )
         if gen.finish_reason != "cancelled" and request.batch is None:
@@ -287,6 +313,24 @@ class JobRunner:
         if batch is None:  # a batch line's error is on its line
             self.books.publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
+
+
+def choices_of(gen: Outcome, request: Request) -> list[Choice]:
+    """The Completion's choices: every one when the job has several or logprobs, else none
+    (its text and finish reason say it all)."""
+    if request.choices == 1 and request.logprobs is None:
+        return []
+    return [
+        Choice(
+            index=i,
+            text=g.text,
+            finish_reason=g.finish_reason,
+            completion_tokens=g.completion_tokens,
+            logprobs=g.logprobs,
+            tool_calls=g.tool_calls,
+        )
+        for i, g in enumerate(gen.choices)
+    ]
 
 
 def _not_run(task: Task, admission: Admission) -> dict[str, Any]:
