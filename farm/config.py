@@ -99,6 +99,21 @@ class Settings(BaseSettings):
         "feeder tops each model's queue up to it, so a batch of any size holds this many "
         "messages in Redis.",
     )
+    fair_margin: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Jobs of each priority kept waiting in a model's Celery queue beyond its "
+        "workers' live slots; the rest wait in per-session lists and are dispatched to the "
+        "session served least (fair share). Larger: fewer idle moments, coarser fairness.",
+    )
+    fair_output_weight: float = Field(
+        default=2.0,
+        gt=0,
+        le=100,
+        description="Weight of an output token against an input token in a session's "
+        "served tokens (fair share: input tokens + this x output tokens).",
+    )
     stream_ttl: int = Field(
         default=3600, gt=0, description="Seconds a job's token stream is kept after it ends."
     )

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from farm.completion import Completion, Timings, Usage
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
+from farm.fair import fleet
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
 from farm.request import Request, describe_errors
 from farm.stream import (
@@ -66,6 +67,8 @@ class JobRunner:
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
+        # Taking this job opened a place in its model's queue: the next fair turn fills it.
+        fleet.on_take(self.ctx, payload.get("model") if isinstance(payload, dict) else None)
         try:
             request = Request.model_validate(payload)
         except ValidationError as e:
@@ -181,6 +184,7 @@ class JobRunner:
                     admission = self.books.admit(job_id, request, submitted, redelivered)
                     if not admission.run:
                         seq.cancel()
+                        fleet.settle(ctx, job_id, request, 0, 0)  # e.g. cancelled while queued
                         return _not_run(task, admission)
                     if redelivered and request.batch is None:
                         # An earlier delivery died part-way: tell streaming readers that the
@@ -239,6 +243,7 @@ class JobRunner:
             if written == CANCELLED_:
                 completion.finish_reason = "cancelled"
         fields = usage_fields(completion)
+        fleet.settle(ctx, job_id, request, gen.prompt_tokens, completion.usage.completion_tokens)
         if completion.finish_reason == "cancelled":
             self.books.end(job_id, "cancelled", batch=request.batch, **fields)
             patiently(lambda: fence.publish(CANCELLED, ttl=ctx.settings.stream_ttl))
@@ -280,6 +285,8 @@ class JobRunner:
     def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
         batch = request.batch if request is not None else None
+        if request is not None:
+            fleet.settle(self.ctx, job_id, request, 0, 0)
         self.books.end(
             job_id, "failed", request, batch=batch, error=reason, worker_id=self.worker_id
         )
