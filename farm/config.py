@@ -99,13 +99,14 @@ class Settings(BaseSettings):
         "feeder tops each model's queue up to it, so a batch of any size holds this many "
         "messages in Redis.",
     )
-    fair_margin: int = Field(
+    fair_queued: int = Field(
         default=0,
         ge=0,
         le=10_000,
-        description="Jobs of each priority kept waiting in a model's Celery queue beyond its "
-        "workers' live slots; the rest wait in per-session lists and are dispatched to the "
-        "session served least (fair share). Larger: fewer idle moments, coarser fairness.",
+        description="Jobs of each priority kept waiting in a model's Celery queue; the rest "
+        "wait in per-session lists and are dispatched to the session served least (fair "
+        "share). 0: as many as the model's live slots. Fewer: finer fairness, a slot may "
+        "wait a moment for its next job.",
     )
     fair_output_weight: float = Field(
         default=2.0,

@@ -23,6 +23,7 @@ from farm.fair import fleet, held
 from farm.queue import PRIORITIES, fair_cap_key, priority_list_key
 from farm.registry import queries, transaction, upgrade
 from farm.registry.queries import LeaseSpec
+from tests.conftest import run_cli
 
 MODEL = "idle"
 SLOTS = 2
@@ -210,3 +211,34 @@ def test_a_dispatcher_killed_mid_flood_loses_no_job_and_queues_none_twice(fair):
     while (job := take(fair)) is not None:  # whatever is left, by the workers' own path
         taken.append(job)
     assert Counter(taken) == Counter(jobs)
+
+
+def test_weight_is_set_and_listed_by_the_quota_cli_and_a_bad_one_is_refused(fair):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    try:
+        assert run_cli(env, "quota", "set", "carol", "--weight", "2").returncode == 0
+        listed = json.loads(run_cli(env, "quota", "list", "--json").stdout)
+        assert [q["weight"] for q in listed if q["session"] == "carol"] == [2.0]
+        table = run_cli(env, "quota", "list").stdout
+        assert "weight" in table and "carol" in table
+        bad = run_cli(env, "quota", "set", "carol", "--weight", "0")
+        assert bad.returncode == 2 and "--weight" in bad.stderr
+    finally:
+        run_cli(env, "quota", "remove", "carol")
+
+
+def test_status_and_metrics_show_each_sessions_queued_jobs_and_share(fair):
+    from farm.metrics import render
+    from farm.status import fleet_status
+
+    submit("alice", 12)
+    submit("bob", 3)
+    sessions = {row["session"]: row for row in fleet_status(fair)["sessions"]}
+    assert (sessions["alice"]["queued"], sessions["bob"]["queued"]) == (12, 3)
+    assert sessions["alice"]["weight"] == 1.0
+    text = render(fair).decode()
+    assert 'farm_session_queued{session="alice"} 12.0' in text
+    assert 'farm_session_share{session="bob"}' in text
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    shown = run_cli(env, "status").stdout
+    assert "sessions" in shown and "alice" in shown

@@ -67,8 +67,6 @@ class JobRunner:
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
-        # Taking this job opened a place in its model's queue: the next fair turn fills it.
-        fleet.on_take(self.ctx, payload.get("model") if isinstance(payload, dict) else None)
         try:
             request = Request.model_validate(payload)
         except ValidationError as e:
@@ -180,6 +178,9 @@ class JobRunner:
                 # the write is off the job's path. Should the row say the job must not run
                 # (cancelled while queued, or ended by an earlier delivery), it is stopped.
                 seq = host.start(request, time_limit_s=ctx.settings.job_time_limit, label=job_id)
+                # Taking this job opened a place in its model's queue: the next fair turn
+                # fills it (while the engine reads the prompt, off the job's path).
+                fleet.on_take(ctx, request.model)
                 try:
                     admission = self.books.admit(job_id, request, submitted, redelivered)
                     if not admission.run:
@@ -286,6 +287,7 @@ class JobRunner:
         log.warning("job %s failed: %s", job_id, reason)
         batch = request.batch if request is not None else None
         if request is not None:
+            fleet.on_take(self.ctx, request.model)  # it may have failed before its start
             fleet.settle(self.ctx, job_id, request, 0, 0)
         self.books.end(
             job_id, "failed", request, batch=batch, error=reason, worker_id=self.worker_id

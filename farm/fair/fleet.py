@@ -26,23 +26,21 @@ def live_slots(ctx: FarmContext, model: str) -> int:
 
 
 def refresh(ctx: FarmContext, models: list[str]) -> int:
-    """Write each model's cap (its live slots + FARM_FAIR_MARGIN) and dispatch up to it;
+    """Write each model's cap (FARM_FAIR_QUEUED, or its live slots) and dispatch up to it;
     returns how many jobs were dispatched. A worker's heartbeat and its join call it."""
     r = ctx.broker_redis
     moved = 0
     for model in models:
         slots = live_slots(ctx, model)
         if slots:  # with no live worker the cap stays: jobs wait held, as they would queued
-            held.set_cap(r, model, slots + ctx.settings.fair_margin)
+            held.set_cap(r, model, ctx.settings.fair_queued or slots)
         moved += held.dispatch(r, model)
     return moved
 
 
-def on_take(ctx: FarmContext, model: object) -> None:
+def on_take(ctx: FarmContext, model: str) -> None:
     """A worker took a job of `model` off its queue: a place opened, fill it. Never fails
     the job: the heartbeat dispatches again."""
-    if not isinstance(model, str):
-        return
     try:
         held.dispatch(ctx.broker_redis, model)
     except Exception as e:
