@@ -20,7 +20,7 @@ import pytest
 import farm
 from farm.context import FarmContext, get_context, reset_context
 from farm.fair import fleet, held
-from farm.queue import PRIORITIES, fair_cap_key, priority_list_key
+from farm.queue import BATCH_LOW, PRIORITIES, fair_cap_key, priority_list_key
 from farm.registry import queries, transaction, upgrade
 from farm.registry.queries import LeaseSpec
 from tests.conftest import run_cli
@@ -242,3 +242,20 @@ def test_status_and_metrics_show_each_sessions_queued_jobs_and_share(fair):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     shown = run_cli(env, "status").stdout
     assert "sessions" in shown and "alice" in shown
+
+
+def test_batch_lines_sent_in_bulk_share_their_own_level_between_sessions(fair):
+    def lines(session: str, batch: str) -> list[str]:
+        items = [
+            {"prompt": "line", "model": MODEL, "session": session, "priority": "low",
+             "max_tokens": 5, "stream_tokens": False, "batch": {"id": batch, "line": i + 1}}
+            for i in range(10)
+        ]  # fmt: skip
+        return [job.id for job in farm.submit_many(items)]  # type: ignore[union-attr]
+
+    step = BATCH_LOW
+    first, second = set(lines("nightly", "b1")), set(lines("hourly", "b2"))
+    assert len(queued_ids(fair, step)) == SLOTS  # the rest held, as interactive jobs are
+    served = [take(fair, step) for _ in range(12)]
+    # The second batch's session is not left behind the first's ten lines: turns alternate.
+    assert 5 <= sum(j in second for j in served) <= 7 and first | second >= set(served)
