@@ -17,7 +17,7 @@ sessions' weighted service.
                              [--twin-pace 0.01]
 
 FARM_FAIR_QUEUED=N in the environment sets how many jobs of a priority wait in the Celery
-queue (default: the live slots); a large N (10000) is farm without fair share.
+queue (default: a quarter of the live slots); a large N (10000) is farm without fair share.
 """
 
 from __future__ import annotations
@@ -117,9 +117,10 @@ def flood(model: str, n: int, arrivals: int, gap: float, max_tokens: int) -> dic
         job.result(timeout=3600)
     time.sleep(0.5)  # the last usage rows
     found = rows([j.id for j in [*a, *b]])
-    took = statistics.median(
+    durations = [
         (found[j.id].finished_at - found[j.id].started_at).total_seconds() * 1000 for j in a
-    )
+    ]
+    took, mean = statistics.median(durations), statistics.fmean(durations)
     first = min(r.submitted_at for r in found.values())
     span = (max(r.finished_at for r in found.values()) - first).total_seconds()
     wait_a = statistics.median(found[j.id].queue_wait_ms for j in a)
@@ -129,6 +130,7 @@ def flood(model: str, n: int, arrivals: int, gap: float, max_tokens: int) -> dic
         "wait_a_ms": wait_a,
         "wait_b_ms": wait_b,
         "b_in_jobs": wait_b / took,
+        "mean_job_ms": mean,
         "jobs_per_s": len(found) / span,
     }
 
@@ -206,7 +208,9 @@ def main() -> int:
     models = ["gemma3-270m"] if args.engine == "gemma" else []
     with farm_for_bench(models, home, parallel=args.slots), contextlib.ExitStack() as stack:
         ctx = get_context()
-        print(f"fair share: FARM_FAIR_QUEUED={ctx.settings.fair_queued or 'live slots'}")
+        print(
+            f"fair share: FARM_FAIR_QUEUED={ctx.settings.fair_queued or 'a quarter of the slots'}"
+        )
         if args.engine == "twin" or not args.skip_shares:  # one worker: one task per app
             stack.enter_context(twin_worker(args.slots, args.twin_pace))
         model = "gemma3-270m" if args.engine == "gemma" else TWIN
@@ -214,8 +218,9 @@ def main() -> int:
         print(
             f"flood ({args.engine}, {args.slots} slots): A {args.flood} at once, B "
             f"{args.arrivals} every {args.gap}s, max_tokens {args.max_tokens}: median job "
-            f"{f['job_ms']:.0f} ms; median queue wait A {f['wait_a_ms']:.0f} ms, B "
-            f"{f['wait_b_ms']:.0f} ms = {f['b_in_jobs']:.2f} job durations (goal <= 2); "
+            f"{f['job_ms']:.0f} ms (mean {f['mean_job_ms']:.0f}); median queue wait A "
+            f"{f['wait_a_ms']:.0f} ms, B {f['wait_b_ms']:.0f} ms = {f['b_in_jobs']:.2f} median "
+            f"jobs (goal <= 2), {f['wait_b_ms'] / f['mean_job_ms']:.2f} mean jobs; "
             f"{f['jobs_per_s']:.2f} jobs/s"
         )
         if not args.skip_shares:

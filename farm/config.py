@@ -105,8 +105,8 @@ class Settings(BaseSettings):
         le=10_000,
         description="Jobs of each priority kept waiting in a model's Celery queue; the rest "
         "wait in per-session lists and are dispatched to the session served least (fair "
-        "share). 0: as many as the model's live slots. Fewer: finer fairness, a slot may "
-        "wait a moment for its next job.",
+        "share). 0: a quarter of the model's live slots, at least 1. Fewer: finer fairness; "
+        "more: a slot waits less often for the dispatch of its next job.",
     )
     fair_output_weight: float = Field(
         default=2.0,

@@ -1,8 +1,8 @@
 """Submitting a job: validate, check the registry, queue it, record it.
 
     request -> model known and enabled? -> fits its context? -> a live worker holds it?
-            -> Celery send_task to the model's queue at the request's priority, held under its
-       session until its fair turn (farm/fair/)
+            -> Celery send_task to the model's queue at the request's priority
+               (held under its session until its fair turn: farm/fair/)
             -> usage row "queued" (unless the worker already wrote "running")
 
 If the broker refuses the message, nothing is recorded: nothing is half-queued. The row is

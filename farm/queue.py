@@ -146,8 +146,8 @@ def fair_charged_key(model: str) -> str:
 
 
 def fair_cap_key(model: str) -> str:
-    """Jobs of each priority step kept waiting in the model's Celery queue (its live slots
-    or FARM_FAIR_QUEUED), written by its workers' heartbeats; none: no holding."""
+    """Jobs of each priority step kept waiting in the model's Celery queue (a quarter of its
+    live slots, or FARM_FAIR_QUEUED), written by its workers' heartbeats; none: no holding."""
     return f"{KEY_PREFIX}fair:{model}:cap"
 
 

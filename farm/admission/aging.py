@@ -71,7 +71,7 @@ def age_queues(ctx: FarmContext, models: list[str]) -> int:
             if lifted:
                 moved += lifted
                 log.info(
-                    "%d held %s jobs for %s waited %.0fs: moved up", lifted, name, model, limit
+                    "%d held %s jobs for %s waited over %.0fs: moved up", lifted, name, model, limit
                 )
             src = priority_list_key(model, step)
             dst = priority_list_key(model, into)

@@ -3,7 +3,8 @@
 Within a priority, Celery serves a model's queue first come, first served, fleet-wide: a
 session that queues 200 jobs makes everyone after it wait for all 200. farm holds jobs back
 instead, in Redis lists per session, and keeps only a few of each priority step in the
-model's Celery queue (its live slots, or FARM_FAIR_QUEUED): the rest are dispatched one
+model's Celery queue (a quarter of its live slots, or FARM_FAIR_QUEUED: farm/fair/fleet.py
+says why): the rest are dispatched one
 by one to the backlogged session that has received the least weighted service (Sheng et
 al., "Fairness in Serving Large Language Models", OSDI 2024):
 

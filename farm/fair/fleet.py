@@ -7,6 +7,7 @@ dispatches too), and every one is safe to call from any number of processes at o
 from __future__ import annotations
 
 import logging
+import math
 
 from farm.context import FarmContext
 from farm.fair import held
@@ -26,14 +27,22 @@ def live_slots(ctx: FarmContext, model: str) -> int:
 
 
 def refresh(ctx: FarmContext, models: list[str]) -> int:
-    """Write each model's cap (FARM_FAIR_QUEUED, or its live slots) and dispatch up to it;
-    returns how many jobs were dispatched. A worker's heartbeat and its join call it."""
+    """Write each model's cap (FARM_FAIR_QUEUED, or a quarter of its live slots, at least
+    one) and dispatch up to it; returns how many jobs were dispatched. A worker's heartbeat
+    and its join call it.
+
+    Why a quarter (bench/fairness.py, bench/README.md): a job that arrives behind a flood
+    waits for the cap's jobs to start, so the cap is the grain of fairness. With the cap at
+    the live slots a late session waited 1.4-1.5 job durations on the twin and 2.2 on Gemma
+    (4 slots); with one job, 0.44 and 1.2, and the slots stayed as busy (each take
+    dispatches the next job at once). A few kept ready on a wide worker spare a wave of
+    sequences ending together from waiting on one dispatch after another."""
     r = ctx.broker_redis
     moved = 0
     for model in models:
         slots = live_slots(ctx, model)
         if slots:  # with no live worker the cap stays: jobs wait held, as they would queued
-            held.set_cap(r, model, ctx.settings.fair_queued or slots)
+            held.set_cap(r, model, ctx.settings.fair_queued or math.ceil(slots / 4))
         moved += held.dispatch(r, model)
     return moved
 
