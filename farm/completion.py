@@ -4,6 +4,8 @@ clients, the gateway and batch output files read it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 
@@ -20,8 +22,25 @@ class Timings(BaseModel):
     generation_ms: float
 
 
+class Choice(BaseModel):
+    """One sequence of a job: a job of several prompts, or n > 1, has one per sequence,
+    ordered as OpenAI indexes them (prompt by prompt, n each)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int = 0
+    # Per token, when logprobs were asked for: {"token", "bytes", "logprob",
+    # "top_logprobs": [{"token", "bytes", "logprob"}], "text_offset"}; with echo the
+    # prompt's tokens come first (the first with logprob None).
+    logprobs: list[dict[str, Any]] | None = None
+
+
 class Completion(BaseModel):
-    """A finished job: its text, why it stopped, its token counts and timings."""
+    """A finished job: its text, why it stopped, its token counts and timings.
+
+    `text` and `finish_reason` are the first choice's; `choices` holds every choice when
+    the job has more than one or reports logprobs (empty otherwise: see `all_choices`)."""
 
     job_id: str
     model: str
@@ -30,3 +49,17 @@ class Completion(BaseModel):
     usage: Usage
     timings: Timings
     worker: str
+    choices: list[Choice] = []
+
+    def all_choices(self) -> list[Choice]:
+        """Every choice: `choices`, or the one the text and finish reason describe."""
+        if self.choices:
+            return self.choices
+        return [
+            Choice(
+                index=0,
+                text=self.text,
+                finish_reason=self.finish_reason,
+                completion_tokens=self.usage.completion_tokens,
+            )
+        ]

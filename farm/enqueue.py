@@ -339,7 +339,7 @@ MAX_BYTES_PER_TOKEN = 64
 
 
 def _check_fits(request: Request, model: str, n_ctx: int) -> None:
-    size = len((request.prompt or "").encode()) + sum(
+    size = max((len(p.encode()) for p in request.prompts), default=0) + sum(
         len(m.content.encode()) for m in request.messages or ()
     )
     if size > n_ctx * MAX_BYTES_PER_TOKEN:
@@ -359,7 +359,9 @@ def _check_fits(request: Request, model: str, n_ctx: int) -> None:
 def _argsrepr(request: Request, ctx: FarmContext) -> str:
     if ctx.settings.log_prompts:
         return repr(request.to_wire())
-    size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+    size = sum(len(p) for p in request.prompts) + sum(
+        len(m.content) for m in request.messages or ()
+    )
     kind = "chat" if request.is_chat else "prompt"
     return f"({kind} of {size} chars, session={request.session!r})"
 

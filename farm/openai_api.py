@@ -22,6 +22,16 @@ from farm.errors import (
     UnknownBatch,
     UnknownModel,
 )
+from farm.openai_choices import (
+    CHAT_PARAMS,
+    COMPLETION_PARAMS,
+    BadBody,
+    chat_logprobs,
+    choice_fields,
+    completion_logprobs,
+)
+
+__all__ = ["BadBody"]  # raised here, defined beside the parameters it checks most
 
 # OpenAI's names that farm's Request takes as they are (flat sampling and stopping fields).
 SAME = (
@@ -29,16 +39,8 @@ SAME = (
     "response_format", "top_k", "min_p", "typical_p", "repeat_penalty", "penalty_last_n",
     "mirostat_mode", "mirostat_tau", "mirostat_eta", "grammar", "max_time_ms",
 )  # fmt: skip
-IGNORED = ("user", "stream_options", "n", "stream", "model", "logprobs", "metadata", "store")
+IGNORED = ("user", "stream_options", "stream", "model", "metadata", "store")
 FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "stop"}
-
-
-class BadBody(InvalidRequest):
-    """The HTTP body is not what the endpoint takes; `param` names the field."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 class BodyTooLarge(BadBody):
@@ -81,6 +83,8 @@ TYPES: dict[str, tuple[str, Any]] = {
     "mirostat_tau": _NUMBER, "mirostat_eta": _NUMBER,
     "stream": _BOOL, "store": _BOOL, "stream_options": _OBJECT, "response_format": _OBJECT,
     "metadata": _OBJECT, "user": _STRING, "grammar": _STRING,
+    "top_logprobs": _INT, "best_of": _INT, "echo": _BOOL, "suffix": _STRING,
+    "logit_bias": _OBJECT,
     "stop": ("a string or an array of strings", _is_stop),
 }  # fmt: skip
 
@@ -123,10 +127,6 @@ def request_fields(body: Any, *, chat: bool) -> dict[str, Any]:
     if not isinstance(body.get("model"), str):
         raise BadBody("'model' is required: one of GET /v1/models", "model")
     _typed(body, chat)
-    if body.get("n") not in (None, 1):
-        raise BadBody("only n=1 is supported", "n")
-    if body.get("logprobs"):
-        raise BadBody("logprobs are not supported", "logprobs")
     fields: dict[str, Any] = {"model": body["model"]}
     key = "messages" if chat else "prompt"
     if key not in body:
@@ -134,12 +134,9 @@ def request_fields(body: Any, *, chat: bool) -> dict[str, Any]:
     if chat:
         fields["messages"] = [_message(m, i) for i, m in enumerate(_listed(body[key], key))]
     else:
-        prompt = body[key]
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise BadBody("'prompt' must be a string (one prompt per request)", "prompt")
-        fields["prompt"] = prompt
+        fields["prompt"] = _prompt(body[key])
+    prompts = len(fields["prompt"]) if isinstance(fields.get("prompt"), list) else 1
+    fields.update(choice_fields(body, chat=chat, prompts=prompts))
     most = body.get("max_completion_tokens", body.get("max_tokens"))
     if most is not None:
         fields["max_tokens"] = most
@@ -147,12 +144,30 @@ def request_fields(body: Any, *, chat: bool) -> dict[str, Any]:
         if name in body and body[name] is not None:
             value = body[name]
             fields[name] = [value] if name == "stop" and isinstance(value, str) else value
+    extras = CHAT_PARAMS if chat else COMPLETION_PARAMS
     unknown = sorted(
-        set(body) - set(SAME) - set(IGNORED) - {key, "max_tokens", "max_completion_tokens"}
-    )
+        set(body) - set(SAME) - set(IGNORED) - set(extras)
+        - {key, "max_tokens", "max_completion_tokens"}
+    )  # fmt: skip
     if unknown:
         raise BadBody(f"unknown parameter '{unknown[0]}'", unknown[0])
     return fields
+
+
+def _prompt(prompt: Any) -> str | list[str]:
+    """A prompt, or a list of them (each gets its own choices)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        raise BadBody(
+            "'prompt' as token ids is not supported: send the text (or a list of texts)",
+            "prompt",
+        )
+    raise BadBody("'prompt' must be a string or a non-empty list of strings", "prompt")
 
 
 def _listed(value: Any, name: str) -> list[Any]:
@@ -210,11 +225,12 @@ def chat_response(c: Any) -> dict[str, Any]:
         "model": c.model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": FINISH.get(c.finish_reason, "stop"),
-                "logprobs": None,
+                "index": choice.index,
+                "message": {"role": "assistant", "content": choice.text},
+                "finish_reason": FINISH.get(choice.finish_reason, "stop"),
+                "logprobs": chat_logprobs(choice.logprobs),
             }
+            for choice in c.all_choices()
         ],
         "usage": usage(c),
     }
@@ -228,29 +244,35 @@ def completion_response(c: Any) -> dict[str, Any]:
         "model": c.model,
         "choices": [
             {
-                "index": 0,
-                "text": c.text,
-                "finish_reason": FINISH.get(c.finish_reason, "stop"),
-                "logprobs": None,
+                "index": choice.index,
+                "text": choice.text,
+                "finish_reason": FINISH.get(choice.finish_reason, "stop"),
+                "logprobs": completion_logprobs(choice.logprobs),
             }
+            for choice in c.all_choices()
         ],
         "usage": usage(c),
     }
 
 
 def chunk(job_id: str, model: str, *, chat: bool, text: str | None = None, finish: str | None = None,
-          role: bool = False, usage_of: Any = None) -> str:  # fmt: skip
-    """One server-sent event of a stream."""
+          role: bool = False, usage_of: Any = None, index: int = 0,
+          logprobs: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
+    """One server-sent event of a stream: choice `index`'s text (with the logprobs of the
+    tokens it brings, when asked for), its role, its finish, or the usage."""
     if chat:
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = chat_logprobs(logprobs)
         body: dict[str, Any] = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk"}
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish,
+                  "logprobs": completion_logprobs(logprobs)}  # fmt: skip
         body = {"id": f"cmpl-{job_id}", "object": "text_completion"}
     body.update(
         created=int(time.time()),
@@ -301,6 +323,10 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
     if isinstance(e, JobFailed) and "tokens but model" in message:
         param = "messages" if chat else "prompt"
         return 400, _body(message, "invalid_request_error", param, "context_length_exceeded")
+    if (
+        isinstance(e, JobFailed) and "invalid 'logit_bias'" in message
+    ):  # a token past the vocabulary
+        return 400, _body(message, "invalid_request_error", "logit_bias", None)
     if isinstance(e, JobCancelled):
         return 499, _body(message, "request_cancelled", None, None)
     if isinstance(e, FarmError):

@@ -34,6 +34,10 @@ Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MODEL_NAME_RULE = "1-64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
 MAX_TOKENS_LIMIT = 32768
+MAX_N = 16  # sequences from one prompt
+MAX_CHOICES = 64  # sequences in one job: prompts x n
+MAX_LOGPROBS = 20  # alternatives per token
+MAX_LOGIT_BIAS = 1024
 
 
 def valid_text(v: str) -> str:
@@ -81,13 +85,30 @@ class Sampling(_Strict):
     mirostat_tau: float | None = Field(default=None, gt=0.0, le=20.0)
     mirostat_eta: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    logit_bias: dict[int, float] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="token id -> bias added to its logit, -100 (never) to 100 (always)",
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases_in_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (v or {}).items():
+            if token < 0:
+                raise ValueError(f"token ids are 0 or more, not {token}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are from -100 to 100, not {bias:g} (token {token})")
+        return v
 
 
 class Stopping(_Strict):
     """When generation ends: whichever comes first."""
 
     stop: tuple[Text, ...] = Field(default=(), max_length=16)
-    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(
+        default=256, ge=0, le=MAX_TOKENS_LIMIT, description="0: the prompt alone is read"
+    )
     max_time_ms: int | None = Field(default=None, gt=0, le=24 * 3600 * 1000)
 
     @field_validator("stop")
@@ -143,8 +164,20 @@ class Request(_Strict):
     """One prompt for one model. Build it with `make_request` to get farm's error messages."""
 
     model: str = Field(description="registered model name")
-    prompt: Text | None = None
+    prompt: Text | tuple[Text, ...] | None = Field(
+        default=None, description="a prompt, or several: each gets its own choices"
+    )
     messages: tuple[Message, ...] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices per prompt")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="report each token's logprob and this many alternatives (None: none)",
+    )
+    echo: bool = Field(
+        default=False, description="the reply starts with the prompt (and its logprobs)"
+    )
     sampling: Sampling = Sampling()
     stopping: Stopping = Stopping()
     grammar: Text | None = Field(
@@ -218,9 +251,30 @@ class Request(_Strict):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must hold at least one message")
-        if self.prompt is not None and not self.prompt:
+        if isinstance(self.prompt, tuple) and not 1 <= len(self.prompt) <= MAX_CHOICES:
+            raise ValueError(f"'prompt' must hold 1 to {MAX_CHOICES} prompts")
+        if any(not p for p in self.prompts) and self.prompt is not None:
             raise ValueError("'prompt' must not be empty")
+        if len(self.prompts or (None,)) * self.n > MAX_CHOICES:
+            raise ValueError(
+                f"prompts x n is {len(self.prompts) * self.n}; one request makes at most "
+                f"{MAX_CHOICES} choices"
+            )
+        if self.echo and self.messages is not None:
+            raise ValueError("'echo' is for prompts, not chat messages")
         return self
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The raw prompts, one or more (none for chat messages)."""
+        if self.prompt is None:
+            return ()
+        return self.prompt if isinstance(self.prompt, tuple) else (self.prompt,)
+
+    @property
+    def choices(self) -> int:
+        """How many sequences the job runs: prompts (or the chat) x n."""
+        return max(1, len(self.prompts)) * self.n
 
     @property
     def is_chat(self) -> bool:

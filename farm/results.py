@@ -9,8 +9,10 @@ Celery's result backend.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -35,6 +37,16 @@ from farm.stream import (
     publish,
     stream_outcome,
 )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a job's text as it streams: its choice, its text, and the logprobs of the
+    tokens that brought it (None unless the request asked for logprobs)."""
+
+    index: int
+    text: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class Job:
@@ -99,9 +111,16 @@ class Job:
 
         After the last piece, `self.completion` holds the Completion.
         """
+        for piece in self._events(timeout, tokens=True):
+            yield piece.text
+
+    def pieces(self, timeout: float | None = None) -> Iterator[Piece]:
+        """As `stream`, each piece with its choice (a job of several prompts, or n > 1,
+        streams its choices interleaved) and, when logprobs were asked for, the logprobs
+        of the tokens that brought it."""
         yield from self._events(timeout, tokens=True)
 
-    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[str]:
+    def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[Piece]:
         r = self._ctx.redis
         key = stream_key(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -146,15 +165,15 @@ class Job:
                 continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id
-                text, ended = self.apply(fields)
-                if text is not None and tokens:
-                    yield text
+                piece, ended = self.apply(fields)
+                if piece is not None and tokens:
+                    yield piece
                 if ended:
                     return
 
-    def apply(self, fields: dict[str, str]) -> tuple[str | None, bool]:
-        """Take one event read off the job's stream: (its text, for a token; whether it was
-        the final event). A final event sets `completion`, or raises JobCancelled or
+    def apply(self, fields: dict[str, str]) -> tuple[Piece | None, bool]:
+        """Take one event read off the job's stream: (its Piece, for a token; whether it
+        was the final event). A final event sets `completion`, or raises JobCancelled or
         JobFailed. Shared by this blocking reader and the gateway's async one."""
         kind = fields.get("kind")
         if kind == RESTART:
@@ -162,7 +181,11 @@ class Job:
             if self.on_restart is not None:
                 self.on_restart(fields.get("worker"))
         elif kind == TOKEN:
-            return fields["text"], False
+            logprobs = fields.get("logprobs")
+            index = int(fields.get("index", 0))
+            return Piece(
+                index, fields["text"], None if logprobs is None else json.loads(logprobs)
+            ), False
         elif kind in TERMINAL_EVENTS:
             self._finish(kind, fields)
             return None, True

@@ -368,3 +368,27 @@ def test_a_full_kv_cache_ends_sequences_and_the_engine_goes_on():
         assert h.generate(request("Hello", max_tokens=4)).completion_tokens == 4
     finally:
         h.close()
+
+
+def test_n_sequences_share_one_evaluation_of_their_prompt(host):
+    engine = host.engine
+    prompt = "A long time ago, in a kingdom by the sea, there lived"
+    before = engine.prompt_tokens_evaluated
+    out = host.generate(request(prompt, n=4, max_tokens=6, temperature=1.0, seed=9))
+    evaluated = engine.prompt_tokens_evaluated - before
+    assert len(out.choices) == 4 and all(c.completion_tokens > 0 for c in out.choices)
+    assert out.prompt_tokens == len(tokens(host, prompt))  # counted once
+    assert evaluated == out.prompt_tokens - out.cached_tokens  # read once, not four times
+    assert [c.cached_tokens for c in out.choices[1:]] == [out.prompt_tokens] * 3
+    assert out.completion_tokens == sum(c.completion_tokens for c in out.choices)
+
+
+def test_echo_scores_every_prompt_token_after_the_first(host):
+    prompt = "Paris is the capital of France"
+    out = host.generate(request(prompt, echo=True, logprobs=2, max_tokens=0))
+    [choice] = out.choices
+    assert choice.text == prompt and choice.completion_tokens == 0
+    entries = choice.logprobs
+    assert entries is not None and len(entries) == len(tokens(host, prompt)) - 1  # no BOS
+    assert entries[0]["logprob"] is None
+    assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in entries[1:])

@@ -70,7 +70,7 @@ def test_routing_fields_are_kept_apart_from_sampling():
         ("top_k", -1, "sampling.top_k"),
         ("mirostat_mode", 3, "sampling.mirostat_mode"),
         ("seed", -5, "sampling.seed"),
-        ("max_tokens", 0, "stopping.max_tokens"),
+        ("max_tokens", -1, "stopping.max_tokens"),
         ("max_tokens", 10**6, "stopping.max_tokens"),
         ("stop", [""], "stopping.stop"),
         ("priority", "urgent", "priority"),

@@ -21,8 +21,17 @@ import llama_cpp
 
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
-from workers.engine import DONE, FAILED, TEXT, Engine, EngineError, Generation, SequenceRunner
-from workers.engine import Sequence as EngineSequence
+from workers.choices import Outcome, Run, outcome
+from workers.engine import (
+    DONE,
+    FAILED,
+    LOGPROBS,
+    TEXT,
+    Engine,
+    EngineError,
+    Generation,
+    SequenceRunner,
+)
 from workers.prepare import PromptTokens, prompt_tokens, sequence_for
 from workers.spec import ModelSpec
 
@@ -199,34 +208,39 @@ class ModelHost:
         self,
         request: Request,
         *,
-        on_text: Callable[[str], None] = lambda _: None,
+        on_text: OnText = lambda *_: None,
         should_cancel: Callable[[int], bool] = lambda _: False,
         time_limit_s: float | None = None,
         label: str = "",
-    ) -> Generation:
+    ) -> Outcome:
         """Run one request to its end on the engine, alongside whatever else it runs."""
-        seq = self.start(request, time_limit_s=time_limit_s, label=label)
-        return self.follow(seq, on_text=on_text, should_cancel=should_cancel)
+        run = self.start(request, time_limit_s=time_limit_s, label=label)
+        return self.follow(run, on_text=on_text, should_cancel=should_cancel)
 
-    def start(
-        self, request: Request, *, time_limit_s: float | None = None, label: str = ""
-    ) -> EngineSequence:
-        """Tokenize the request and hand it to the engine; follow it with `follow`.
+    def start(self, request: Request, *, time_limit_s: float | None = None, label: str = "") -> Run:
+        """Tokenize the request and hand its sequences (one per choice) to the engine;
+        follow them with `follow`.
 
         JobFailed when it cannot be served (a prompt longer than the context)."""
         engine = self.engine
         assert engine is not None, "start() before load()"
         started = time.perf_counter()
-        seq = sequence_for(
-            request,
-            self.spec,
-            self.tokenize(request),
-            started=started,
-            time_limit_s=time_limit_s,
-            label=label,
-        )
-        engine.submit(seq)
-        return seq
+        one = [request] if len(request.prompts) <= 1 else [
+            request.model_copy(update={"prompt": p}) for p in request.prompts
+        ]  # fmt: skip
+        groups = [
+            (
+                sequence_for(
+                    r, self.spec, self.tokenize(r), started=started,
+                    time_limit_s=time_limit_s, label=label,
+                ),
+                r.prompts[0] if r.prompts else "",
+            )
+            for r in one
+        ]  # fmt: skip
+        run = Run.of(groups, request.n, request.echo)
+        engine.submit_all(run.seqs)
+        return run
 
     def tokenize(self, request: Request) -> PromptTokens:
         """The request's prompt tokens on this model, and its chat template's stops."""
@@ -234,37 +248,54 @@ class ModelHost:
 
     def follow(
         self,
-        seq: EngineSequence,
+        run: Run,
         *,
-        on_text: Callable[[str], None] = lambda _: None,
+        on_text: OnText = lambda *_: None,
         should_cancel: Callable[[int], bool] = lambda _: False,
         poll_s: float = 0.2,
-    ) -> Generation:
-        """Follow a started sequence to its end: `on_text` gets each piece of text;
+    ) -> Outcome:
+        """Follow a started run to its end: `on_text(piece, choice, logprobs)` gets each
+        piece of text, with the logprobs of the tokens it brings when they were asked for;
         `should_cancel` is polled every `poll_s` with the tokens generated so far.
-        JobFailed when the engine fails it."""
+        JobFailed when the engine fails one of its sequences (the others are cancelled)."""
         next_check = time.monotonic() + poll_s
-        while True:
+        done: dict[int, Generation] = {}
+        pending: dict[int, list[dict[str, Any]]] = {}
+        for index, echo in enumerate(run.echoes):
+            if echo:
+                on_text(echo, index, None)
+        while len(done) < len(run.seqs):
             try:
-                kind, value = seq.events.get(timeout=poll_s)
+                index, kind, value = run.events.get(timeout=poll_s)
             except queue.Empty:
-                kind, value = "", None
+                index, kind, value = 0, "", None
             if kind == TEXT:
-                on_text(value)
+                on_text(value, index, pending.pop(index, None))
+            elif kind == LOGPROBS:
+                shift = len(run.echoes[index])
+                entry = {**value, "text_offset": value["text_offset"] + shift}
+                pending.setdefault(index, []).append(entry)
             elif kind == DONE:
-                return value
+                done[index] = value
             elif kind == FAILED:
+                run.cancel()
                 raise JobFailed(value)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + poll_s
-                if not seq.cancelled and should_cancel(seq.generated):
-                    seq.cancel()
-                if kind == "" and seq.events.empty() and not self._engine_alive():
+                if not run.cancelled and should_cancel(run.generated):
+                    run.cancel()
+                if kind == "" and run.events.empty() and not self._engine_alive():
                     raise JobFailed("the worker's engine for this model stopped; see its log")
+        return outcome(run, [done[i] for i in range(len(run.seqs))])
 
     def _engine_alive(self) -> bool:
         return self.engine is not None and self.engine.alive
+
+
+# What follow calls with each piece of text: the piece, its choice, the logprobs of the
+# tokens it brings (None unless asked for).
+OnText = Callable[[str, int, list[dict[str, Any]] | None], None]
 
 
 def check_gguf(path: Path, name: str) -> None:

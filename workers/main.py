@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
@@ -34,7 +36,7 @@ from farm.registry.db import require_schema
 from workers import control
 from workers.engine.engine import MAX_SLOTS
 from workers.heartbeat import Membership
-from workers.host import EngineOptions, available_cores
+from workers.host import EngineOptions, ModelHost, available_cores
 from workers.models import ModelCache, parse_size
 from workers.spec import ModelSpec
 from workers.spool import UsageSpool
@@ -58,6 +60,13 @@ def load_spec(database_url: str, model: str) -> ModelSpec:
         )
 
 
+def simulated(tokens_per_s: float) -> Callable[[ModelSpec, EngineOptions], ModelHost]:
+    """ModelCache's host factory for `--simulate`: the twin host at that pace."""
+    from workers.twin import TwinHost
+
+    return functools.partial(TwinHost, seconds_per_token=1.0 / tokens_per_s)
+
+
 def default_worker_id(models: list[str], device: str | None) -> str:
     who = models[0] if len(models) == 1 else "farm"
     return f"{who}-{device if device is not None else os.getpid()}@{socket.gethostname()}"
@@ -75,8 +84,12 @@ def serve(
     threads: int | None = None,
     kv_size: int | None = None,
     loglevel: str = "INFO",
+    simulate: float | None = None,
 ) -> int:
-    """Load `models` and serve their queues until stopped. Returns the exit status."""
+    """Load `models` and serve their queues until stopped. Returns the exit status.
+    `simulate`: serve them on the engine's in-memory twin at this many tokens a second
+    per sequence (workers/twin.py: no model file, no llama.cpp; the rest of the worker is
+    the real one), for fleet simulations and tests."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # `kill -USR1 PID` prints every thread's stack to the worker's log: what is it doing?
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
@@ -106,6 +119,7 @@ def serve(
             keep_alive=keep_alive,
             on_change=membership.sync,
             options=options,
+            **({} if simulate is None else {"host_factory": simulated(simulate)}),
         )
         membership.cache = cache
         membership.begin()  # claims the id and device; registered as starting
@@ -270,8 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         type=_positive("--kv-size"),
         help="KV cache cells shared by a model's slots (default: the model's n_ctx x slots)",
     )
+    parser.add_argument(
+        "--simulate",
+        type=float,
+        metavar="TOKENS_PER_S",
+        help="load no model: generate on the engine's in-memory twin at this pace (the "
+        "prompt echoed back, a token per byte), for fleet simulations and tests",
+    )
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
+    if args.simulate is not None and not args.simulate > 0:
+        parser.error("--simulate takes tokens per second, above 0")
     models = list(dict.fromkeys(args.model + [m for m in args.models.split(",") if m]))
     if not models:
         parser.error("name a model: --model NAME or --models A,B")
@@ -286,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         kv_size=args.kv_size,
         loglevel=args.loglevel,
+        simulate=args.simulate,
     )
 
 

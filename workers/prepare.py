@@ -55,6 +55,8 @@ def sequence_for(
         deadline=started + min(limits) if limits else None,
         started=started,
         label=label,
+        logprobs=request.logprobs,
+        prompt_logprobs=request.echo and request.logprobs is not None,
     )
 
 
@@ -87,11 +89,11 @@ def request_grammar(request: Request) -> str | None:
 
 
 def prompt_tokens(llm: Any, request: Request) -> PromptTokens:
-    """The request's prompt tokens on llama-cpp-python's `Llama` `llm`, and the chat
-    template's stop strings (none for a raw prompt)."""
+    """The request's (first) prompt's tokens on llama-cpp-python's `Llama` `llm`, and the
+    chat template's stop strings (none for a raw prompt)."""
     if request.messages is None:
-        assert request.prompt is not None
-        return llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True), ()
+        prompt = request.prompts[0]  # a request of several prompts is run one by one
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), ()
     return chat_prompt(llm, request.messages)
 
 

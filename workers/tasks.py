@@ -22,7 +22,7 @@ from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
-from farm.completion import Completion, Timings, Usage
+from farm.completion import Choice, Completion, Timings, Usage
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
 from farm.fair import fleet
@@ -40,6 +40,7 @@ from farm.stream import (
     Fenced,
 )
 from workers.bookkeeping import Admission, Bookkeeper, usage_fields
+from workers.choices import Outcome
 from workers.models import ModelCache
 from workers.spool import UsageSpool
 from workers.stream import RunKeeper, patiently
@@ -151,9 +152,16 @@ class JobRunner:
                 stopped.update(why=why, tokens=seq.generated)
             seq.cancel()
 
-        def on_text(piece: str) -> None:
+        several = request.choices > 1
+
+        def on_text(piece: str, index: int, logprobs: list[dict[str, Any]] | None) -> None:
             if request.stream_tokens and not stopped:
-                written = patiently(lambda: fence.publish(TOKEN, ttl=stream_ttl, text=piece))
+                fields: dict[str, Any] = {"text": piece}
+                if several:
+                    fields["index"] = str(index)
+                if logprobs is not None:
+                    fields["logprobs"] = logprobs
+                written = patiently(lambda: fence.publish(TOKEN, ttl=stream_ttl, **fields))
                 if written != WRITTEN:
                     stop(written, seq)
 
@@ -228,6 +236,7 @@ class JobRunner:
                 queue_wait_ms=queue_wait_ms, ttft_ms=gen.ttft_ms, generation_ms=gen.generation_ms
             ),
             worker=self.worker_id,
+            choices=choices_of(gen, request),
         )
         if gen.finish_reason != "cancelled" and request.batch is None:
             # The caller waits for this event: send it first, then write the usage row.
@@ -295,6 +304,23 @@ class JobRunner:
         if batch is None:  # a batch line's error is on its line
             self.books.publish(job_id, FAILED, ttl=self.ctx.settings.stream_ttl, error=reason)
         raise JobFailed(reason)
+
+
+def choices_of(gen: Outcome, request: Request) -> list[Choice]:
+    """The Completion's choices: every one when the job has several or logprobs, else none
+    (its text and finish reason say it all)."""
+    if request.choices == 1 and request.logprobs is None:
+        return []
+    return [
+        Choice(
+            index=i,
+            text=g.text,
+            finish_reason=g.finish_reason,
+            completion_tokens=g.completion_tokens,
+            logprobs=g.logprobs,
+        )
+        for i, g in enumerate(gen.choices)
+    ]
 
 
 def _not_run(task: Task, admission: Admission) -> dict[str, Any]:

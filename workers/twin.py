@@ -41,6 +41,5 @@ class TwinHost(ModelHost):
 
     def tokenize(self, request: Request) -> PromptTokens:
         if request.messages is None:
-            assert request.prompt is not None
-            return byte_tokens(request.prompt), ()
+            return byte_tokens(request.prompts[0]), ()
         return byte_tokens("\n".join(m.content for m in request.messages)), ()

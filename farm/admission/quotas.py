@@ -2,8 +2,8 @@
 and tokens per minute, all checked and taken before a job is queued, in one Redis script:
 either the job fits under every limit of its session or nothing is taken.
 
-    submit:  up to (the prompt's UTF-8 bytes + 16 per message) + max_tokens tokens are
-             reserved, and one job counted in flight; with a rate limit, the submit is
+    submit:  up to (the prompts' UTF-8 bytes + 16 per message) + max_tokens x choices
+             are reserved, and one job counted in flight; with a rate limit, the submit is
              also logged in the session's sliding minute (its request, and its estimated
              tokens: about 4 characters a prompt token, plus max_tokens, as OpenAI counts
              them against a tokens-per-minute limit)
@@ -153,23 +153,24 @@ def resets_at(now: datetime | None = None) -> datetime:
 
 
 def rate_estimate(request: Request) -> int:
-    """The tokens a job counts against a tokens-per-minute limit: its prompt at about four
-    characters a token (OpenAI's rule of thumb) and max_tokens."""
+    """The tokens a job counts against a tokens-per-minute limit: its prompts at about four
+    characters a token (OpenAI's rule of thumb) and max_tokens for every choice."""
     if request.messages is not None:
         chars = sum(len(m.content) for m in request.messages) + 4 * len(request.messages)
     else:
-        chars = len(request.prompt or "")
-    return -(-chars // 4) + request.stopping.max_tokens
+        chars = sum(len(p) for p in request.prompts)
+    return -(-chars // 4) + request.stopping.max_tokens * request.choices
 
 
 def reservation(request: Request) -> int:
-    """The most tokens the job can use: its prompt's bytes (at least one per token), what a
-    chat template adds, and max_tokens."""
+    """The most tokens the job can use: its prompts' bytes (at least one per token; each
+    prompt counted once however many sequences share it), what a chat template adds, and
+    max_tokens for every sequence (prompts x n)."""
     if request.messages is not None:
         prompt = sum(len(m.content.encode()) + PER_MESSAGE for m in request.messages)
     else:
-        prompt = len((request.prompt or "").encode()) + PER_MESSAGE
-    return prompt + request.stopping.max_tokens
+        prompt = sum(len(p.encode()) + PER_MESSAGE for p in request.prompts)
+    return prompt + request.stopping.max_tokens * request.choices
 
 
 def limits(ctx: FarmContext, session: str) -> Limits | None:

@@ -42,6 +42,7 @@ from farm.config import get_settings
 from farm.context import get_context
 from farm.errors import FarmError, JobFailed, RateLimited
 from farm.gateway import follow, keys
+from farm.gateway import models as model_routes
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
@@ -145,6 +146,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         return await _complete(request, session_of, chat=False)
 
     add_routes(app, _session, session_of)
+    model_routes.add_routes(app, session_of)
     return app
 
 
@@ -180,7 +182,9 @@ async def _complete(
     headers = job.rate.headers() if isinstance(job.rate, RateState) else {}
     if stream:
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
-        events = _events(job, r, fields["model"], chat, include_usage)
+        prompts = fields.get("prompt")
+        choices = fields.get("n", 1) * (len(prompts) if isinstance(prompts, list) else 1)
+        events = _events(job, r, fields["model"], chat, include_usage, choices)
         return JobStream(events, job, headers=headers)
     if await until_done_or_gone(request, follow.result(job, r)):
         follow.cancel_soon(job)
@@ -225,31 +229,40 @@ RESTARTED_DIFFERENTLY = JobFailed(
 
 
 async def _events(
-    job: Job, r: Any, model: str, chat: bool, include_usage: bool
+    job: Job, r: Any, model: str, chat: bool, include_usage: bool, choices: int = 1
 ) -> AsyncIterator[str]:
-    """The job's text as server-sent events, read on the event loop (farm/gateway/follow.py).
-    JobStream cancels the job when the client goes away before the end."""
-    replay = _Replay()
-    job.on_restart = replay.restart
+    """The job's text as server-sent events, each chunk with its choice's index, read on
+    the event loop (farm/gateway/follow.py). JobStream cancels the job when the client goes
+    away before the end."""
+    replays = {i: _Replay() for i in range(choices)}
+
+    def restart(worker: str | None = None) -> None:
+        for replay in replays.values():
+            replay.restart(worker)
+
+    job.on_restart = restart
     try:
         if chat:
-            yield openai.chunk(job.id, model, chat=True, role=True, text="")
+            for i in range(choices):
+                yield openai.chunk(job.id, model, chat=True, role=True, text="", index=i)
         async for piece in follow.events(job, r, tokens=True):
-            new = replay.new_text(piece)
+            new = replays.setdefault(piece.index, _Replay()).new_text(piece.text)
             if new is None:  # the rerun cannot be mended: stop it
                 follow.cancel_soon(job)
                 yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
                 return
             if new:
-                yield openai.chunk(job.id, model, chat=chat, text=new)
-        if replay.again:  # the rerun ended short of what the client already has
+                yield openai.chunk(
+                    job.id, model, chat=chat, text=new, index=piece.index, logprobs=piece.logprobs
+                )
+        if any(x.again for x in replays.values()):  # a rerun ended short of what was sent
             yield f"data: {json.dumps(openai.error(RESTARTED_DIFFERENTLY, chat=chat)[1])}\n\n"
             return
         c = job.completion
         assert c is not None
-        yield openai.chunk(
-            job.id, model, chat=chat, finish=openai.FINISH.get(c.finish_reason, "stop")
-        )
+        for choice in c.all_choices():
+            finish = openai.FINISH.get(choice.finish_reason, "stop")
+            yield openai.chunk(job.id, model, chat=chat, finish=finish, index=choice.index)
         if include_usage:
             yield openai.chunk(job.id, model, chat=chat, usage_of=c)
         yield "data: [DONE]\n\n"

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from farm.errors import FarmUnavailable
 from farm.queue import stream_key
-from farm.results import Job
+from farm.results import Job, Piece
 from farm.stream import RECONNECT_WINDOW_S
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
     return per_loop[url]
 
 
-async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[str]:
-    """The job's text (when `tokens`) as it is generated; when this ends, `job.completion`
+async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[Piece]:
+    """The job's text (when `tokens`) as it is generated, piece by piece, each with its
+    choice and logprobs (farm/results.py's Piece); when this ends, `job.completion`
     holds the result, or JobFailed / JobCancelled was raised. Cancelling the task that
     iterates this stops the wait at once (the job itself is cancelled by the caller)."""
     key = stream_key(job.id)
@@ -85,9 +86,9 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
             continue
         for entry_id, fields in reply[0][1]:
             last = entry_id
-            text, ended = job.apply(fields)
-            if text is not None and tokens:
-                yield text
+            piece, ended = job.apply(fields)
+            if piece is not None and tokens:
+                yield piece
             if ended:
                 return
 

@@ -12,11 +12,20 @@ constructor (tests/test_engine_boundary.py).
 """
 
 from workers.engine.engine import Engine, EngineError
-from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence, SequenceRunner
+from workers.engine.job import (
+    DONE,
+    FAILED,
+    LOGPROBS,
+    TEXT,
+    Generation,
+    Sequence,
+    SequenceRunner,
+)
 
 __all__ = [
     "DONE",
     "FAILED",
+    "LOGPROBS",
     "TEXT",
     "Engine",
     "EngineError",

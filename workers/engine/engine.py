@@ -8,6 +8,16 @@
            sample each sequence that produced logits with its own chain; stream its text;
            end it on a stop, max_tokens, its time limit or cancel, and free its slot
 
+Sequences sharing a prompt (a request's n > 1) are admitted with their leader when slots
+are free: they wait without evaluating anything, and when the leader's prompt is
+evaluated its KV cells are shared with them (llama_memory_seq_cp) and each samples its
+first token from the leader's logits. The prompt is evaluated once. One that found no
+slot then runs on its own later (its prompt mostly in the prompt cache by then).
+
+Logprobs (the log-softmax of the logits) are read only for sequences that ask for them;
+a sequence that wants its prompt's logprobs (echo) has every prompt position output, in
+chunks of PROMPT_SCORE_CHUNK, and never reuses a cached prefix.
+
 The KV cache is one buffer of `kv_size` cells shared by every slot (`kv_unified`). A slot
 keeps its tokens after its sequence ends (the prompt cache) until the cells are needed.
 When llama_decode finds no room (it returns 1 and changes nothing), the engine frees the
@@ -32,14 +42,19 @@ from typing import Any
 
 import llama_cpp
 
-from workers.engine.job import DONE, FAILED, TEXT, Generation, Sequence
-from workers.engine.sampling import GrammarError, Sampler, build_sampler
+from workers.engine.job import DONE, FAILED, LOGPROBS, TEXT, Generation, Sequence
+from workers.engine.logprobs import Logprobs, first_prompt_token
+from workers.engine.sampling import GrammarError, LogitBiasError, Sampler, build_sampler
 from workers.engine.text import TextAssembler
 from workers.engine.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 256  # llama.cpp's limit on n_seq_max
+# Prompt positions a scored prompt (echo with logprobs) outputs per step: llama.cpp keeps
+# an output buffer of outputs x vocabulary floats (64 x 262k x 4 bytes = 64 MiB on Gemma)
+# and never shrinks it.
+PROMPT_SCORE_CHUNK = 64
 
 
 class EngineError(RuntimeError):
@@ -62,6 +77,10 @@ class Slot:
     cached: int = 0
     ttft_ms: float | None = None
     admitted: int = 0
+    follows: Slot | None = None  # waits for this slot's prompt, to share its KV cells
+    logprobs: list[dict[str, Any]] | None = None  # per generated token, when asked for
+    prompt_logprobs: list[dict[str, Any]] | None = None  # per prompt token (echo)
+    prompt_text: int = 0  # characters of the prompt scored so far (text offsets)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -118,6 +137,14 @@ class Engine:
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [Slot(i) for i in range(slots)]
         self.tokens_generated = 0  # since start, for tokens/s in the heartbeat
+        self.prompt_tokens_evaluated = 0  # since start: prompt tokens llama_decode read
+        n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.logprobs = Logprobs(self.ctx, self.tokens, n_vocab)
+        self.bos = (
+            int(llama_cpp.llama_vocab_bos(self.vocab))
+            if llama_cpp.llama_vocab_get_add_bos(self.vocab)
+            else None
+        )
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -130,19 +157,25 @@ class Engine:
     # -- the boundary ---------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; its events arrive on `seq.events`."""
-        if len(seq.tokens) >= self.n_ctx:
-            seq.events.put(
-                (
-                    FAILED,
-                    f"the prompt is {len(seq.tokens)} tokens but the model holds {self.n_ctx}",
-                )
-            )
-            return
+        self.submit_all([seq])
+
+    def submit_all(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together (a leader and those sharing its prompt arrive in one
+        step, so that they can share its evaluation)."""
         with self._cond:
-            if self._stopping:
-                seq.events.put((FAILED, "the worker is stopping"))
-                return
-            self._waiting.append(seq)
+            for seq in seqs:
+                if len(seq.tokens) >= self.n_ctx:
+                    seq.events.put(
+                        (
+                            FAILED,
+                            f"the prompt is {len(seq.tokens)} tokens but the model holds "
+                            f"{self.n_ctx}",
+                        )
+                    )
+                elif self._stopping:
+                    seq.events.put((FAILED, "the worker is stopping"))
+                else:
+                    self._waiting.append(seq)
             self._cond.notify()
 
     @property
@@ -195,16 +228,73 @@ class Engine:
             if seq.cancelled:
                 seq.events.put((DONE, self._result(seq, "", "cancelled", 0, 0, None)))
                 continue
-            # The free slot sharing the longest prefix; among equals the least recently used.
-            slot = max(free, key=lambda s: (common_prefix(s.cache, seq.tokens), -s.last_used))
-            try:
-                self._start(slot, seq)
-            except GrammarError as e:
-                seq.events.put((FAILED, f"invalid 'grammar': {e}"))
-            except Exception as e:  # this sequence cannot run; the others go on
-                log.exception("engine %s: could not start sequence %s", self.name, seq.label)
-                self._release(slot)
-                seq.events.put((FAILED, f"the engine could not start it: {type(e).__name__}: {e}"))
+            leader = self._prompting(seq.leader)
+            if leader is not None:  # its prompt is being evaluated: share it
+                slot = min(free, key=lambda s: (bool(s.cache), s.last_used))
+            else:
+                # The free slot sharing the longest prefix; among equals the least recently used.
+                slot = max(free, key=lambda s: (common_prefix(s.cache, seq.tokens), -s.last_used))
+            started = self._start_or_fail(slot, seq)
+            if started and leader is not None:
+                self._wait_for(slot, leader)
+            elif started:
+                self._admit_followers(slot)
+
+    def _start_or_fail(self, slot: Slot, seq: Sequence) -> bool:
+        try:
+            self._start(slot, seq)
+            return True
+        except GrammarError as e:
+            seq.events.put((FAILED, f"invalid 'grammar': {e}"))
+        except LogitBiasError as e:
+            seq.events.put((FAILED, f"invalid 'logit_bias': {e}"))
+        except Exception as e:  # this sequence cannot run; the others go on
+            log.exception("engine %s: could not start sequence %s", self.name, seq.label)
+            seq.events.put((FAILED, f"the engine could not start it: {type(e).__name__}: {e}"))
+        self._release(slot)
+        return False
+
+    def _prompting(self, leader: Sequence | None) -> Slot | None:
+        """The slot of `leader` while its prompt is still being evaluated."""
+        if leader is None:
+            return None
+        for slot in self.slots:
+            if slot.job is leader and slot.pending:
+                return slot
+        return None
+
+    def _admit_followers(self, slot: Slot) -> None:
+        """Take the waiting sequences that share `slot`'s prompt, while slots are free."""
+        if not slot.pending:
+            return
+        while True:
+            free = [s for s in self.slots if s.job is None]
+            with self._cond:
+                seq = next((w for w in self._waiting if w.leader is slot.job), None)
+                if seq is None or not free:
+                    return
+                self._waiting.remove(seq)
+            target = min(free, key=lambda s: (bool(s.cache), s.last_used))
+            if self._start_or_fail(target, seq):
+                self._wait_for(target, slot)
+
+    def _wait_for(self, slot: Slot, leader: Slot) -> None:
+        """`slot` evaluates nothing: it gets `leader`'s cells once its prompt is read."""
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.cache.clear()
+        slot.pending = []
+        slot.cached = 0
+        slot.follows = leader
+
+    def _share(self, leader: Slot, slot: Slot) -> None:
+        """Give `slot` the prompt `leader` has just evaluated (the same tokens)."""
+        n = len(leader.cache)
+        llama_cpp.llama_memory_seq_cp(self.mem, leader.seq_id, slot.seq_id, 0, n)
+        slot.cache = list(leader.cache)
+        slot.cached = n
+        slot.follows = None
+        if leader.prompt_logprobs is not None and slot.job and slot.job.prompt_logprobs:
+            slot.prompt_logprobs = list(leader.prompt_logprobs)
 
     @property
     def alive(self) -> bool:
@@ -213,7 +303,8 @@ class Engine:
 
     def _start(self, slot: Slot, seq: Sequence) -> None:
         sampler = build_sampler(self.vocab, seq.sampling, seq.grammar, self.tokens.markers())
-        keep = common_prefix(slot.cache, seq.tokens)
+        # A scored prompt needs the logits of every position: nothing of it is reused.
+        keep = 0 if seq.prompt_logprobs else common_prefix(slot.cache, seq.tokens)
         if keep == len(seq.tokens):
             keep -= 1  # the last prompt token is evaluated again: its logits start the reply
         if keep < len(slot.cache) and not llama_cpp.llama_memory_seq_rm(
@@ -232,6 +323,18 @@ class Engine:
         slot.text = TextAssembler(seq.stops, lambda piece: seq.events.put((TEXT, piece)))
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.admitted = self._admissions
+        slot.follows = None
+        slot.logprobs = [] if seq.logprobs is not None else None
+        slot.prompt_logprobs, slot.prompt_text = None, 0
+        if seq.prompt_logprobs:
+            first = 1 if self.bos is not None and seq.tokens[0] == self.bos else 0
+            slot.prompt_logprobs = []
+            if first < len(seq.tokens):
+                slot.prompt_logprobs.append(first_prompt_token(seq.tokens[first], self.tokens))
+                slot.prompt_text = len(self._text_of(seq.tokens[first]))
+
+    def _text_of(self, token: int) -> str:
+        return self.tokens.text(token).decode("utf-8", "replace")
 
     def _step(self) -> None:
         now = time.perf_counter()
@@ -242,7 +345,7 @@ class Engine:
                 self._finish(slot, "cancelled")
             elif job.deadline is not None and now >= job.deadline:
                 self._finish(slot, "time")
-        generating = [s for s in self._active() if not s.pending]
+        generating = [s for s in self._active() if not s.pending and s.follows is None]
         prompting = sorted((s for s in self._active() if s.pending), key=lambda s: s.admitted)
         if not generating and not prompting:
             return
@@ -253,19 +356,27 @@ class Engine:
             outputs.append((slot, n))
             n += 1
         chunks: list[tuple[Slot, int]] = []
+        scored: list[tuple[Slot, int, int, int]] = []  # slot, first position, index, count
+        read: list[tuple[Slot, int]] = []  # slots whose prompt this batch ends, and index
         budget = self._prompt_budget
         for slot in prompting:
             take = min(self.n_batch - n, budget, len(slot.pending))
+            scoring = slot.prompt_logprobs is not None
+            if scoring:
+                take = min(take, PROMPT_SCORE_CHUNK)
             if take <= 0:
                 break
             budget -= take
             last = take == len(slot.pending)
             start = len(slot.cache)
+            if scoring:
+                scored.append((slot, start, n, take))
             for j in range(take):
                 out = last and j == take - 1
-                self._put(n, slot.pending[j], start + j, slot.seq_id, out)
+                self._put(n, slot.pending[j], start + j, slot.seq_id, out or scoring)
                 if out:
                     outputs.append((slot, n))
+                    read.append((slot, n))
                 n += 1
             chunks.append((slot, take))
         if n == 0:
@@ -283,8 +394,16 @@ class Engine:
         for slot, take in chunks:
             slot.cache.extend(slot.pending[:take])
             del slot.pending[:take]
+            self.prompt_tokens_evaluated += take
         for slot in generating:
             slot.cache.append(slot.next_token)
+        for slot, start, index, take in scored:
+            self._score_prompt(slot, start, index, take)
+        for leader, index in read:
+            for slot in self.slots:
+                if slot.follows is leader and slot.job is not None:
+                    self._share(leader, slot)
+                    outputs.append((slot, index))
         for slot, index in outputs:
             try:
                 self._sample(slot, index)
@@ -293,6 +412,19 @@ class Engine:
                     "engine %s: sampling failed for %s", self.name, slot.job and slot.job.label
                 )
                 self._fail(slot, f"sampling failed: {type(e).__name__}: {e}")
+
+    def _score_prompt(self, slot: Slot, start: int, index: int, take: int) -> None:
+        """The logprobs of the prompt tokens that positions start..start+take-1 predict."""
+        job, found = slot.job, slot.prompt_logprobs
+        assert job is not None and found is not None
+        first = 1 if self.bos is not None and job.tokens[0] == self.bos else 0
+        for j in range(take):
+            target = start + j + 1  # the token the logits at this position predict
+            if target <= first or target >= len(job.tokens):
+                continue
+            token = job.tokens[target]
+            found.append(self.logprobs.entry(index + j, token, job.logprobs or 0, slot.prompt_text))
+            slot.prompt_text += len(self._text_of(token))
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, output: bool) -> None:
         if not 0 <= i < self.n_batch:  # past n_batch llama.cpp would abort the process
@@ -307,6 +439,9 @@ class Engine:
     def _sample(self, slot: Slot, index: int) -> None:
         job, sampler, text = slot.job, slot.sampler, slot.text
         assert job is not None and sampler is not None and text is not None
+        if slot.max_tokens <= 0:  # the prompt alone was to be read (echo, max_tokens=0)
+            self._finish(slot, "length")
+            return
         token = sampler.sample(self.ctx, index)
         if slot.ttft_ms is None:
             slot.ttft_ms = (time.perf_counter() - job.started) * 1000
@@ -316,7 +451,12 @@ class Engine:
         if self.tokens.ends_turn(token, text.stops):
             slot.generated -= 1  # like EOS, the end-of-turn token is not part of the reply
             self._finish(slot, "stop")
-        elif text.add(slot.decoder.decode(self.tokens.text(token))):
+            return
+        if slot.logprobs is not None:
+            self._record_logprobs(slot, index, token)
+        if text.add(slot.decoder.decode(self.tokens.text(token))):
+            if slot.logprobs is not None:  # the tokens that began the stop string go too
+                slot.logprobs = [e for e in slot.logprobs if e["text_offset"] < len(text.text)]
             self._finish(slot, "stop")
         elif slot.generated >= slot.max_tokens:
             self._finish(slot, "length")
@@ -326,6 +466,13 @@ class Engine:
             self._finish(slot, "cancelled")
         else:
             slot.next_token = token
+
+    def _record_logprobs(self, slot: Slot, index: int, token: int) -> None:
+        job, text, found = slot.job, slot.text, slot.logprobs
+        assert job is not None and text is not None and found is not None
+        entry = self.logprobs.entry(index, token, job.logprobs or 0, len(text.text))
+        found.append(entry)
+        job.events.put((LOGPROBS, entry))  # before the text it brings
 
     # -- ending sequences ---------------------------------------------------------------------------
     def _finish(self, slot: Slot, reason: str) -> None:
@@ -337,6 +484,7 @@ class Engine:
         result = self._result(
             job, text.text, reason, slot.generated, slot.cached, slot.ttft_ms, len(job.tokens)
         )
+        result.logprobs, result.prompt_logprobs = slot.logprobs, slot.prompt_logprobs
         self._release(slot)
         job.events.put((DONE, result))
 
@@ -354,6 +502,11 @@ class Engine:
             slot.sampler.free()
         slot.job, slot.sampler, slot.text, slot.decoder = None, None, None, None
         slot.pending = []
+        slot.follows, slot.logprobs, slot.prompt_logprobs = None, None, None
+        for other in self.slots:  # those waiting for this prompt read it themselves now
+            if other.follows is slot and other.job is not None:
+                other.follows = None
+                other.pending = list(other.job.tokens)
         slot.last_used = time.monotonic()
         # A sequence ended: its cells may be reused, so try the full batch again.
         self._hold = False

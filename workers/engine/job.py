@@ -4,6 +4,7 @@ The job's own thread (a Celery task thread) builds a Sequence from a tokenized r
 hands it to `Engine.submit`, and reads `Sequence.events` until the final one:
 
     ("text", str)            a piece of generated text, safe to show
+    ("logprobs", dict)       a token's logprobs, before the text it brings (when asked for)
     ("done", Generation)     the end: text, finish reason, token counts, timings
     ("failed", str)          the engine could not serve it (the reason)
 
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-TEXT, DONE, FAILED = "text", "done", "failed"
+TEXT, DONE, FAILED, LOGPROBS = "text", "done", "failed", "logprobs"
 
 
 @dataclass
@@ -31,6 +32,10 @@ class Generation:
     ttft_ms: float | None
     generation_ms: float
     cached_tokens: int = 0
+    # With Sequence.logprobs: one entry per generated token (logprobs.entry's shape).
+    logprobs: list[dict[str, Any]] | None = None
+    # With Sequence.prompt_logprobs: one per prompt token after a leading BOS, the first None.
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(eq=False)
@@ -45,8 +50,15 @@ class Sequence:
     deadline: float | None = None  # time.perf_counter() value
     started: float = field(default_factory=time.perf_counter)
     label: str = ""  # for logs: the job id
+    # A sequence with the same tokens whose prompt evaluation this one shares (n > 1): the
+    # engine copies its KV cells instead of evaluating the prompt again, when it can.
+    leader: Sequence | None = None
+    logprobs: int | None = None  # report each token's logprob and this many alternatives
+    prompt_logprobs: bool = False  # and the prompt's tokens' (echo): every position evaluated
     generated: int = 0  # tokens so far, written by the engine thread
-    events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    # Where the engine puts this sequence's events: anything with put((kind, value)); a
+    # SimpleQueue unless the sequence is one choice of several (workers/choices.py).
+    events: Any = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -64,6 +76,10 @@ class SequenceRunner(Protocol):
     kv_size: int
 
     def submit(self, seq: Sequence) -> None: ...
+
+    def submit_all(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together: a leader and the sequences sharing its prompt."""
+        ...
 
     @property
     def alive(self) -> bool: ...

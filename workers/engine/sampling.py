@@ -43,6 +43,10 @@ class GrammarError(ValueError):
     """llama.cpp could not parse a grammar."""
 
 
+class LogitBiasError(ValueError):
+    """A logit bias names a token the model's vocabulary does not have."""
+
+
 @dataclass
 class Sampler:
     """A sequence's sampler chain, and its grammar when it has one. Engine thread only."""
@@ -109,10 +113,13 @@ class Sampler:
 def build_sampler(
     vocab: Any, sampling: dict[str, Any], grammar: str | None, banned: tuple[int, ...] = ()
 ) -> Sampler:
-    """A sampler for one sequence that never picks a `banned` token (a non-text marker).
-    GrammarError when llama.cpp rejects the grammar."""
+    """A sampler for one sequence that never picks a `banned` token (a non-text marker),
+    with the request's `logit_bias` (token id -> bias; -100 bans the token) added to the
+    logits first. GrammarError when llama.cpp rejects the grammar, LogitBiasError for a
+    bias on a token the vocabulary does not have."""
     p = {**DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+    biases = _biases(p.pop("logit_bias", None) or {}, banned, n_vocab)
     seed = p.get("seed")
     seed = int(seed) if seed is not None else random.randrange(2**31)
     grammar_sampler = None
@@ -125,12 +132,12 @@ def build_sampler(
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
-        if banned:
-            biases = (llama_cpp.llama_logit_bias * len(banned))(
-                *(llama_cpp.llama_logit_bias(token, -math.inf) for token in banned)
+        if biases:
+            array = (llama_cpp.llama_logit_bias * len(biases))(
+                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in biases.items())
             )
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(banned), biases)
+                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array)
             )
         _fill_chain(chain, p, n_vocab, seed)
     except BaseException:
@@ -139,6 +146,21 @@ def build_sampler(
             llama_cpp.llama_sampler_free(grammar_sampler)
         raise
     return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), _penalized(p))
+
+
+def _biases(requested: dict[Any, float], banned: tuple[int, ...], n_vocab: int) -> dict[int, float]:
+    """One bias per token: the request's (-100 bans, as OpenAI's does), then the bans."""
+    biases: dict[int, float] = {}
+    for key, bias in requested.items():
+        token = int(key)
+        if not 0 <= token < n_vocab:
+            raise LogitBiasError(
+                f"token {token} is not in the model's vocabulary (ids 0 to {n_vocab - 1})"
+            )
+        biases[token] = -math.inf if bias <= -100 else float(bias)
+    for token in banned:
+        biases[token] = -math.inf
+    return biases
 
 
 def _penalized(p: dict[str, Any]) -> bool:

@@ -72,6 +72,11 @@ class TwinEngine:
             self._waiting.append(seq)
             self._cond.notify()
 
+    def submit_all(self, seqs: list[Sequence]) -> None:
+        """As Engine's: the twin has no KV cache to share, each sequence runs on its own."""
+        for seq in seqs:
+            self.submit(seq)
+
     @property
     def busy(self) -> int:
         return len(self._running) + len(self._waiting)
@@ -120,6 +125,8 @@ class TwinEngine:
             return self._finish(run, "cancelled")
         if seq.deadline is not None and time.perf_counter() >= seq.deadline:
             return self._finish(run, "time")
+        if run.max_tokens <= 0:
+            return self._finish(run, "length")
         if seq.generated >= len(run.reply):
             return self._finish(run, "stop")  # the end-of-generation token: not counted
         token = run.reply[seq.generated]
