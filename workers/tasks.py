@@ -360,6 +360,9 @@ def register_task(app: Celery, runner: JobRunner) -> Task:
 
     @app.task(
         name=TASK_NAME,
+        # This app's alone: a shared task would attach itself to every app made later in
+        # the process (a second in-process worker's, in the tests) and clash with its own.
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
