@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from farm.tools.schema import ToolCall
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -34,6 +36,7 @@ class Choice(BaseModel):
     # "top_logprobs": [{"token", "bytes", "logprob"}], "text_offset"}; with echo the
     # prompt's tokens come first (the first with logprob None).
     logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # the calls this choice made (tools requests)
 
 
 class Completion(BaseModel):
@@ -44,8 +47,10 @@ class Completion(BaseModel):
 
     job_id: str
     model: str
-    text: str
+    text: str  # with tool calls: the text outside them
     finish_reason: str  # stop, length, time
+    # The calls the model made, for a request with tools (None without, or when it made none).
+    tool_calls: list[ToolCall] | None = None
     usage: Usage
     timings: Timings
     worker: str
@@ -61,5 +66,6 @@ class Completion(BaseModel):
                 text=self.text,
                 finish_reason=self.finish_reason,
                 completion_tokens=self.usage.completion_tokens,
+                tool_calls=self.tool_calls,
             )
         ]

@@ -339,9 +339,7 @@ MAX_BYTES_PER_TOKEN = 64
 
 
 def _check_fits(request: Request, model: str, n_ctx: int) -> None:
-    size = max((len(p.encode()) for p in request.prompts), default=0) + sum(
-        len(m.content.encode()) for m in request.messages or ()
-    )
+    size = request.input_size
     if size > n_ctx * MAX_BYTES_PER_TOKEN:
         field = "messages" if request.is_chat else "prompt"
         raise InvalidRequest(

@@ -38,6 +38,7 @@ SAME = (
     "temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop",
     "response_format", "top_k", "min_p", "typical_p", "repeat_penalty", "penalty_last_n",
     "mirostat_mode", "mirostat_tau", "mirostat_eta", "grammar", "max_time_ms",
+    "tools", "tool_choice", "parallel_tool_calls",
 )  # fmt: skip
 IGNORED = ("user", "stream_options", "stream", "model", "metadata", "store")
 FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "stop"}
@@ -83,6 +84,8 @@ TYPES: dict[str, tuple[str, Any]] = {
     "mirostat_tau": _NUMBER, "mirostat_eta": _NUMBER,
     "stream": _BOOL, "store": _BOOL, "stream_options": _OBJECT, "response_format": _OBJECT,
     "metadata": _OBJECT, "user": _STRING, "grammar": _STRING,
+    "tools": ("an array", lambda v: isinstance(v, list)), "parallel_tool_calls": _BOOL,
+    "tool_choice": ("a string or an object", lambda v: isinstance(v, str | dict)),
     "top_logprobs": _INT, "best_of": _INT, "echo": _BOOL, "suffix": _STRING,
     "logit_bias": _OBJECT,
     "stop": ("a string or an array of strings", _is_stop),
@@ -176,16 +179,57 @@ def _listed(value: Any, name: str) -> list[Any]:
     return value
 
 
-def _message(m: Any, i: int) -> dict[str, str]:
-    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-        raise BadBody(f"messages[{i}] needs a role: system, user or assistant", f"messages.{i}")
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def _message(m: Any, i: int) -> dict[str, Any]:
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise BadBody(
+            f"messages[{i}] needs a role: system, user, assistant or tool", f"messages.{i}"
+        )
     content = m.get("content")
+    calls = m.get("tool_calls") if m["role"] == "assistant" else None
     if isinstance(content, list):
         content = "".join(_text_part(p, i, j) for j, p in enumerate(content))
+    if content is None and calls:
+        content = ""  # an assistant message that only calls tools
     if not isinstance(content, str):
         raise BadBody(f"messages[{i}].content must be text", f"messages.{i}.content")
     role = "system" if m["role"] == "developer" else m["role"]
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        out["tool_calls"] = _calls(calls, i)
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise BadBody(
+                f"messages[{i}] is a tool result: 'tool_call_id' names the call it answers",
+                f"messages.{i}.tool_call_id",
+            )
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
+def _calls(calls: Any, i: int) -> list[Any]:
+    """An assistant message's tool calls with the fields farm reads (a client's own extras,
+    such as a streamed call's `index`, are dropped); their shape is checked by farm's Request."""
+    if not isinstance(calls, list):
+        raise BadBody(f"messages[{i}].tool_calls must be an array", f"messages.{i}.tool_calls")
+    out: list[Any] = []
+    for j, c in enumerate(calls):
+        if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+            raise BadBody(
+                f"messages[{i}].tool_calls[{j}] must be an object with 'id' and 'function'",
+                f"messages.{i}.tool_calls.{j}",
+            )
+        f = c["function"]
+        out.append(
+            {
+                "id": c.get("id"),
+                "type": c.get("type", "function"),
+                "function": {"name": f.get("name"), "arguments": f.get("arguments")},
+            }
+        )
+    return out
 
 
 def _text_part(part: Any, i: int, j: int) -> str:
@@ -217,6 +261,25 @@ def usage(c: Any) -> dict[str, Any]:
     }
 
 
+def finish_reason(c: Any) -> str:
+    """OpenAI's finish reason for a Completion: `tool_calls` when it ended on its calls."""
+    if getattr(c, "tool_calls", None) and c.finish_reason == "stop":
+        return "tool_calls"
+    return FINISH.get(c.finish_reason, "stop")
+
+
+def chat_message(c: Any) -> dict[str, Any]:
+    """The assistant's message of a Completion: its text, or its tool calls (content null)."""
+    calls = getattr(c, "tool_calls", None)
+    if not calls:
+        return {"role": "assistant", "content": c.text}
+    return {
+        "role": "assistant",
+        "content": c.text or None,
+        "tool_calls": [call.model_dump() for call in calls],
+    }
+
+
 def chat_response(c: Any) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{c.job_id}",
@@ -226,8 +289,8 @@ def chat_response(c: Any) -> dict[str, Any]:
         "choices": [
             {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": choice.text},
-                "finish_reason": FINISH.get(choice.finish_reason, "stop"),
+                "message": chat_message(choice),
+                "finish_reason": finish_reason(choice),
                 "logprobs": chat_logprobs(choice.logprobs),
             }
             for choice in c.all_choices()
@@ -255,17 +318,33 @@ def completion_response(c: Any) -> dict[str, Any]:
     }
 
 
+def tool_call_delta(d: Any) -> dict[str, Any]:
+    """A `ToolCallDelta` as OpenAI streams it: the first piece of a call with its id, type
+    and name, the next ones with pieces of its arguments."""
+    if d.id is None:
+        return {"index": d.index, "function": {"arguments": d.arguments}}
+    return {
+        "index": d.index,
+        "id": d.id,
+        "type": "function",
+        "function": {"name": d.name, "arguments": d.arguments},
+    }
+
+
 def chunk(job_id: str, model: str, *, chat: bool, text: str | None = None, finish: str | None = None,
           role: bool = False, usage_of: Any = None, index: int = 0,
-          logprobs: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
+          logprobs: list[dict[str, Any]] | None = None, tool_call: Any = None) -> str:  # fmt: skip
     """One server-sent event of a stream: choice `index`'s text (with the logprobs of the
-    tokens it brings, when asked for), its role, its finish, or the usage."""
+    tokens it brings, when asked for), a piece of one of its tool calls (a ToolCallDelta),
+    its role, its finish, or the usage."""
     if chat:
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call_delta(tool_call)]
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
         if logprobs is not None:
             choice["logprobs"] = chat_logprobs(logprobs)

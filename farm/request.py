@@ -29,6 +29,7 @@ from pydantic import (
 
 from farm.errors import InvalidRequest
 from farm.grammar import check_gbnf, check_json_schema
+from farm.tools.schema import MAX_TOOLS, NamedToolChoice, Tool, ToolCall, ToolChoice
 
 Priority = Literal["high", "normal", "low"]
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -63,8 +64,35 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    """A chat message. An assistant's may carry the `tool_calls` it made (its content then
+    may be empty); a `tool` message is a call's result, naming the call by `tool_call_id`."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text = ""
+    tool_calls: tuple[ToolCall, ...] | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_without_content(cls, data: Any) -> Any:
+        # OpenAI's assistant message that only calls tools has content null.
+        if isinstance(data, dict) and data.get("content", "") is None and data.get("tool_calls"):
+            return {**data, "content": ""}
+        return data
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries 'tool_calls'")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a 'tool' message, and only one, names its call by 'tool_call_id'")
+        return self
+
+    def size(self) -> int:
+        """Bytes of text this message gives the prompt (its calls as JSON included)."""
+        calls = sum(len(c.model_dump_json()) for c in self.tool_calls or ())
+        return len(self.content.encode()) + calls
 
 
 class Sampling(_Strict):
@@ -184,6 +212,11 @@ class Request(_Strict):
         default=None, max_length=100_000, description="GBNF grammar the reply must follow"
     )
     response_format: ResponseFormat | None = None
+    tools: tuple[Tool, ...] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="none, auto, required or a named function; default auto"
+    )
+    parallel_tool_calls: bool | None = None
     priority: Priority = "normal"
     session: Text = Field(default="default", min_length=1, max_length=128)
     batch: BatchLine | None = Field(
@@ -229,6 +262,20 @@ class Request(_Strict):
             raise ValueError(f"model names are {MODEL_NAME_RULE}")
         return v
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        # One message naming the field, not one per member of the union.
+        if v is None or v in ("none", "auto", "required") or isinstance(v, NamedToolChoice):
+            return v
+        try:
+            return NamedToolChoice.model_validate(v)
+        except ValidationError:
+            raise ValueError(
+                "must be 'none', 'auto', 'required' or "
+                '{"type": "function", "function": {"name": NAME}}'
+            ) from None
+
     @field_validator("grammar")
     @classmethod
     def _grammar_parses(cls, v: str | None) -> str | None:
@@ -263,6 +310,55 @@ class Request(_Strict):
         if self.echo and self.messages is not None:
             raise ValueError("'echo' is for prompts, not chat messages")
         return self
+
+    @model_validator(mode="after")
+    def _tools_fit(self) -> Request:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("invalid 'tools': two tools have the same function name")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto"):
+            if not names:
+                raise ValueError("invalid 'tool_choice': it asks for a call but 'tools' is empty")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(
+                    f"invalid 'tool_choice': function {choice.function.name!r} is not in "
+                    f"'tools' ({', '.join(names)})"
+                )
+        if self.tools and self.prompt is not None:
+            raise ValueError("invalid 'tools': tools take chat 'messages', not a 'prompt'")
+        if self.calls_tools and (self.grammar is not None or self.response_format is not None):
+            raise ValueError(
+                "invalid 'tool_choice': give 'tools' or a 'grammar'/'response_format', not "
+                "both (or set tool_choice to 'none')"
+            )
+        made: set[str] = set()
+        for i, m in enumerate(self.messages or ()):
+            made.update(c.id for c in m.tool_calls or ())
+            if m.role == "tool" and m.tool_call_id not in made:
+                raise ValueError(
+                    f"invalid 'messages.{i}.tool_call_id': {m.tool_call_id!r} matches no call "
+                    "of an earlier assistant message"
+                )
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def input_size(self) -> int:
+        """Bytes of text the longest prompt is made of: a raw prompt, or the messages (their
+        calls as JSON included) and the tools."""
+        if self.messages is None:
+            return max((len(p.encode()) for p in self.prompts), default=0)
+        return sum(m.size() for m in self.messages) + self.tools_size
+
+    @property
+    def tools_size(self) -> int:
+        """Bytes of the tools as JSON: the model reads them in its prompt."""
+        return sum(len(t.model_dump_json()) for t in self.tools or ())
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -311,7 +407,8 @@ def describe_errors(e: ValidationError) -> str:
             shown = repr(err.get("input"))
             got = f" (got {shown[:40] + '...' if len(shown) > 40 else shown})"
         if not err["loc"]:
-            lines.append(f"invalid request: {msg}")
+            # A check across fields names the field itself ("invalid 'tool_choice': ...").
+            lines.append(msg if msg.startswith("invalid '") else f"invalid request: {msg}")
         else:
             lines.append(f"invalid '{loc}': {msg}{got}")
     return "; ".join(lines)

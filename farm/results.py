@@ -33,20 +33,24 @@ from farm.stream import (
     RESTART,
     TERMINAL_EVENTS,
     TOKEN,
+    TOOL_CALL,
     last_event,
     publish,
     stream_outcome,
 )
+from farm.tools.schema import ToolCallDelta
 
 
 @dataclass(frozen=True)
 class Piece:
     """A piece of a job's text as it streams: its choice, its text, and the logprobs of the
-    tokens that brought it (None unless the request asked for logprobs)."""
+    tokens that brought it (None unless the request asked for logprobs); or a piece of one
+    of its tool calls."""
 
     index: int
     text: str
     logprobs: list[dict[str, Any]] | None = None
+    tool_call: ToolCallDelta | None = None  # a piece of a tool call (text "")
 
 
 class Job:
@@ -112,12 +116,14 @@ class Job:
         After the last piece, `self.completion` holds the Completion.
         """
         for piece in self._events(timeout, tokens=True):
-            yield piece.text
+            if piece.tool_call is None:
+                yield piece.text
 
     def pieces(self, timeout: float | None = None) -> Iterator[Piece]:
         """As `stream`, each piece with its choice (a job of several prompts, or n > 1,
         streams its choices interleaved) and, when logprobs were asked for, the logprobs
-        of the tokens that brought it."""
+        of the tokens that brought it; for a request with tools, the pieces of the calls
+        the model makes (`Piece.tool_call`, its text empty)."""
         yield from self._events(timeout, tokens=True)
 
     def _events(self, timeout: float | None, *, tokens: bool) -> Iterator[Piece]:
@@ -186,6 +192,9 @@ class Job:
             return Piece(
                 index, fields["text"], None if logprobs is None else json.loads(logprobs)
             ), False
+        elif kind == TOOL_CALL:
+            delta = ToolCallDelta.model_validate_json(fields["delta"])
+            return Piece(int(fields.get("index", 0)), "", tool_call=delta), False
         elif kind in TERMINAL_EVENTS:
             self._finish(kind, fields)
             return None, True

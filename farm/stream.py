@@ -5,7 +5,8 @@ A worker's writes are fenced (`Fenced`): each is refused, atomically, once the j
 cancelled (so no text reaches a reader after `Job.cancel()` returns) or once the run that
 writes no longer holds the job (its worker was cut off and another took the job over).
 
-A worker appends a `token` event per piece of text, `restart` when the job starts over on
+A worker appends a `token` event per piece of text, a `tool_call` event per piece of a tool
+call (a `ToolCallDelta` as JSON in `delta`), `restart` when the job starts over on
 another worker (the text then repeats from the start), and one final event: `done` (with the
 Completion as JSON), `failed` (with the reason) or `cancelled`. `Job.cancel` writes
 `cancelled` itself for a job that never started.
@@ -23,6 +24,7 @@ from farm.queue import cancel_key, run_key, stream_key
 # Event kinds on a job's stream.
 TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
 RESTART = "restart"  # the worker running the job was lost; another starts it over
+TOOL_CALL = "tool_call"  # a piece of a tool call: its `delta` field
 TERMINAL_EVENTS = (DONE, FAILED, CANCELLED)
 # How long a reader (or a worker publishing) rides out a lost connection to Redis.
 RECONNECT_WINDOW_S = 30.0

@@ -253,3 +253,25 @@ def test_a_rerun_with_other_text_ends_the_gateway_stream_with_an_error_not_garbl
     assert [replay.new_text(p) for p in ("On", "ce up", "on a time")] == ["", "", " a time"]
     replay.restart()
     assert replay.new_text("Once upon a hill") is None  # differs from what the client has
+
+
+def test_a_reply_with_a_tool_call_streams_its_deltas_and_the_completion_holds_the_call(
+    twin_farm,
+):
+    # The twin echoes the message: a reply in farm's generic tool-call format.
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    said = 'Sure. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    job = farm.submit(
+        model=TWIN, messages=[{"role": "user", "content": said}], tools=tools, max_tokens=200
+    )
+    pieces = list(job.pieces(timeout=30))
+    text = "".join(p.text for p in pieces)
+    deltas = [p.tool_call for p in pieces if p.tool_call is not None]
+    assert text == "Sure." and deltas[0].name == "add" and deltas[0].id
+    assert "".join(d.arguments for d in deltas) == '{"a": 1, "b": 2}'
+    c = job.completion
+    assert c is not None and c.text == "Sure." and c.tool_calls is not None
+    [call] = c.tool_calls
+    assert (call.id, call.function.name) == (deltas[0].id, "add")
+    assert call.function.parsed_arguments() == {"a": 1, "b": 2}
+    assert "".join(job.stream(timeout=5)) == "Sure."  # read again: `stream` gives text alone

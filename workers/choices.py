@@ -79,6 +79,10 @@ def _copy(seq: EngineSequence, j: int) -> EngineSequence:
         sampling=sampling,
         stops=seq.stops,
         grammar=seq.grammar,
+        grammar_lazy=seq.grammar_lazy,
+        grammar_patterns=seq.grammar_patterns,
+        grammar_tokens=seq.grammar_tokens,
+        shown=seq.shown,
         deadline=seq.deadline,
         started=seq.started,
         label=seq.label,
@@ -111,6 +115,7 @@ def outcome(run: Run, generations: list[Generation]) -> Outcome:
         cached_tokens=sum(g.cached_tokens for g in leaders),
         logprobs=first.logprobs,
         prompt_logprobs=first.prompt_logprobs,
+        tool_calls=first.tool_calls,
         choices=choices,
     )
 

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ import llama_cpp
 
 from farm.errors import JobFailed, WorkerStartError
 from farm.request import Request, Stopping
+from farm.tools.formats import ToolPlan
+from farm.tools.parse import Parsed
+from farm.tools.schema import ToolCallDelta
 from workers.choices import Outcome, Run, outcome
 from workers.engine import (
     DONE,
@@ -32,8 +36,9 @@ from workers.engine import (
     Generation,
     SequenceRunner,
 )
-from workers.prepare import PromptTokens, prompt_tokens, sequence_for
+from workers.prepare import PromptTokens, marker_tokens, prompt_tokens, sequence_for, tool_plan
 from workers.spec import ModelSpec
+from workers.toolcalls import ReplyCalls
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ class ModelHost:
         self.engine: SequenceRunner | None = None
         self.device = "cpu"
         self.chat_source = ""
+        # The tool plans of started sequences whose replies `follow` parses into calls.
+        self._tool_plans: weakref.WeakKeyDictionary[Run, ToolPlan] = weakref.WeakKeyDictionary()
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -225,26 +232,42 @@ class ModelHost:
         engine = self.engine
         assert engine is not None, "start() before load()"
         started = time.perf_counter()
+        tools = self.plan_tools(request)
+        markers = self.markers(tools)
         one = [request] if len(request.prompts) <= 1 else [
             request.model_copy(update={"prompt": p}) for p in request.prompts
         ]  # fmt: skip
         groups = [
             (
                 sequence_for(
-                    r, self.spec, self.tokenize(r), started=started,
-                    time_limit_s=time_limit_s, label=label,
+                    r, self.spec, self.tokenize(r, tools), started=started,
+                    time_limit_s=time_limit_s, label=label, tools=tools, markers=markers,
                 ),
                 r.prompts[0] if r.prompts else "",
             )
             for r in one
         ]  # fmt: skip
         run = Run.of(groups, request.n, request.echo)
+        if tools is not None and tools.calls:
+            self._tool_plans[run] = tools  # `follow` parses the replies' calls
         engine.submit_all(run.seqs)
         return run
 
-    def tokenize(self, request: Request) -> PromptTokens:
+    def tokenize(self, request: Request, tools: ToolPlan | None = None) -> PromptTokens:
         """The request's prompt tokens on this model, and its chat template's stops."""
-        return prompt_tokens(self.llm, request)
+        return prompt_tokens(self.llm, request, tools)
+
+    def plan_tools(self, request: Request) -> ToolPlan | None:
+        """The request's tool plan on this model (its GGUF's chat template, if it is used)."""
+        if not request.is_chat:
+            return None
+        meta = self.llm.metadata
+        used = self.llm.chat_handler is None and "tokenizer.chat_template" in meta
+        return tool_plan(request, meta["tokenizer.chat_template"] if used else None)
+
+    def markers(self, tools: ToolPlan | None) -> dict[str, int]:
+        """Token ids of the plan's special markers."""
+        return marker_tokens(self.llm, tools)
 
     def follow(
         self,
@@ -253,11 +276,26 @@ class ModelHost:
         on_text: OnText = lambda *_: None,
         should_cancel: Callable[[int], bool] = lambda _: False,
         poll_s: float = 0.2,
+        on_tool_call: Callable[[ToolCallDelta, int], None] = lambda *_: None,
     ) -> Outcome:
         """Follow a started run to its end: `on_text(piece, choice, logprobs)` gets each
         piece of text, with the logprobs of the tokens it brings when they were asked for;
-        `should_cancel` is polled every `poll_s` with the tokens generated so far.
-        JobFailed when the engine fails one of its sequences (the others are cancelled)."""
+        `should_cancel` is polled every `poll_s` with the tokens generated so far. For a
+        request with tools each reply is parsed as it comes: `on_tool_call(delta, choice)`
+        gets the pieces of its calls, `on_text` the text outside them, and each Generation
+        holds its calls. JobFailed when the engine fails one of its sequences (the others
+        are cancelled)."""
+        tools = self._tool_plans.pop(run, None)
+        calls = None if tools is None else ReplyCalls(tools, run.seqs[0].label, len(run.seqs))
+
+        def send(index: int, pieces: list[Parsed], logprobs: Any) -> None:
+            for piece in pieces:
+                if isinstance(piece, str):
+                    on_text(piece, index, logprobs)
+                    logprobs = None
+                else:
+                    on_tool_call(piece, index)
+
         next_check = time.monotonic() + poll_s
         done: dict[int, Generation] = {}
         pending: dict[int, list[dict[str, Any]]] = {}
@@ -270,12 +308,18 @@ class ModelHost:
             except queue.Empty:
                 index, kind, value = 0, "", None
             if kind == TEXT:
-                on_text(value, index, pending.pop(index, None))
+                logprobs = pending.pop(index, None)
+                if calls is None:
+                    on_text(value, index, logprobs)
+                else:
+                    send(index, calls.feed(index, value), logprobs)
             elif kind == LOGPROBS:
                 shift = len(run.echoes[index])
                 entry = {**value, "text_offset": value["text_offset"] + shift}
                 pending.setdefault(index, []).append(entry)
             elif kind == DONE:
+                if calls is not None:
+                    send(index, calls.close(index, value), None)
                 done[index] = value
             elif kind == FAILED:
                 run.cancel()

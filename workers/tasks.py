@@ -36,9 +36,11 @@ from farm.stream import (
     LOST,
     RESTART,
     TOKEN,
+    TOOL_CALL,
     WRITTEN,
     Fenced,
 )
+from farm.tools.schema import ToolCallDelta
 from workers.bookkeeping import Admission, Bookkeeper, usage_fields
 from workers.choices import Outcome
 from workers.models import ModelCache
@@ -165,6 +167,15 @@ class JobRunner:
                 if written != WRITTEN:
                     stop(written, seq)
 
+        def on_tool_call(delta: ToolCallDelta, index: int) -> None:
+            if request.stream_tokens and not stopped:
+                fields: dict[str, Any] = {"delta": delta.model_dump_json(exclude_none=True)}
+                if several:
+                    fields["index"] = str(index)
+                written = patiently(lambda: fence.publish(TOOL_CALL, ttl=stream_ttl, **fields))
+                if written != WRITTEN:
+                    stop(written, seq)
+
         def should_cancel(tokens: int) -> bool:  # polled a few times a second while it runs
             pipe = r.pipeline(transaction=False)
             pipe.exists(cancel_key(job_id))
@@ -201,7 +212,12 @@ class JobRunner:
                         patiently(
                             lambda: fence.publish(RESTART, ttl=stream_ttl, worker=self.worker_id)
                         )
-                    gen = host.follow(seq, on_text=on_text, should_cancel=should_cancel)
+                    gen = host.follow(
+                        seq,
+                        on_text=on_text,
+                        should_cancel=should_cancel,
+                        on_tool_call=on_tool_call,
+                    )
                 except BaseException:
                     seq.cancel()  # whatever ended this job early, its slot is freed now
                     raise
@@ -226,6 +242,7 @@ class JobRunner:
             job_id=job_id,
             model=request.model,
             text=gen.text,
+            tool_calls=gen.tool_calls,
             finish_reason=gen.finish_reason,
             usage=Usage(
                 prompt_tokens=gen.prompt_tokens,
@@ -318,6 +335,7 @@ def choices_of(gen: Outcome, request: Request) -> list[Choice]:
             finish_reason=g.finish_reason,
             completion_tokens=g.completion_tokens,
             logprobs=g.logprobs,
+            tool_calls=g.tool_calls,
         )
         for i, g in enumerate(gen.choices)
     ]

@@ -15,9 +15,10 @@ exercised too; only the tokenizer and the engine are stand-ins.
 from __future__ import annotations
 
 from farm.request import Request
+from farm.tools.formats import ToolPlan
 from workers.engine.twin import TwinEngine, byte_tokens
 from workers.host import EngineOptions, ModelHost
-from workers.prepare import PromptTokens
+from workers.prepare import PromptTokens, tool_plan
 from workers.spec import ModelSpec
 
 
@@ -39,7 +40,15 @@ class TwinHost(ModelHost):
         )
         self.chat_source = "the twin's (message contents, one per line)"
 
-    def tokenize(self, request: Request) -> PromptTokens:
+    def tokenize(self, request: Request, tools: ToolPlan | None = None) -> PromptTokens:
         if request.messages is None:
             return byte_tokens(request.prompts[0]), ()
         return byte_tokens("\n".join(m.content for m in request.messages)), ()
+
+    def plan_tools(self, request: Request) -> ToolPlan | None:
+        # farm's generic format, with no grammar: a message holding a generic call
+        # (<tool_call>{...}</tool_call>) echoes back as that call.
+        return tool_plan(request, None, to_gbnf=None) if request.is_chat else None
+
+    def markers(self, tools: ToolPlan | None) -> dict[str, int]:
+        return {}

@@ -156,7 +156,8 @@ def rate_estimate(request: Request) -> int:
     """The tokens a job counts against a tokens-per-minute limit: its prompts at about four
     characters a token (OpenAI's rule of thumb) and max_tokens for every choice."""
     if request.messages is not None:
-        chars = sum(len(m.content) for m in request.messages) + 4 * len(request.messages)
+        chars = sum(m.size() for m in request.messages) + 4 * len(request.messages)
+        chars += request.tools_size
     else:
         chars = sum(len(p) for p in request.prompts)
     return -(-chars // 4) + request.stopping.max_tokens * request.choices
@@ -164,10 +165,10 @@ def rate_estimate(request: Request) -> int:
 
 def reservation(request: Request) -> int:
     """The most tokens the job can use: its prompts' bytes (at least one per token; each
-    prompt counted once however many sequences share it), what a chat template adds, and
-    max_tokens for every sequence (prompts x n)."""
+    prompt counted once however many sequences share it; tools and calls as JSON included),
+    what a chat template adds, and max_tokens for every sequence (prompts x n)."""
     if request.messages is not None:
-        prompt = sum(len(m.content.encode()) + PER_MESSAGE for m in request.messages)
+        prompt = sum(m.size() + PER_MESSAGE for m in request.messages) + request.tools_size
     else:
         prompt = sum(len(p.encode()) + PER_MESSAGE for p in request.prompts)
     return prompt + request.stopping.max_tokens * request.choices

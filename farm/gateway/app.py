@@ -246,6 +246,11 @@ async def _events(
             for i in range(choices):
                 yield openai.chunk(job.id, model, chat=True, role=True, text="", index=i)
         async for piece in follow.events(job, r, tokens=True):
+            if piece.tool_call is not None:
+                yield openai.chunk(
+                    job.id, model, chat=chat, tool_call=piece.tool_call, index=piece.index
+                )
+                continue
             new = replays.setdefault(piece.index, _Replay()).new_text(piece.text)
             if new is None:  # the rerun cannot be mended: stop it
                 follow.cancel_soon(job)
@@ -261,7 +266,7 @@ async def _events(
         c = job.completion
         assert c is not None
         for choice in c.all_choices():
-            finish = openai.FINISH.get(choice.finish_reason, "stop")
+            finish = openai.finish_reason(choice)
             yield openai.chunk(job.id, model, chat=chat, finish=finish, index=choice.index)
         if include_usage:
             yield openai.chunk(job.id, model, chat=chat, usage_of=c)

@@ -44,7 +44,7 @@ import llama_cpp
 
 from workers.engine.job import DONE, FAILED, LOGPROBS, TEXT, Generation, Sequence
 from workers.engine.logprobs import Logprobs, first_prompt_token
-from workers.engine.sampling import GrammarError, LogitBiasError, Sampler, build_sampler
+from workers.engine.sampling import GrammarError, Lazy, LogitBiasError, Sampler, build_sampler
 from workers.engine.text import TextAssembler
 from workers.engine.vocab import Vocab
 
@@ -302,7 +302,10 @@ class Engine:
         return self._thread.is_alive()
 
     def _start(self, slot: Slot, seq: Sequence) -> None:
-        sampler = build_sampler(self.vocab, seq.sampling, seq.grammar, self.tokens.markers())
+        lazy = Lazy(seq.grammar_patterns, seq.grammar_tokens) if seq.grammar_lazy else None
+        sampler = build_sampler(
+            self.vocab, seq.sampling, seq.grammar, self.tokens.markers(), lazy=lazy
+        )
         # A scored prompt needs the logits of every position: nothing of it is reused.
         keep = 0 if seq.prompt_logprobs else common_prefix(slot.cache, seq.tokens)
         if keep == len(seq.tokens):
@@ -454,7 +457,7 @@ class Engine:
             return
         if slot.logprobs is not None:
             self._record_logprobs(slot, index, token)
-        if text.add(slot.decoder.decode(self.tokens.text(token))):
+        if text.add(slot.decoder.decode(self.tokens.text(token, job.shown))):
             if slot.logprobs is not None:  # the tokens that began the stop string go too
                 slot.logprobs = [e for e in slot.logprobs if e["text_offset"] < len(text.text)]
             self._finish(slot, "stop")

@@ -36,6 +36,7 @@ class Generation:
     logprobs: list[dict[str, Any]] | None = None
     # With Sequence.prompt_logprobs: one per prompt token after a leading BOS, the first None.
     prompt_logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = None  # set by the host for a request with tools
 
 
 @dataclass(eq=False)
@@ -47,6 +48,13 @@ class Sequence:
     sampling: dict[str, Any] = field(default_factory=dict)
     stops: tuple[str, ...] = ()
     grammar: str | None = None
+    # A lazy grammar waits for a trigger: a full-match pattern on the text so far (it
+    # applies from the pattern's first group), or one of these tokens.
+    grammar_lazy: bool = False
+    grammar_patterns: tuple[str, ...] = ()
+    grammar_tokens: tuple[int, ...] = ()
+    # Control tokens shown as text for this sequence (a family's tool-call markers).
+    shown: frozenset[int] = frozenset()
     deadline: float | None = None  # time.perf_counter() value
     started: float = field(default_factory=time.perf_counter)
     label: str = ""  # for logs: the job id

@@ -36,6 +36,10 @@ DEFAULTS: dict[str, Any] = {
     "mirostat_eta": 0.1,
 }
 
+# Which tokens a grammar filters first when it refused the chain's pick: those whose logit
+# is within GRAMMAR_MARGIN of the best, at most GRAMMAR_FIRST of them.
+GRAMMAR_MARGIN = 12.0
+GRAMMAR_FIRST = 512
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
 
@@ -56,6 +60,13 @@ class Sampler:
     n_vocab: int
     penalty_last_n: int
     penalties: bool
+    # The chain keeps no state that a token it accepts changes (no penalties, no mirostat):
+    # its own pick may then be made by llama.cpp, which accepts it, even when the grammar
+    # turns it down afterwards.
+    stateless: bool = False
+    # Nothing in the chain raises a token's logit (no penalties, no positive logit_bias): a
+    # grammar's pick may look at the best tokens by raw logit first (`_pick`).
+    prefilter: bool = False
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties see the prompt's last tokens, as llama-server does."""
@@ -68,33 +79,64 @@ class Sampler:
         if self.grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
-        token = self._pick(logits, with_grammar=False)
+        if self.stateless:  # llama.cpp's own pick: no copy of the logits in Python
+            token = int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+        else:
+            token = self._pick(logits, with_grammar=False)
         if not self._grammar_allows(token):
             token = self._pick(logits, with_grammar=True)
-        llama_cpp.llama_sampler_accept(self.chain, token)
+        if not self.stateless:
+            llama_cpp.llama_sampler_accept(self.chain, token)
         llama_cpp.llama_sampler_accept(self.grammar, token)
         return token
 
     def _pick(self, logits: Any, *, with_grammar: bool) -> int:
-        data = np.empty(self.n_vocab, dtype=_TOKEN_DATA)
-        data["id"] = np.arange(self.n_vocab, dtype=np.intc)
-        data["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        if with_grammar and self.prefilter:
+            # The grammar refused the chain's pick. Filtering the whole vocabulary costs tens
+            # of ms on Gemma's 262k tokens: try the tokens near the best logit first (within
+            # GRAMMAR_MARGIN, at most GRAMMAR_FIRST). When the grammar allows any of them,
+            # the best token it allows is among them (greedy picks exactly as over the whole
+            # vocabulary; top-k/top-p draw from the allowed ones among the best, the rest
+            # being e^-GRAMMAR_MARGIN as likely); only when it allows none is the rest
+            # filtered. A threshold, not a sort: argpartition over 262k costs ~3 ms.
+            best = np.flatnonzero(view >= view.max() - GRAMMAR_MARGIN)
+            if len(best) > GRAMMAR_FIRST:
+                best = best[np.argpartition(view[best], -GRAMMAR_FIRST)[-GRAMMAR_FIRST:]]
+            if len(best) < self.n_vocab:
+                token = self._pick_among(best.astype(np.intc), view[best], with_grammar=True)
+                if token is not None:
+                    return token
+        token = self._pick_among(None, view, with_grammar=with_grammar)
+        if token is None:
+            # Accepting a token the grammar forbids would abort llama.cpp.
+            raise GrammarError("the grammar allows no token here")
+        return token
+
+    def _pick_among(self, ids: Any, logits: Any, *, with_grammar: bool) -> int | None:
+        """The chain's pick among the tokens `ids` (None: all) with their `logits`; None
+        when the grammar allows none of them."""
+        n = self.n_vocab if ids is None else len(ids)
+        data = np.empty(n, dtype=_TOKEN_DATA)
+        data["id"] = np.arange(n, dtype=np.intc) if ids is None else ids
+        data["logit"] = logits
         data["p"] = 0.0
         array = llama_cpp.llama_token_data_array(
             data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
-            size=self.n_vocab,
+            size=n,
             selected=-1,
             sorted=False,
         )
         if with_grammar:
             llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+            if not np.isfinite(data["logit"][: array.size]).any():
+                return None
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
         if array.selected < 0:
             raise RuntimeError("the sampler chain selected no token")
         chosen = array.data[array.selected]
         if with_grammar and not np.isfinite(chosen.logit):
-            # Accepting a token the grammar forbids would abort llama.cpp.
-            raise GrammarError("the grammar allows no token here")
+            return None
         return int(chosen.id)
 
     def _grammar_allows(self, token: int) -> bool:
@@ -110,13 +152,27 @@ class Sampler:
         self.chain = self.grammar = None
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """When a grammar starts to apply: once the text so far fully matches one of `patterns`
+    (from the pattern's first group on), or once one of `tokens` is sampled."""
+
+    patterns: tuple[str, ...] = ()
+    tokens: tuple[int, ...] = ()
+
+
 def build_sampler(
-    vocab: Any, sampling: dict[str, Any], grammar: str | None, banned: tuple[int, ...] = ()
+    vocab: Any,
+    sampling: dict[str, Any],
+    grammar: str | None,
+    banned: tuple[int, ...] = (),
+    lazy: Lazy | None = None,
 ) -> Sampler:
     """A sampler for one sequence that never picks a `banned` token (a non-text marker),
     with the request's `logit_bias` (token id -> bias; -100 bans the token) added to the
-    logits first. GrammarError when llama.cpp rejects the grammar, LogitBiasError for a
-    bias on a token the vocabulary does not have."""
+    logits first; with `lazy`, its grammar waits for a trigger (tool calls under
+    tool_choice auto). GrammarError when llama.cpp rejects the grammar, LogitBiasError for
+    a bias on a token the vocabulary does not have."""
     p = {**DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
     biases = _biases(p.pop("logit_bias", None) or {}, banned, n_vocab)
@@ -124,9 +180,7 @@ def build_sampler(
     seed = int(seed) if seed is not None else random.randrange(2**31)
     grammar_sampler = None
     if grammar is not None:
-        grammar_sampler = llama_cpp.llama_sampler_init_grammar(
-            vocab, grammar.encode("utf-8"), b"root"
-        )
+        grammar_sampler = _grammar_sampler(vocab, grammar, lazy)
         if not grammar_sampler:  # NULL: llama.cpp logged why and returned nothing
             raise GrammarError("llama.cpp could not parse the grammar")
 
@@ -145,7 +199,34 @@ def build_sampler(
         if grammar_sampler:
             llama_cpp.llama_sampler_free(grammar_sampler)
         raise
-    return Sampler(chain, grammar_sampler, n_vocab, int(p["penalty_last_n"]), _penalized(p))
+    penalties = _penalized(p)
+    return Sampler(
+        chain,
+        grammar_sampler,
+        n_vocab,
+        int(p["penalty_last_n"]),
+        penalties,
+        stateless=not penalties and p["mirostat_mode"] == 0,
+        prefilter=not penalties and all(b <= 0 for b in biases.values()),
+    )
+
+
+def _grammar_sampler(vocab: Any, grammar: str, lazy: Lazy | None) -> Any:
+    if lazy is None:
+        return llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    patterns = (ctypes.c_char_p * max(1, len(lazy.patterns)))(
+        *(p.encode("utf-8") for p in lazy.patterns)
+    )
+    tokens = (llama_cpp.llama_token * max(1, len(lazy.tokens)))(*lazy.tokens)
+    return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        vocab,
+        grammar.encode("utf-8"),
+        b"root",
+        patterns,
+        len(lazy.patterns),
+        tokens,
+        len(lazy.tokens),
+    )
 
 
 def _biases(requested: dict[Any, float], banned: tuple[int, ...], n_vocab: int) -> dict[int, float]:

@@ -26,8 +26,11 @@ class Vocab:
         self._hidden: dict[int, bool] = {}  # token -> renders as nothing; filled as sampled
         self._markers: tuple[int, ...] | None = None
 
-    def text(self, token: int) -> bytes:
-        """The bytes a reader sees for `token`: nothing for a control token or a marker."""
+    def text(self, token: int, shown: frozenset[int] = frozenset()) -> bytes:
+        """The bytes a reader sees for `token`: nothing for a control token or a marker,
+        unless it is one of `shown` (a tool-call marker the worker parses), then its name."""
+        if token in shown:
+            return self.piece(token, special=True)
         return b"" if self.hidden(token) else self.piece(token)
 
     def hidden(self, token: int) -> bool:
