@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 @contextmanager
-def farm_for_bench(models: list[str], home: Path | None = None) -> Iterator[None]:
+def farm_for_bench(
+    models: list[str], home: Path | None = None, *, parallel: int | None = None
+) -> Iterator[None]:
     from farm.config import get_settings
     from farm.context import reset_context
     from farm.embedded import EmbeddedFarm
@@ -29,6 +31,8 @@ def farm_for_bench(models: list[str], home: Path | None = None) -> Iterator[None
     os.environ["FARM_HOME"] = str(home or tempfile.mkdtemp(prefix="farm-bench-"))
     reset_context()
     embedded = EmbeddedFarm(get_settings(), models, say=lambda m: print(m, file=sys.stderr))
+    if parallel is not None:
+        embedded.parallel = dict.fromkeys(models, parallel)
     embedded.start()
     os.environ["FARM_BROKER_URL"] = embedded.broker_url
     reset_context()

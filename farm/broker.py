@@ -17,9 +17,12 @@ from celery import Celery
 from celery.backends.redis import RedisBackend
 from kombu.transport.redis import Channel as RedisChannel
 from kombu.transport.redis import Transport as RedisTransport
+from kombu.utils.json import dumps
+from redis.exceptions import NoScriptError
 
 from farm.config import Settings
-from farm.queue import DEFAULT_PRIORITY, PRIORITY_STEPS, PUBLISH_RETRY, TASK_NAME
+from farm.fair import held
+from farm.queue import DEFAULT_PRIORITY, FAIR_HEADER, PRIORITY_STEPS, PUBLISH_RETRY, TASK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,32 @@ def route_job(
 
 
 class Channel(RedisChannel):
-    """kombu's Redis channel, minus one way to kill a worker: a queued item that is not a
-    kombu message (not JSON, or not its envelope) raised out of the consumer and stopped
-    the worker. Such an item was already taken off the list; it is dropped with a log line
-    and the worker goes on."""
+    """kombu's Redis channel, with two changes.
+
+    - A job sent with farm's fair-share header is held under its session (farm/fair/):
+      kombu builds and routes the message as ever, and `_put` files those very bytes in
+      one Redis script that also dispatches the least served session's jobs while the
+      queue has room. Other messages are pushed as kombu pushes them.
+    - Minus one way to kill a worker: a queued item that is not a kombu message (not JSON,
+      or not its envelope) raised out of the consumer and stopped the worker. Such an item
+      was already taken off the list; it is dropped with a log line and the worker goes on.
+    """
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        headers = message.get("headers") or {}
+        if not held.is_held(headers):
+            return super()._put(queue, message, **kwargs)
+        script, call = held.hold_call(str(headers["id"]), headers[FAIR_HEADER], dumps(message))
+        batch = kwargs.pop("_publish_batch", None)
+        if batch is not None:  # Producer.batch(): one pipeline, flushed at its end
+            batch.add("eval", script, *call)
+            return None
+        with self.conn_or_acquire() as client:
+            try:
+                client.evalsha(held.sha(script), *call)
+            except NoScriptError:  # a Redis that restarted: send the script itself once
+                client.eval(script, *call)
+        return None
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

@@ -99,6 +99,22 @@ class Settings(BaseSettings):
         "feeder tops each model's queue up to it, so a batch of any size holds this many "
         "messages in Redis.",
     )
+    fair_queued: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Jobs of each priority kept waiting in a model's Celery queue; the rest "
+        "wait in per-session lists and are dispatched to the session served least (fair "
+        "share). 0: a quarter of the model's live slots, at least 1. Fewer: finer fairness; "
+        "more: a slot waits less often for the dispatch of its next job.",
+    )
+    fair_output_weight: float = Field(
+        default=2.0,
+        gt=0,
+        le=100,
+        description="Weight of an output token against an input token in a session's "
+        "served tokens (fair share: input tokens + this x output tokens).",
+    )
     stream_ttl: int = Field(
         default=3600, gt=0, description="Seconds a job's token stream is kept after it ends."
     )

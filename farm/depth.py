@@ -1,6 +1,7 @@
 """How full a model's queue is and where a queued job stands in it, read from the broker's
 own lists (kombu keeps one Redis list per model and priority step; Flower's metrics have no
-queue length), with an estimate of when a queued job starts."""
+queue length) and the jobs held for their fair turn beside them (farm/fair/), with an
+estimate of when a queued job starts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 from typing import Any
 
 from farm.context import FarmContext
-from farm.queue import PRIORITIES, PRIORITY_STEPS, priority_list_key, priority_name
+from farm.fair.place import dispatch_order, held_counts, held_step
+from farm.queue import PRIORITIES, PRIORITY_STEPS, fair_jobs_key, priority_list_key, priority_name
 from farm.registry import queries, transaction
 
 
@@ -24,15 +26,19 @@ def queue_depths(ctx: FarmContext, models: list[str]) -> dict[str, dict[str, int
         per = dict.fromkeys(PRIORITIES, 0)
         for step in PRIORITY_STEPS:
             per[priority_name(step)] += int(next(lengths))
+        for step, n in held_counts(ctx.broker_redis, model).items():
+            per[priority_name(step)] += n
         depths[model] = per
     return depths
 
 
 def queued(ctx: FarmContext, model: str) -> int:
-    """Jobs waiting in a model's queue, all priorities together (one round trip)."""
+    """Jobs waiting for a model, all priorities together: in its queue (one round trip)
+    and held for their fair turn (one for the count of the jobs hash)."""
     pipe = ctx.broker_redis.pipeline(transaction=False)
     for step in PRIORITY_STEPS:
         pipe.llen(priority_list_key(model, step))
+    pipe.hlen(fair_jobs_key(model))
     return sum(int(n) for n in pipe.execute())
 
 
@@ -44,26 +50,43 @@ def queue_position(ctx: FarmContext, model: str, job_id: str) -> int | None:
 
 def queue_place(ctx: FarmContext, model: str, job_id: str) -> dict[str, Any] | None:
     """Where a queued job stands: its position (1 = next), the jobs ahead of it per named
-    priority, and an estimate of when it starts; None when it is not in its queue."""
+    priority, and an estimate of when it starts; None when it is not waiting.
+
+    Ahead of it: every job of a higher priority (in the queue or held), and of its own:
+    the queue's, then the held jobs its fair turn comes after."""
+    r = ctx.broker_redis
+    held = held_counts(r, model)
+    step = held_step(r, model, job_id)
     ahead = dict.fromkeys(PRIORITIES, 0)
-    for step in PRIORITY_STEPS:
+    if step is not None:
+        for s in PRIORITY_STEPS:
+            if s <= step:
+                ahead[priority_name(s)] += int(r.llen(priority_list_key(model, s)))
+            if s < step:
+                ahead[priority_name(s)] += held[s]
+        order = dispatch_order(r, model, step)
+        if job_id not in order:  # dispatched meanwhile: look again in the queue
+            return queue_place(ctx, model, job_id) if held_step(r, model, job_id) is None else None
+        ahead[priority_name(step)] += order.index(job_id)
+        return _place(ctx, model, ahead)
+    for s in PRIORITY_STEPS:
         # kombu pushes on the left and pops on the right: the right end runs first.
-        messages = ctx.broker_redis.lrange(priority_list_key(model, step), 0, -1)
+        messages = r.lrange(priority_list_key(model, s), 0, -1)
         for i, raw in enumerate(reversed(messages)):
             try:
                 found = json.loads(raw)["headers"]["id"] == job_id
             except (ValueError, KeyError, TypeError):
                 continue
             if found:
-                ahead[priority_name(step)] += i
-                total = sum(ahead.values())
-                return {
-                    "position": total + 1,
-                    "ahead": ahead,
-                    "starts_in_s": _eta(ctx, model, total),
-                }
-        ahead[priority_name(step)] += len(messages)
+                ahead[priority_name(s)] += i
+                return _place(ctx, model, ahead)
+        ahead[priority_name(s)] += len(messages) + held[s]
     return None
+
+
+def _place(ctx: FarmContext, model: str, ahead: dict[str, int]) -> dict[str, Any]:
+    total = sum(ahead.values())
+    return {"position": total + 1, "ahead": ahead, "starts_in_s": _eta(ctx, model, total)}
 
 
 ETA_WINDOW = 50  # recent jobs of the model whose durations the estimate uses

@@ -2,6 +2,7 @@
 
     request -> model known and enabled? -> fits its context? -> a live worker holds it?
             -> Celery send_task to the model's queue at the request's priority
+               (held under its session until its fair turn: farm/fair/)
             -> usage row "queued" (unless the worker already wrote "running")
 
 If the broker refuses the message, nothing is recorded: nothing is half-queued. The row is
@@ -28,7 +29,8 @@ from farm.config import masked
 from farm.context import FarmContext, get_context
 from farm.depth import queued
 from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker, QueueFull
-from farm.queue import TASK_NAME, priority_number, queue_name, rejections_key
+from farm.fair import held
+from farm.queue import FAIR_HEADER, TASK_NAME, priority_number, queue_name, rejections_key
 from farm.registry import queries, transaction
 from farm.request import Request, make_request
 from farm.results import Job
@@ -226,13 +228,18 @@ class _Prepared:
 
 def _send(ctx: FarmContext, job: _Prepared, producer: Any = None) -> None:
     request = job.request
+    step = priority_number(request.priority, batch=request.batch is not None)
+    found = quotas.limits(ctx, request.session)
+    weight = found.weight if found is not None else 1.0
     ctx.app.send_task(
         TASK_NAME,
         args=[request.to_wire()],
         task_id=job.id,
         queue=queue_name(request.model),
-        priority=priority_number(request.priority, batch=request.batch is not None),
+        priority=step,
         expires=ctx.settings.job_expires,
+        # Held under its session until its fair turn (farm/fair/, the transport's _put).
+        headers={FAIR_HEADER: held.header(request, step, weight, ctx.settings.fair_output_weight)},
         # What Flower and logs show instead of the prompt, which is user data.
         argsrepr=_argsrepr(request, ctx),
         kwargsrepr="{}",

@@ -4,7 +4,8 @@ One scrape target serves a fleet of any size: queue depth comes from Redis (Flow
 `/metrics` has none), jobs, tokens and timings from the usage rows every worker writes,
 slots from the workers' rows. Names follow vLLM's and llama-server's where they have one
 (prompt and generation tokens, time to first token, time per output token). Sessions are
-not a label: their number is unbounded.
+a label only on the fair-share gauges, and only the SESSIONS_MOST sessions served most in
+the last five minutes (or queued now): their number is otherwise unbounded.
 
     farm metrics --port 9101        # then scrape http://HOST:9101/metrics
 """
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector
 from farm.batches import store
 from farm.context import FarmContext
 from farm.depth import queue_depths
+from farm.fair.share import session_shares
 from farm.queue import PRIORITIES, rejections_key
 from farm.registry import queries, transaction
 
@@ -71,6 +73,30 @@ class FarmCollector(Collector):
             for reason in reasons:
                 rejected.add_metric([model, reason], float(next(counts) or 0))
         yield rejected
+        yield from _sessions(self.ctx, models)
+
+
+SESSIONS_MOST = 50
+
+
+def _sessions(ctx: FarmContext, models: list[str]) -> Iterator[Metric]:
+    queued = GaugeMetricFamily(
+        "farm_session_queued", "Jobs of a session waiting (held or queued)", labels=["session"]
+    )
+    served = GaugeMetricFamily(
+        "farm_session_served_tokens",
+        "Weighted tokens (input + FARM_FAIR_OUTPUT_WEIGHT x output) served to a session in "
+        "the last five minutes",
+        labels=["session"],
+    )
+    share = GaugeMetricFamily(
+        "farm_session_share", "A session's share of the tokens served lately", labels=["session"]
+    )
+    for row in session_shares(ctx, models)[:SESSIONS_MOST]:
+        queued.add_metric([row["session"]], row["queued"])
+        served.add_metric([row["session"]], row["served_tokens"])
+        share.add_metric([row["session"]], row["share"])
+    yield from (queued, served, share)
 
 
 def _jobs_and_tokens(s: Session) -> Iterator[Metric]:

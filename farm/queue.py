@@ -114,6 +114,43 @@ def cancel_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:cancel"
 
 
+# -- fair share (farm/fair/): jobs held per session until dispatched to the Celery queue --
+FAIR_HEADER = "farm_fair"  # the message header naming a job's session and charge
+
+
+def fair_level_key(model: str, step: int, part: str) -> str:
+    """One of a model's priority step's fair-share keys: `backlog` (a sorted set: sessions
+    with held jobs, by served tokens), `served` (a hash: every session's served tokens) and
+    `floor` (the served tokens of the session dispatched last)."""
+    return f"{KEY_PREFIX}fair:{model}:{step}:{part}"
+
+
+def fair_held_key(model: str, step: int, session: str) -> str:
+    """A session's jobs held at one priority step of a model, oldest first (job ids)."""
+    return fair_level_key(model, step, f"held:{session}")
+
+
+def fair_jobs_key(model: str) -> str:
+    """A model's held jobs: job id -> 'session TAB step TAB charge TAB submitted'."""
+    return f"{KEY_PREFIX}fair:{model}:jobs"
+
+
+def fair_messages_key(model: str) -> str:
+    """A model's held jobs: job id -> the Celery message, as kombu would have queued it."""
+    return f"{KEY_PREFIX}fair:{model}:messages"
+
+
+def fair_charged_key(model: str) -> str:
+    """A model's dispatched jobs not yet settled: job id -> what its session was charged."""
+    return f"{KEY_PREFIX}fair:{model}:charged"
+
+
+def fair_cap_key(model: str) -> str:
+    """Jobs of each priority step kept waiting in the model's Celery queue (a quarter of its
+    live slots, or FARM_FAIR_QUEUED), written by its workers' heartbeats; none: no holding."""
+    return f"{KEY_PREFIX}fair:{model}:cap"
+
+
 BATCH_FEEDER_LOCK = f"{KEY_PREFIX}batches:feeder"  # held by the feeder making a pass
 
 

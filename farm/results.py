@@ -22,6 +22,7 @@ from farm.completion import Completion
 from farm.context import FarmContext, get_context
 from farm.depth import queue_place
 from farm.errors import FarmUnavailable, JobCancelled, JobFailed, JobTimeout, UnknownJob
+from farm.fair import held
 from farm.queue import cancel_key, stream_key
 from farm.registry import queries, transaction
 from farm.registry.tables import TERMINAL_STATUSES
@@ -272,6 +273,8 @@ class Job:
                 )
             if row.status in TERMINAL_STATUSES:
                 return False
+            # Still held for its fair turn: out of its session's list now, never dispatched.
+            _redis_call(held.withdraw, ctx.broker_redis, row.model, self.id)
             # Only a job no worker has started is cancelled here; a running one sees the flag.
             cancelled_queued = queries.cancel_if_queued(s, job_id=self.id)
         if cancelled_queued:

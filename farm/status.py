@@ -12,6 +12,7 @@ from farm.batches.store import active
 from farm.context import FarmContext, get_context
 from farm.depth import queue_depths, queue_place
 from farm.errors import FarmUnavailable, UnknownJob
+from farm.fair.share import session_shares
 from farm.queue import cancel_key, progress_key
 from farm.registry import queries, transaction
 from farm.registry.tables import as_utc
@@ -86,7 +87,9 @@ def fleet_status(ctx: FarmContext | None = None) -> dict[str, Any]:
     depths = queue_depths(ctx, [m["name"] for m in model_rows])
     for row in model_rows:
         row["queued"] = depths[row["name"]]
-    return {"models": model_rows, "workers": worker_rows, "batches": batch_rows}
+    sessions = session_shares(ctx, [m["name"] for m in model_rows])
+    return {"models": model_rows, "workers": worker_rows, "batches": batch_rows,
+            "sessions": sessions}  # fmt: skip
 
 
 def tokens_so_far(ctx: FarmContext, job_ids: list[str]) -> list[int]:

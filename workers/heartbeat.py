@@ -22,6 +22,7 @@ from farm.admission.aging import age_queues
 from farm.broker import requeue_unacked
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, WorkerStartError
+from farm.fair import fleet
 from farm.local import pid_alive
 from farm.recovery import expire_orphaned_rows, mark_queued, reap_lost_workers
 from farm.registry import queries, transaction
@@ -136,6 +137,11 @@ class Membership:
             queries.set_worker_device(s, worker_id=self.worker_id, device=device)
         self._write_leases()
         self.joined = True
+        if self.cache is not None:  # this worker's slots join the caps; held jobs move now
+            try:
+                fleet.refresh(self.ctx, list(self.cache.specs))
+            except Exception as e:  # the next heartbeat does it
+                log.warning("worker %s: fair-share caps not written yet: %s", self.worker_id, e)
         log.info(
             "worker %s serves %s", self.worker_id, ", ".join(self.cache.specs if self.cache else ())
         )
@@ -182,6 +188,7 @@ class Membership:
                     self.spool.flush(self.ctx.database_url)
                 if self.joined and self.cache:
                     self.cache.unload_idle()
+                    fleet.refresh(self.ctx, list(self.cache.specs))  # caps, fair dispatch
                     age_queues(self.ctx, list(self.cache.specs))  # bounded waits
                     if time.monotonic() >= self._reap_after:
                         reap_lost_workers(self.ctx)

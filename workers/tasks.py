@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from farm.completion import Choice, Completion, Timings, Usage, encode_vector
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
+from farm.fair import fleet
 from farm.queue import QUEUE_PREFIX, TASK_NAME, cancel_key, progress_key
 from farm.request import Request, describe_errors
 from farm.stream import (
@@ -196,10 +197,14 @@ class JobRunner:
                 # the write is off the job's path. Should the row say the job must not run
                 # (cancelled while queued, or ended by an earlier delivery), it is stopped.
                 seq = host.start(request, time_limit_s=ctx.settings.job_time_limit, label=job_id)
+                # Taking this job opened a place in its model's queue: the next fair turn
+                # fills it (while the engine reads the prompt, off the job's path).
+                fleet.on_take(ctx, request.model)
                 try:
                     admission = self.books.admit(job_id, request, submitted, redelivered)
                     if not admission.run:
                         seq.cancel()
+                        fleet.settle(ctx, job_id, request, 0, 0)  # e.g. cancelled while queued
                         return _not_run(task, admission)
                     if redelivered and request.batch is None:
                         # An earlier delivery died part-way: tell streaming readers that the
@@ -266,6 +271,7 @@ class JobRunner:
             if written == CANCELLED_:
                 completion.finish_reason = "cancelled"
         fields = usage_fields(completion)
+        fleet.settle(ctx, job_id, request, gen.prompt_tokens, completion.usage.completion_tokens)
         if completion.finish_reason == "cancelled":
             self.books.end(job_id, "cancelled", batch=request.batch, **fields)
             patiently(lambda: fence.publish(CANCELLED, ttl=ctx.settings.stream_ttl))
@@ -307,6 +313,9 @@ class JobRunner:
     def _fail(self, job_id: str, reason: str, request: Request | None = None) -> dict[str, Any]:
         log.warning("job %s failed: %s", job_id, reason)
         batch = request.batch if request is not None else None
+        if request is not None:
+            fleet.on_take(self.ctx, request.model)  # it may have failed before its start
+            fleet.settle(self.ctx, job_id, request, 0, 0)
         self.books.end(
             job_id, "failed", request, batch=batch, error=reason, worker_id=self.worker_id
         )
@@ -370,6 +379,9 @@ def register_task(app: Celery, runner: JobRunner) -> Task:
 
     @app.task(
         name=TASK_NAME,
+        # This app's alone: a shared task would attach itself to every app made later in
+        # the process (a second in-process worker's, in the tests) and clash with its own.
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,

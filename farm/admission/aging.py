@@ -10,16 +10,20 @@ from its submit, so a low job that aged into normal moves on to high at once (wi
 defaults, 600 s and 120 s): no job waits much longer than FARM_MAX_WAIT_LOW plus a
 heartbeat and the other aged jobs ahead of it.
 The age comes from the message's own `expires` header (submit time + FARM_JOB_EXPIRES).
+Jobs still held for their fair turn (farm/fair/) age the same way: one that waited too long
+is dispatched at once to the front of the next priority's list.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from farm.context import FarmContext
+from farm.fair import held
 from farm.queue import PRIORITIES, priority_list_key
 
 log = logging.getLogger(__name__)
@@ -62,8 +66,15 @@ def age_queues(ctx: FarmContext, models: list[str]) -> int:
         for name, limit in limits.items():
             if not limit:
                 continue
-            src = priority_list_key(model, PRIORITIES[name])
-            dst = priority_list_key(model, PRIORITIES[AGES_INTO[name]])
+            step, into = PRIORITIES[name], PRIORITIES[AGES_INTO[name]]
+            lifted = held.age(r, model, step, into, time.time() - limit, MOST_MOVES)
+            if lifted:
+                moved += lifted
+                log.info(
+                    "%d held %s jobs for %s waited over %.0fs: moved up", lifted, name, model, limit
+                )
+            src = priority_list_key(model, step)
+            dst = priority_list_key(model, into)
             for _ in range(MOST_MOVES):
                 raw = r.lindex(src, -1)
                 if raw is None:

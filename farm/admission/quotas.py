@@ -108,6 +108,7 @@ class Limits:
     max_queued: int | None
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    weight: float = 1.0  # fair share: not a limit, so never a reason to reserve
 
     @property
     def quota(self) -> bool:
@@ -193,6 +194,7 @@ def limits(ctx: FarmContext, session: str) -> Limits | None:
                 row.max_queued,
                 row.requests_per_minute,
                 row.tokens_per_minute,
+                row.weight or 1.0,
             )
     ctx.quotas[session] = (now + LIMITS_CACHE_S, found)
     return found

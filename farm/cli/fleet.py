@@ -316,6 +316,31 @@ def render_job(info: dict[str, Any], console: Any) -> None:
         console.print(f"{labels.get(key, key):>14}  {value}", highlight=False)
 
 
+def _render_sessions(rows: list[dict[str, Any]], console: Any) -> None:
+    from farm.fair.share import WINDOW_S
+
+    table = fold_table(
+        "session",
+        "weight",
+        "queued",
+        f"jobs ({WINDOW_S // 60} min)",
+        f"tokens ({WINDOW_S // 60} min)",
+        "share",
+        title="sessions (fair share: input + weighted output tokens served lately)",
+        whole=("session",),
+    )
+    for row in rows:
+        table.add_row(
+            row["session"],
+            f"{row['weight']:g}",
+            str(row["queued"]),
+            str(row["served_jobs"]),
+            str(row["served_tokens"]),
+            f"{100 * row['share']:.0f}%",
+        )
+    console.print(table)
+
+
 def render_fleet(fleet: dict[str, Any], console: Any) -> None:
     from farm.queue import PRIORITIES
 
@@ -365,6 +390,8 @@ def render_fleet(fleet: dict[str, Any], console: Any) -> None:
             f"{w['heartbeat_age_s']}s ago",
         )
     console.print(workers)
+    if fleet.get("sessions"):
+        _render_sessions(fleet["sessions"], console)
     for b in fleet.get("batches", []):  # one whole line each: ids to copy
         eta = "" if b["eta_s"] is None else f", about {b['eta_s']:.0f}s left"
         console.print(

@@ -1,5 +1,6 @@
 """`farm quota set|list|remove`: per-session limits on tokens per day, jobs in flight, and
-requests and tokens per minute (rate limits; a session is an API key's)."""
+requests and tokens per minute (rate limits; a session is an API key's), and a session's
+weight in fair share (farm/fair/)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from farm.cli.base import _db_url, _db_url_for_writes, app, fold_table, friendly
 
 quota_app = typer.Typer(
     help="Per-session quotas: tokens per day, jobs queued or running, requests and tokens "
-    "per minute."
+    "per minute; and a session's weight in fair share."
 )
 app.add_typer(quota_app, name="quota", no_args_is_help=True)
 
@@ -48,6 +49,16 @@ def quota_set(
             help="prompt (about 4 characters a token) and max_tokens in any minute (0 removes)",
         ),
     ] = None,
+    weight: Annotated[
+        float | None,
+        typer.Option(
+            metavar="W",
+            min=0.01,
+            max=1000,
+            help="fair share: while sessions are backlogged at one priority, each gets tokens "
+            "in proportion to its weight (default 1; 2: twice the share)",
+        ),
+    ] = None,
 ) -> None:
     """Set (or change) a session's limits; a submit over them is refused before queuing
     (over a rate limit, with the seconds to wait: 429 and Retry-After at the gateway)."""
@@ -55,11 +66,11 @@ def quota_set(
     from farm.registry import queries, transaction
     from farm.request import Request
 
-    given = (tokens_per_day, max_queued, requests_per_minute, tokens_per_minute)
+    given = (tokens_per_day, max_queued, requests_per_minute, tokens_per_minute, weight)
     if all(v is None for v in given):
         raise InvalidRequest(
-            "give one or more of --tokens-per-day N, --max-queued N, --requests-per-minute N "
-            "and --tokens-per-minute N"
+            "give one or more of --tokens-per-day N, --max-queued N, --requests-per-minute N, "
+            "--tokens-per-minute N and --weight W"
         )
     Request.model_validate({"model": "m", "prompt": "p", "session": session})  # a valid name
     with transaction(_db_url_for_writes()) as s:
@@ -70,6 +81,7 @@ def quota_set(
             max_queued=max_queued,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
+            weight=weight,
         )  # fmt: skip
     out.print(f"quota for session '{session}' set", highlight=False)
 
@@ -91,6 +103,7 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
                 "max_queued": r.max_queued,
                 "requests_per_minute": r.requests_per_minute,
                 "tokens_per_minute": r.tokens_per_minute,
+                "weight": r.weight or 1.0,
             }
             for r in rows
         ]
@@ -113,6 +126,7 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
         "in flight",
         "req/min",
         "tokens/min",
+        "weight",
         whole=("session",),
     )
     for q in found:
@@ -125,6 +139,7 @@ def quota_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
             str(q["in_flight"]),
             str(q["requests_per_minute"] or "-"),
             str(q["tokens_per_minute"] or "-"),
+            f"{q['weight']:g}",
         )
     out.print(table)
 

@@ -149,7 +149,8 @@ class UsageRecord(Base):
 
 class QuotaRecord(Base):
     """A session's limits: tokens per day (prompt and completion), jobs queued or running,
-    and requests and tokens per minute (a rate limit, per API key's session).
+    and requests and tokens per minute (a rate limit, per API key's session); and its
+    weight in fair share (farm/fair/: twice the weight, twice the share when backlogged).
 
     What is used and reserved lives in Redis (farm/admission/quotas.py), where a submit
     reserves atomically; the registry keeps the limits and, in usage, what was used."""
@@ -161,6 +162,7 @@ class QuotaRecord(Base):
     max_queued: Mapped[int | None] = mapped_column(Integer)
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    weight: Mapped[float | None] = mapped_column(Float)  # None: 1
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -24,6 +24,7 @@ from farm.registry.queries.usage import (
     record_queued,
     record_queued_many,
     record_started,
+    served_since,
     token_totals,
     usage_totals,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "remove_quota",
     "requeued",
     "running_jobs",
+    "served_since",
     "set_leases",
     "set_quota",
     "set_worker_device",

@@ -23,6 +23,7 @@ def set_quota(
     max_queued: int | None,
     requests_per_minute: int | None = None,
     tokens_per_minute: int | None = None,
+    weight: float | None = None,
 ) -> None:
     """Create or change a session's limits; a None leaves that limit as it was, a 0 for
     a per-minute one removes it."""
@@ -35,6 +36,8 @@ def set_quota(
         row.requests_per_minute = requests_per_minute or None
     if tokens_per_minute is not None:
         row.tokens_per_minute = tokens_per_minute or None
+    if weight is not None:
+        row.weight = weight
     row.updated_at = utcnow()
     s.add(row)
 

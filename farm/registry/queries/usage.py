@@ -196,6 +196,22 @@ def get_usage(s: Session, job_id: str) -> UsageRecord | None:
     return s.scalar(select(UsageRecord).where(UsageRecord.job_id == job_id))
 
 
+def served_since(s: Session, since: datetime) -> dict[str, tuple[int, int, int]]:
+    """Per session, the jobs that ended since `since` and used tokens: (jobs, prompt
+    tokens, completion tokens), for the fair share's report."""
+    query = (
+        select(
+            UsageRecord.session,
+            func.count(),
+            func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
+            func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
+        )
+        .where(UsageRecord.finished_at >= since, UsageRecord.status.in_(("succeeded", "cancelled")))
+        .group_by(UsageRecord.session)
+    )
+    return {str(row[0]): (int(row[1]), int(row[2]), int(row[3])) for row in s.execute(query)}
+
+
 def recent_generation_ms(s: Session, model: str, most: int) -> list[float]:
     """Generation times (ms) of the model's last `most` succeeded jobs, newest first."""
     return [
