@@ -5,6 +5,7 @@
     POST /v1/chat/completions     chat; "stream": true gives server-sent events ending in [DONE]
     POST /v1/completions          plain prompts, the same way
     /v1/files, /v1/batches        batch jobs (farm/gateway/batches.py)
+    /v1/responses                 OpenAI's Responses API (farm/gateway/responses.py)
 
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
 With no key ever created the gateway needs none (a laptop, on 127.0.0.1); once one was, or
@@ -43,6 +44,7 @@ from farm.context import get_context
 from farm.errors import FarmError, JobFailed, RateLimited
 from farm.gateway import follow, keys
 from farm.gateway import models as model_routes
+from farm.gateway import responses as response_routes
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
@@ -95,7 +97,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     def _http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = (
             f"no endpoint {request.method} {request.url.path}: farm serves /v1/models, "
-            "/v1/chat/completions, /v1/completions, /v1/files and /v1/batches"
+            "/v1/chat/completions, /v1/completions, /v1/responses, /v1/files and /v1/batches"
             if e.status_code in (404, 405)
             else str(e.detail)
         )
@@ -147,6 +149,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
 
     add_routes(app, _session, session_of)
     model_routes.add_routes(app, session_of)
+    response_routes.add_routes(app, session_of)
     return app
 
 
