@@ -209,3 +209,10 @@ def test_an_unknown_previous_response_id_is_a_404_naming_it(gateway, live_farm):
     r = httpx.post(f"{gateway}/v1/responses", json=body, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
     assert usage_rows(live_farm.database_url) == before
+
+
+def test_an_input_longer_than_the_context_is_a_400_naming_input(gateway):
+    with pytest.raises(openai.BadRequestError) as long:
+        client(gateway).responses.create(model=MODEL, input="word " * 5000, max_output_tokens=2)
+    assert long.value.body["param"] == "input"  # type: ignore[index]
+    assert long.value.body["code"] == "context_length_exceeded"  # type: ignore[index]

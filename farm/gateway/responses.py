@@ -30,7 +30,7 @@ from farm import openai_api as openai
 from farm import openai_responses as shapes
 from farm.admission.quotas import RateState
 from farm.context import get_context
-from farm.errors import FarmError, InvalidRequest
+from farm.errors import FarmError, InvalidRequest, JobFailed
 from farm.gateway import follow
 from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
 from farm.queue import PRIORITIES
@@ -70,9 +70,14 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) ->
         headers = job.rate.headers() if isinstance(job.rate, RateState) else {}
         if stream:
             return JobStream(_events(job, r, turn), job, headers=headers)
-        if await until_done_or_gone(request, follow.result(job, r)):
-            follow.cancel_soon(job)
-            return Response(status_code=499)  # nobody reads it: for the access log
+        try:
+            if await until_done_or_gone(request, follow.result(job, r)):
+                follow.cancel_soon(job)
+                return Response(status_code=499)  # nobody reads it: for the access log
+        except FarmError as e:  # a prompt too long is in 'input' here, not 'messages'
+            status, err = openai.error(e)
+            err["error"]["param"] = shapes.renamed(err["error"]["param"])
+            return JSONResponse(err, status_code=status, headers=headers)
         reply = await off_loop(turn.finish, job.completion)
         return JSONResponse(reply, headers=headers)
 
@@ -247,6 +252,12 @@ class _Output:
         return out
 
 
+RESTARTED = JobFailed(
+    "the worker running this response was lost and its job started over on another after "
+    "part of it was streamed; retry the request"
+)
+
+
 async def _events(job: Job, r: Any, turn: _Turn) -> AsyncIterator[str]:
     """The Responses event stream of a job: created, in progress, its items as they stream,
     then completed (or incomplete, when it ran out of tokens). JobStream cancels the job
@@ -255,8 +266,14 @@ async def _events(job: Job, r: Any, turn: _Turn) -> AsyncIterator[str]:
     yield emit("response.created", response=turn.start())
     yield emit("response.in_progress", response=turn.start())
     output = _Output(job.id, emit)
+    restarted: list[str | None] = []
+    job.on_restart = restarted.append
     try:
         async for piece in follow.events(job, r, tokens=True):
+            if restarted and output.index >= 0:
+                # The job started over on another worker: its items would stream again.
+                follow.cancel_soon(job)
+                raise RESTARTED
             if piece.index != 0:
                 continue
             events = (
