@@ -8,6 +8,7 @@ import json
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 from sqlalchemy import delete
 
@@ -58,13 +59,15 @@ def test_previous_response_id_carries_the_first_turn_and_finds_it_cached(gateway
     second = c.responses.create(
         model=MODEL,
         previous_response_id=first.id,
+        instructions="Answer briefly.",  # not carried over (OpenAI's rule): sent again
         input=[{"role": "user", "content": [{"type": "input_text", "text": "What is my name?"}]}],
         max_output_tokens=8,
         temperature=0,
     )
     assert first.usage and second.usage
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens - 2
-    assert second.usage.input_tokens_details.cached_tokens > 0
+    # The first turn's prompt is the second's prefix, still in the slot's cache.
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 2
     assert second.previous_response_id == first.id
 
 
@@ -216,3 +219,20 @@ def test_an_input_longer_than_the_context_is_a_400_naming_input(gateway):
         client(gateway).responses.create(model=MODEL, input="word " * 5000, max_output_tokens=2)
     assert long.value.body["param"] == "input"  # type: ignore[index]
     assert long.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+class Answer(pydantic.BaseModel):
+    ok: bool
+
+
+def test_text_format_json_schema_constrains_the_reply_and_the_sdk_parses_it(gateway):
+    c = client(gateway)
+    parsed = c.responses.parse(
+        model=MODEL, input="Is water wet?", text_format=Answer, max_output_tokens=30
+    )
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Answer)
+    with c.responses.stream(
+        model=MODEL, input="Is fire hot?", text_format=Answer, max_output_tokens=30
+    ) as stream:
+        final = stream.get_final_response()  # needs response.completed
+    assert isinstance(final.output_parsed, Answer)
