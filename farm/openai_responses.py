@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from farm.openai_api import BadBody, json_type
+from farm.request import valid_text
 
 # What a Responses body may hold besides what `chat_body` converts.
 PARAMS = (
@@ -53,6 +54,14 @@ def check_body(body: Any) -> dict[str, Any]:
     if "input" not in body:
         raise BadBody("'input' is required: a string, or a list of items", "input")
     return body
+
+
+def valid_id(value: str) -> str:
+    """`previous_response_id` as text a database can look up (a NUL is a 400, not a 500)."""
+    try:
+        return valid_text(value)
+    except ValueError as e:
+        raise BadBody(f"invalid 'previous_response_id': {e}", "previous_response_id") from None
 
 
 def input_items(value: Any) -> list[dict[str, Any]]:

@@ -194,6 +194,7 @@ BAD = [
     ({"input": "hi", "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.0.call_id"),
+    ({"input": "hi", "previous_response_id": "resp_\u0000"}, "previous_response_id"),
 ]  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from farm.admission.quotas import RateState
 from farm.context import get_context
 from farm.errors import FarmError, InvalidRequest, JobFailed
 from farm.gateway import follow
+from farm.gateway.batches import Id
 from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
 from farm.queue import PRIORITIES
 from farm.registry import transaction
@@ -49,6 +50,7 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) ->
         conversation: list[dict[str, Any]] = []
         previous = body.get("previous_response_id")
         if previous is not None:
+            previous = shapes.valid_id(previous)
             found = await off_loop(_conversation, previous, session)
             if found is None:
                 return _not_found(previous, "previous_response_id")
@@ -82,13 +84,13 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) ->
         return JSONResponse(reply, headers=headers)
 
     @app.get("/v1/responses/{response_id}")
-    async def retrieve(response_id: str, request: Request) -> Any:
+    async def retrieve(response_id: Id, request: Request) -> Any:
         session = await session_of(request)
         found = await off_loop(_stored, response_id, session)
         return found if found is not None else _not_found(response_id, None)
 
     @app.delete("/v1/responses/{response_id}")
-    async def remove(response_id: str, request: Request) -> Any:
+    async def remove(response_id: Id, request: Request) -> Any:
         session = await session_of(request)
         if not await off_loop(_remove, response_id, session):
             return _not_found(response_id, None)
