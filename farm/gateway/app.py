@@ -6,6 +6,7 @@
     POST /v1/completions          plain prompts, the same way
     POST /v1/embeddings           vectors (farm/gateway/embeddings.py)
     /v1/files, /v1/batches        batch jobs (farm/gateway/batches.py)
+    /v1/responses                 OpenAI's Responses API (farm/gateway/responses.py)
 
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
 With no key ever created the gateway needs none (a laptop, on 127.0.0.1); once one was, or
@@ -44,6 +45,7 @@ from farm.context import get_context
 from farm.errors import FarmError, JobFailed, RateLimited
 from farm.gateway import embeddings, follow, keys
 from farm.gateway import models as model_routes
+from farm.gateway import responses as response_routes
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
@@ -96,7 +98,8 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     def _http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = (
             f"no endpoint {request.method} {request.url.path}: farm serves /v1/models, "
-            "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/files and /v1/batches"
+            "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
+            "/v1/files and /v1/batches"
             if e.status_code in (404, 405)
             else str(e.detail)
         )
@@ -149,6 +152,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     add_routes(app, _session, session_of)
     model_routes.add_routes(app, session_of)
     embeddings.add_routes(app, session_of)
+    response_routes.add_routes(app, session_of)
     return app
 
 

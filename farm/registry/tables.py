@@ -1,4 +1,5 @@
-"""The registry's tables: models, workers, leases, usage, quotas, API keys, and batches.
+"""The registry's tables: models, workers, leases, usage, quotas, API keys, batches, and
+stored responses (the Responses API).
 
 Named tables and records, not "models": in farm a model is an LLM.
 Every schema change is an Alembic migration in `migrations/versions`.
@@ -251,6 +252,20 @@ class BatchLineRecord(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column()  # the Completion
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class ResponseRecord(Base):
+    """A stored response of the gateway's /v1/responses, readable only by its session: the
+    response as returned, and the conversation it ends (the input items, with those of the
+    responses before it, then its output items), so `previous_response_id` can continue it."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session: Mapped[str] = mapped_column(String(128), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    conversation: Mapped[list[Any]] = mapped_column(JSON)
+    response: Mapped[dict[str, Any]] = mapped_column()
 
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")

@@ -1,6 +1,7 @@
 """Named reads and writes on the registry, one module per noun: `models` (the LLMs farm
 serves), `workers` (workers and their leases), `usage` (one row per job), `quotas` (limits
-per session), `keys` (the gateway's API keys, used as a module: `keys.counts`). Batches and files
+per session), `keys` (the gateway's API keys, used as a module: `keys.counts`), `responses`
+(the gateway's stored responses, used as a module: `responses.get`). Batches and files
 are in `farm/batches/store.py`. Every function takes the caller's session; none commits.
 
 Callers use `queries.NAME`; the names are gathered here so that a query can move between
