@@ -30,6 +30,7 @@ from farm.stream import RECONNECT_WINDOW_S
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 4096  # Redis's own default limit is 10,000 clients
 BLOCK_MS = 1000  # one XREAD waits at most this long before the loop looks around
 SETTLED_EVERY_S = 5.0  # how often a silent stream is checked against the backend/registry
 
@@ -44,12 +45,16 @@ def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
     """This event loop's client for `url` (the farm's result backend Redis)."""
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     if url not in per_loop:
-        per_loop[url] = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
             socket_connect_timeout=connect_timeout,
             decode_responses=True,
-            max_connections=None,  # one per waiting request, reused after
+            # One per waiting request, reused after; past this many, a request waits for a
+            # free one instead of failing (redis-py's pool refuses past 100 by default).
+            max_connections=MAX_CONNECTIONS,
+            timeout=None,
         )
+        per_loop[url] = aioredis.Redis(connection_pool=pool)
     return per_loop[url]
 
 
