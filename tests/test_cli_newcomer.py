@@ -107,7 +107,7 @@ def test_the_priority_names_the_cli_accepts_are_the_queues():
 
 def test_an_out_of_range_value_is_refused_naming_its_flag_before_celery_loads(tmp_path):
     code, stderr, loaded = farm_in_process(
-        "submit", "hi", "--top-p", "3", "--max-tokens", "0", env={"FARM_HOME": str(tmp_path)}
+        "submit", "hi", "--top-p", "3", "--max-tokens", "-1", env={"FARM_HOME": str(tmp_path)}
     )
     assert code == 1
     assert "invalid --top-p: " in stderr and "invalid --max-tokens: " in stderr
