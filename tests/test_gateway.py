@@ -99,7 +99,7 @@ def test_openai_shaped_errors_name_the_problem(gateway):
     assert "unknown model 'deepsek'" in str(missing.value)
     r = httpx.post(f"{gateway}/v1/chat/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(f"{gateway}/v1/embeddings", json={"input": "x"}, timeout=30)
+    r = httpx.post(f"{gateway}/v1/moderations", json={"input": "x"}, timeout=30)
     assert r.status_code in (404, 405) and "/v1/chat/completions" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError) as long:
         c.completions.create(model=MODEL, prompt="word " * 5000, max_tokens=2)
