@@ -53,7 +53,7 @@ TOOLS: list[Any] = [
 ]
 SCHEMAS = {"get_weather": WEATHER_SCHEMA, "add": ADD_SCHEMA}
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
-SAME = {"temperature": 0, "seed": 7, "max_tokens": 60, "parallel_tool_calls": False}
+SAME = {"temperature": 0, "seed": 7, "max_tokens": 160, "parallel_tool_calls": False}
 
 
 @pytest.fixture(scope="module")

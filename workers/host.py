@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -98,7 +99,8 @@ class ModelHost:
         self.engine: SequenceRunner | None = None
         self.device = "cpu"
         self.chat_source = ""
-        self.embedder: Embedder | None = None  # when the model serves embeddings
+        self.embedder: Embedder | None = None  # when the model serves embeddings, once asked
+        self._embedder_lock = threading.Lock()
         # The tool plans of started sequences whose replies `follow` parses into calls.
         self._tool_plans: weakref.WeakKeyDictionary[Run, ToolPlan] = weakref.WeakKeyDictionary()
 
@@ -135,7 +137,6 @@ class ModelHost:
                 threads=opts.threads,
                 name=self.spec.name,
             )
-            self._start_embedder()
         except (EngineError, EmbedderError) as e:
             self.close()
             raise WorkerStartError(f"model '{self.spec.name}': {e}") from e
@@ -170,6 +171,8 @@ class ModelHost:
         return "mean" if self.spec.embedding else None
 
     def _start_embedder(self) -> None:
+        """The embedder, made on the first embeddings job, not at load: a worker that
+        restarts takes its jobs back without building a context it may not need."""
         pooling = self.pooling()
         if pooling is None:
             return
@@ -236,13 +239,13 @@ class ModelHost:
             )
 
     def warm_up(self) -> None:
-        """One short generation (and one embedding, when the model serves them), so the
-        first real job does not pay for first-use costs."""
+        """One short generation, so the first real job does not pay for first-use costs.
+        Not an embedding: a worker restarted after a crash must take its jobs back fast
+        (an embedding of Gemma's is a padded decode with full logits, seconds on a loaded
+        CPU), and the first embeddings job pays that once instead."""
         self.generate(
             Request(model=self.spec.name, prompt="Hello", stopping=Stopping(max_tokens=1))
         )
-        if self.embedder is not None:
-            self.generate(Request(model=self.spec.name, input=("Hello",)))
 
     def close(self) -> None:
         if self.embedder is not None:
@@ -278,6 +281,12 @@ class ModelHost:
         JobFailed when it cannot be served (a prompt longer than the context, embeddings
         from a model that serves none)."""
         if request.is_embedding:
+            with self._embedder_lock:
+                if self.embedder is None and self.llm is not None:
+                    try:
+                        self._start_embedder()
+                    except EmbedderError as e:
+                        raise JobFailed(f"model '{self.spec.name}': {e}") from e
             if self.embedder is None:
                 raise JobFailed(
                     f"model '{self.spec.name}' does not serve embeddings on this worker; "
