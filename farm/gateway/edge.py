@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from farm import openai_api as openai
 from farm.config import get_settings
+from farm.context import get_context
 from farm.gateway import follow
 from farm.results import Job
 
@@ -87,6 +88,9 @@ class JobStream(StreamingResponse):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         finished = False
+        # The headers hand the job's id (x-request-id) to the client, which may look it up
+        # at once from another process (`farm status ID`): its registry row is written first.
+        await off_loop(get_context().flush_rows)
 
         async def stream() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})

@@ -9,7 +9,9 @@ Celery's own rate. What the guarantees rest on:
   fails the job if the client's write has not landed (an upsert; usage is written once);
 - this process sees its own jobs: `flush()` runs before reading or cancelling a job here,
   and at exit;
-- another process may, for a few milliseconds after a submit, not find the job yet.
+- another process may, for a few milliseconds after a submit, not find the job yet; where
+  a job's id is handed to another process (the gateway's `x-request-id` on a stream), the
+  hand-over waits for `flush()` first.
 """
 
 from __future__ import annotations
@@ -35,23 +37,28 @@ class QueuedRows:
         self.database_url = database_url
         self._rows: list[dict[str, Any]] = []
         self._cond = threading.Condition()
-        self._writing = 0  # rows taken by the thread and not yet committed
+        self._added = 0  # rows ever added, and ever written (or given up on)
+        self._done = 0
         self._thread: threading.Thread | None = None
         atexit.register(self.flush)
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         with self._cond:
             self._rows.extend(rows)
+            self._added += len(rows)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="farm-rows", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Return once every row added so far is written (or could not be: logged)."""
+        """Return once every row added so far is written (or could not be: logged). Rows
+        added meanwhile are not waited for, so a flush under a steady stream of submits
+        returns after one or two batches."""
         with self._cond:
+            target = self._added
             self._cond.notify()
-            self._cond.wait_for(lambda: not self._rows and not self._writing, timeout)
+            self._cond.wait_for(lambda: self._done >= target, timeout)
 
     def _run(self) -> None:
         while True:
@@ -62,7 +69,6 @@ class QueuedRows:
             threading.Event().wait(LINGER_S)
             with self._cond:
                 rows, self._rows = self._rows, []
-                self._writing = len(rows)
             try:
                 with transaction(self.database_url) as s:
                     queries.record_queued_many(s, rows)
@@ -73,5 +79,5 @@ class QueuedRows:
                 log.exception("could not record %d queued jobs; workers will", len(rows))
             finally:
                 with self._cond:
-                    self._writing = 0
+                    self._done += len(rows)
                     self._cond.notify_all()
