@@ -296,10 +296,11 @@ class EmbeddedFarm:
         """Supervise the broker and the workers until told to stop.
 
         A worker that exits is reported (exit status and the end of its log), its jobs go
-        back to their queues at once, and it is started again: after 1 s, then 2 s, 4 s
-        ... up to `max_backoff` while it keeps dying before it is ready; one that got
-        ready starts again at 1 s. A broker that exits is restarted on the same port."""
-        backoff = dict.fromkeys(self.workers, 1.0)
+        back to their queues at once, and it is started again: at once if it had got
+        ready (a crash, the OOM killer: its jobs wait for nothing more than its start),
+        else after 1 s, then 2 s, 4 s ... up to `max_backoff` while it keeps dying before
+        it is ready. A broker that exits is restarted on the same port."""
+        backoff = dict.fromkeys(self.workers, 0.0)  # start() waited until they were ready
         restart_at: dict[str, float] = {}
         unready: set[str] = set()
         while True:
@@ -331,17 +332,18 @@ class EmbeddedFarm:
             if proc.poll() is None:
                 if model in unready and self._ready(model):
                     unready.discard(model)
-                    backoff[model] = 1.0  # a healthy start: the next crash is not a loop
+                    backoff[model] = 0.0  # a healthy start: the next crash is not a loop
                 continue
             requeued = self._requeue_jobs_of(model)
+            when = f"restarting in {backoff[model]:g}s" if backoff[model] else "restarting now"
             self.say(
                 f"worker   {model} exited with status {proc.returncode}"
                 + (f"; {requeued} of its jobs queued again" if requeued else "")
-                + f"; restarting in {backoff[model]:g}s. Last lines of {self._log(model)}:\n"
+                + f"; {when}. Last lines of {self._log(model)}:\n"
                 + self.log_tail(model, 10)
             )
             restart_at[model] = now + backoff[model]
-            backoff[model] = min(backoff[model] * 2, max_backoff)
+            backoff[model] = min(max(backoff[model] * 2, 1.0), max_backoff)
 
     def _ready(self, model: str) -> bool:
         with transaction(self.database_url) as s:

@@ -20,6 +20,7 @@ from farm.broker import requeue_unacked
 from farm.context import FarmContext
 from farm.registry import queries, transaction
 from farm.registry.tables import utcnow
+from farm.stream import free_runs
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ def release_worker(ctx: FarmContext, worker_id: str) -> set[str]:
     it held back at the front of their queues now, without waiting for its lease."""
     with transaction(ctx.database_url) as s:
         jobs = queries.mark_worker_lost(s, worker_id=worker_id)
+    try:  # before the requeue: the next delivery need not wait for the dead run's key
+        free_runs(ctx.redis, worker_id, jobs)
+    except Exception as e:  # the keys expire on their own within FARM_LEASE_TTL
+        log.warning("could not free the run keys of %s: %s", worker_id, e)
     requeued = requeue_unacked(ctx.app, jobs)
     mark_queued(ctx, worker_id, requeued)
     for job_id in sorted(requeued):

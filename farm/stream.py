@@ -123,6 +123,30 @@ return 0
 """
 WRITTEN, CANCELLED_, LOST = 1, 0, -1
 
+# KEYS: run keys. ARGV: a worker's token prefix (its id and ':'). Deletes those it holds.
+_FREE = """
+local freed = 0
+for _, key in ipairs(KEYS) do
+  local holder = redis.call('get', key)
+  if holder and string.sub(holder, 1, #ARGV[1]) == ARGV[1] then
+    redis.call('del', key)
+    freed = freed + 1
+  end
+end
+return freed
+"""
+
+
+def free_runs(r: redis.Redis, worker_id: str, job_ids: list[str]) -> int:
+    """The worker `worker_id` is known to be dead (its process exited): the jobs' run keys
+    it held are freed, so that their next delivery starts at once instead of waiting for
+    the keys to expire (FARM_LEASE_TTL). Never for a worker only presumed lost (its lease
+    expired): it may be alive behind a partition, and its key fences its writes off."""
+    if not job_ids:
+        return 0
+    keys = [run_key(job_id) for job_id in job_ids]
+    return int(r.eval(_FREE, len(keys), *keys, f"{worker_id}:"))
+
 
 class Fenced:
     """One run's hold on a job and its fenced writes on the job's stream.

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from farm.queue import cancel_key, run_key, stream_key
-from farm.stream import CANCELLED_, LOST, WRITTEN, Fenced
+from farm.stream import CANCELLED_, LOST, WRITTEN, Fenced, free_runs
 
 
 @pytest.fixture
@@ -60,3 +60,24 @@ def test_a_run_cut_off_while_another_ran_the_job_cannot_take_it_back(r):
     assert r.get(run_key(job)) == "ended:B"
     assert not a.renew() and a.publish("done", ttl=60, completion="{}") == LOST
     assert Fenced(r, job, "C", 5).claim()  # a new delivery may take it (and finds it ended)
+
+
+def test_the_runs_of_a_worker_known_dead_are_freed_and_no_other(r):
+    """Its supervisor saw the worker's process exit: a new delivery of its job starts at
+    once. Another worker's run, one whose id merely begins the same, and a job this worker
+    ended are left as they are."""
+    jobs = [uuid.uuid4().hex for _ in range(4)]
+    held = [
+        Fenced(r, jobs[0], "w1@host:run1", 5),
+        Fenced(r, jobs[1], "w1@host:run2", 5),
+        Fenced(r, jobs[2], "w1@host2:run3", 5),
+        Fenced(r, jobs[3], "w1@host:run4", 5),
+    ]
+    assert all(run.claim() for run in held)
+    held[3].release()  # ended by the dead worker before it died: kept
+    assert free_runs(r, "w1@host", jobs) == 2
+    assert [r.get(run_key(job)) for job in jobs] == [
+        None, None, "w1@host2:run3", "ended:w1@host:run4"
+    ]  # fmt: skip
+    assert Fenced(r, jobs[0], "w1@host:new", 5).claim()
+    assert free_runs(r, "w1@host", []) == 0

@@ -9,6 +9,8 @@ import time
 import pytest
 import redis
 
+from farm.config import Settings
+from farm.embedded import EmbeddedFarm
 from farm.registry import queries, transaction
 from tests.conftest import REDIS_URL, gemma_path, run_cli, start_farm
 
@@ -62,7 +64,7 @@ def test_fleet_serves_a_profile_and_restarts_a_crashed_worker(env):
             if "restarted" in line:
                 break
         log = "".join(lines)
-        assert "worker   tiny exited with status -9; restarting in 1s" in log
+        assert "worker   tiny exited with status -9; restarting now" in log
         assert "Last lines of" in log
         wait_for(lambda: lease_pids(env) - {first})
         # On a worker host `farm status` asks `farm fleet` (farm.local), loading no SQLAlchemy.
@@ -85,3 +87,71 @@ def test_fleet_needs_a_broker_and_profiles_must_exist(env):
     assert (
         r.returncode == 1 and "no profile 'slow'" in r.stderr and "profiles there: fast" in r.stderr
     )
+
+
+class _Proc:
+    """A worker process: running while `returncode` is None, as Popen's poll() says."""
+
+    pid = 4242
+
+    def __init__(self, returncode: int | None = None):
+        self.returncode = returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class _Supervised(EmbeddedFarm):
+    """The supervisor's schedule alone: workers start, exit and get ready on the test's
+    say-so, and nothing is spawned."""
+
+    def __init__(self, tmp_path):
+        self.said: list[str] = []
+        super().__init__(Settings(home=tmp_path), ["tiny"], say=self.said.append)
+        self.workers = {"tiny": _Proc()}
+        self.starts = 0
+        self.ready = False
+
+    def _start_worker(self, model):
+        self.starts += 1
+        self.workers[model] = _Proc()
+
+    def _ready(self, model):
+        return self.ready
+
+    def _requeue_jobs_of(self, model):
+        return 0
+
+    def log_tail(self, model, lines=10):
+        return ""
+
+
+def test_a_worker_that_was_ready_restarts_at_once_and_one_that_keeps_dying_backs_off(tmp_path):
+    sup = _Supervised(tmp_path)
+    backoff, restart_at, unready = {"tiny": 0.0}, {}, set()  # as watch() starts: all ready
+
+    def watch_once():
+        sup._watch_once(backoff, restart_at, unready, max_backoff=30.0)
+
+    def dies(status=1):
+        sup.workers["tiny"].returncode = status
+        watch_once()
+
+    def restart_is_due():
+        restart_at["tiny"] = 0.0
+        watch_once()
+
+    dies(-9)  # a ready worker is killed: started again in the next round, with no wait
+    assert sup.said[-1].startswith("worker   tiny exited with status -9; restarting now")
+    watch_once()
+    assert sup.starts == 1
+    dies()  # and dies before it got ready: 1 s, then 2 s
+    assert "restarting in 1s" in sup.said[-1] and restart_at["tiny"] > time.monotonic() + 0.5
+    restart_is_due()
+    dies()
+    assert "restarting in 2s" in sup.said[-1]
+    restart_is_due()
+    sup.ready = True  # this start got ready: its next crash restarts at once again
+    watch_once()
+    dies(-9)
+    assert "restarting now" in sup.said[-1] and restart_at["tiny"] <= time.monotonic()
