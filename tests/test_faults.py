@@ -164,16 +164,32 @@ def test_a_worker_cut_off_mid_transaction_does_not_lock_a_jobs_row_for_good(pg_s
         drop_pg_database(pg_server, direct)
 
 
-def test_a_registry_session_ends_a_lost_transaction_unless_the_operator_chose_otherwise(
+def test_a_registry_session_ends_a_lost_transaction_and_probes_its_client_unless_the_operator_chose_otherwise(
     pg_server,
 ):
+    """The server ends a session left in a transaction after 30 s, and probes an idle
+    session's client from 60 s of silence (a vanished host's pool is closed in ~2 min, not
+    2 h); a value the operator set in the URL, 0 included, is kept."""
     direct = make_pg_database(pg_server)
-    option = "?options=-c%20idle_in_transaction_session_timeout%3D"
-    chosen = {direct: "30s", direct + option + "7000": "7s", direct + option + "0": "0"}
+    option = (
+        "?options=-c%20idle_in_transaction_session_timeout%3D{}%20-c%20tcp_keepalives_idle%3D{}"
+    )
+    chosen = {
+        direct: ("30s", "60"),
+        direct + option.format(7000, 300): ("7s", "300"),
+        direct + option.format(0, 120): ("0", "120"),
+    }
     try:
         for url, expected in chosen.items():
             with get_engine(url).connect() as conn:
-                assert conn.scalar(text("SHOW idle_in_transaction_session_timeout")) == expected
+                shown = (
+                    conn.scalar(text("SHOW idle_in_transaction_session_timeout")),
+                    conn.scalar(text("SHOW tcp_keepalives_idle")),
+                )
+                assert shown == expected, url
+                if url == direct:
+                    assert conn.scalar(text("SHOW tcp_keepalives_interval")) == "10"
+                    assert conn.scalar(text("SHOW tcp_keepalives_count")) == "6"
     finally:
         for url in chosen:
             get_engine(url).dispose()

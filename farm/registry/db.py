@@ -67,19 +67,32 @@ def _connect_args(parsed: Any) -> dict[str, Any]:
 # hours by default), and every delivery of that job waits on them.
 IDLE_IN_TRANSACTION_MS = 30_000
 
+# The server's own keepalives on farm's connections: a pooled connection of a host that
+# vanished (powered off, cut off by the network) is closed by the server after about
+# 60 + 6 x 10 s of silence, instead of the system's two hours; a hundred workers' idle
+# pools would otherwise fill max_connections with sessions of hosts long gone. A live
+# client's kernel answers the probes, so an idle pool of a live host is kept.
+SESSION_SETTINGS = {
+    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS),
+    "tcp_keepalives_idle": "60",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "6",
+}
+
 
 def _postgresql_session(dbapi_conn: Any, _record: Any) -> None:
-    """Set on each new connection, unless the operator set it (for the role, the database,
-    or in the URL's options), to 0 included. A SET rather than a startup option: PgBouncer
-    refuses unknown startup options. (Behind PgBouncer in transaction mode, a session's
-    settings do not follow it: set PgBouncer's own idle_transaction_timeout there.)"""
+    """Set on each new connection, each only where the operator left it at PostgreSQL's
+    default (set for the role, the database, or in the URL's options, to 0 included, it
+    is kept). SETs rather than startup options: PgBouncer refuses unknown startup options.
+    (Behind PgBouncer in transaction mode, a session's settings do not follow it: set
+    PgBouncer's own idle_transaction_timeout and tcp_keepalive there.)"""
     with dbapi_conn.cursor() as cur:
-        cur.execute(
-            "SELECT set_config('idle_in_transaction_session_timeout', %s, false) "
-            "FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout' "
-            "AND source = 'default'",
-            (str(IDLE_IN_TRANSACTION_MS),),
-        )
+        for name, value in SESSION_SETTINGS.items():
+            cur.execute(
+                "SELECT set_config(name, %s, false) FROM pg_settings "
+                "WHERE name = %s AND source = 'default'",
+                (value, name),
+            )
     dbapi_conn.commit()
 
 
