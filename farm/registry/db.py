@@ -72,8 +72,7 @@ IDLE_IN_TRANSACTION_MS = 30_000
 # 60 + 6 x 10 s of silence, instead of the system's two hours; a hundred workers' idle
 # pools would otherwise fill max_connections with sessions of hosts long gone. A live
 # client's kernel answers the probes, so an idle pool of a live host is kept.
-SESSION_SETTINGS = {
-    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS),
+KEEPALIVES = {
     "tcp_keepalives_idle": "60",
     "tcp_keepalives_interval": "10",
     "tcp_keepalives_count": "6",
@@ -87,7 +86,8 @@ def _postgresql_session(dbapi_conn: Any, _record: Any) -> None:
     (Behind PgBouncer in transaction mode, a session's settings do not follow it: set
     PgBouncer's own idle_transaction_timeout and tcp_keepalive there.)"""
     with dbapi_conn.cursor() as cur:
-        for name, value in SESSION_SETTINGS.items():
+        wanted = {"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS), **KEEPALIVES}
+        for name, value in wanted.items():
             cur.execute(
                 "SELECT set_config(name, %s, false) FROM pg_settings "
                 "WHERE name = %s AND source = 'default'",
