@@ -187,8 +187,14 @@ class Fenced:
 
     def publish(self, kind: str, *, ttl: int, **fields: Any) -> int:
         """Write an event on the job's stream, which then expires `ttl` seconds on."""
+        return int(self.publish_on(self.r, kind, ttl=ttl, **fields))
+
+    def publish_on(self, client: Any, kind: str, *, ttl: int, **fields: Any) -> Any:
+        """`publish` on `client`: a pipeline queues the write, and its result (WRITTEN,
+        CANCELLED_ or LOST) comes with the pipeline's."""
         flat: list[str] = []
         for k, v in fields.items():
             flat += [k, v if isinstance(v, str) else json.dumps(v)]
         keys = [stream_key(self.job_id), cancel_key(self.job_id), run_key(self.job_id)]
-        return int(self._xadd(keys=keys, args=[self.token, self.ttl_ms, ttl, kind, *flat]))
+        args: list[str | int] = [self.token, self.ttl_ms, ttl, kind, *flat]
+        return self._xadd(keys=keys, args=args, client=client)

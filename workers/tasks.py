@@ -45,7 +45,7 @@ from workers.bookkeeping import Admission, Bookkeeper, usage_fields
 from workers.choices import Outcome
 from workers.models import ModelCache
 from workers.spool import UsageSpool
-from workers.stream import RunKeeper, patiently
+from workers.stream import RunKeeper, StreamWriter, patiently
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class JobRunner:
             ctx.result_url, socket_connect_timeout=interval, socket_timeout=interval
         )
         self.run_keys = RunKeeper(keeper_redis, interval)
+        self.writer = StreamWriter(ctx.redis)
 
     def run(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         job_id = task.request.id
@@ -154,6 +155,9 @@ class JobRunner:
                 stopped.update(why=why, tokens=seq.generated)
             seq.cancel()
 
+        def refused(outcome: int) -> None:  # the stream writer's: cancelled, or taken over
+            stop(outcome, seq)
+
         several = request.choices > 1
 
         def on_text(piece: str, index: int, logprobs: list[dict[str, Any]] | None) -> None:
@@ -163,18 +167,14 @@ class JobRunner:
                     fields["index"] = str(index)
                 if logprobs is not None:
                     fields["logprobs"] = logprobs
-                written = patiently(lambda: fence.publish(TOKEN, ttl=stream_ttl, **fields))
-                if written != WRITTEN:
-                    stop(written, seq)
+                self.writer.write(fence, TOKEN, ttl=stream_ttl, refused=refused, **fields)
 
         def on_tool_call(delta: ToolCallDelta, index: int) -> None:
             if request.stream_tokens and not stopped:
                 fields: dict[str, Any] = {"delta": delta.model_dump_json(exclude_none=True)}
                 if several:
                     fields["index"] = str(index)
-                written = patiently(lambda: fence.publish(TOOL_CALL, ttl=stream_ttl, **fields))
-                if written != WRITTEN:
-                    stop(written, seq)
+                self.writer.write(fence, TOOL_CALL, ttl=stream_ttl, refused=refused, **fields)
 
         def should_cancel(tokens: int) -> bool:  # polled a few times a second while it runs
             pipe = r.pipeline(transaction=False)
@@ -212,12 +212,15 @@ class JobRunner:
                         patiently(
                             lambda: fence.publish(RESTART, ttl=stream_ttl, worker=self.worker_id)
                         )
-                    gen = host.follow(
-                        seq,
-                        on_text=on_text,
-                        should_cancel=should_cancel,
-                        on_tool_call=on_tool_call,
-                    )
+                    try:
+                        gen = host.follow(
+                            seq,
+                            on_text=on_text,
+                            should_cancel=should_cancel,
+                            on_tool_call=on_tool_call,
+                        )
+                    finally:  # its text is on its stream before anything ends the job
+                        self.writer.drain(fence)
                 except BaseException:
                     seq.cancel()  # whatever ended this job early, its slot is freed now
                     raise
