@@ -9,12 +9,15 @@ embeddings job into OpenAI's response.
      "usage": {"prompt_tokens": N, "total_tokens": N}}
 
 Every refusal is a BadBody naming OpenAI's parameter (`input`, `model`, `dimensions`,
-`encoding_format`, ...), before anything is queued.
+`encoding_format`, ...), before anything is queued. `EmbeddingsBody` says the same shape as
+a pydantic model, only for the gateway's /openapi.json.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from farm.completion import Completion, decode_vector
 from farm.openai_api import BadBody, json_type
@@ -22,6 +25,32 @@ from farm.request import MAX_EMBEDDING_INPUTS
 
 KNOWN = ("model", "input", "encoding_format", "dimensions", "user")
 ENCODINGS = ("float", "base64")
+
+
+# OpenAI's four forms of `input`, as `embedding_inputs` takes them.
+_Token = Annotated[int, Field(ge=0, le=2**31 - 1)]
+_Tokens = Annotated[list[_Token], Field(min_length=1)]
+_Many = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+_Inputs = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], _Many]
+    | Annotated[list[_Token], _Many]
+    | Annotated[list[_Tokens], _Many]
+)
+
+
+class EmbeddingsBody(BaseModel):
+    """POST /v1/embeddings (documented; `embedding_fields` reads it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="one of GET /v1/models; it must serve embeddings")
+    input: _Inputs = Field(
+        description="a text, texts, one array of token ids, or arrays of token ids"
+    )
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    user: str | None = None
 
 
 def _is_token(v: Any) -> bool:

@@ -9,17 +9,20 @@
 
 Items are kept as OpenAI spells them (a stored response's conversation is a list of them);
 `messages` turns a list of items into chat messages, function calls into an assistant
-message's tool_calls and their outputs into tool messages.
+message's tool_calls and their outputs into tool messages. `ResponsesBody` says what
+`check_body` and `chat_body` take as a pydantic model, only for the gateway's /openapi.json.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from farm.openai_api import BadBody, json_type
-from farm.request import valid_text
+from farm.request import MAX_TOKENS_LIMIT, valid_text
 
 # What a Responses body may hold besides what `chat_body` converts.
 PARAMS = (
@@ -34,6 +37,91 @@ TYPES = {
 }  # fmt: skip
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class InputTextPart(BaseModel):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+_Content = str | list[InputTextPart]
+
+
+class MessageItem(BaseModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: _Content
+
+
+class FunctionCallItem(BaseModel):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+    id: str | None = None
+
+
+class FunctionCallOutputItem(BaseModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: _Content
+
+
+class FunctionTool(BaseModel):
+    """A function tool, flat as the Responses API has it."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema")
+    strict: bool | None = None
+
+
+class FunctionToolChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+_Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
+
+
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class TextOptions(BaseModel):
+    format: TextFormat | None = None
+
+
+class ResponsesBody(BaseModel):
+    """POST /v1/responses (documented; `check_body` and `chat_body` read it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="one of GET /v1/models")
+    input: str | Annotated[list[_Item], Field(min_length=1)] = Field(
+        description="a user message, or a non-empty list of items"
+    )
+    instructions: str | None = Field(default=None, description="a system message first")
+    previous_response_id: str | None = Field(
+        default=None, description="continue a stored response's conversation"
+    )
+    store: bool | None = Field(default=None, description="keep the response (default true)")
+    stream: bool | None = Field(default=None, description="the Responses event stream")
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    text: TextOptions | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
 
 
 def check_body(body: Any) -> dict[str, Any]:

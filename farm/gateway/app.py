@@ -7,6 +7,7 @@
     POST /v1/embeddings           vectors (farm/gateway/embeddings.py)
     /v1/files, /v1/batches        batch jobs (farm/gateway/batches.py)
     /v1/responses                 OpenAI's Responses API (farm/gateway/responses.py)
+    GET  /openapi.json            the routes, their bodies and errors (farm/gateway/openapi.py)
 
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
 With no key ever created the gateway needs none (a laptop, on 127.0.0.1); once one was, or
@@ -43,17 +44,21 @@ from farm.admission.quotas import RateState
 from farm.config import get_settings
 from farm.context import get_context
 from farm.errors import FarmError, JobFailed, RateLimited
-from farm.gateway import embeddings, follow, keys
+from farm.gateway import embeddings, follow, keys, openapi
 from farm.gateway import models as model_routes
 from farm.gateway import responses as response_routes
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
+from farm.gateway.models import ModelList
 from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
 from farm.results import Job
 
 log = logging.getLogger(__name__)
+
+# What a request that queues a job can be answered besides its result.
+GENERATION_ERRORS = openapi.errors(400, 401, 404, 413, 429, 503)
 
 
 def create_app(*, exposed: bool = False) -> FastAPI:
@@ -132,20 +137,34 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         status, body = openai.error(e)  # a 500 in OpenAI's shape, without the internals
         return JSONResponse(body, status_code=status)
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.errors())  # answered even while keys are refused
     async def health() -> dict[str, Any]:
         return {"status": "ok", "keys_required": check.keys_required(wait=False)}
 
-    @app.get("/v1/models")
+    @app.get(
+        "/v1/models",
+        response_model=None,
+        responses={200: {"model": ModelList}, **openapi.errors(401, 503)},
+    )
     async def models(request: Request) -> dict[str, Any]:
         await session_of(request)
         return {"object": "list", "data": await off_loop(_models)}
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=openapi.request_body(openai.ChatBody),
+        response_model=None,
+        responses={200: openapi.streamed("a chat.completion, or its chunks"), **GENERATION_ERRORS},
+    )
     async def chat(request: Request) -> Any:
         return await _complete(request, session_of, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra=openapi.request_body(openai.CompletionBody),
+        response_model=None,
+        responses={200: openapi.streamed("a text_completion, or its chunks"), **GENERATION_ERRORS},
+    )
     async def completions(request: Request) -> Any:
         return await _complete(request, session_of, chat=False)
 
@@ -153,6 +172,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     model_routes.add_routes(app, session_of)
     embeddings.add_routes(app, session_of)
     response_routes.add_routes(app, session_of)
+    openapi.install(app)
     return app
 
 

@@ -16,11 +16,11 @@ file and endpoint returns the first one: a retried request never queues a file t
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 import farm.batches as batches
@@ -28,6 +28,7 @@ from farm.batches import store
 from farm.batches.lines import MAX_BYTES
 from farm.context import get_context
 from farm.errors import UnknownBatch
+from farm.gateway import openapi
 from farm.gateway.edge import read_body
 from farm.openai_api import BadBody, parse_body
 from farm.registry import transaction
@@ -38,6 +39,56 @@ OUTPUT_SUFFIXES = {"-output": False, "-errors": True}
 # An id in a path or query: text a database can look up (a NUL is a 400, not a 500 on
 # PostgreSQL).
 Id = Annotated[str, AfterValidator(valid_text)]
+Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
+# Refusals that every route of a session's files and batches can give.
+OWN = (400, 401, 404, 503)
+
+
+class FileUpload(BaseModel):
+    """POST /v1/files, as multipart/form-data (documented; `upload` reads it)."""
+
+    file: bytes = Field(
+        description=f"the JSONL file, one request per line, at most {MAX_BYTES:,} bytes"
+    )
+    purpose: Literal["batch"]
+
+
+class BatchBody(BaseModel):
+    """POST /v1/batches (documented; `_create` reads it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(description="the id POST /v1/files gave")
+    endpoint: Endpoint = Field(description="the url every line of the file names")
+    completion_window: str = Field(
+        default="24h", pattern=r"^\s*[0-9]+[mhd]\s*$", description="1m to 30d, such as 24h"
+    )
+    metadata: dict[str, str] | None = None
+
+
+class FileObject(BaseModel):
+    """OpenAI's file object, as `_file_json` makes it."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"]
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
 
 
 def _text(value: Any, param: str) -> str:
@@ -56,7 +107,12 @@ def add_routes(
     """The routes; `session_of` checks the request's key on a thread (the sync routes run
     on one), `session_async` from the event loop."""
 
-    @app.post("/v1/files")
+    @app.post(
+        "/v1/files",
+        openapi_extra=openapi.request_body(FileUpload, "multipart/form-data"),
+        response_model=None,
+        responses={200: {"model": FileObject}, **openapi.errors(400, 401, 503)},
+    )
     async def upload(request: Request) -> dict[str, Any]:
         session = await session_async(request)  # the key before the file
         try:
@@ -77,14 +133,22 @@ def add_routes(
         filename = _text(upload.filename or "upload.jsonl", "file")
         return await run_in_threadpool(_save, session, filename, content)
 
-    @app.get("/v1/files")
+    @app.get(
+        "/v1/files",
+        response_model=None,
+        responses={200: {"model": FileList}, **openapi.errors(401, 503)},
+    )
     def files(request: Request) -> dict[str, Any]:
         session = session_of(request)
         with _registry() as s:
             found = [_file_json(f) for f in store.list_files(s, session=session)]
         return {"object": "list", "data": found, "has_more": False}
 
-    @app.get("/v1/files/{file_id}")
+    @app.get(
+        "/v1/files/{file_id}",
+        response_model=None,
+        responses={200: {"model": FileObject}, **openapi.errors(*OWN)},
+    )
     def file(request: Request, file_id: Id) -> dict[str, Any]:
         session = session_of(request)
         produced = _produced(file_id, session)
@@ -103,7 +167,14 @@ def add_routes(
         with _registry() as s:
             return _file_json(store.get_file(s, file_id, session=session))
 
-    @app.get("/v1/files/{file_id}/content")
+    @app.get(
+        "/v1/files/{file_id}/content",
+        response_class=Response,  # each return is a Response of its own: JSONL, never JSON
+        responses={
+            200: {"description": "the file's lines", "content": {"application/jsonl": {}}},
+            **openapi.errors(*OWN),
+        },
+    )
     def content(request: Request, file_id: Id) -> Response:
         session = session_of(request)
         produced = _produced(file_id, session)
@@ -116,14 +187,22 @@ def add_routes(
             record = store.get_file(s, file_id, session=session)
             return Response(record.content, media_type="application/jsonl")
 
-    @app.delete("/v1/files/{file_id}")
+    @app.delete(
+        "/v1/files/{file_id}",
+        response_model=None,
+        responses={200: {"model": FileDeleted}, **openapi.errors(*OWN)},
+    )
     def delete(request: Request, file_id: Id) -> dict[str, Any]:
         session = session_of(request)
         with _registry() as s:
             s.delete(store.get_file(s, file_id, session=session))
         return {"id": file_id, "object": "file", "deleted": True}
 
-    @app.post("/v1/batches")
+    @app.post(
+        "/v1/batches",
+        openapi_extra=openapi.request_body(BatchBody),
+        responses=openapi.errors(400, 401, 404, 413, 503),
+    )
     async def create(request: Request) -> dict[str, Any]:
         session = await session_async(request)  # the key before the body
         body = parse_body(await read_body(request))
@@ -142,7 +221,7 @@ def add_routes(
             )
         _text(file_id, "input_file_id")
         endpoint = body.get("endpoint")
-        if endpoint not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        if endpoint not in ENDPOINTS:
             raise BadBody(
                 "'endpoint' must be /v1/chat/completions, /v1/completions or /v1/embeddings",
                 "endpoint",
@@ -175,7 +254,7 @@ def add_routes(
         )
         return batch.to_json()
 
-    @app.get("/v1/batches")
+    @app.get("/v1/batches", responses=openapi.errors(400, 401, 503))
     def listing(request: Request, limit: int = 20, after: Id | None = None) -> dict[str, Any]:
         if not 1 <= limit <= 100:
             raise BadBody("'limit' must be from 1 to 100", "limit")
@@ -189,11 +268,11 @@ def add_routes(
             "has_more": len(found) > limit,
         }
 
-    @app.get("/v1/batches/{batch_id}")
+    @app.get("/v1/batches/{batch_id}", responses=openapi.errors(*OWN))
     def retrieve(request: Request, batch_id: Id) -> dict[str, Any]:
         return batches.get(batch_id, session=session_of(request)).to_json()
 
-    @app.post("/v1/batches/{batch_id}/cancel")
+    @app.post("/v1/batches/{batch_id}/cancel", responses=openapi.errors(*OWN))
     def cancel(request: Request, batch_id: Id) -> dict[str, Any]:
         return batches.cancel(batch_id, session=session_of(request)).to_json()
 

@@ -25,15 +25,19 @@ from farm import openai_api as openai
 from farm.admission.quotas import RateState
 from farm.context import get_context
 from farm.errors import JobFailed
-from farm.gateway import follow
+from farm.gateway import follow, openapi
 from farm.gateway.edge import read_body, until_done_or_gone
-from farm.openai_embeddings import embedding_fields, embeddings_response
+from farm.openai_embeddings import EmbeddingsBody, embedding_fields, embeddings_response
 from farm.queue import PRIORITIES
 from farm.results import Job
 
 
 def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) -> None:
-    @app.post("/v1/embeddings")
+    @app.post(
+        "/v1/embeddings",
+        openapi_extra=openapi.request_body(EmbeddingsBody),
+        responses=openapi.errors(400, 401, 404, 413, 429, 503),
+    )
     async def embeddings(request: Request) -> Any:
         session = await session_of(request)  # the key before the body
         fields = embedding_fields(openai.parse_body(await read_body(request)))

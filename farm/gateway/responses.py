@@ -31,7 +31,7 @@ from farm import openai_responses as shapes
 from farm.admission.quotas import RateState
 from farm.context import get_context
 from farm.errors import FarmError, InvalidRequest, JobFailed
-from farm.gateway import follow
+from farm.gateway import follow, openapi
 from farm.gateway.batches import Id
 from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
 from farm.queue import PRIORITIES
@@ -43,7 +43,15 @@ from farm.results import Job
 def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) -> None:
     """The routes; `session_of` checks the request's key from the event loop."""
 
-    @app.post("/v1/responses")
+    @app.post(
+        "/v1/responses",
+        openapi_extra=openapi.request_body(shapes.ResponsesBody),
+        response_model=None,
+        responses={
+            200: openapi.streamed("a response object, or the Responses event stream"),
+            **openapi.errors(400, 401, 404, 413, 429, 503),
+        },
+    )
     async def create(request: Request) -> Any:
         session = await session_of(request)  # the key before the body
         body = shapes.check_body(openai.parse_body(await read_body(request)))
@@ -83,13 +91,13 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) ->
         reply = await off_loop(turn.finish, job.completion)
         return JSONResponse(reply, headers=headers)
 
-    @app.get("/v1/responses/{response_id}")
+    @app.get("/v1/responses/{response_id}", responses=openapi.errors(400, 401, 404, 503))
     async def retrieve(response_id: Id, request: Request) -> Any:
         session = await session_of(request)
         found = await off_loop(_stored, response_id, session)
         return found if found is not None else _not_found(response_id, None)
 
-    @app.delete("/v1/responses/{response_id}")
+    @app.delete("/v1/responses/{response_id}", responses=openapi.errors(400, 401, 404, 503))
     async def remove(response_id: Id, request: Request) -> Any:
         session = await session_of(request)
         if not await off_loop(_remove, response_id, session):
