@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 import farm
 from farm import openai_api as openai
+from farm import openai_shapes as shapes
 from farm.admission.quotas import RateState
 from farm.config import get_settings
 from farm.context import get_context
@@ -152,7 +153,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
 
     @app.post(
         "/v1/chat/completions",
-        openapi_extra=openapi.request_body(openai.ChatBody),
+        openapi_extra=openapi.request_body(shapes.ChatBody),
         response_model=None,
         responses={200: openapi.streamed("a chat.completion, or its chunks"), **GENERATION_ERRORS},
     )
@@ -161,7 +162,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
 
     @app.post(
         "/v1/completions",
-        openapi_extra=openapi.request_body(openai.CompletionBody),
+        openapi_extra=openapi.request_body(shapes.CompletionBody),
         response_model=None,
         responses={200: openapi.streamed("a text_completion, or its chunks"), **GENERATION_ERRORS},
     )

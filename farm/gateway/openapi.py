@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from farm.openai_api import ErrorBody
+from farm.openai_shapes import ErrorBody
 
 REF = "#/components/schemas/{model}"
 
