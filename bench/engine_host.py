@@ -1,7 +1,8 @@
 """The engine's host work per step: what the engine's thread spends besides llama_decode.
 
 Gemma 3 270M on the engine alone (no worker, no Redis): S sequences at once, each its own
-prompt and 48 tokens, greedy or sampled. The engine thread's time per step is split into
+prompt and 48 tokens, greedy or sampled, each read by a thread of its own as a worker's job
+threads read them. The engine thread's time per step is split into
 llama_decode, llama.cpp's sampler (`Sampler.sample`), and the rest: farm's own Python
 (batch filling, detokenising, stop checks, events). On a GPU, llama_decode shrinks to a few
 milliseconds a step and the rest decides the throughput.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -76,18 +78,27 @@ def run(model: Any, slots: int, sampled: bool, threads: int, chain: bool) -> dic
             words = f"Write a short story number {i} about a fox and a river."
             tokens = _tokens(model, words)
             seqs.append(Sequence(tokens=tokens, max_tokens=TOKENS, sampling=dict(sampling)))
-        started = time.perf_counter()
-        engine.submit_all(seqs)
-        generated = 0
-        for seq in seqs:
+        done: list[int] = []
+
+        def follow(seq: Sequence) -> None:  # a job's thread, as in a worker: one a sequence
             while True:
                 kind, value = seq.events.get(timeout=600)
                 if kind == DONE:
-                    generated += value.completion_tokens
-                    break
+                    done.append(value.completion_tokens)
+                    return
                 if kind == FAILED:
                     raise RuntimeError(value)
+
+        readers = [threading.Thread(target=follow, args=(seq,)) for seq in seqs]
+        for t in readers:
+            t.start()
+        started = time.perf_counter()
+        engine.submit_all(seqs)
+        for t in readers:
+            t.join()
         wall = time.perf_counter() - started
+        generated = sum(done)
+        assert len(done) == len(seqs), "a sequence failed"
     finally:
         engine_module.llama_cpp.llama_decode = real_decode  # type: ignore[attr-defined]
         Sampler.sample = real_sample  # type: ignore[method-assign]

@@ -1,5 +1,8 @@
 """Stop strings and streaming: text is cut at the first stop, and no piece of a stop leaks."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from workers.engine.text import TextAssembler, is_marker
 
 
@@ -51,3 +54,19 @@ def test_markers_for_image_or_audio_input_are_not_text_but_html_and_tool_tags_ar
     text = ["<table>", "</td>", "<img>", "<tool_call>", "<b>", "[1]", "<start_of_turn>", "\n\n"]
     assert [m for m in markers if not is_marker(m)] == []
     assert [t for t in text if is_marker(t)] == []
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.text(alphabet="ab<>\n", max_size=12),
+    stops=st.lists(st.text(alphabet="ab<>\n", min_size=1, max_size=6), max_size=3),
+)
+def test_what_is_held_back_is_the_longest_stop_prefix_the_text_ends_with(text, stops):
+    """Held back: the longest proper prefix of a stop string that the text ends with (the
+    assembler tries only prefixes ending in the text's last character; here every one)."""
+    assembler = TextAssembler(tuple(stops), lambda _: None)
+    assembler.text = text
+    expected = max(
+        (n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0
+    )
+    assert assembler._held_back() == expected

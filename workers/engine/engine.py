@@ -151,6 +151,9 @@ class Engine:
         self._hold = False  # the KV cache was full: admit nothing until a sequence ends
         self._prompt_budget = self.n_batch
         self._admissions = 0
+        # Events of this step, put on their sequences' queues just before the next llama_decode
+        # (or before the engine waits): `_send`.
+        self._outbox: list[tuple[Sequence, tuple[str, Any]]] = []
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -196,6 +199,8 @@ class Engine:
     def _run(self) -> None:
         try:
             while True:
+                if not self._active():
+                    self._deliver()
                 with self._cond:
                     while not self._stopping and not self._waiting and not self._active():
                         self._cond.wait()
@@ -206,9 +211,11 @@ class Engine:
                     self._step()
         except Exception:
             log.exception("engine %s stopped on an error", self.name)
+        self._deliver()
         reason = "the worker's engine stopped"
         for slot in self._active():
             self._fail(slot, reason)
+        self._deliver()
         with self._cond:
             self._stopping = True
             for seq in self._waiting:
@@ -226,7 +233,7 @@ class Engine:
                     return
                 seq = self._waiting.popleft()
             if seq.cancelled:
-                seq.events.put((DONE, self._result(seq, "", "cancelled", 0, 0, None)))
+                self._send(seq, (DONE, self._result(seq, "", "cancelled", 0, 0, None)))
                 continue
             leader = self._prompting(seq.leader)
             if leader is not None:  # its prompt is being evaluated: share it
@@ -245,12 +252,12 @@ class Engine:
             self._start(slot, seq)
             return True
         except GrammarError as e:
-            seq.events.put((FAILED, f"invalid 'grammar': {e}"))
+            self._send(seq, (FAILED, f"invalid 'grammar': {e}"))
         except LogitBiasError as e:
-            seq.events.put((FAILED, f"invalid 'logit_bias': {e}"))
+            self._send(seq, (FAILED, f"invalid 'logit_bias': {e}"))
         except Exception as e:  # this sequence cannot run; the others go on
             log.exception("engine %s: could not start sequence %s", self.name, seq.label)
-            seq.events.put((FAILED, f"the engine could not start it: {type(e).__name__}: {e}"))
+            self._send(seq, (FAILED, f"the engine could not start it: {type(e).__name__}: {e}"))
         self._release(slot)
         return False
 
@@ -323,7 +330,7 @@ class Engine:
         slot.cached = keep
         slot.generated, slot.ttft_ms, slot.next_token = 0, None, -1
         slot.max_tokens = min(seq.max_tokens, self.n_ctx - len(seq.tokens))
-        slot.text = TextAssembler(seq.stops, lambda piece: seq.events.put((TEXT, piece)))
+        slot.text = TextAssembler(seq.stops, lambda piece: self._send(seq, (TEXT, piece)))
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.admitted = self._admissions
         slot.follows = None
@@ -335,6 +342,18 @@ class Engine:
             if first < len(seq.tokens):
                 slot.prompt_logprobs.append(first_prompt_token(seq.tokens[first], self.tokens))
                 slot.prompt_text = len(self._text_of(seq.tokens[first]))
+
+    def _send(self, seq: Sequence, event: tuple[str, Any]) -> None:
+        """Queue an event for `seq`'s reader. Putting it at once would wake the reader's
+        thread in the middle of the step, and the engine would wait for the GIL back at
+        every token of every sequence; they are put together by `_deliver`."""
+        self._outbox.append((seq, event))
+
+    def _deliver(self) -> None:
+        """Put the queued events, in order, on their sequences' queues."""
+        outbox, self._outbox = self._outbox, []
+        for seq, event in outbox:
+            seq.events.put(event)
 
     def _text_of(self, token: int) -> str:
         return self.tokens.text(token).decode("utf-8", "replace")
@@ -386,6 +405,7 @@ class Engine:
             self._kv_full(had_prompt=False)
             return
         self.batch.n_tokens = n
+        self._deliver()  # the readers wake while llama_decode runs without the GIL
         ret = llama_cpp.llama_decode(self.ctx, self.batch)
         if ret == 1:
             self._kv_full(had_prompt=bool(chunks))
@@ -475,7 +495,7 @@ class Engine:
         assert job is not None and text is not None and found is not None
         entry = self.logprobs.entry(index, token, job.logprobs or 0, len(text.text))
         found.append(entry)
-        job.events.put((LOGPROBS, entry))  # before the text it brings
+        self._send(job, (LOGPROBS, entry))  # before the text it brings
 
     # -- ending sequences ---------------------------------------------------------------------------
     def _finish(self, slot: Slot, reason: str) -> None:
@@ -489,7 +509,7 @@ class Engine:
         )
         result.logprobs, result.prompt_logprobs = slot.logprobs, slot.prompt_logprobs
         self._release(slot)
-        job.events.put((DONE, result))
+        self._send(job, (DONE, result))
 
     def _fail(self, slot: Slot, reason: str) -> None:
         job = slot.job
@@ -498,7 +518,7 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.cache.clear()
         self._release(slot)
-        job.events.put((FAILED, reason))
+        self._send(job, (FAILED, reason))
 
     def _release(self, slot: Slot) -> None:
         if slot.sampler is not None:

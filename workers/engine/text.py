@@ -52,12 +52,18 @@ class TextAssembler:
         self._send(len(self.text))
 
     def _held_back(self) -> int:
-        held = 0
+        """How much of the text's end could begin a stop string: the longest stop prefix
+        it ends with. Only prefixes ending in the text's last character are tried."""
+        if not self.text:
+            return 0
+        last, held = self.text[-1], 0
         for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), held, -1):
+            n = stop.rfind(last, 0, len(stop) - 1) + 1  # the longest prefix ending in `last`
+            while n > held:
                 if self.text.endswith(stop[:n]):
                     held = n
                     break
+                n = stop.rfind(last, 0, n - 1) + 1
         return held
 
     def _send(self, upto: int) -> None:

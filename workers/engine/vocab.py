@@ -24,6 +24,10 @@ class Vocab:
         self.ptr = vocab
         self._buf = ctypes.create_string_buffer(256)
         self._hidden: dict[int, bool] = {}  # token -> renders as nothing; filled as sampled
+        # token -> the bytes a reader sees, and token -> ends generation: filled as sampled,
+        # so that a token costs a dict lookup rather than llama.cpp calls through ctypes.
+        self._shown: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         self._markers: tuple[int, ...] | None = None
 
     def text(self, token: int, shown: frozenset[int] = frozenset()) -> bytes:
@@ -31,7 +35,10 @@ class Vocab:
         unless it is one of `shown` (a tool-call marker the worker parses), then its name."""
         if token in shown:
             return self.piece(token, special=True)
-        return b"" if self.hidden(token) else self.piece(token)
+        text = self._shown.get(token)
+        if text is None:
+            text = self._shown[token] = b"" if self.hidden(token) else self.piece(token)
+        return text
 
     def hidden(self, token: int) -> bool:
         """True for a token that is not text: a control token or a non-text marker."""
@@ -64,7 +71,10 @@ class Vocab:
         Hidden tokens render as nothing, so a chat template's stop string such as
         "<end_of_turn>\\n" would never match the text; match the token's own name instead.
         """
-        if llama_cpp.llama_vocab_is_eog(self.ptr, token):
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.ptr, token))
+        if eog:
             return True
         if not self.hidden(token):
             return False
