@@ -345,12 +345,24 @@ def _served_context(ctx: FarmContext, model: str, wait_for_worker: float) -> int
                 ctx.servable[model] = (time.monotonic() + SERVABLE_CACHE_S, record.n_ctx)
                 return record.n_ctx
         if time.monotonic() >= deadline:
+            _check_broker(ctx)
             raise NoLiveWorker(
                 f"no worker is serving model '{model}'; start one with "
                 f"`farm worker --model {model}` (or `farm up --model {model}`), or pass "
                 "--wait-for-worker SECONDS to wait for one"
             )
         time.sleep(0.25)
+
+
+def _check_broker(ctx: FarmContext) -> None:
+    """FarmUnavailable when the broker cannot be reached. Workers that lose the broker stop
+    renewing their leases, so a farm whose Redis is down looks like one with no worker: say
+    what is wrong instead of sending the caller to start one."""
+    try:
+        with ctx.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0)  # one attempt: refused at once when down
+    except (KombuError, OSError) as e:
+        raise _unreachable(ctx, e) from e
 
 
 # No tokenizer's token spans more bytes than this on average over a prompt: a prompt
