@@ -232,7 +232,7 @@ class Settings(BaseSettings):
 def masked(url: str) -> str:
     """A URL fit to print: its password replaced by '***' (broker, result and database URLs)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if not parts.password:  # none, or empty ("redis://:@host"): nothing to hide
         return url
     user = parts.username or ""
     host = parts.hostname or ""
