@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from farm import openai_api, openai_embeddings
+from farm.config import Settings
 from farm.errors import BatchFileError, InvalidRequest
 from farm.request import Request, Stopping, oversized, valid_text
 
@@ -29,6 +30,7 @@ MAX_LINES = 200_000
 MAX_BYTES = 200 * 1024 * 1024
 MAX_CUSTOM_ID = 512
 KEPT_ERRORS = 10_000
+DEFAULT_MAX_CHARS: int = Settings.model_fields["max_prompt_chars"].default
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,14 @@ def check(
     source: str = "the batch file",
     endpoint: str | None = None,
     embedders: frozenset[str] = frozenset(),
-    max_chars: int,
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> list[Line]:
     """The file's lines, each checked; BatchFileError listing every bad one otherwise.
 
     `models`: the registered, enabled models and their context sizes. `endpoint`: the url
     every line must have, when the batch was created for one. `embedders`: the models that
     serve embeddings. `max_chars`: the most text one line's request may carry
-    (FARM_MAX_PROMPT_CHARS)."""
+    (the farm's FARM_MAX_PROMPT_CHARS; its default otherwise)."""
     if len(content) > MAX_BYTES:
         raise InvalidRequest(
             f"{source} is {len(content) / 2**20:.0f} MiB; a batch file may be at most "
