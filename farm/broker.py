@@ -13,6 +13,8 @@ from queue import Empty
 from typing import Any
 from urllib.parse import urlsplit
 
+import celery.app.amqp
+import kombu
 from celery import Celery
 from celery.backends.redis import RedisBackend
 from kombu.transport.redis import Channel as RedisChannel
@@ -103,10 +105,32 @@ class ResultBackend(RedisBackend):
 RESULT_BACKEND = f"{__name__}.{ResultBackend.__name__}"
 
 
+class Connection(kombu.Connection):
+    """kombu's Connection, shown with a mask only where it has a password.
+
+    kombu's `as_uri` masks the password of a transport that does not parse URLs itself
+    (Redis's among them) by putting its mask in every URL, password or not: the worker's
+    "Connected to ...://:**@127.0.0.1:PORT/0" showed a password the embedded farm, whose
+    broker has none, does not have."""
+
+    def as_uri(
+        self, include_password: Any = False, mask: Any = "**", *args: Any, **kwargs: Any
+    ) -> str:
+        if not self.password:
+            include_password = True  # nothing to hide: no mask
+        return str(super().as_uri(include_password, mask, *args, **kwargs))
+
+
+class AMQP(celery.app.amqp.AMQP):
+    """Celery's messaging, on farm's Connection (so on every connection Celery logs)."""
+
+    Connection = Connection
+
+
 def make_app(settings: Settings, broker_url: str, result_url: str | None = None) -> Celery:
     """The Celery app shared by clients, workers and Flower."""
     backend = f"{RESULT_BACKEND}+{result_url or broker_url}"
-    app = Celery("farm", broker=broker_url, backend=backend)
+    app = Celery("farm", broker=broker_url, backend=backend, amqp=f"{__name__}:AMQP")
     if urlsplit(broker_url).scheme in ("redis", "rediss"):
         app.conf.broker_transport = TRANSPORT
     app.conf.update(

@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         description="Most jobs queued for one model, all priorities together; past it a "
         "submit is refused with QueueFull and nothing is queued. 0: no limit.",
     )
+    max_prompt_chars: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Characters of text one request may carry in (its prompts, messages "
+        "and tools, or texts to embed); past it a submit is refused with InvalidRequest "
+        "before anything is read from the registry or queued. The default, about a million "
+        "tokens, is beyond any model's context and matches FARM_GATEWAY_MAX_BODY.",
+    )
     batch_window: int = Field(
         default=256,
         ge=1,
@@ -224,7 +232,7 @@ class Settings(BaseSettings):
 def masked(url: str) -> str:
     """A URL fit to print: its password replaced by '***' (broker, result and database URLs)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if not parts.password:  # none, or empty ("redis://:@host"): nothing to hide
         return url
     user = parts.username or ""
     host = parts.hostname or ""

@@ -32,7 +32,7 @@ from farm.errors import FarmError, FarmUnavailable, InvalidRequest, NoLiveWorker
 from farm.fair import held
 from farm.queue import FAIR_HEADER, TASK_NAME, priority_number, queue_name, rejections_key
 from farm.registry import queries, transaction
-from farm.request import Request, make_request
+from farm.request import Request, make_request, oversized
 from farm.results import Job
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def submit_request(
     """
     check_seconds("wait_for_worker", wait_for_worker)
     ctx = ctx or get_context()
+    _check_size(ctx, request)
     ctx.broker_url  # noqa: B018 - fails first, and clearly, when no farm is running here
     _check_servable(ctx, request, wait_for_worker)
     _check_room(ctx, request.model, 1)
@@ -93,6 +94,7 @@ def submit_many(
     for item in items:
         try:
             request = item if isinstance(item, Request) else _build_item(item)
+            _check_size(ctx, request)
         except FarmError as e:
             results.append(e)
             continue
@@ -207,6 +209,15 @@ def _full(ctx: FarmContext, model: str) -> QueueFull:
         f"(FARM_MAX_QUEUED={ctx.settings.max_queued}); nothing was queued: try again when "
         "the queue has drained, or start more workers for it"
     )
+
+
+def _check_size(ctx: FarmContext, request: Request) -> None:
+    """InvalidRequest when the request carries more text than FARM_MAX_PROMPT_CHARS: read
+    before the registry is, whatever the model's context."""
+    refused = oversized(request, ctx.settings.max_prompt_chars)
+    if refused is not None:
+        field, reason = refused
+        raise InvalidRequest(f"invalid '{field}': {reason}")
 
 
 def _build_item(item: object) -> Request:
@@ -334,12 +345,24 @@ def _served_context(ctx: FarmContext, model: str, wait_for_worker: float) -> int
                 ctx.servable[model] = (time.monotonic() + SERVABLE_CACHE_S, record.n_ctx)
                 return record.n_ctx
         if time.monotonic() >= deadline:
+            _check_broker(ctx)
             raise NoLiveWorker(
                 f"no worker is serving model '{model}'; start one with "
                 f"`farm worker --model {model}` (or `farm up --model {model}`), or pass "
                 "--wait-for-worker SECONDS to wait for one"
             )
         time.sleep(0.25)
+
+
+def _check_broker(ctx: FarmContext) -> None:
+    """FarmUnavailable when the broker cannot be reached. Workers that lose the broker stop
+    renewing their leases, so a farm whose Redis is down looks like one with no worker: say
+    what is wrong instead of sending the caller to start one."""
+    try:
+        with ctx.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0)  # one attempt: refused at once when down
+    except (KombuError, OSError) as e:
+        raise _unreachable(ctx, e) from e
 
 
 # No tokenizer's token spans more bytes than this on average over a prompt: a prompt

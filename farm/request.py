@@ -384,6 +384,18 @@ class Request(_Strict):
         return sum(m.size() for m in self.messages) + self.tools_size
 
     @property
+    def text_chars(self) -> int:
+        """Characters of text the request carries in, all together: its prompts, or its
+        messages (their calls as JSON) and tools, or its texts to embed (token arrays are
+        held to the model's context instead)."""
+        if self.input is not None:
+            return sum(len(item) for item in self.input if isinstance(item, str))
+        if self.messages is None:
+            return sum(map(len, self.prompts))
+        calls = sum(len(c.model_dump_json()) for m in self.messages for c in m.tool_calls or ())
+        return sum(len(m.content) for m in self.messages) + calls + self.tools_size
+
+    @property
     def tools_size(self) -> int:
         """Bytes of the tools as JSON: the model reads them in its prompt."""
         return sum(len(t.model_dump_json()) for t in self.tools or ())
@@ -420,6 +432,22 @@ def _check_embedding_inputs(inputs: tuple[EmbeddingInput, ...]) -> None:
         if not item:
             kind = "string" if isinstance(item, str) else "token array"
             raise ValueError(f"'input' item {i} is an empty {kind}; every input needs content")
+
+
+def oversized(request: Request, most: int) -> tuple[str, str] | None:
+    """(the input field, why) when the request carries more than `most` characters of text
+    (FARM_MAX_PROMPT_CHARS), else None. Far more than any model's context holds: refused
+    before it is queued, carried through Redis and tokenised by a worker for a minute and
+    more only to fail there."""
+    size = request.text_chars
+    if size <= most:
+        return None
+    field = "input" if request.is_embedding else "messages" if request.is_chat else "prompt"
+    return field, (
+        f"{size:,} characters of text, more than one request may carry "
+        f"(FARM_MAX_PROMPT_CHARS={most:,}) and far beyond any model's context; nothing was "
+        "queued: shorten it or split it into several requests"
+    )
 
 
 def make_request(data: dict[str, Any]) -> Request:

@@ -86,7 +86,7 @@ class Job:
             status = row.status
         if status not in TERMINAL_STATUSES:
             # The worker sends the final event a moment before it writes the usage row.
-            status = stream_outcome(self._ctx.redis, self.id) or status
+            status = _redis_call(stream_outcome, self._ctx.redis, self.id) or status
         return status
 
     def position(self) -> dict[str, Any] | None:
@@ -146,6 +146,12 @@ class Job:
                 block_ms = max(1, min(block_ms, int(left * 1000)))
             try:
                 reply: Any = r.xread({key: last}, block=block_ms, count=256)
+                if not reply and time.monotonic() >= next_check:
+                    # Nothing on the stream: it may have expired long ago, or the job may
+                    # have ended without writing to it. Ask the backend and the registry.
+                    next_check = time.monotonic() + 5.0
+                    if self.settled():
+                        return
                 lost_since = None
             except redis.ConnectionError as e:
                 # A broker restarting (farm up restarts its own) comes back on the same
@@ -162,12 +168,6 @@ class Job:
             except redis.RedisError as e:
                 raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
             if not reply:
-                if time.monotonic() >= next_check:
-                    # Nothing on the stream: it may have expired long ago, or the job may
-                    # have ended without writing to it. Ask the backend and the registry.
-                    next_check = time.monotonic() + 5.0
-                    if self.settled():
-                        return
                 continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id
@@ -209,10 +209,13 @@ class Job:
         raise JobFailed(f"job {self.id} failed: {fields.get('error', 'no reason given')}")
 
     def settled(self) -> bool:
-        """True when the job's outcome is known elsewhere than its stream (and was applied)."""
+        """True when the job's outcome is known elsewhere than its stream (and was applied).
+
+        Redis's own errors pass through, as from the readers' XREAD beside it: a reader
+        rides out a lost connection (RECONNECT_WINDOW_S) whichever call meets it."""
         if self._from_backend():
             return True
-        event = _redis_call(last_event, self._ctx.redis, self.id)
+        event = last_event(self._ctx.redis, self.id)
         if event and event[0] in TERMINAL_EVENTS:
             # Landed between two reads: the stream has the outcome after all.
             self._finish(*event)
@@ -228,7 +231,7 @@ class Job:
         if status == "succeeded":
             # The worker sends the final event before it writes the row: read the stream
             # again, since both may have landed after the first look.
-            event = _redis_call(last_event, self._ctx.redis, self.id)
+            event = last_event(self._ctx.redis, self.id)
             if event and event[0] in TERMINAL_EVENTS:
                 self._finish(*event)
                 return True

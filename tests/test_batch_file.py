@@ -283,3 +283,34 @@ def test_a_model_that_is_not_a_name_is_a_bad_line_not_a_crash(ctx: FarmContext, 
     with pytest.raises(BatchFileError) as e:
         batches.submit(path, ctx=ctx)
     assert e.value.errors == ["1: body.model: 'model' is required: one of GET /v1/models"]
+
+
+def test_a_line_past_max_prompt_chars_is_a_bad_line_and_a_bulk_item_its_own_error(
+    ctx: FarmContext, tmp_path: Path
+):
+    ctx.settings.max_prompt_chars = 2000
+    long = "x" * 2001
+    path = tmp_path / "long.jsonl"
+    embed = {"custom_id": "e", "url": "/v1/embeddings", "body": {"model": MODEL, "input": long}}
+    path.write_text(
+        "\n".join(
+            [line("ok"), line("long", messages=[{"role": "user", "content": long}]),
+             json.dumps(embed)]
+        )
+    )  # fmt: skip
+    with pytest.raises(BatchFileError) as e:
+        batches.submit(path, ctx=ctx)
+    assert [error.split(": ", 2)[:2] for error in e.value.errors] == [
+        ["2", "body.messages"],
+        ["3", "body.input"],
+    ]
+    assert "2,001 characters of text" in e.value.errors[0]
+    assert n_batches(ctx) == 0
+
+    from farm.enqueue import submit_many
+
+    results = submit_many(
+        [{"model": MODEL, "prompt": long}, {"model": MODEL, "prompt": "short"}], ctx=ctx
+    )
+    assert [type(r).__name__ for r in results] == ["InvalidRequest", "NoLiveWorker"]
+    assert "invalid 'prompt': 2,001 characters" in str(results[0])

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import finished_usage, run_cli
+from tests.conftest import finished_usage, free_port, run_cli
 
 CLI = Path(__file__).resolve().parent.parent / "farm" / "cli"
 
@@ -212,6 +212,38 @@ def test_status_of_a_job_answers_from_the_registry_when_no_farm_runs(tmp_path):
     shown = run_cli(env, "status", "job-left-queued", timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "queued" in shown.stdout and "`farm up` starts one" in shown.stdout
+
+
+def test_submit_with_the_broker_down_prints_one_line_naming_it_whoever_serves_the_model(
+    tmp_path,
+):
+    """A farm whose Redis is down: its workers' leases lapse, but the error is the broker,
+    not "no worker is serving"; a session with a quota hears of Redis too, in one line."""
+    from farm.registry import queries, transaction, upgrade
+    from farm.registry.queries.workers import LeaseSpec
+
+    db = f"sqlite:///{tmp_path / 'registry.db'}"
+    upgrade(db)
+    with transaction(db) as s:
+        for name in ("served", "idle"):
+            queries.add_model(s, name=name, path="/models/tiny.gguf", n_ctx=512)
+        queries.register_worker(s, worker_id="w", host="h", pid=1, device="cpu", versions={})
+        queries.set_leases(s, worker_id="w", device="cpu", leases=[LeaseSpec("served")], ttl=600)
+        queries.set_quota(s, "capped", tokens_per_day=1000, max_queued=None)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FARM_")}
+    down = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    env.update(FARM_HOME=str(tmp_path), FARM_DATABASE_URL=db, FARM_BROKER_URL=down)
+    shown = down.replace("secret", "***")
+    for model, session, says in (
+        ("idle", "default", f"error: cannot reach the broker at {shown}: "),
+        ("served", "default", f"error: cannot reach the broker at {shown}: "),
+        ("served", "capped", f"error: cannot reach the farm's Redis at {shown} to reserve the "),
+    ):
+        r = run_cli(env, "submit", "-m", model, "--session", session, "hi", timeout=60)
+        assert r.returncode == 1, r.stderr
+        [line] = r.stderr.splitlines()  # one line: no quota or traceback noise above it
+        assert line.startswith(says), line
+        assert "is `farm up` running" in line and "secret" not in line
 
 
 def test_status_right_after_cancel_says_cancelled(farm_client):

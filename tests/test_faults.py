@@ -340,3 +340,58 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
         redis_proxy.cut()
         redis.Redis.from_url(fault_redis).flushdb()
         drop_pg_database(pg_server, direct)
+
+
+def test_a_reader_cut_off_from_redis_as_it_asks_the_backend_rides_it_out(
+    migrated_db, redis_url, tmp_path
+):
+    """A job whose stream expired: its reader asks the result backend, and a cut then
+    raised redis's ConnectionError out of Job.result() (a traceback) instead of waiting
+    for Redis to come back, as a cut during its XREAD does."""
+    import threading
+    import uuid
+    from datetime import UTC, datetime
+
+    from farm.completion import Completion
+    from farm.config import Settings
+    from farm.context import FarmContext
+    from farm.registry import queries
+    from farm.results import Job
+
+    server = urlsplit(redis_url)
+    proxy = Proxy(server.hostname or "127.0.0.1", server.port or 6379)
+    url = f"redis://127.0.0.1:{proxy.port}{server.path}"
+    ctx = FarmContext(Settings(home=tmp_path, broker_url=url, database_url=migrated_db))
+    job_id = str(uuid.uuid4())
+    done = Completion(
+        job_id=job_id, model="m", text="kept", finish_reason="stop", worker="w",
+        usage={"prompt_tokens": 1, "completion_tokens": 1},
+        timings={"queue_wait_ms": 1, "ttft_ms": 1, "generation_ms": 1},
+    )  # fmt: skip
+    with transaction(migrated_db) as s:
+        queries.record_queued(
+            s, job_id=job_id, session="s", model="m", priority="normal",
+            submitted_at=datetime.now(UTC),
+        )  # fmt: skip
+        s.execute(
+            update(UsageRecord).where(UsageRecord.job_id == job_id).values(status="succeeded")
+        )
+    ctx.app.backend.store_result(job_id, done.model_dump(mode="json"), "SUCCESS")
+
+    class CutAsItSettles(Job):
+        cuts = 0
+
+        def settled(self) -> bool:
+            if not self.cuts:
+                self.cuts += 1
+                proxy.cut()
+                threading.Timer(1.0, proxy.restore).start()
+            return super().settled()
+
+    try:
+        reader = CutAsItSettles(job_id, "m", ctx)
+        assert reader.result(timeout=30).text == "kept"
+        assert reader.cuts == 1
+    finally:
+        ctx.app.close()
+        proxy.cut()

@@ -275,3 +275,31 @@ def test_a_body_over_the_limit_is_a_413_whether_or_not_it_declares_its_length(
         assert error["code"] == "request_too_large" and "4,096 bytes" in error["message"]
     small = gateway.post("/v1/completions", json={"model": "m", "prompt": 7})
     assert small.status_code == 400 and small.json()["error"]["param"] == "prompt"
+
+
+def test_text_past_max_prompt_chars_is_a_400_naming_the_input_before_the_model_is_looked_up(
+    registry, monkeypatch
+):
+    monkeypatch.setenv("FARM_MAX_PROMPT_CHARS", "2000")
+    reset_settings()
+    reset_context()
+    gateway = TestClient(create_app())
+    long = "x" * 2001
+    for route, param, body in (
+        ("/v1/completions", "prompt", {"prompt": long}),
+        ("/v1/completions", "prompt", {"prompt": ["short", long[:1000], long[:1000]]}),
+        ("/v1/chat/completions", "messages", {"messages": [{"role": "user", "content": long}]}),
+        ("/v1/embeddings", "input", {"input": [long[:1500], long[:1500]]}),
+    ):
+        # "nosuchmodel" is not registered: the size is refused first (a 400, not a 404).
+        r = gateway.post(route, json={"model": "nosuchmodel", **body})
+        assert r.status_code == 400, (route, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param, (route, error)
+        assert "more than one request may carry (FARM_MAX_PROMPT_CHARS=2,000)" in error["message"]
+    at_the_limit = gateway.post(
+        "/v1/completions", json={"model": "nosuchmodel", "prompt": long[1:]}
+    )
+    # Within the limit: on to the farm, which this test has not started.
+    assert at_the_limit.status_code == 503
+    assert "no farm is running here" in at_the_limit.json()["error"]["message"]

@@ -62,3 +62,22 @@ def test_a_time_limit_above_the_visibility_timeout_is_refused():
 
     with pytest.raises(ValidationError, match="must be below"):
         Settings(job_time_limit=4000, visibility_timeout=3600)
+
+
+def test_the_broker_urls_celery_and_farm_print_mask_a_password_only_where_there_is_one():
+    from farm.config import masked
+
+    settings = Settings(home="/tmp/x")
+    for url, shown, ours in (
+        # The embedded farm's broker has no password: kombu printed ':**@' for it anyway.
+        ("redis://127.0.0.1:6379/0", "://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:@127.0.0.1:6379/0", "://127.0.0.1:6379/0", "redis://:@127.0.0.1:6379/0"),
+        ("redis://bob@127.0.0.1:6379/0", "://bob@127.0.0.1:6379/0", "redis://bob@127.0.0.1:6379/0"),
+        ("redis://:pw@127.0.0.1:6379/0", "://:**@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("amqp://bob:pw@127.0.0.1:5672//", "amqp://bob:**@127.0.0.1:5672//", "amqp://bob:***@127.0.0.1:5672//"),
+    ):  # fmt: skip
+        app = make_app(settings, url)
+        # What the worker logs ("Connected to ..."), its banner and its connection errors.
+        for conn in (app.connection_for_read(), app.connection_for_write(), app.connection()):
+            assert conn.as_uri().endswith(shown), (url, conn.as_uri())
+        assert masked(url) == ours

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from farm.config import masked
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, QuotaExceeded, RateLimited
 from farm.queue import (
@@ -243,7 +244,11 @@ def reserve(
         script: Any = ctx.redis.register_script(_RESERVE)
         ok, *rest = script(keys=keys, args=args)
     except redis.RedisError as e:
-        raise FarmUnavailable(f"cannot reserve quota in Redis: {e}; nothing was queued") from e
+        raise FarmUnavailable(
+            f"cannot reach the farm's Redis at {masked(ctx.result_url)} to reserve the quota "
+            f"of session '{request.session}': {e}; nothing was queued: is `farm up` running, or "
+            "are FARM_BROKER_URL (and FARM_RESULT_URL) right?"
+        ) from e
     if ok == 1:
         requests, tokens, request_reset, token_reset = rest
         if rpm is None and tpm is None:

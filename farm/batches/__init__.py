@@ -82,7 +82,14 @@ def submit(
         found = [m for m in queries.list_models(s) if m.enabled]
         models = {m.name: m.n_ctx for m in found}
         embedders = frozenset(m.name for m in found if m.embedding)
-    checked = lines.check(content, models, source=shown, endpoint=endpoint, embedders=embedders)
+    checked = lines.check(
+        content,
+        models,
+        source=shown,
+        endpoint=endpoint,
+        embedders=embedders,
+        max_chars=ctx.settings.max_prompt_chars,
+    )
     try:
         with transaction(ctx.database_url) as s:
             record = store.create(

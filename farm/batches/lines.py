@@ -20,8 +20,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from farm import openai_api, openai_embeddings
+from farm.config import Settings
 from farm.errors import BatchFileError, InvalidRequest
-from farm.request import Request, Stopping, valid_text
+from farm.request import Request, Stopping, oversized, valid_text
 
 EMBEDDINGS_URL = "/v1/embeddings"
 URLS = {"/v1/chat/completions": True, "/v1/completions": False, EMBEDDINGS_URL: False}
@@ -29,6 +30,7 @@ MAX_LINES = 200_000
 MAX_BYTES = 200 * 1024 * 1024
 MAX_CUSTOM_ID = 512
 KEPT_ERRORS = 10_000
+DEFAULT_MAX_CHARS: int = Settings.model_fields["max_prompt_chars"].default
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,14 @@ def check(
     source: str = "the batch file",
     endpoint: str | None = None,
     embedders: frozenset[str] = frozenset(),
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> list[Line]:
     """The file's lines, each checked; BatchFileError listing every bad one otherwise.
 
     `models`: the registered, enabled models and their context sizes. `endpoint`: the url
     every line must have, when the batch was created for one. `embedders`: the models that
-    serve embeddings."""
+    serve embeddings. `max_chars`: the most text one line's request may carry
+    (the farm's FARM_MAX_PROMPT_CHARS; its default otherwise)."""
     if len(content) > MAX_BYTES:
         raise InvalidRequest(
             f"{source} is {len(content) / 2**20:.0f} MiB; a batch file may be at most "
@@ -72,7 +76,7 @@ def check(
         if not raw.strip():
             continue
         try:
-            line = _line(number, raw, models, seen, endpoint, embedders)
+            line = _line(number, raw, models, seen, endpoint, embedders, max_chars)
         except _Bad as e:
             bad += 1
             if len(errors) < KEPT_ERRORS:
@@ -103,6 +107,7 @@ def _line(
     seen: dict[str, int],
     endpoint: str | None,
     embedders: frozenset[str],
+    max_chars: int,
 ) -> Line:
     try:
         text = raw.decode("utf-8")
@@ -145,21 +150,24 @@ def _line(
     if not isinstance(body, dict):
         raise _Bad("body", "a JSON object is needed: the request the url takes")
     if url == EMBEDDINGS_URL:
-        return Line(number, custom_id, False, _embedding(body, models, embedders), url)
-    return Line(number, custom_id, chat, _request(body, chat, models), url)
+        fields = _embedding(body, models, embedders, max_chars)
+        return Line(number, custom_id, False, fields, url)
+    return Line(number, custom_id, chat, _request(body, chat, models, max_chars), url)
 
 
 def _embedding(
-    body: dict[str, Any], models: dict[str, int], embedders: frozenset[str]
+    body: dict[str, Any], models: dict[str, int], embedders: frozenset[str], max_chars: int
 ) -> dict[str, Any]:
     try:
         fields = openai_embeddings.embedding_fields(body)
     except openai_api.BadBody as e:
         raise _Bad(f"body.{e.param}" if e.param else "body", str(e)) from None
-    return _checked(fields, models, embedders)
+    return _checked(fields, models, max_chars, embedders)
 
 
-def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[str, Any]:
+def _request(
+    body: dict[str, Any], chat: bool, models: dict[str, int], max_chars: int
+) -> dict[str, Any]:
     # Against the model's context first: before farm's global cap says something else.
     model = body.get("model")
     if isinstance(model, str) and model in models:
@@ -176,11 +184,14 @@ def _request(body: dict[str, Any], chat: bool, models: dict[str, int]) -> dict[s
         fields = openai_api.request_fields(body, chat=chat)
     except openai_api.BadBody as e:
         raise _Bad(f"body.{e.param}" if e.param else "body", str(e)) from None
-    return _checked(fields, models)
+    return _checked(fields, models, max_chars)
 
 
 def _checked(
-    fields: dict[str, Any], models: dict[str, int], embedders: frozenset[str] = frozenset()
+    fields: dict[str, Any],
+    models: dict[str, int],
+    max_chars: int,
+    embedders: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """The line's Request on the wire, without routing; _Bad naming the field otherwise."""
     try:
@@ -193,6 +204,9 @@ def _checked(
         if first["type"] != "missing" and loc:
             reason += f" (got {_short(repr(first.get('input')))})"
         raise _Bad(f"body.{field}" if field else "body", reason) from None
+    refused = oversized(request, max_chars)
+    if refused is not None:
+        raise _Bad(f"body.{refused[0]}", refused[1])
     if request.model not in models:
         known = ", ".join(sorted(models)) or "none yet (`farm models add`)"
         raise _Bad("body.model", f"unknown model '{request.model}'; registered: {known}")

@@ -70,6 +70,10 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
     while True:
         try:
             reply: Any = await r.xread({key: last}, block=BLOCK_MS, count=256)
+            if not reply and time.monotonic() >= check_at:
+                check_at = time.monotonic() + SETTLED_EVERY_S
+                if await anyio.to_thread.run_sync(job.settled):
+                    return
             lost_since = None
         except redis.ConnectionError as e:
             # A broker restarting (farm up restarts its own) comes back with the stream.
@@ -84,10 +88,6 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
         except redis.RedisError as e:
             raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
         if not reply:
-            if time.monotonic() >= check_at:
-                check_at = time.monotonic() + SETTLED_EVERY_S
-                if await anyio.to_thread.run_sync(job.settled):
-                    return
             continue
         for entry_id, fields in reply[0][1]:
             last = entry_id
