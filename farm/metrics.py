@@ -103,9 +103,21 @@ def _jobs_and_tokens(s: Session) -> Iterator[Metric]:
     jobs = CounterMetricFamily(
         "farm_jobs", "Jobs by model, priority and status", labels=["model", "priority", "status"]
     )
+    running = GaugeMetricFamily(
+        "farm_jobs_running",
+        "Jobs running on a worker now, by model (with farm_queue_depth: the work a model's "
+        "workers have, the signal to scale them on)",
+        labels=["model"],
+    )
+    now: dict[str, int] = {}
     for model, priority, status, n in queries.job_counts(s):
         jobs.add_metric([model, priority, status], n)
+        if status == "running":
+            now[model] = now.get(model, 0) + n
+    for model, n in sorted(now.items()):
+        running.add_metric([model], n)
     yield jobs
+    yield running
     prompt = CounterMetricFamily("farm_prompt_tokens", "Prompt tokens", labels=["model"])
     cached = CounterMetricFamily(
         "farm_prompt_cached_tokens", "Prompt tokens found in the prompt cache", labels=["model"]
