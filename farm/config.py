@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError, FarmUnavailable
@@ -153,6 +153,17 @@ class Settings(BaseSettings):
         ge=1024,
         description="Bytes a gateway request body may have (file uploads excepted); a "
         "larger one is refused with 413 before it is read.",
+    )
+    gateway_url: str | None = Field(
+        default=None,
+        description="A farm's gateway (http://host:8000) for `farm status` to ask, with an "
+        "admin key in FARM_API_KEY, instead of reading its registry and broker: an "
+        "operator's view of a remote farm.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="The API key `farm status --gateway` sends (an admin key: `farm keys "
+        "create --session NAME --admin`).",
     )
     gateway_header_timeout: float = Field(
         default=10.0,

@@ -24,6 +24,7 @@ from farm.errors import (
     QuotaExceeded,
     RateLimited,
     UnknownBatch,
+    UnknownJob,
     UnknownModel,
 )
 from farm.openai_choices import (
@@ -386,7 +387,7 @@ def error(e: Exception, *, chat: bool = True) -> tuple[int, dict[str, Any]]:
         return 400, _body(message, "invalid_request_error", param, None)
     if isinstance(e, UnknownModel):
         return 404, _body(message, "invalid_request_error", "model", "model_not_found")
-    if isinstance(e, UnknownBatch):
+    if isinstance(e, UnknownBatch | UnknownJob):
         return 404, _body(message, "invalid_request_error", None, "not_found")
     if isinstance(e, QueueFull | QuotaExceeded):
         limited = isinstance(e, QueueFull | RateLimited)

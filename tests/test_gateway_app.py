@@ -303,3 +303,85 @@ def test_text_past_max_prompt_chars_is_a_400_naming_the_input_before_the_model_i
     # Within the limit: on to the farm, which this test has not started.
     assert at_the_limit.status_code == 503
     assert "no farm is running here" in at_the_limit.json()["error"]["message"]
+
+
+def test_the_farms_status_is_for_admin_keys_and_a_laptop_farm(registry, redis_url, monkeypatch):
+    monkeypatch.setenv("FARM_BROKER_URL", redis_url)  # the queues' depths are read there
+    reset_settings()
+    reset_context()
+    gateway = TestClient(create_app())
+    laptop = gateway.get("/farm/status")  # no key ever: the loopback operator's farm
+    assert laptop.status_code == 200 and {"models", "workers"} <= laptop.json().keys()
+    with transaction(registry) as s:
+        admin = keys.create(s, "ops", admin=True)
+    user = new_key(registry, "alice")
+    assert gateway.get("/farm/status", headers=bearer(admin)).status_code == 200
+    refused = gateway.get("/farm/status", headers=bearer(user))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_admin"
+    assert "--admin" in refused.json()["error"]["message"]
+    assert gateway.get("/farm/status/some-job", headers=bearer(user)).status_code == 403
+    assert gateway.get("/v1/models", headers=bearer(user)).status_code == 200  # still a key
+    unknown = gateway.get("/farm/status/no-such-job", headers=bearer(admin))
+    assert unknown.status_code == 404 and "no job with id 'no-such-job'" in unknown.text
+    deadline = time.monotonic() + 5  # without a key, the key count may be a second old
+    while (r := gateway.get("/farm/status")).status_code != 401:
+        assert r.status_code == 200 and time.monotonic() < deadline
+
+
+def test_farm_status_reads_a_remote_farm_through_its_gateway_with_an_admin_key(
+    tmp_path: Path, redis_url: str
+):
+    """An operator's machine knows only the gateway's URL and an admin key."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    upgrade(url)
+    farm_env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path),
+        "FARM_DATABASE_URL": url,
+        "FARM_BROKER_URL": redis_url,
+    }
+    admin = run_cli(farm_env, "keys", "create", "--session", "ops", "--admin").stdout.strip()
+    user = run_cli(farm_env, "keys", "create", "--session", "alice").stdout.strip()
+    listed = json.loads(run_cli(farm_env, "keys", "list", "--json").stdout)
+    assert [k["admin"] for k in listed] == ["yes", ""]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "serve", "--port", str(port), "--no-feeder"],
+        env=farm_env,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    operator = {  # no registry, no broker: only the gateway
+        **{k: v for k, v in os.environ.items() if not k.startswith("FARM_")},
+        "FARM_HOME": str(tmp_path / "operator"),
+        "FARM_GATEWAY_URL": base,
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        shown = run_cli({**operator, "FARM_API_KEY": admin}, "status", "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert {"models", "workers"} <= json.loads(shown.stdout).keys()
+        table = run_cli(operator, "status", "--key", admin)
+        assert table.returncode == 0 and "models" in table.stdout.lower(), table.stderr
+        refused = run_cli({**operator, "FARM_API_KEY": user}, "status")
+        assert (
+            refused.returncode == 1 and "not one" in refused.stderr and "--admin" in refused.stderr
+        )
+        gone = run_cli({**operator, "FARM_API_KEY": admin}, "status", "no-such-job")
+        assert gone.returncode == 1 and "no job with id 'no-such-job'" in gone.stderr
+        away = run_cli(operator, "status", "--gateway", f"http://127.0.0.1:{free_port()}")
+        assert away.returncode == 1 and "cannot reach the gateway" in away.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()

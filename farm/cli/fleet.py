@@ -259,8 +259,35 @@ def flower(
 def status(
     job_id: Annotated[str | None, typer.Argument(help="a job to show")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway",
+            metavar="URL",
+            help="ask this farm's gateway, with an admin key (--key or FARM_API_KEY), instead "
+            "of its registry and broker (default: FARM_GATEWAY_URL)",
+        ),
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="the admin key for --gateway (or FARM_API_KEY)")
+    ] = None,
 ) -> None:
     """Models, workers, leases and queue depth; or one job's state and queue position."""
+    settings = get_settings()
+    gateway = gateway or settings.gateway_url
+    if gateway:
+        from farm.remote import gateway_status
+
+        if key is None and settings.api_key is not None:
+            key = settings.api_key.get_secret_value()
+        remote = gateway_status(gateway, key, job_id)
+        if as_json:
+            print(json.dumps(remote, indent=2, default=str))
+        elif job_id is not None:
+            render_job(remote, out)
+        else:
+            render_fleet(remote, out)
+        return
     from farm.local import ask  # a `farm up` here has the answers' libraries loaded already
 
     if job_id is not None:

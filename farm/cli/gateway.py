@@ -219,6 +219,12 @@ def start_gateway(sock: socket.socket, timeout: float = 30.0) -> Any:
 @friendly
 def keys_create(
     session: Annotated[str, typer.Option(metavar="NAME", help="the session its usage goes to")],
+    admin: Annotated[
+        bool,
+        typer.Option(
+            "--admin", help="an operator's key: it may also read `farm status --gateway URL`"
+        ),
+    ] = False,
 ) -> None:
     """Make a key; it is printed once, and only its hash is kept."""
     from farm.gateway import keys
@@ -227,7 +233,7 @@ def keys_create(
 
     Request.model_validate({"model": "m", "prompt": "p", "session": session})  # a valid name
     with transaction(_db_url_for_writes()) as s:
-        key = keys.create(s, session)
+        key = keys.create(s, session, admin=admin)
     print(key)
 
 
@@ -245,15 +251,18 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
                 "session": r.session,
                 "created": r.created_at.isoformat(),
                 "revoked": r.revoked_at.isoformat() if r.revoked_at else "",
+                "admin": "yes" if r.admin else "",
             }
             for r in keys.listing(s)
         ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = fold_table("key", "session", "created", "revoked", whole=("key", "session"))
+    table = fold_table("key", "session", "created", "revoked", "admin", whole=("key", "session"))
     for r in rows:
-        table.add_row(r["prefix"] + "…", r["session"], r["created"], r["revoked"] or "-")
+        table.add_row(
+            r["prefix"] + "…", r["session"], r["created"], r["revoked"] or "-", r["admin"] or "-"
+        )
     out.print(table)
 
 

@@ -7,6 +7,7 @@
     POST /v1/embeddings           vectors (farm/gateway/embeddings.py)
     /v1/files, /v1/batches        batch jobs (farm/gateway/batches.py)
     /v1/responses                 OpenAI's Responses API (farm/gateway/responses.py)
+    GET  /farm/status[/JOB]       `farm status` for an admin key (farm/gateway/operator.py)
     GET  /openapi.json            the routes, their bodies and errors (farm/gateway/openapi.py)
 
 An `Authorization: Bearer KEY` maps to the key's session, so usage is accounted per key.
@@ -45,7 +46,7 @@ from farm.admission.quotas import RateState
 from farm.config import get_settings
 from farm.context import get_context
 from farm.errors import FarmError, JobFailed, RateLimited
-from farm.gateway import embeddings, follow, keys, openapi
+from farm.gateway import embeddings, follow, keys, openapi, operator
 from farm.gateway import models as model_routes
 from farm.gateway import responses as response_routes
 from farm.gateway.access import AccessLog
@@ -77,16 +78,17 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         """The session of the request's key (farm/gateway/keys.py), or KeyRefused. Blocks:
         sync routes call it on their thread, async ones through `session_of`."""
         auth = request.headers.get("authorization", "")
-        session = check.session_for(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
-        request.state.session = session  # for the access log
-        return session
+        caller = check.caller_for(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        request.state.session = caller.session  # for the access log
+        request.state.admin = caller.admin  # for the operator's routes (farm/gateway/operator.py)
+        return caller.session
 
     async def session_of(request: Request) -> str:
         return await off_loop(_session, request)
 
     @app.exception_handler(keys.KeyRefused)
     def _refused(_: Request, e: keys.KeyRefused) -> JSONResponse:
-        kind = "invalid_request_error" if e.status == 401 else "server_error"
+        kind = "server_error" if e.status >= 500 else "invalid_request_error"
         return JSONResponse(
             {"error": {"message": str(e), "type": kind, "param": None, "code": e.code}},
             status_code=e.status,
@@ -173,6 +175,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     model_routes.add_routes(app, session_of)
     embeddings.add_routes(app, session_of)
     response_routes.add_routes(app, session_of)
+    operator.add_routes(app, session_of)
     openapi.install(app)
     return app
 

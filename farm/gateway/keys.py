@@ -10,6 +10,9 @@ The rule, checked on every request:
   any request (with whatever key a tool sends) is session `default`: a laptop;
 - once a key was ever created, revoked or not, every request needs a live key (401);
 - a gateway listening beyond loopback refuses every request (503) while no key is live.
+
+An admin key (`farm keys create --admin`) may also read the farm's status (/farm/status:
+what `farm status` shows); so may any caller of a farm that never had keys, on loopback.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from farm.registry import transaction
@@ -36,11 +40,20 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create(s: Session, session: str) -> str:
+def create(s: Session, session: str, *, admin: bool = False) -> str:
     """A new key for `session`; the only time its text exists outside the caller."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    stored.add(s, prefix=key[:12], digest=digest(key), session=session)
+    stored.add(s, prefix=key[:12], digest=digest(key), session=session, admin=admin)
     return key
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is: the session its usage goes to, and whether it may read the farm's
+    status (an admin key, or a farm that never had keys)."""
+
+    session: str
+    admin: bool
 
 
 class KeyRefused(Exception):
@@ -101,11 +114,15 @@ class KeyCheck:
 
     def session_for(self, token: str) -> str:
         """The session `token` (the Bearer value, "" for none) acts as, or KeyRefused."""
+        return self.caller_for(token).session
+
+    def caller_for(self, token: str) -> Caller:
+        """Who `token` (the Bearer value, "" for none) is, or KeyRefused."""
         if token:  # a key is looked up anyway: the counts come fresh with it
             with transaction(self._database_url()) as s:
                 row = stored.by_digest(s, digest(token))
                 if row is not None and row.revoked_at is None:
-                    return row.session
+                    return Caller(row.session, bool(row.admin))
                 revoked = row is not None
                 created, live = self.counts(s)
         else:
@@ -134,4 +151,5 @@ class KeyCheck:
                 f"({CREATE_HINT})",
                 "invalid_api_key",
             )
-        return "default"  # a farm that never had keys (a laptop): whatever key a tool sends
+        # A farm that never had keys (a laptop, on loopback): whatever key a tool sends.
+        return Caller("default", admin=True)

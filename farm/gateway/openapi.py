@@ -28,6 +28,7 @@ REF = "#/components/schemas/{model}"
 STATUSES = {
     400: "the body or a parameter is not what the route takes; `param` names it",
     401: "a missing, unknown or revoked API key (farm/gateway/keys.py)",
+    403: "the key is not an admin key (`farm keys create --admin`)",
     404: "no such model, file, batch or response (`param` says which parameter named it)",
     413: "the body is over FARM_GATEWAY_MAX_BODY",
     429: "the model's queue is full, or a quota or rate limit is reached (retry-after says "

@@ -179,6 +179,8 @@ class ApiKeyRecord(Base):
     session: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+    # An operator's key: it may also read the farm's status (/farm/status) through the gateway.
+    admin: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class FileRecord(Base):

@@ -9,9 +9,9 @@ from sqlalchemy.orm import Session
 from farm.registry.tables import ApiKeyRecord, utcnow
 
 
-def add(s: Session, *, prefix: str, digest: str, session: str) -> ApiKeyRecord:
+def add(s: Session, *, prefix: str, digest: str, session: str, admin: bool = False) -> ApiKeyRecord:
     """Record a new key by its first characters and digest, mapped to `session`."""
-    record = ApiKeyRecord(prefix=prefix, digest=digest, session=session)
+    record = ApiKeyRecord(prefix=prefix, digest=digest, session=session, admin=admin)
     s.add(record)
     return record
 
