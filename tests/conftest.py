@@ -140,6 +140,7 @@ class FarmUnderTest:
         self.broker_url = broker_url
         self.database_url = database_url
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.prefix: list[str] = []  # what the worker's command runs under (`ip netns exec NS`)
 
     def activate(self) -> None:
         """Point this process's farm client at this farm."""
@@ -155,7 +156,7 @@ class FarmUnderTest:
         self, model: str = MODEL, name: str | None = None, *extra: str
     ) -> subprocess.Popen[bytes]:
         log = (self.home / f"worker-{name or model}-{len(self.workers)}.log").open("wb")
-        args = [sys.executable, "-m", "workers", "--model", model, *extra]
+        args = [*self.prefix, sys.executable, "-m", "workers", "--model", model, *extra]
         if name:
             args += ["--name", name]
         proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)

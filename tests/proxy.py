@@ -11,8 +11,9 @@ import threading
 
 
 class Proxy:
-    def __init__(self, upstream_host: str, upstream_port: int):
+    def __init__(self, upstream_host: str, upstream_port: int, listen: str = "127.0.0.1"):
         self.upstream = (upstream_host, upstream_port)
+        self.listen = listen  # the address it accepts on (a veth's, for another namespace)
         self.port = 0
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -25,7 +26,7 @@ class Proxy:
         self._partitioned = False
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener.bind((self.listen, self.port))
         listener.listen(64)
         self.port = listener.getsockname()[1]
         self._listener = listener

@@ -20,9 +20,10 @@ import farm
 from farm.context import get_context, reset_context
 from farm.queue import TASK_NAME, priority_list_key, queue_name, stream_key
 from farm.registry import db as db_module
-from farm.registry import transaction
+from farm.registry import queries, transaction
 from farm.registry.db import get_engine
 from farm.registry.tables import UsageRecord
+from tests import netns
 from tests.conftest import (
     MODEL,
     REDIS_URL,
@@ -283,16 +284,27 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
     """The partition of issue 22: a worker cut off from Redis and PostgreSQL mid-job loses
     its lease; another worker runs the job again; when the link comes back, the cut-off
     run must neither stream into the job nor end it (before: both runs' text interleaved
-    on the stream)."""
+    on the stream).
+
+    The cut-off worker runs in a network namespace of its own (another host, as far as the
+    network goes) and its link is taken down: packets dropped, nothing reset. Where no
+    namespace can be made (not root), the proxies it talks through stop passing data."""
     fault_redis = REDIS_URL.rsplit("/", 1)[0] + "/12"
     redis.Redis.from_url(fault_redis).flushdb()
     direct = make_pg_database(pg_server)
     prepare_registry(direct)
-    pg_proxy, pg_proxied = through_proxy(direct)
-    url = urlsplit(fault_redis)
-    redis_proxy = Proxy(url.hostname or "127.0.0.1", url.port or 6379)
-    redis_proxied = url._replace(netloc=f"{url.hostname}:{redis_proxy.port}").geturl()
+    host = netns.make()
+    if isinstance(host, str):
+        print(f"\npartition by proxies: {host}")
+    listen = "127.0.0.1" if isinstance(host, str) else host.address
+    db_url, url = make_url(direct), urlsplit(fault_redis)
+    pg_proxy = Proxy(db_url.host or "127.0.0.1", db_url.port or 5432, listen=listen)
+    pg_proxied = db_url.set(host=listen, port=pg_proxy.port).render_as_string(hide_password=False)
+    redis_proxy = Proxy(url.hostname or "127.0.0.1", url.port or 6379, listen=listen)
+    redis_proxied = url._replace(netloc=f"{listen}:{redis_proxy.port}").geturl()
     cut_off = FarmUnderTest(tmp_path / "a", redis_proxied, pg_proxied)
+    if not isinstance(host, str):
+        cut_off.prefix = host.prefix
     healthy = FarmUnderTest(tmp_path / "b", fault_redis, direct)
     for f in (cut_off, healthy):
         f.home.mkdir()
@@ -304,8 +316,11 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
         for _ in range(5):
             next(stream)  # it runs on a@part, the only worker
         second = healthy.start_worker(MODEL, "b@part", "--parallel", "2")
-        pg_proxy.partition()
-        redis_proxy.partition()
+        if isinstance(host, str):
+            pg_proxy.partition()
+            redis_proxy.partition()
+        else:
+            host.cut()
         r = get_context().redis
         deadline = time.monotonic() + 120
         while not any(  # b@part reaped a@part and started the job over
@@ -314,9 +329,12 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
         ):
             assert second.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        for proxy in (pg_proxy, redis_proxy):  # the link comes back
-            proxy.cut()
-            proxy.restore()
+        if isinstance(host, str):  # the link comes back
+            for proxy in (pg_proxy, redis_proxy):
+                proxy.cut()
+                proxy.restore()
+        else:
+            host.restore()
         for _ in stream:
             pass
         c = job.completion
@@ -333,11 +351,20 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
             "b@part",
             c.usage.completion_tokens,
         )
+        deadline = time.monotonic() + 60
+        while True:  # back on the network, a@part serves again
+            with transaction(direct) as s:
+                if any(lease.worker_id == "a@part" for lease in queries.live_leases(s, MODEL)):
+                    break
+            assert time.monotonic() < deadline, "a@part never took a lease again"
+            time.sleep(0.5)
     finally:
         for f in (cut_off, healthy):
             f.stop_workers()
         pg_proxy.cut()
         redis_proxy.cut()
+        if not isinstance(host, str):
+            host.close()
         redis.Redis.from_url(fault_redis).flushdb()
         drop_pg_database(pg_server, direct)
 
