@@ -209,7 +209,10 @@ def test_usage_totals_reflect_finished_jobs(farm_client):
 def test_a_prompt_far_beyond_the_context_is_refused_at_submit_and_nothing_is_queued(farm_client):
     before = _count(farm_client.database_url)
     # Raised by submit itself (a worker's refusal would come as JobFailed from result()).
-    with pytest.raises(farm.InvalidRequest, match="invalid 'prompt': 20,000,000 bytes cannot fit"):
+    with pytest.raises(farm.InvalidRequest, match="invalid 'prompt': 1,000,000 bytes cannot fit"):
+        farm.submit("x" * 1_000_000, model=MODEL, max_tokens=4)
+    # Past FARM_MAX_PROMPT_CHARS (4 MiB) whatever the model: refused before the registry.
+    with pytest.raises(farm.InvalidRequest, match="20,000,000 characters of text, more than one"):
         farm.submit("x" * 20_000_000, model=MODEL, max_tokens=4)
     with pytest.raises(farm.InvalidRequest, match="invalid 'messages'"):
         farm.submit(model=MODEL, messages=[{"role": "user", "content": "y" * 300_000}])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -278,6 +279,18 @@ def test_db_upgrade_on_an_unreachable_database_says_so_without_a_traceback(tmp_p
     assert "Secret42" not in r.stderr
 
 
+def holds_lease(worker: str, db: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait (up to 60 s) until `worker` holds a live lease."""
+    deadline = time.monotonic() + 60
+    while True:
+        with transaction(db) as s:
+            if any(lease.worker_id == worker for lease in queries.live_leases(s, MODEL)):
+                return
+        assert proc is None or proc.poll() is None, f"{worker} exited"
+        assert time.monotonic() < deadline, f"{worker} holds no lease after 60 s"
+        time.sleep(0.2)
+
+
 def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_nothing_more(
     redis_url, pg_server, tmp_path
 ):
@@ -316,11 +329,13 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
         for _ in range(5):
             next(stream)  # it runs on a@part, the only worker
         second = healthy.start_worker(MODEL, "b@part", "--parallel", "2")
+        holds_lease("b@part", direct, second)  # up before the cut: the time is the cut's
         if isinstance(host, str):
             pg_proxy.partition()
             redis_proxy.partition()
         else:
             host.cut()
+        cut_at = time.monotonic()
         r = get_context().redis
         deadline = time.monotonic() + 120
         while not any(  # b@part reaped a@part and started the job over
@@ -329,6 +344,7 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
         ):
             assert second.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
+        print(f"\nlink cut -> the job running on b@part: {time.monotonic() - cut_at:.1f} s")
         if isinstance(host, str):  # the link comes back
             for proxy in (pg_proxy, redis_proxy):
                 proxy.cut()
@@ -351,13 +367,7 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
             "b@part",
             c.usage.completion_tokens,
         )
-        deadline = time.monotonic() + 60
-        while True:  # back on the network, a@part serves again
-            with transaction(direct) as s:
-                if any(lease.worker_id == "a@part" for lease in queries.live_leases(s, MODEL)):
-                    break
-            assert time.monotonic() < deadline, "a@part never took a lease again"
-            time.sleep(0.5)
+        holds_lease("a@part", direct)  # back on the network, a@part serves again
     finally:
         for f in (cut_off, healthy):
             f.stop_workers()

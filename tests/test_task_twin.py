@@ -139,7 +139,11 @@ def test_no_token_is_streamed_after_cancel_returns_and_only_those_before_are_bil
                 pass
         events = _events_of(twin_farm, job.id)
         after = [fields["kind"] for entry_id, fields in events if entry_id > last_before]
-        assert after == ["cancelled"], (attempt, after)
+        kinds = [fields["kind"] for _, fields in events]
+        # Nothing but the final event after cancel() returned (which may itself have come
+        # before: the worker can stop and say so within cancel()'s own round trips).
+        assert after in ([], ["cancelled"]), (attempt, after)
+        assert kinds.count("cancelled") == 1 and kinds[-1] == "cancelled", (attempt, kinds[-3:])
         streamed = sum(1 for _, fields in events if fields["kind"] == "token")
         row = usage_row(twin_farm, job.id)
         assert row.status == "cancelled"  # type: ignore[attr-defined]

@@ -276,8 +276,10 @@ class JobRunner:
         fields = usage_fields(completion)
         fleet.settle(ctx, job_id, request, gen.prompt_tokens, completion.usage.completion_tokens)
         if completion.finish_reason == "cancelled":
-            self.books.end(job_id, "cancelled", batch=request.batch, **fields)
+            # As for a result: the stream's final event first, then the row (a reader that
+            # finds the row cancelled finds the event on the stream too).
             patiently(lambda: fence.publish(CANCELLED, ttl=ctx.settings.stream_ttl))
+            self.books.end(job_id, "cancelled", batch=request.batch, **fields)
             task.update_state(state=states.REVOKED)
             raise Ignore()
         result = completion.model_dump(mode="json")
