@@ -143,6 +143,21 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."
     )
+    database_pool_size: int = Field(
+        default=1,
+        ge=1,
+        description="Connections a process keeps open to a PostgreSQL registry (SQLite: "
+        "not used): a hundred idle workers keep a hundred.",
+    )
+    database_max_overflow: int = Field(
+        default=1,
+        ge=0,
+        description="Connections a process may open beyond FARM_DATABASE_POOL_SIZE under "
+        "load, each closed once its transaction ends; more threads wait their turn (farm's "
+        "transactions take milliseconds). PostgreSQL's max_connections (100 by default), "
+        "or a PgBouncer in front, must hold (pool + overflow) x processes: 50 workers of 4 "
+        "slots ran at 0 (bench/fleet.py); give a busy gateway more.",
+    )
     gateway_require_keys: bool = Field(
         default=False,
         description="Require an API key on every gateway request even before any key was "

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm.config import masked
+from farm.config import get_settings, masked
 from farm.errors import ConfigError, FarmUnavailable
 
 
@@ -39,7 +39,15 @@ def get_engine(url: str) -> Engine:
     # then blocks (or raises ProgrammingError) restoring autocommit on the dead connection,
     # which hung a job's thread. A broken connection instead fails its first statement as
     # a disconnect, the pool is invalidated, and farm's callers retry (FarmUnavailable).
-    engine = create_engine(url, connect_args=_connect_args(parsed))
+    settings = get_settings()
+    engine = create_engine(
+        url,
+        connect_args=_connect_args(parsed),
+        # SQLAlchemy's default (5 kept, 10 more under load) let 50 workers of 4 slots open
+        # past PostgreSQL's 100 connections in a burst (bench/fleet.py): "too many clients".
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+    )
     if parsed.get_backend_name() == "postgresql":
         event.listen(engine, "connect", _postgresql_session)
     return engine
