@@ -58,10 +58,11 @@ class FarmContext:
 
         return QueuedRows(self.database_url)
 
-    def flush_rows(self) -> None:
-        """Let this process's queued jobs reach the registry before reading it."""
+    def flush_rows(self, timeout: float = 10.0) -> None:
+        """Let this process's queued jobs reach the registry before reading it (waiting at
+        most `timeout` seconds)."""
         if "recorder" in self.__dict__:
-            self.recorder.flush()
+            self.recorder.flush(timeout)
 
     @cached_property
     def redis(self) -> Redis:

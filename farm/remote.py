@@ -25,7 +25,7 @@ def gateway_status(url: str, key: str | None, job_id: str | None = None) -> dict
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        with _OPENER.open(request, timeout=TIMEOUT_S) as response:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as e:
         raise _refusal(url, e) from None
@@ -44,11 +44,28 @@ def gateway_status(url: str, key: str | None, job_id: str | None = None) -> dict
     return answer
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is refused, not followed: urllib would send the admin key to wherever it
+    points, another host or plain http included."""
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> None:
+        raise urllib.error.HTTPError(
+            req.full_url, code, f"redirected to {newurl}; give that URL as --gateway", headers, fp
+        )
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _refusal(url: str, e: urllib.error.HTTPError) -> FarmError:
     try:
         message = str(json.loads(e.read())["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OSError):
         message = f"HTTP {e.code} {e.reason}"
+    if 300 <= e.code < 400:
+        return ConfigError(f"the gateway at {url} answered {e.code}: {e.reason}")
     if e.code == 404 and "no job" in message:
         return UnknownJob(message)
     if e.code == 404:

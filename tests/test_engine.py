@@ -398,6 +398,8 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
     """Greedy without penalties picks by numpy on llama.cpp's logits (the chain would copy
     the whole vocabulary first): the same token as the chain, over real logits, with a bias
     that lowers the best token, one that raises another, a ban, and a tie."""
+    import ctypes
+
     import numpy as np
 
     from workers.engine.sampling import build_sampler
@@ -440,6 +442,21 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
                 chain.free()
     finally:
         llama_cpp.llama_free(own)
+    # A NaN (numpy's argmax would take it, llama.cpp's greedy not), or an infinity on a
+    # banned marker (NaN once banned): the fast path declines, and the chain picks.
+    markers = engine.tokens.markers()
+    fast = build_sampler(vocab, {"temperature": 0.0}, None, markers)
+    try:
+        for poison in (float("nan"), float("inf")):
+            row = np.zeros(n_vocab, dtype=np.float32)
+            row[markers[0] if poison == float("inf") else 7] = poison
+            pointer = row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            assert fast._argmax(pointer) is None, poison
+        row = np.zeros(n_vocab, dtype=np.float32)
+        row[42] = 1.0
+        assert fast._argmax(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) == 42
+    finally:
+        fast.free()
     penalized = build_sampler(vocab, {"temperature": 0.0, "repeat_penalty": 1.3}, None)
     sampled = build_sampler(vocab, {"temperature": 0.7}, None)
     assert penalized.greedy is None and sampled.greedy is None  # the chain keeps those

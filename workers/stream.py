@@ -83,6 +83,9 @@ class RunKeeper:
                     log.debug("run key of job %s not renewed: %s", fence.job_id, e)
 
 
+WRITE_FAILED = -2  # the outcome `refused` gets when Redis could not take the write
+
+
 @dataclass(eq=False)
 class _Write:
     fence: Fenced
@@ -102,8 +105,11 @@ class StreamWriter:
     Nothing waits for a timer: a lone token is written as soon as it is queued, so the time
     to the first token does not grow; under load the rounds fill up on their own. Each write
     is fenced as `Fenced.publish` is: a write refused (the job was cancelled, or another run
-    holds it) calls the job's `refused(outcome)` from this thread. `drain(fence)` returns
-    once the job's writes so far are on its stream, so that its final event follows them.
+    holds it) calls the job's `refused(outcome)` from this thread, and so does a write Redis
+    could not take (WRITE_FAILED: the job stops, and its `drain` raises the error).
+    `drain(fence)` returns once the job's writes so far are on its stream, so that its final
+    event follows them. A round that met a lost connection is sent again whole (as a single
+    write was before): an event whose reply was lost may then be written twice.
     """
 
     def __init__(self, client: redis.Redis):
@@ -143,23 +149,26 @@ class StreamWriter:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queued))
                 writes, self._queued = self._queued, []
-            outcomes: list[Any] = []
-            error: Exception | None = None
+            outcomes: list[Any]
             try:
                 outcomes = patiently(partial(self._round, writes))
-            except Exception as e:  # each job's drain() raises it
+            except Exception as e:  # Redis away past the window: every write of the round
                 log.warning("%d stream writes lost: %s", len(writes), e)
-                error = e
-            for write, outcome in zip(writes, outcomes, strict=False):
+                outcomes = [e] * len(writes)
+            failed: dict[Fenced, Exception] = {}
+            for write, outcome in zip(writes, outcomes, strict=True):
+                if isinstance(outcome, Exception):  # its job fails (drain raises), at once
+                    failed.setdefault(write.fence, outcome)
+                    outcome = WRITE_FAILED
                 if outcome != WRITTEN:
                     try:
                         write.refused(int(outcome))
                     except Exception:
                         log.exception("job %s: refused write not handled", write.fence.job_id)
             with self._cond:
+                for fence, error in failed.items():
+                    self._failed.setdefault(fence, error)
                 for write in writes:
-                    if error is not None:
-                        self._failed[write.fence] = error
                     self._waiting[write.fence] -= 1
                 self._cond.notify_all()
 
@@ -182,7 +191,9 @@ class StreamWriter:
         pipe = self.client.pipeline(transaction=False)
         for e in events:
             e.fence.publish_on(pipe, e.kind, ttl=e.ttl, **e.fields)
-        outcome = dict(zip(map(id, events), pipe.execute(), strict=True))
+        # One write's error (a script Redis refused) is that write's outcome, not the round's.
+        results = pipe.execute(raise_on_error=False)
+        outcome = dict(zip(map(id, events), results, strict=True))
         return [outcome[id(e)] for e in of_write]
 
 

@@ -13,6 +13,7 @@ cannot serve fails that job with a reason (JobFailed); the worker keeps serving 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -150,9 +151,12 @@ class JobRunner:
         # what it generated after that is neither streamed nor billed.
         stopped: dict[str, Any] = {}
 
+        stopping = threading.Lock()  # stop() comes from this thread and the stream writer's
+
         def stop(why: int, seq: Any) -> None:
-            if not stopped:
-                stopped.update(why=why, tokens=seq.generated)
+            with stopping:
+                if not stopped:
+                    stopped.update(why=why, tokens=seq.generated)
             seq.cancel()
 
         def refused(outcome: int) -> None:  # the stream writer's: cancelled, or taken over
@@ -219,6 +223,9 @@ class JobRunner:
                             should_cancel=should_cancel,
                             on_tool_call=on_tool_call,
                         )
+                    except BaseException:
+                        seq.cancel()  # its slot stops before the drain waits on Redis
+                        raise
                     finally:  # its text is on its stream before anything ends the job
                         self.writer.drain(fence)
                 except BaseException:

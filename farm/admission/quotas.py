@@ -24,7 +24,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm.config import masked
 from farm.context import FarmContext
@@ -39,6 +39,9 @@ from farm.queue import (
 )
 from farm.registry import queries, transaction
 from farm.request import Request
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 LIMITS_CACHE_S = 1.0
 PER_MESSAGE = 16  # template tokens a chat message may add around its text
@@ -180,25 +183,33 @@ def reservation(request: Request) -> int:
     return prompt + request.stopping.max_tokens * request.choices
 
 
-def limits(ctx: FarmContext, session: str) -> Limits | None:
-    """The session's limits (None: unlimited), read from the registry at most once a second."""
+def limits(ctx: FarmContext, session: str, s: Session | None = None) -> Limits | None:
+    """The session's limits (None: unlimited), read from the registry at most once a second:
+    in `s` when the caller holds a transaction (never a second connection inside one)."""
     cached = ctx.quotas.get(session)
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1]  # type: ignore[return-value]
-    with transaction(ctx.database_url) as s:
-        row = queries.get_quota(s, session)
-        found = None
-        if row is not None:
-            found = Limits(
-                row.tokens_per_day,
-                row.max_queued,
-                row.requests_per_minute,
-                row.tokens_per_minute,
-                row.weight or 1.0,
-            )
+    if s is None:
+        with transaction(ctx.database_url) as fresh:
+            found = _limits_of(fresh, session)
+    else:
+        found = _limits_of(s, session)
     ctx.quotas[session] = (now + LIMITS_CACHE_S, found)
     return found
+
+
+def _limits_of(s: Session, session: str) -> Limits | None:
+    row = queries.get_quota(s, session)
+    if row is None:
+        return None
+    return Limits(
+        row.tokens_per_day,
+        row.max_queued,
+        row.requests_per_minute,
+        row.tokens_per_minute,
+        row.weight or 1.0,
+    )
 
 
 def reserve(

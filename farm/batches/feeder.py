@@ -257,7 +257,7 @@ class Feeder:
     def _session_room(self, s: Session, session: str, share: int) -> int:
         """Lines of `session` the feeder may add: with a max_queued quota, its batches
         take at most half of it, leaving the rest to the session's interactive jobs."""
-        limit = quotas.limits(self.ctx, session)
+        limit = quotas.limits(self.ctx, session, s)  # in this transaction: no second connection
         if limit is None or limit.max_queued is None:
             return share
         return min(share, limit.max_queued // 2 - feed_queries.queued_of_session(s, session))

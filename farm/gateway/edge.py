@@ -21,6 +21,8 @@ from farm.results import Job
 
 T = TypeVar("T")
 
+FLUSH_BEFORE_HEADERS_S = 2.0
+
 # Key checks and registry reads: short, and never queued behind submits on Starlette's pool.
 READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-reads")
 
@@ -88,11 +90,14 @@ class JobStream(StreamingResponse):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         finished = False
-        # The headers hand the job's id (x-request-id) to the client, which may look it up
-        # at once from another process (`farm status ID`): its registry row is written first.
-        await off_loop(get_context().flush_rows)
 
         async def stream() -> None:
+            # The headers hand the job's id (x-request-id) to the client, which may look it
+            # up at once from another process (`farm status ID`): its registry row is
+            # written first, waited for on the loop's own executor (not READS, which the
+            # key checks need), and for 2 s at most.
+            flush = partial(get_context().flush_rows, FLUSH_BEFORE_HEADERS_S)
+            await asyncio.get_running_loop().run_in_executor(None, flush)
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for event in self.content:
                 await send(

@@ -12,7 +12,9 @@ The rule, checked on every request:
 - a gateway listening beyond loopback refuses every request (503) while no key is live.
 
 An admin key (`farm keys create --admin`) may also read the farm's status (/farm/status:
-what `farm status` shows); so may any caller of a farm that never had keys, on loopback.
+what `farm status` shows). Nothing else may, a farm that never had keys included: a
+loopback gateway may be reached through a proxy or a tunnel, and its operator has `farm
+status` on the machine itself.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def create(s: Session, session: str, *, admin: bool = False) -> str:
 @dataclass(frozen=True)
 class Caller:
     """Who a request is: the session its usage goes to, and whether it may read the farm's
-    status (an admin key, or a farm that never had keys)."""
+    status (a live admin key)."""
 
     session: str
     admin: bool
@@ -81,14 +83,20 @@ class KeyCheck:
 
     def counts(self, s: Session | None = None) -> tuple[int, int]:
         """(keys ever created, keys live): read in `s` when given, else at most STATE_TTL
-        seconds old (a request without a key costs no query on a busy laptop farm)."""
+        seconds old (a request without a key costs no query on a busy laptop farm). The lock
+        guards only the cached pair, never a registry read: a thread holding a connection
+        and waiting for the lock, and one holding the lock and waiting for a connection,
+        would stall each other with a small pool."""
+        if s is None:
+            with self._lock:
+                if time.monotonic() - self._read_at < STATE_TTL:
+                    return self._counts
+            with transaction(self._database_url()) as fresh:
+                read = stored.counts(fresh)
+        else:
+            read = stored.counts(s)
         with self._lock:
-            if s is not None:
-                self._counts, self._read_at = stored.counts(s), time.monotonic()
-            elif time.monotonic() - self._read_at >= STATE_TTL:
-                with transaction(self._database_url()) as fresh:
-                    self._counts = stored.counts(fresh)
-                self._read_at = time.monotonic()
+            self._counts, self._read_at = read, time.monotonic()
             return self._counts
 
     def keys_required(self, *, wait: bool = True) -> bool:
@@ -152,4 +160,4 @@ class KeyCheck:
                 "invalid_api_key",
             )
         # A farm that never had keys (a laptop, on loopback): whatever key a tool sends.
-        return Caller("default", admin=True)
+        return Caller("default", admin=False)

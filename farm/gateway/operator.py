@@ -27,8 +27,8 @@ async def _admin(request: Request, session_of: Callable[[Request], Awaitable[str
     if not getattr(request.state, "admin", False):
         raise KeyRefused(
             403,
-            "the farm's status is for admin keys, and this key is not one: ask the farm's "
-            "operator for one (`farm keys create --session NAME --admin`)",
+            "the farm's status is for admin keys, and this request has none: ask the "
+            "farm's operator for one (`farm keys create --session NAME --admin`)",
             "not_admin",
         )
 

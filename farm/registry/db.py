@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from farm.config import get_settings, masked
@@ -129,6 +130,12 @@ def transaction(url: str) -> Iterator[Session]:
         raise FarmUnavailable(
             f"cannot use the registry at {_safe(url)}: {e.orig}; check FARM_DATABASE_URL "
             "and run `farm db upgrade`"
+        ) from e
+    except PoolTimeout as e:  # every connection of this process's pool stayed busy
+        raise FarmUnavailable(
+            f"no connection to the registry at {_safe(url)} came free in time (this "
+            "process's pool: FARM_DATABASE_POOL_SIZE + FARM_DATABASE_MAX_OVERFLOW); the "
+            "registry may be slow, or the pool too small for this process's load"
         ) from e
 
 

@@ -84,7 +84,9 @@ class Sampler:
         """The next token from the logits at batch position `index` (accepted by the chain)."""
         if self.grammar is None:
             if self.greedy is not None:
-                return self._argmax(llama_cpp.llama_get_logits_ith(ctx, index))
+                token = self._argmax(llama_cpp.llama_get_logits_ith(ctx, index))
+                if token is not None:
+                    return token
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
         if self.stateless:  # llama.cpp's own pick: no copy of the logits in Python
@@ -98,20 +100,23 @@ class Sampler:
         llama_cpp.llama_sampler_accept(self.grammar, token)
         return token
 
-    def _argmax(self, logits: Any) -> int:
+    def _argmax(self, logits: Any) -> int | None:
         """Greedy's pick: the first of the best logits once the biases are added, as
         llama.cpp's logit-bias and greedy samplers pick (float32 sums, the first maximum).
         Without a positive bias the best raw logit stays best unless a bias lowers it: only
-        then are the logits copied to add the biases."""
+        then are the logits copied to add the biases. None when the best is not a finite
+        number (a NaN, which numpy would pick and llama.cpp would not, or an infinity a ban
+        turns into NaN): the chain picks then."""
         assert self.greedy is not None
         ids, biases, raises = self.greedy
         view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
         best = int(view.argmax())
         if raises or (len(ids) and best in self._biased):
-            biased = view.copy()
-            biased[ids] += biases
-            best = int(biased.argmax())
-        return best
+            view = view.copy()
+            with np.errstate(invalid="ignore"):  # inf + -inf: NaN, declined below
+                view[ids] += biases
+            best = int(view.argmax())
+        return best if math.isfinite(view[best]) else None
 
     @property
     def _biased(self) -> frozenset[int]:
