@@ -311,7 +311,9 @@ def test_the_engine_never_samples_an_image_marker_and_writes_text_instead(host):
     assert event[0] == DONE, event
     g = event[1]
     assert (g.completion_tokens, g.finish_reason) == (6, "length")
-    assert g.text.strip() and "".join(streamed) == g.text and "image>" not in g.text
+    # Text, if only whitespace (what greedy writes here depends on the cache's state): a
+    # sampled marker would show as nothing at all.
+    assert g.text and "".join(streamed) == g.text and "image>" not in g.text
 
 
 def test_text_after_an_image_marker_is_kept_without_the_marker(host):
