@@ -109,6 +109,12 @@ def run_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:run"
 
 
+def written_key(job_id: str) -> str:
+    """The number of the last event each run of a job wrote on its stream (a hash by the
+    run's token): a write sent again after a lost reply is not written twice."""
+    return f"{KEY_PREFIX}job:{job_id}:written"
+
+
 def cancel_key(job_id: str) -> str:
     """Set when a job is cancelled; the worker checks it before and between tokens."""
     return f"{KEY_PREFIX}job:{job_id}:cancel"

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from farm.queue import cancel_key, run_key, stream_key
+from farm.queue import cancel_key, run_key, stream_key, written_key
 
 # Event kinds on a job's stream.
 TOKEN, DONE, FAILED, CANCELLED = "token", "done", "failed", "cancelled"
@@ -82,15 +82,23 @@ local function holds(key, token, ttl)
   return 1
 end
 """
-# KEYS: the stream, the cancel flag, the run key. ARGV: the run's token, the run key's ttl
-# (ms), the stream's ttl (s), the event's kind, then its fields and values. Returns WRITTEN,
-# CANCELLED_ (the job was cancelled: only a `cancelled` event is written) or LOST.
+# KEYS: the stream, the cancel flag, the run key, the written numbers. ARGV: the run's token,
+# the run key's ttl (ms), the stream's ttl (s), the event's kind, its number in this run
+# ('' for none: not deduplicated), then its fields and values. Returns WRITTEN, CANCELLED_
+# (the job was cancelled: only a `cancelled` event is written) or LOST. An event whose
+# number this run has written already is not written again (WRITTEN: it is there).
 _FENCED_XADD = (
     _HOLDS
     + """
 if holds(KEYS[3], ARGV[1], ARGV[2]) == 0 then return -1 end
 if ARGV[4] ~= 'cancelled' and redis.call('exists', KEYS[2]) == 1 then return 0 end
-redis.call('xadd', KEYS[1], '*', 'kind', ARGV[4], unpack(ARGV, 5))
+if ARGV[5] ~= '' then
+  local last = tonumber(redis.call('hget', KEYS[4], ARGV[1]) or '0')
+  if tonumber(ARGV[5]) <= last then return 1 end
+  redis.call('hset', KEYS[4], ARGV[1], ARGV[5])
+  redis.call('expire', KEYS[4], ARGV[3])
+end
+redis.call('xadd', KEYS[1], '*', 'kind', ARGV[4], unpack(ARGV, 6))
 redis.call('expire', KEYS[1], ARGV[3])
 return 1
 """
@@ -189,12 +197,17 @@ class Fenced:
         """Write an event on the job's stream, which then expires `ttl` seconds on."""
         return int(self.publish_on(self.r, kind, ttl=ttl, **fields))
 
-    def publish_on(self, client: Any, kind: str, *, ttl: int, **fields: Any) -> Any:
+    def publish_on(
+        self, client: Any, kind: str, *, ttl: int, number: int | None = None, **fields: Any
+    ) -> Any:
         """`publish` on `client`: a pipeline queues the write, and its result (WRITTEN,
-        CANCELLED_ or LOST) comes with the pipeline's."""
+        CANCELLED_ or LOST) comes with the pipeline's. With `number` (this run's events
+        counted from 1, in order), a write sent again is not written twice."""
         flat: list[str] = []
         for k, v in fields.items():
             flat += [k, v if isinstance(v, str) else json.dumps(v)]
-        keys = [stream_key(self.job_id), cancel_key(self.job_id), run_key(self.job_id)]
-        args: list[str | int] = [self.token, self.ttl_ms, ttl, kind, *flat]
+        job = self.job_id
+        keys = [stream_key(job), cancel_key(job), run_key(job), written_key(job)]
+        seen = "" if number is None else str(number)
+        args: list[str | int] = [self.token, self.ttl_ms, ttl, kind, seen, *flat]
         return self._xadd(keys=keys, args=args, client=client)

@@ -99,3 +99,22 @@ def test_a_write_the_fence_refuses_tells_its_job_and_writes_nothing(r):
 
 def test_drain_of_a_job_that_wrote_nothing_returns_at_once(r):
     StreamWriter(r).drain(held_job(r))
+
+
+def test_a_round_sent_again_after_a_lost_reply_writes_nothing_twice(r):
+    """What a broker restart does mid-round: the pipeline's writes landed, its reply was
+    lost, and the round is sent again whole. Each write carries its number in its job."""
+    writer = StreamWriter(r)
+    fence = held_job(r)
+    with writer._cond:  # hold the writer's thread off: the round is sent by hand
+        for piece in ("a", "b"):
+            writer.write(fence, TOKEN, ttl=60, refused=lambda _: None, text=piece)
+        writer.write(fence, TOOL_CALL, ttl=60, refused=lambda _: None, delta="{}")
+        writes, writer._queued = writer._queued, []
+        writer._waiting[fence] -= len(writes)
+    assert writer._round(writes) == [1, 1, 1]
+    assert writer._round(writes) == [1, 1, 1]  # sent again: "written", and written once
+    writer.write(fence, TOKEN, ttl=60, refused=lambda _: None, text="c")
+    writer.drain(fence)
+    got = [(e["kind"], e.get("text")) for e in events(r, fence)]
+    assert got == [("token", "ab"), ("tool_call", None), ("token", "c")]

@@ -93,6 +93,7 @@ class _Write:
     ttl: int
     fields: dict[str, Any]
     refused: Callable[[int], None]
+    number: int = 0  # the job's writes counted from 1: a round sent again writes none twice
 
 
 class StreamWriter:
@@ -108,8 +109,8 @@ class StreamWriter:
     holds it) calls the job's `refused(outcome)` from this thread, and so does a write Redis
     could not take (WRITE_FAILED: the job stops, and its `drain` raises the error).
     `drain(fence)` returns once the job's writes so far are on its stream, so that its final
-    event follows them. A round that met a lost connection is sent again whole (as a single
-    write was before): an event whose reply was lost may then be written twice.
+    event follows them. A round that met a lost connection is sent again whole; each write
+    carries its number in its job, so what the first try wrote is not written twice.
     """
 
     def __init__(self, client: redis.Redis):
@@ -117,6 +118,7 @@ class StreamWriter:
         self._queued: list[_Write] = []
         self._cond = threading.Condition()
         self._waiting = Counter[Fenced]()  # writes queued or on the wire, per job
+        self._numbers = Counter[Fenced]()  # writes ever queued, per job: their numbers
         self._failed: dict[Fenced, Exception] = {}
         self._thread: threading.Thread | None = None
 
@@ -125,7 +127,8 @@ class StreamWriter:
     ) -> None:
         """Queue an event for the job's stream; returns at once."""
         with self._cond:
-            self._queued.append(_Write(fence, kind, ttl, fields, refused))
+            self._numbers[fence] += 1
+            self._queued.append(_Write(fence, kind, ttl, fields, refused, self._numbers[fence]))
             self._waiting[fence] += 1
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -140,6 +143,7 @@ class StreamWriter:
         with self._cond:
             self._cond.wait_for(lambda: not self._waiting[fence])
             del self._waiting[fence]
+            del self._numbers[fence]
             error = self._failed.pop(fence, None)
         if error is not None:
             raise error
@@ -183,14 +187,15 @@ class StreamWriter:
             prev = last.get(w.fence)
             if prev is not None and _joinable(prev, w):
                 prev.fields = _joined(prev.fields, w.fields)
+                prev.number = w.number  # the event is written once, as the last it holds
             else:
-                prev = _Write(w.fence, w.kind, w.ttl, dict(w.fields), w.refused)
+                prev = _Write(w.fence, w.kind, w.ttl, dict(w.fields), w.refused, w.number)
                 events.append(prev)
                 last[w.fence] = prev
             of_write.append(prev)
         pipe = self.client.pipeline(transaction=False)
         for e in events:
-            e.fence.publish_on(pipe, e.kind, ttl=e.ttl, **e.fields)
+            e.fence.publish_on(pipe, e.kind, ttl=e.ttl, number=e.number, **e.fields)
         # One write's error (a script Redis refused) is that write's outcome, not the round's.
         results = pipe.execute(raise_on_error=False)
         outcome = dict(zip(map(id, events), results, strict=True))
