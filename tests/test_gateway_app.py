@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -101,20 +102,22 @@ def test_an_exposed_gateway_refuses_every_request_once_no_key_is_live(registry):
     assert gateway.get("/health").status_code == 200  # liveness probes still answered
 
 
-def test_farm_serve_beyond_loopback_stops_serving_when_its_last_key_is_revoked(
-    tmp_path: Path, redis_url: str
-):
+def farm_env(tmp_path: Path, redis_url: str) -> dict[str, str]:
+    """A farm on a fresh SQLite registry in `tmp_path` and the test Redis."""
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade(url)
-    env = {
+    return {
         **os.environ,
         "FARM_HOME": str(tmp_path),
         "FARM_DATABASE_URL": url,
         "FARM_BROKER_URL": redis_url,
     }
-    key = run_cli(env, "keys", "create", "--session", "dave").stdout.strip()
+
+
+@contextmanager
+def serving(env: dict[str, str], host: str = "127.0.0.1") -> Iterator[str]:
+    """`farm serve` in a subprocess, once /health answers: its base URL."""
     port = free_port()
-    host = "127.0.0.2"  # a loopback address, but not one `farm serve` takes for local
     proc = subprocess.Popen(
         [sys.executable, "-m", "farm.cli", "serve", "--host", host, "--port", str(port),
          "--no-feeder"],
@@ -133,6 +136,21 @@ def test_farm_serve_beyond_loopback_stops_serving_when_its_last_key_is_revoked(
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_farm_serve_beyond_loopback_stops_serving_when_its_last_key_is_revoked(
+    tmp_path: Path, redis_url: str
+):
+    env = farm_env(tmp_path, redis_url)
+    key = run_cli(env, "keys", "create", "--session", "dave").stdout.strip()
+    # 127.0.0.2: a loopback address, but not one `farm serve` takes for local
+    with serving(env, "127.0.0.2") as base:
         assert httpx.get(f"{base}/v1/models", headers=bearer(key)).status_code == 200
         assert httpx.get(f"{base}/v1/models").status_code == 401
         assert run_cli(env, "keys", "revoke", key).returncode == 0
@@ -143,11 +161,6 @@ def test_farm_serve_beyond_loopback_stops_serving_when_its_last_key_is_revoked(
             data={"purpose": "batch"},
         )
         assert upload.status_code == 503 and upload.json()["error"]["code"] == "no_live_key"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 @pytest.mark.parametrize(
@@ -335,41 +348,17 @@ def test_farm_status_reads_a_remote_farm_through_its_gateway_with_an_admin_key(
     tmp_path: Path, redis_url: str
 ):
     """An operator's machine knows only the gateway's URL and an admin key."""
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    upgrade(url)
-    farm_env = {
-        **os.environ,
-        "FARM_HOME": str(tmp_path),
-        "FARM_DATABASE_URL": url,
-        "FARM_BROKER_URL": redis_url,
-    }
-    admin = run_cli(farm_env, "keys", "create", "--session", "ops", "--admin").stdout.strip()
-    user = run_cli(farm_env, "keys", "create", "--session", "alice").stdout.strip()
-    listed = json.loads(run_cli(farm_env, "keys", "list", "--json").stdout)
+    env = farm_env(tmp_path, redis_url)
+    admin = run_cli(env, "keys", "create", "--session", "ops", "--admin").stdout.strip()
+    user = run_cli(env, "keys", "create", "--session", "alice").stdout.strip()
+    listed = json.loads(run_cli(env, "keys", "list", "--json").stdout)
     assert [k["admin"] for k in listed] == ["yes", ""]
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "serve", "--port", str(port), "--no-feeder"],
-        env=farm_env,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    operator = {  # no registry, no broker: only the gateway
-        **{k: v for k, v in os.environ.items() if not k.startswith("FARM_")},
-        "FARM_HOME": str(tmp_path / "operator"),
-        "FARM_GATEWAY_URL": base,
-    }
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    with serving(env) as base:
+        operator = {  # no registry, no broker: only the gateway
+            **{k: v for k, v in os.environ.items() if not k.startswith("FARM_")},
+            "FARM_HOME": str(tmp_path / "operator"),
+            "FARM_GATEWAY_URL": base,
+        }
         shown = run_cli({**operator, "FARM_API_KEY": admin}, "status", "--json")
         assert shown.returncode == 0, shown.stderr
         assert {"models", "workers"} <= json.loads(shown.stdout).keys()
@@ -383,8 +372,3 @@ def test_farm_status_reads_a_remote_farm_through_its_gateway_with_an_admin_key(
         assert gone.returncode == 1 and "no job with id 'no-such-job'" in gone.stderr
         away = run_cli(operator, "status", "--gateway", f"http://127.0.0.1:{free_port()}")
         assert away.returncode == 1 and "cannot reach the gateway" in away.stderr
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
