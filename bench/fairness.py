@@ -11,10 +11,14 @@ sessions' weighted service.
    400-character prompt, 100 tokens out), B's short (40, 10); the weighted service each
    got (input tokens + FARM_FAIR_OUTPUT_WEIGHT x output tokens, of the jobs that ended in
    the window) and its ratio: goal 1 within 10 %; then again with A's weight 2: goal 2.
+3. crowd (--crowd, instead of 1 and 2): nine sessions submit --arrivals jobs between them,
+   one every --gap seconds in turn, first alone, then again after a tenth session submitted
+   --flood jobs at once. Prints the nine's p95 (and median) queue wait in both runs, in ms
+   and in job durations: what one session's flood costs the others.
 
     python bench/fairness.py [--engine gemma|twin] [--flood 200] [--arrivals 20] [--gap 0.5]
                              [--max-tokens 8] [--slots 4] [--seconds 20] [--skip-shares]
-                             [--twin-pace 0.01]
+                             [--twin-pace 0.01] [--crowd]
 
 FARM_FAIR_QUEUED=N in the environment sets how many jobs of a priority wait in the Celery
 queue (default: a quarter of the live slots); a large N (10000) is farm without fair share.
@@ -135,6 +139,66 @@ def flood(model: str, n: int, arrivals: int, gap: float, max_tokens: int) -> dic
     }
 
 
+def trickle(model: str, sessions: list[str], count: int, gap: float, max_tokens: int) -> list[Any]:
+    """`count` jobs, one every `gap` seconds, the sessions taking turns."""
+    import farm
+
+    jobs = []
+    for i in range(count):
+        if i:
+            time.sleep(gap)
+        prompt = f"Write one sentence about the number {2000 + i}."
+        jobs.append(
+            farm.submit(
+                prompt, model=model, session=sessions[i % len(sessions)], max_tokens=max_tokens
+            )
+        )
+    return jobs
+
+
+def crowd(model: str, n: int, count: int, gap: float, max_tokens: int) -> dict[str, float]:
+    """Nine sessions' waits alone, then behind a tenth session's flood of `n` jobs."""
+    import farm
+
+    nine = [f"S{i}" for i in range(1, 10)]
+    alone = trickle(model, nine, count, gap, max_tokens)
+    for job in alone:
+        job.result(timeout=3600)
+    flooded = [
+        farm.submit(
+            f"Write one sentence about the number {i}.",
+            model=model,
+            session="F",
+            max_tokens=max_tokens,
+        )
+        for i in range(n)
+    ]
+    crowded = trickle(model, nine, count, gap, max_tokens)
+    for job in [*crowded, *flooded]:
+        job.result(timeout=3600)
+    time.sleep(0.5)  # the last usage rows
+    found = rows([j.id for j in [*alone, *crowded, *flooded]])
+    took = statistics.median(
+        (found[j.id].finished_at - found[j.id].started_at).total_seconds() * 1000
+        for j in [*alone, *crowded]
+    )
+
+    def p95(jobs: list[Any]) -> float:
+        return statistics.quantiles([found[j.id].queue_wait_ms for j in jobs], n=20)[18]
+
+    def median(jobs: list[Any]) -> float:
+        return statistics.median(found[j.id].queue_wait_ms for j in jobs)
+
+    return {
+        "job_ms": took,
+        "alone_p95": p95(alone),
+        "alone_median": median(alone),
+        "crowded_p95": p95(crowded),
+        "crowded_median": median(crowded),
+        "flood_median": median(flooded),
+    }
+
+
 def backlogged(seconds: float, weight_a: float) -> dict[str, float]:
     """A (long jobs) and B (short jobs) each keep a backlog; their service in the window."""
     import farm
@@ -197,6 +261,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--skip-shares", action="store_true")
     parser.add_argument("--twin-pace", type=float, default=0.01, help="twin: seconds a token")
+    parser.add_argument("--crowd", action="store_true", help="nine sessions and a flooding one")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -211,9 +276,22 @@ def main() -> int:
         print(
             f"fair share: FARM_FAIR_QUEUED={ctx.settings.fair_queued or 'a quarter of the slots'}"
         )
-        if args.engine == "twin" or not args.skip_shares:  # one worker: one task per app
+        if args.engine == "twin" or not (args.skip_shares or args.crowd):  # one task per app
             stack.enter_context(twin_worker(args.slots, args.twin_pace))
         model = "gemma3-270m" if args.engine == "gemma" else TWIN
+        if args.crowd:
+            c = crowd(model, args.flood, args.arrivals, args.gap, args.max_tokens)
+            job = c["job_ms"]
+            print(
+                f"crowd ({args.engine}, {args.slots} slots): nine sessions {args.arrivals} jobs, "
+                f"one every {args.gap}s, max_tokens {args.max_tokens}, median job {job:.0f} ms; "
+                f"their queue wait alone p95 {c['alone_p95']:.0f} ms = {c['alone_p95'] / job:.2f}"
+                f" jobs (median {c['alone_median']:.0f} ms); behind a tenth session's "
+                f"{args.flood} p95 {c['crowded_p95']:.0f} ms = {c['crowded_p95'] / job:.2f} jobs "
+                f"(median {c['crowded_median']:.0f} ms); the flood's median wait "
+                f"{c['flood_median']:.0f} ms"
+            )
+            return 0
         f = flood(model, args.flood, args.arrivals, args.gap, args.max_tokens)
         print(
             f"flood ({args.engine}, {args.slots} slots): A {args.flood} at once, B "
