@@ -14,6 +14,7 @@ Against a real farm (embedded unless FARM_BROKER_URL is set) running Gemma 3 270
    max), and whether any such job still ran to its end.
 
     python bench/gateway_load.py --streams 500 --waits 500 --seconds 60 --hangups 100
+    python bench/gateway_load.py --streams 0 --waits 0 --hangups 0 --latency-runs 100  # 1. alone
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ async def run(url: str, pid: int, args: argparse.Namespace) -> None:
                 pass
             assert time.monotonic() < deadline, "farm serve did not start"
             await asyncio.sleep(0.2)
-    await added_latency(url, args.latency_runs)
-    await load(url, pid, args)
-    await hangups(url, args.hangups)
+    if args.latency_runs:
+        await added_latency(url, args.latency_runs)
+    if args.streams or args.waits:
+        await load(url, pid, args)
+    if args.hangups:
+        await hangups(url, args.hangups)
 
 
 async def added_latency(url: str, runs: int) -> None:
