@@ -60,6 +60,11 @@ def _connect_args(parsed: Any) -> dict[str, Any]:
     # A connection whose peer vanished (a server or network gone without a reset) fails
     # within seconds instead of blocking a worker's job thread forever.
     return {
+        # No server-side prepared statements (psycopg prepares a query run 5 times): behind
+        # PgBouncer in transaction mode, which the fleet at size needs (docs/scaling.md),
+        # the next transaction may run on another server session, where the statement is
+        # unknown ("prepared statement _pg3_0 does not exist") or taken ("already exists").
+        "prepare_threshold": None,
         "connect_timeout": 5,
         "keepalives": 1,
         "keepalives_idle": 5,
