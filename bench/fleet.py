@@ -98,6 +98,36 @@ def waits(url: str, job_ids: list[str]) -> list[float]:
     return out
 
 
+def get_json(url: str, wait: float = 0.0) -> Any:
+    """GET `url` (Flower's), retried for `wait` seconds while nothing listens."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import base64
+
+    login = base64.b64encode(b"farm:bench").decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {login}"})
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                raw = reply.read()
+            return json.loads(raw) if raw[:1] in (b"{", b"[") else raw
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=20)
@@ -184,6 +214,18 @@ def main() -> None:
             for p in procs
         )
         results["worker_rss_mib"] = rss / 1024 / args.workers
+        # Flower from the start, as an operator keeps it: it follows every task's events.
+        flower_port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "farm.cli", "flower", "--port", str(flower_port)],
+                env={**env, "FARM_FLOWER_PASSWORD": "bench"},  # its API wants a login
+                stdout=(logs / "flower.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
+        flower = procs[-1]
+        get_json(f"http://127.0.0.1:{flower_port}/healthcheck", wait=60)
 
         before = servers.read()
         time.sleep(15)
@@ -246,6 +288,19 @@ def main() -> None:
         t0 = time.monotonic()
         render(get_context())
         results["metrics_s"] = time.monotonic() - t0
+        base = f"http://127.0.0.1:{flower_port}"
+        for name, path in (
+            ("workers_refresh", "/api/workers?refresh=1"),  # asks every worker (broadcast)
+            ("workers", "/api/workers"),
+            ("tasks", "/api/tasks?limit=1000"),
+        ):
+            t0 = time.monotonic()
+            body = get_json(base + path)
+            results[f"flower_{name}_s"] = time.monotonic() - t0
+            results[f"flower_{name}_n"] = len(body)
+        results["flower_rss_mib"] = (
+            int(Path(f"/proc/{flower.pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+        )
     finally:
         for p in procs:
             p.terminate()
@@ -297,6 +352,12 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> None:
     )
     print(
         f"  farm status --json {res['status_s']:.2f} s; a metrics scrape {res['metrics_s']:.2f} s"
+    )
+    print(
+        f"  Flower (following the whole run, {res['flower_rss_mib']:.0f} MiB): /api/workers?refresh=1 "
+        f"{res['flower_workers_refresh_s']:.2f} s ({res['flower_workers_refresh_n']} workers), "
+        f"/api/workers {res['flower_workers_s']:.2f} s, /api/tasks?limit=1000 "
+        f"{res['flower_tasks_s']:.2f} s ({res['flower_tasks_n']} tasks)"
     )
 
 
