@@ -237,7 +237,7 @@ def requeued_by(reaper: HostUnderTest, lost: HostUnderTest, job_ids: list[str]) 
 
 
 def written(fleet: Fleet, job_ids: list[str]) -> dict[str, Any]:
-    """All the jobs' stream events and usage rows: what a worker wrote for them."""
+    """All the jobs' stream events, stored results and usage rows: what workers wrote."""
     with transaction(fleet.db) as s:
         rows = s.scalars(select(UsageRecord).where(UsageRecord.job_id.in_(job_ids)))
         found: dict[str, Any] = {
@@ -245,6 +245,7 @@ def written(fleet: Fleet, job_ids: list[str]) -> dict[str, Any]:
         }
     for job_id in job_ids:
         found[f"stream {job_id}"] = fleet.r.xrange(stream_key(job_id))
+        found[f"result {job_id}"] = get_context().app.AsyncResult(job_id).result
     return found
 
 
