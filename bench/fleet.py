@@ -100,11 +100,10 @@ def waits(url: str, job_ids: list[str]) -> list[float]:
 
 def get_json(url: str, wait: float = 0.0) -> Any:
     """GET `url` (Flower's), retried for `wait` seconds while nothing listens."""
+    import base64
     import json
     import urllib.error
     import urllib.request
-
-    import base64
 
     login = base64.b64encode(b"farm:bench").decode()
     request = urllib.request.Request(url, headers={"Authorization": f"Basic {login}"})

@@ -246,6 +246,20 @@ def finished_usage(database_url: str, job_id: str, timeout: float = 10) -> list[
         time.sleep(0.02)
 
 
+def holds_lease(
+    worker: str, db: str, proc: subprocess.Popen[bytes] | None = None, model: str = MODEL
+) -> None:
+    """Wait (up to 60 s) until `worker` holds a live lease on `model`."""
+    deadline = time.monotonic() + 60
+    while True:
+        with transaction(db) as s:
+            if any(lease.worker_id == worker for lease in queries.live_leases(s, model)):
+                return
+        assert proc is None or proc.poll() is None, f"{worker} exited"
+        assert time.monotonic() < deadline, f"{worker} holds no lease after 60 s"
+        time.sleep(0.2)
+
+
 def prepare_registry(database_url: str) -> None:
     upgrade(database_url)
     path = gemma_path()  # outside the transaction: it reads the whole model file

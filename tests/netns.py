@@ -37,7 +37,11 @@ def make() -> Host | str:
     if shutil.which("ip") is None:
         return "no `ip` command (iproute2) on this machine"
     tag = secrets.token_hex(3)
-    subnet = 1 + secrets.randbelow(250)
+    # Not a /24 another host (of this test or another one running) has: two veths on one
+    # subnet would leave this namespace's route to the servers on the other's link.
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    free = [n for n in range(1, 251) if f" 10.213.{n}." not in used]
+    subnet = free[secrets.randbelow(len(free))]
     host = Host(f"farm-{tag}", f"vf{tag}a", subnet)
     inner = f"vf{tag}b"
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -21,7 +20,7 @@ import farm
 from farm.context import get_context, reset_context
 from farm.queue import TASK_NAME, priority_list_key, queue_name, stream_key
 from farm.registry import db as db_module
-from farm.registry import queries, transaction
+from farm.registry import transaction
 from farm.registry.db import get_engine
 from farm.registry.tables import UsageRecord
 from tests import netns
@@ -31,6 +30,7 @@ from tests.conftest import (
     FarmUnderTest,
     drop_pg_database,
     finished_usage,
+    holds_lease,
     make_pg_database,
     prepare_registry,
     run_cli,
@@ -277,18 +277,6 @@ def test_db_upgrade_on_an_unreachable_database_says_so_without_a_traceback(tmp_p
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "cannot reach the registry at postgresql://farm:***@127.0.0.1:1/farm" in r.stderr
     assert "Secret42" not in r.stderr
-
-
-def holds_lease(worker: str, db: str, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait (up to 60 s) until `worker` holds a live lease."""
-    deadline = time.monotonic() + 60
-    while True:
-        with transaction(db) as s:
-            if any(lease.worker_id == worker for lease in queries.live_leases(s, MODEL)):
-                return
-        assert proc is None or proc.poll() is None, f"{worker} exited"
-        assert time.monotonic() < deadline, f"{worker} holds no lease after 60 s"
-        time.sleep(0.2)
 
 
 def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_nothing_more(

@@ -139,6 +139,12 @@ def serve(
         membership.leave()  # Ctrl-C or a crash while loading: no 'starting' row left behind
         raise
 
+    # A job's result stored on a connection that the network broke while the job ran (its
+    # host cut off, then back: tests/test_hosts.py) failed at the first try, and Celery then
+    # recorded a job that had succeeded as failed. Retry on a new connection instead, for
+    # about the window a worker rides out a lost Redis (RECONNECT_WINDOW_S).
+    app.conf.result_backend_always_retry = True
+    app.conf.result_backend_max_retries = 10
     runner = JobRunner(ctx, worker_id, cache, spool)
     register_task(app, runner)
     _only_farms_task(app)

@@ -109,6 +109,14 @@ class JobRunner:
         try:
             return self._run_held(task, job_id, request, fence, started_wall, submitted,
                                   stream_ttl, redelivered)  # fmt: skip
+        except (Ignore, Reject, JobFailed):
+            raise
+        except Exception:
+            # run() fails the job on this error, unless this run lost it meanwhile: a worker
+            # cut off from Redis past the window it rides out (its writes gave up) was
+            # taken over by another run, whose result a failure written now would follow.
+            self._unless_taken_over(fence)
+            raise
         finally:
             self.run_keys.drop(fence)
             try:
@@ -300,6 +308,22 @@ class JobRunner:
             gen.generation_ms,
         )
         return completion.model_dump(mode="json")
+
+    def _unless_taken_over(self, fence: Fenced) -> None:
+        """Return if this run still holds the job (its failure is its to write). Raise Ignore
+        when another run took it over, and Reject (back to its queue, nothing written) while
+        Redis cannot say which."""
+        try:
+            held = patiently(fence.check)
+        except redis.RedisError as e:
+            log.warning(
+                "job %s: cannot reach Redis to learn whether this run still holds it; it goes "
+                "back to its queue, no outcome written",
+                fence.job_id,
+            )
+            raise Reject(f"cannot reach Redis to end the job: {e}", requeue=True) from e
+        if held == LOST:
+            self._taken_over(fence.job_id)
 
     def _taken_over(self, job_id: str) -> dict[str, Any]:
         """This run lost the job (its worker was cut off past the run key's ttl and another
