@@ -16,12 +16,15 @@ from urllib.parse import urlsplit
 import celery.app.amqp
 import kombu
 from celery import Celery
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from kombu.transport.redis import Channel as RedisChannel
+from kombu.transport.redis import SentinelChannel as RedisSentinelChannel
+from kombu.transport.redis import SentinelTransport as RedisSentinelTransport
 from kombu.transport.redis import Transport as RedisTransport
 from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
 
+from farm import redis_url
 from farm.config import Settings
 from farm.fair import held
 from farm.queue import DEFAULT_PRIORITY, FAIR_HEADER, PRIORITY_STEPS, PUBLISH_RETRY, TASK_NAME
@@ -47,7 +50,7 @@ def route_job(
     return {"priority": DEFAULT_PRIORITY} if name == TASK_NAME else {}
 
 
-class Channel(RedisChannel):
+class FarmChannel(RedisChannel):
     """kombu's Redis channel, with two changes.
 
     - A job sent with farm's fair-share header is held under its session (farm/fair/):
@@ -83,11 +86,24 @@ class Channel(RedisChannel):
             raise Empty() from None
 
 
+Channel = FarmChannel
+
+
+class SentinelChannel(FarmChannel, RedisSentinelChannel):
+    """farm's channel on the master Redis Sentinel names (kombu's SentinelChannel): its
+    connections ask the sentinels where the master is, so they follow a failover."""
+
+
 class Transport(RedisTransport):
-    Channel = Channel
+    Channel = FarmChannel
+
+
+class SentinelTransport(RedisSentinelTransport):
+    Channel = SentinelChannel
 
 
 TRANSPORT = f"{__name__}:{Transport.__name__}"
+SENTINEL_TRANSPORT = f"{__name__}:{SentinelTransport.__name__}"
 
 
 class ResultBackend(RedisBackend):
@@ -102,7 +118,14 @@ class ResultBackend(RedisBackend):
         return None
 
 
+class SentinelResultBackend(SentinelBackend):
+    """ResultBackend's change on Celery's Sentinel result backend."""
+
+    on_task_call = ResultBackend.on_task_call
+
+
 RESULT_BACKEND = f"{__name__}.{ResultBackend.__name__}"
+SENTINEL_RESULT_BACKEND = f"{__name__}.{SentinelResultBackend.__name__}"
 
 
 class Connection(kombu.Connection):
@@ -128,11 +151,23 @@ class AMQP(celery.app.amqp.AMQP):
 
 
 def make_app(settings: Settings, broker_url: str, result_url: str | None = None) -> Celery:
-    """The Celery app shared by clients, workers and Flower."""
-    backend = f"{RESULT_BACKEND}+{result_url or broker_url}"
-    app = Celery("farm", broker=broker_url, backend=backend, amqp=f"{__name__}:AMQP")
-    if urlsplit(broker_url).scheme in ("redis", "rediss"):
+    """The Celery app shared by clients, workers and Flower.
+
+    A Sentinel URL (farm/redis_url.py) becomes Celery's own form: the sentinels as the
+    URL, the master's name in the transport options of the broker and the result backend.
+    """
+    timeout = settings.connect_timeout
+    broker, broker_options = redis_url.for_celery(broker_url, timeout)
+    results, results_options = redis_url.for_celery(result_url or broker_url, timeout)
+    backend_class = SENTINEL_RESULT_BACKEND if results_options else RESULT_BACKEND
+    app = Celery(
+        "farm", broker=broker, backend=f"{backend_class}+{results}", amqp=f"{__name__}:AMQP"
+    )
+    scheme = urlsplit(broker).scheme
+    if scheme in ("redis", "rediss"):
         app.conf.broker_transport = TRANSPORT
+    elif scheme == redis_url.SENTINEL_SCHEME:
+        app.conf.broker_transport = SENTINEL_TRANSPORT
     app.conf.update(
         # JSON only, on the wire and in results: never pickle.
         task_serializer="json",
@@ -140,8 +175,11 @@ def make_app(settings: Settings, broker_url: str, result_url: str | None = None)
         accept_content=["json"],
         result_accept_content=["json"],
         event_serializer="json",
-        broker_transport_options=transport_options(settings),
-        result_backend_transport_options={"socket_connect_timeout": settings.connect_timeout},
+        broker_transport_options={**transport_options(settings), **broker_options},
+        result_backend_transport_options={
+            "socket_connect_timeout": settings.connect_timeout,
+            **results_options,
+        },
         redis_socket_connect_timeout=settings.connect_timeout,
         broker_connection_timeout=settings.connect_timeout,
         broker_connection_retry_on_startup=True,

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from farm import redis_url
 from farm.errors import ConfigError, FarmUnavailable
 from farm.local import STATE_FILE, default_home, read_state
 
@@ -30,11 +31,14 @@ class Settings(BaseSettings):
     )
     broker_url: str | None = Field(
         default=None,
-        description="Celery broker (Redis). Unset: use the farm that `farm up` started here.",
+        description="Celery broker (Redis): redis://host:6379/0, or through Redis Sentinel "
+        "sentinel://host1:26379;sentinel://host2:26379/0?master_name=NAME (farm follows the "
+        "master across failovers). Unset: use the farm that `farm up` started here.",
     )
     result_url: str | None = Field(
         default=None,
-        description="Celery result backend and token streams (Redis). Unset: the broker's URL.",
+        description="Celery result backend and token streams (Redis, or Sentinel as for "
+        "FARM_BROKER_URL). Unset: the broker's URL.",
     )
     database_url: str | None = Field(
         default=None,
@@ -231,8 +235,12 @@ class Settings(BaseSettings):
         return self.resolved_database_url()
 
     def resolved_broker_url(self) -> str:
-        """The broker to use: FARM_BROKER_URL, else the embedded farm running here."""
+        """The broker to use: FARM_BROKER_URL, else the embedded farm running here.
+        ConfigError when FARM_BROKER_URL is a Sentinel URL farm cannot use."""
         if self.broker_url:
+            # Checked here, not by a pydantic validator: its error would show the URL,
+            # password and all.
+            redis_url.check(self.broker_url, "FARM_BROKER_URL")
             return self.broker_url
         state = read_state(self.state_file)
         if state is None:
@@ -247,6 +255,7 @@ class Settings(BaseSettings):
         shell uses its broker (`farm up` given FARM_RESULT_URL tells other shells), else
         the broker."""
         if self.result_url:
+            redis_url.check(self.result_url, "FARM_RESULT_URL")
             return self.result_url
         if not self.broker_url:
             state = read_state(self.state_file)
@@ -256,7 +265,10 @@ class Settings(BaseSettings):
 
 
 def masked(url: str) -> str:
-    """A URL fit to print: its password replaced by '***' (broker, result and database URLs)."""
+    """A URL fit to print: its password replaced by '***' (broker, result and database URLs;
+    each of a Sentinel URL's sentinels)."""
+    if ";" in url:
+        return ";".join(masked(part) for part in url.split(";"))
     parts = urlsplit(url)
     if not parts.password:  # none, or empty ("redis://:@host"): nothing to hide
         return url

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-import redis
 from redis import Redis
 
+from farm import redis_url
 from farm.config import Settings, get_settings, reset_settings
 
 if TYPE_CHECKING:
@@ -67,10 +67,8 @@ class FarmContext:
     @cached_property
     def redis(self) -> Redis:
         """Redis for token streams and cancel flags (the result backend's server)."""
-        return redis.Redis.from_url(
-            self.result_url,
-            socket_connect_timeout=self.settings.connect_timeout,
-            decode_responses=True,
+        return redis_url.client(
+            self.result_url, connect_timeout=self.settings.connect_timeout, decode_responses=True
         )
 
     @cached_property
@@ -79,10 +77,8 @@ class FarmContext:
         the result backend's server too, unless FARM_RESULT_URL names another."""
         if self.result_url == self.broker_url:
             return self.redis
-        return redis.Redis.from_url(
-            self.broker_url,
-            socket_connect_timeout=self.settings.connect_timeout,
-            decode_responses=True,
+        return redis_url.client(
+            self.broker_url, connect_timeout=self.settings.connect_timeout, decode_responses=True
         )
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 
+from farm import redis_url
 from farm.catalog import apply_catalog
 from farm.config import Settings, masked
 from farm.context import FarmContext
@@ -199,7 +200,7 @@ class EmbeddedFarm:
             start_new_session=True,  # the terminal's Ctrl-C is for `farm up` alone
         )
         self.broker_url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=1)
+        client = redis_url.client(self.broker_url, connect_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:

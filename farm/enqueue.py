@@ -24,6 +24,7 @@ from typing import Any
 from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as BrokerError
 
+from farm import redis_url
 from farm.admission import quotas
 from farm.config import masked
 from farm.context import FarmContext, get_context
@@ -309,8 +310,12 @@ def check_seconds(name: str, value: object, *, optional: bool = False) -> None:
 
 
 def _masked_error(e: Exception, ctx: FarmContext) -> str:
-    """The broker error's text, with the broker's URL (and so its password) masked."""
-    return str(e).replace(ctx.broker_url, masked(ctx.broker_url))
+    """The broker error's text, with the broker's URL (and so its password) masked, as farm
+    and as Celery spell it (a Sentinel URL's master name moves to the transport options)."""
+    text = str(e)
+    for url in (ctx.broker_url, redis_url.for_celery(ctx.broker_url)[0]):
+        text = text.replace(url, masked(url))
+    return text
 
 
 SERVABLE_CACHE_S = 1.0

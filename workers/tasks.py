@@ -23,6 +23,7 @@ from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
+from farm import redis_url
 from farm.completion import Choice, Completion, Timings, Usage, encode_vector
 from farm.context import FarmContext
 from farm.errors import FarmError, JobFailed
@@ -64,8 +65,8 @@ class JobRunner:
         self.books = Bookkeeper(ctx, worker_id, self.spool)
         settings = ctx.settings
         interval = min(settings.heartbeat_interval, settings.lease_ttl / 3)
-        keeper_redis = redis.Redis.from_url(
-            ctx.result_url, socket_connect_timeout=interval, socket_timeout=interval
+        keeper_redis = redis_url.client(
+            ctx.result_url, connect_timeout=interval, socket_timeout=interval
         )
         self.run_keys = RunKeeper(keeper_redis, interval)
         self.writer = StreamWriter(ctx.redis)

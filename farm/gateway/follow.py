@@ -26,6 +26,7 @@ import anyio
 import redis
 import redis.asyncio as aioredis
 
+from farm import redis_url
 from farm.errors import FarmUnavailable
 from farm.queue import stream_key
 from farm.results import Job, Piece
@@ -49,18 +50,16 @@ def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
     """This event loop's client for `url` (the farm's result backend Redis)."""
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     if url not in per_loop:
-        pool = aioredis.BlockingConnectionPool.from_url(
+        per_loop[url] = redis_url.async_client(
             url,
-            socket_connect_timeout=connect_timeout,
+            connect_timeout=connect_timeout,
             # Past the longest XREAD block: redis-py's default (5 s) would cut it short.
             socket_timeout=BLOCK_MS / 1000 + 5,
             decode_responses=True,
             # One per waiting request, reused after; past this many, a request waits for a
             # free one instead of failing (redis-py's pool refuses past 100 by default).
             max_connections=MAX_CONNECTIONS,
-            timeout=None,
         )
-        per_loop[url] = aioredis.Redis(connection_pool=pool)
     return per_loop[url]
 
 
