@@ -27,7 +27,15 @@ from redis.exceptions import NoScriptError
 from farm import redis_url
 from farm.config import Settings
 from farm.fair import held
-from farm.queue import DEFAULT_PRIORITY, FAIR_HEADER, PRIORITY_STEPS, PUBLISH_RETRY, TASK_NAME
+from farm.queue import (
+    DEFAULT_PRIORITY,
+    FAIR_HEADER,
+    PRIORITY_STEPS,
+    PUBLISH_RETRY,
+    TASK_NAME,
+    fair_messages_key,
+    priority_list_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +241,55 @@ def requeue_unacked(app: Celery, job_ids: Iterable[str]) -> set[str]:
                 channel.qos.restore_by_tag(tag, leftmost=False)
                 restored.add(job_id)
     return restored
+
+
+# KEYS: a list of kombu messages. ARGV: first and last index. Returns how many items the
+# range held and the job ids among them (Celery's `id` header), read in Redis: the
+# messages themselves (prompts) never cross the wire.
+_LIST_IDS = """
+local items = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
+local ids = {}
+for _, raw in ipairs(items) do
+  local ok, message = pcall(cjson.decode, raw)
+  if ok and type(message) == 'table' and type(message['headers']) == 'table' then
+    local id = message['headers']['id']
+    if type(id) == 'string' then table.insert(ids, id) end
+  end
+end
+return {#items, ids}
+"""
+SCAN_CHUNK = 1000  # messages read per script call: Redis runs nothing else meanwhile
+
+
+def jobs_in_broker(app: Celery, models: Iterable[str]) -> set[str]:
+    """The ids of the jobs whose messages the broker holds for `models`: queued on any of
+    their priority lists, held for fair share (farm/fair/), or delivered to a worker and
+    not acknowledged yet (kombu's `unacked`)."""
+    found: set[str] = set()
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        client = channel.client
+        ids_of = client.register_script(_LIST_IDS)
+        for model in models:
+            for step in PRIORITY_STEPS:
+                start = 0
+                while True:
+                    # From the left: new messages go in on the left, so a push between two
+                    # calls shows an item twice at most, never hides one.
+                    n, ids = ids_of(keys=[priority_list_key(model, step)],
+                                    args=[start, start + SCAN_CHUNK - 1])  # fmt: skip
+                    found.update(_text(i) for i in ids)
+                    if int(n) < SCAN_CHUNK:
+                        break
+                    start += SCAN_CHUNK
+            found.update(_text(i) for i in client.hkeys(fair_messages_key(model)))
+        for _tag, raw in client.hscan_iter(channel.unacked_key):
+            try:
+                found.add(str(json.loads(raw)[0]["headers"]["id"]))
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                continue
+    return found
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -157,6 +157,11 @@ def fair_cap_key(model: str) -> str:
     return f"{KEY_PREFIX}fair:{model}:cap"
 
 
+# The broker's history (farm/failover.py): the replication id of the Redis that the registry
+# was last reconciled with, and the lock of the one worker reconciling it now.
+BROKER_EPOCH_KEY = f"{KEY_PREFIX}broker:epoch"
+BROKER_RECONCILE_LOCK = f"{KEY_PREFIX}broker:reconciling"
+
 BATCH_FEEDER_LOCK = f"{KEY_PREFIX}batches:feeder"  # held by the feeder making a pass
 
 

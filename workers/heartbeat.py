@@ -22,6 +22,7 @@ from farm.admission.aging import age_queues
 from farm.broker import requeue_unacked
 from farm.context import FarmContext
 from farm.errors import FarmUnavailable, WorkerStartError
+from farm.failover import BrokerWatch
 from farm.fair import fleet
 from farm.local import pid_alive
 from farm.recovery import expire_orphaned_rows, mark_queued, reap_lost_workers
@@ -116,6 +117,7 @@ class Membership:
         self.spool: UsageSpool | None = None
         self._reap_after = 0.0  # monotonic time before which this worker reaps nobody
         self._next_reconcile = 0.0
+        self.watch = BrokerWatch(ctx)
         self.begun = False
         self.joined = False
         self._sync_lock = threading.Lock()  # the heartbeat and the main thread both sync
@@ -190,6 +192,7 @@ class Membership:
                     self.cache.unload_idle()
                     fleet.refresh(self.ctx, list(self.cache.specs))  # caps, fair dispatch
                     age_queues(self.ctx, list(self.cache.specs))  # bounded waits
+                    self._watch_broker()  # a broker that failed over: its lost jobs expire
                     if time.monotonic() >= self._reap_after:
                         reap_lost_workers(self.ctx)
                         if time.monotonic() >= self._next_reconcile:
@@ -203,6 +206,12 @@ class Membership:
             except Exception:
                 self._reap_after = time.monotonic() + settings.lease_ttl
                 log.exception("heartbeat of worker %s failed; retrying", self.worker_id)
+
+    def _watch_broker(self) -> None:
+        try:
+            self.watch.step()
+        except Exception as e:  # the next beat tries again; nothing else waits for it
+            log.warning("worker %s: reconciling with the broker failed: %s", self.worker_id, e)
 
     def _tokens_per_s(self) -> float | None:
         """Tokens generated per second since the last beat, over all this worker's models."""

@@ -4,6 +4,7 @@ commits."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -180,6 +181,26 @@ def expire_stale_queued(s: Session, *, older_than: datetime, reason: str) -> lis
         .returning(UsageRecord.job_id)
     ).all()
     return [str(r[0]) for r in rows]
+
+
+def queued_jobs(s: Session) -> dict[str, str]:
+    """Every job the registry has queued (not started, not ended): job id -> model."""
+    query = select(UsageRecord.job_id, UsageRecord.model).where(UsageRecord.status == "queued")
+    return {str(job): str(model) for job, model in s.execute(query)}
+
+
+def expire_queued(s: Session, *, job_ids: Iterable[str], reason: str) -> list[str]:
+    """End these jobs as expired with `reason`, those still queued; returns their ids."""
+    ids, expired = list(job_ids), []
+    for at in range(0, len(ids), 500):  # SQLite's limit on a statement's variables
+        rows = s.execute(
+            update(UsageRecord)
+            .where(UsageRecord.job_id.in_(ids[at : at + 500]), UsageRecord.status == "queued")
+            .values(status="expired", error=reason, finished_at=utcnow())
+            .returning(UsageRecord.job_id)
+        ).all()
+        expired += [str(r[0]) for r in rows]
+    return expired
 
 
 def cancel_if_queued(s: Session, *, job_id: str) -> bool:
