@@ -136,13 +136,28 @@ RESULT_BACKEND = f"{__name__}.{ResultBackend.__name__}"
 SENTINEL_RESULT_BACKEND = f"{__name__}.{SentinelResultBackend.__name__}"
 
 
-class Connection(kombu.Connection):
-    """kombu's Connection, shown with a mask only where it has a password.
+# A worker's consumer tries its lost broker again after these waits (kombu's defaults, which
+# Celery's consumer keeps: 2 s, then 4, 6, ... up to 30): a Sentinel failover takes a few
+# seconds, and with kombu's waits the worker consumed again 6 s after the master was
+# killed, 4 s after the promotion (tests/test_failover.py).
+RECONNECT = {"interval_start": 0.5, "interval_step": 0.5, "interval_max": 5.0}
 
-    kombu's `as_uri` masks the password of a transport that does not parse URLs itself
-    (Redis's among them) by putting its mask in every URL, password or not: the worker's
-    "Connected to ...://:**@127.0.0.1:PORT/0" showed a password the embedded farm, whose
-    broker has none, does not have."""
+
+class Connection(kombu.Connection):
+    """kombu's Connection, with two changes.
+
+    - Shown with a mask only where it has a password: kombu's `as_uri` masks the password
+      of a transport that does not parse URLs itself (Redis's among them) by putting its
+      mask in every URL, password or not: the worker's "Connected to
+      ...://:**@127.0.0.1:PORT/0" showed a password the embedded farm, whose broker has
+      none, does not have.
+    - Reconnects after RECONNECT's waits unless the caller gives its own.
+    """
+
+    def ensure_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) <= 2:  # (errback, max_retries), as Celery's consumer calls it
+            kwargs = {**RECONNECT, **kwargs}
+        return super().ensure_connection(*args, **kwargs)
 
     def as_uri(
         self, include_password: Any = False, mask: Any = "**", *args: Any, **kwargs: Any

@@ -4,7 +4,7 @@ Redis replicates asynchronously: a write the master acknowledged may not have re
 replica Sentinel promotes when the master fails. For farm that is a job whose message was
 queued (its client was told so, and its usage row says queued) and is gone, a job's
 dequeue or acknowledgement (the job is then delivered once more: the registry and the run
-key see that it ran, and it does not run or count twice), or the last events of a stream.
+key see that it ran or runs, and it is not counted twice), or the last events of a stream.
 A Redis restarted without persistence loses everything it held the same way.
 
 The registry does not lose writes, so it reconciles the broker's loss. Each worker's
@@ -115,7 +115,8 @@ class BrokerWatch:
         except BaseException:
             self._unlock(pending)
             raise
-        log.warning(
+        log.log(
+            logging.WARNING if pending.missing else logging.INFO,
             "the broker's Redis changed (replication id %s -> %s: a failover or a restart); "
             "of %d queued jobs, %d not found in it",
             _short(before),
