@@ -32,6 +32,10 @@ from typing import Any
 import psycopg
 import redis
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from farm_under_bench import free_port
+
 DB = "farm_fleet_bench"
 
 
@@ -117,14 +121,6 @@ def get_json(url: str, wait: float = 0.0) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> None:
