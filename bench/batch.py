@@ -33,10 +33,13 @@ from pathlib import Path
 def direct_rate(path: str, n: int) -> float:
     import llama_cpp
 
+    from workers.repack import default_repack, model_params
+
     threads = len(os.sched_getaffinity(0))
-    llm = llama_cpp.Llama(
-        model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
+    with model_params(repack=default_repack()):  # workers/repack.py
+        llm = llama_cpp.Llama(
+            model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
     llm.create_completion("Item -1:", max_tokens=1)
     started = time.perf_counter()
     for i in range(n):

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from llama_server import llama_server  # noqa: E402
+from llama_server import llama_server, repack_args  # noqa: E402
 
 MODEL = "gemma3-270m"
 WORDS = ["sea", "robot", "cat", "moon", "baker", "storm", "train", "tree", "lamp", "river"]
@@ -74,16 +74,19 @@ def grid(
 def bench_direct(path: str, threads: int, total: int) -> float:
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        model_path=path,
-        embedding=True,
-        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-        n_ctx=512,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    from workers.repack import default_repack, model_params
+
+    with model_params(repack=default_repack()):  # workers/repack.py
+        llm = llama_cpp.Llama(
+            model_path=path,
+            embedding=True,
+            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            n_ctx=512,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
     llm.embed("Hello")
 
     def call(inputs: list[str]) -> int:
@@ -103,7 +106,7 @@ def bench_server(
     proc = subprocess.Popen(
         [str(llama_server()), "-m", path, "--embeddings", "--pooling", "mean",
          "-np", str(slots), "-t", str(threads), "-tb", str(threads), "-c", str(512 * slots),
-         "--port", str(port), "--host", "127.0.0.1", "--no-webui"],
+         "--port", str(port), "--host", "127.0.0.1", "--no-webui", *repack_args()],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

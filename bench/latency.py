@@ -61,19 +61,21 @@ def main() -> int:
         import llama_cpp
 
         import farm
+        from workers.repack import default_repack, model_params
 
         path = default_model_path()
         print(f"model {DEFAULT_MODEL}: {Path(path).name}", file=sys.stderr)
         # The worker's threads: every core this process may use.
         threads = len(os.sched_getaffinity(0))
-        llm = llama_cpp.Llama(
-            model_path=path,
-            n_ctx=4096,
-            n_gpu_layers=-1,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        with model_params(repack=default_repack()):  # workers/repack.py
+            llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=4096,
+                n_gpu_layers=-1,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
         # A new prompt each call: with the same prompt again, llama-cpp-python replays the
         # previous call's logits and evaluates nothing, which no real request gets.
         numbers = itertools.count()

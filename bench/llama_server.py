@@ -20,6 +20,14 @@ from pathlib import Path
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "farm-bench"
 
 
+def repack_args() -> list[str]:
+    """llama-server's --no-repack where farm's workers load without repacked weights (its
+    AMX kernels crash on some CPUs: workers/repack.py), so both run the same kernels."""
+    from workers.repack import default_repack
+
+    return [] if default_repack() else ["--no-repack"]
+
+
 def llama_server() -> Path:
     """$LLAMA_SERVER when set, else the cached build for this llama-cpp-python version."""
     if os.environ.get("LLAMA_SERVER"):

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from llama_server import llama_server  # noqa: E402
+from llama_server import llama_server, repack_args  # noqa: E402
 
 MODEL = "gemma3-270m"
 TOPICS = ["the sea", "a robot", "a cat", "the moon", "a baker", "a storm", "a train", "a tree"]
@@ -62,9 +62,12 @@ def run_clients(clients: int, per_client: int, call: Callable[[int], int]) -> fl
 def bench_direct(path: str, threads: int, tokens: int, runs: int) -> float:
     from llama_cpp import Llama
 
-    llm = Llama(
-        model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
+    from workers.repack import default_repack, model_params
+
+    with model_params(repack=default_repack()):  # workers/repack.py
+        llm = Llama(
+            model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
     llm.create_completion("Hello", max_tokens=4)
     lock = threading.Lock()
 
@@ -85,7 +88,8 @@ def bench_server(
     port = 18089
     proc = subprocess.Popen(
         [str(binary), "-m", path, "-np", str(slots), "-t", str(threads), "-tb", str(threads),
-         "-c", str(4096 * slots), "--port", str(port), "--host", "127.0.0.1", "--no-webui"],
+         "-c", str(4096 * slots), "--port", str(port), "--host", "127.0.0.1", "--no-webui",
+         *repack_args()],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         description="Seconds a worker holds a job while the registry is unreachable at its "
         "start, retrying, before putting it back in its queue.",
     )
+    repack: bool | None = Field(
+        default=None,
+        description="Workers load weights into llama.cpp's repacked CPU buffers (true) or "
+        "not (false). Unset: not where llama.cpp would run its AMX kernels, which crash on "
+        "some CPUs (llama.cpp#20824), else yes.",
+    )
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."
     )

@@ -49,6 +49,7 @@ from workers.prepare import (
     sequence_for,
     tool_plan,
 )
+from workers.repack import default_repack, model_params
 from workers.spec import ModelSpec
 from workers.toolcalls import ReplyCalls
 
@@ -87,6 +88,8 @@ class EngineOptions:
     threads: int = field(default_factory=available_cores)
     kv_size: int | None = None  # cells shared by the slots; None: n_ctx x slots
     n_batch: int = 512
+    # Weights in llama.cpp's repacked CPU buffers: off where its AMX kernels would run (repack.py)
+    repack: bool = field(default_factory=default_repack)
 
 
 class ModelHost:
@@ -113,14 +116,21 @@ class ModelHost:
         check_gguf(path, self.spec.name)
         gpu = bool(llama_cpp.llama_supports_gpu_offload()) and self.spec.n_gpu_layers != 0
         started = time.perf_counter()
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=_TOKENIZER_CTX,
-                n_batch=_TOKENIZER_CTX,
-                n_gpu_layers=self.spec.n_gpu_layers if gpu else 0,
-                verbose=False,
+        if not self.options.repack and not gpu:
+            log.info(
+                "loading model %s without llama.cpp's repacked weights (its AMX kernels crash on "
+                "some CPUs; FARM_REPACK=true uses them): workers/repack.py",
+                self.spec.name,
             )
+        try:
+            with model_params(repack=self.options.repack):
+                self.llm = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=_TOKENIZER_CTX,
+                    n_batch=_TOKENIZER_CTX,
+                    n_gpu_layers=self.spec.n_gpu_layers if gpu else 0,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError, OSError) as e:
             raise WorkerStartError(
                 f"llama.cpp could not load model '{self.spec.name}' from {path}: {e}"
