@@ -43,7 +43,7 @@ SAME = (
     "temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop",
     "response_format", "top_k", "min_p", "typical_p", "repeat_penalty", "penalty_last_n",
     "mirostat_mode", "mirostat_tau", "mirostat_eta", "grammar", "max_time_ms",
-    "tools", "tool_choice", "parallel_tool_calls",
+    "tools", "tool_choice", "parallel_tool_calls", "draft_max",
 )  # fmt: skip
 IGNORED = ("user", "stream_options", "stream", "model", "metadata", "store")
 FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "stop"}
@@ -84,6 +84,7 @@ _OBJECT = ("an object", lambda v: isinstance(v, dict))
 TYPES: dict[str, tuple[str, Any]] = {
     "max_tokens": _INT, "max_completion_tokens": _INT, "n": _INT, "seed": _INT,
     "top_k": _INT, "penalty_last_n": _INT, "mirostat_mode": _INT, "max_time_ms": _INT,
+    "draft_max": _INT,
     "temperature": _NUMBER, "top_p": _NUMBER, "min_p": _NUMBER, "typical_p": _NUMBER,
     "frequency_penalty": _NUMBER, "presence_penalty": _NUMBER, "repeat_penalty": _NUMBER,
     "mirostat_tau": _NUMBER, "mirostat_eta": _NUMBER,

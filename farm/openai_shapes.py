@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm.openai_choices import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS
-from farm.request import MAX_LOGIT_BIAS, MAX_N, MAX_TOKENS_LIMIT, ResponseFormat
+from farm.request import MAX_DRAFT, MAX_LOGIT_BIAS, MAX_N, MAX_TOKENS_LIMIT, ResponseFormat
 from farm.tools.schema import Tool, ToolChoice
 
 # Each optional parameter is nullable: null means its default, as `request_fields` reads it.
@@ -100,6 +100,13 @@ class _GenerationBody(BaseModel):
         default=None,
         max_length=MAX_LOGIT_BIAS,
         description="token id (as a string) -> bias from -100 to 100",
+    )
+    draft_max: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_DRAFT,
+        description="prompt-lookup speculation (farm's): the most tokens drafted a step from "
+        "the prompt and reply; 0: none",
     )
     response_format: ResponseFormat | None = None
     grammar: str | None = Field(default=None, description="a GBNF grammar the text must follow")

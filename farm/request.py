@@ -42,6 +42,7 @@ MAX_N = 16  # sequences from one prompt
 MAX_CHOICES = 64  # sequences in one job: prompts x n
 MAX_LOGPROBS = 20  # alternatives per token
 MAX_LOGIT_BIAS = 1024
+MAX_DRAFT = 32  # tokens drafted a step by prompt-lookup speculation
 
 
 def valid_text(v: str) -> str:
@@ -120,6 +121,13 @@ class Sampling(_Strict):
         default=None,
         max_length=MAX_LOGIT_BIAS,
         description="token id -> bias added to its logit, -100 (never) to 100 (always)",
+    )
+    draft_max: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_DRAFT,
+        description="prompt-lookup speculation: the most tokens drafted a step from the "
+        "prompt and reply so far; 0: none (the reply is the same either way)",
     )
 
     @field_validator("logit_bias")

@@ -88,6 +88,7 @@ def _copy(seq: EngineSequence, j: int) -> EngineSequence:
         label=seq.label,
         logprobs=seq.logprobs,
         prompt_logprobs=seq.prompt_logprobs,
+        draft_max=seq.draft_max,
     )
 
 

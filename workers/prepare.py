@@ -65,10 +65,12 @@ def sequence_for(
             "grammar_tokens": tuple(markers[m] for m in tools.lazy_tokens if m in markers),
         }
     calls = tools is not None and tools.calls
+    sampling = sampling_for(request, spec)
     return EngineSequence(
         tokens=tokens,
         max_tokens=stopping.max_tokens,
-        sampling=sampling_for(request, spec),
+        sampling=sampling,
+        draft_max=sampling.pop("draft_max", None),
         stops=tuple(stopping.stop) + template_stops,
         **grammar,
         shown=frozenset(markers.values()) if calls else frozenset(),

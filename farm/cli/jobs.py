@@ -59,6 +59,14 @@ def submit(
     mirostat_tau: Annotated[float | None, typer.Option(metavar="X")] = None,
     mirostat_eta: Annotated[float | None, typer.Option(metavar="X")] = None,
     seed: Annotated[int | None, typer.Option(metavar="N")] = None,
+    draft_max: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="prompt-lookup speculation: most tokens drafted a step (0: none) "
+            "[default: the worker's, 8]",
+        ),
+    ] = None,
     grammar: Annotated[
         Path | None,
         typer.Option(metavar="FILE", help="a GBNF grammar file the reply must follow"),
@@ -96,6 +104,7 @@ def submit(
         "mirostat_tau": mirostat_tau,
         "mirostat_eta": mirostat_eta,
         "seed": seed,
+        "draft_max": draft_max,
         **_constraint(grammar, json_schema),
     }
     common = {

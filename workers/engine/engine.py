@@ -8,6 +8,14 @@
            sample each sequence that produced logits with its own chain; stream its text;
            end it on a stop, max_tokens, its time limit or cancel, and free its slot
 
+Prompt-lookup speculation (lookup.py): a generating sequence whose last few tokens appeared
+before also feeds the tokens that followed them then (its draft) after its next token, in
+the same batch, each with its logits. Its sampler then picks at each position in turn, and
+a drafted token is kept only when it is the pick, so a step can yield several tokens, each
+the one the sampler picks from its position's logits. The cells of the draft not kept are
+removed. A draft that missed shrinks the sequence's next one to 1 token, one fully kept
+doubles it, up to `draft_max`; drafts take at most a quarter of a batch.
+
 Sequences sharing a prompt (a request's n > 1) are admitted with their leader when slots
 are free: they wait without evaluating anything, and when the leader's prompt is
 evaluated its KV cells are shared with them (llama_memory_seq_cp) and each samples its
@@ -44,6 +52,7 @@ import llama_cpp
 
 from workers.engine.job import DONE, FAILED, LOGPROBS, TEXT, Generation, Sequence
 from workers.engine.logprobs import Logprobs, first_prompt_token
+from workers.engine.lookup import PromptLookup
 from workers.engine.sampling import GrammarError, Lazy, LogitBiasError, Sampler, build_sampler
 from workers.engine.text import TextAssembler
 from workers.engine.vocab import Vocab
@@ -55,6 +64,9 @@ MAX_SLOTS = 256  # llama.cpp's limit on n_seq_max
 # an output buffer of outputs x vocabulary floats (64 x 262k x 4 bytes = 64 MiB on Gemma)
 # and never shrinks it.
 PROMPT_SCORE_CHUNK = 64
+DRAFT_MAX = 8  # prompt-lookup tokens drafted a step at most, unless a sequence says otherwise
+# The share of a batch drafts may take, so that prompts waiting to be read still get most of it.
+DRAFT_SHARE = 4
 
 
 class EngineError(RuntimeError):
@@ -81,6 +93,10 @@ class Slot:
     logprobs: list[dict[str, Any]] | None = None  # per generated token, when asked for
     prompt_logprobs: list[dict[str, Any]] | None = None  # per prompt token (echo)
     prompt_text: int = 0  # characters of the prompt scored so far (text offsets)
+    lookup: PromptLookup | None = None  # the sequence's tokens, when it drafts
+    draft: list[int] = field(default_factory=list)  # drafted tokens fed this step
+    draft_at: int = 0  # the batch position of the draft's first token
+    draft_cap: int = 0  # the most tokens its next draft may have
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -104,6 +120,7 @@ class Engine:
         n_batch: int = 512,
         threads: int = 1,
         name: str = "",
+        draft_max: int = DRAFT_MAX,
     ):
         if not 1 <= slots <= MAX_SLOTS:
             raise EngineError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
@@ -151,6 +168,14 @@ class Engine:
         self._hold = False  # the KV cache was full: admit nothing until a sequence ends
         self._prompt_budget = self.n_batch
         self._admissions = 0
+        # A recurrent model's state cannot be cut back to a position: no drafts there.
+        recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(
+            model
+        )
+        self.draft_max = 0 if recurrent else draft_max
+        self._drafts = True  # False while the KV cache had no room for drafts
+        self.tokens_drafted = 0  # since start: drafted tokens fed, and those kept
+        self.tokens_accepted = 0
         # Events of this step, put on their sequences' queues just before the next llama_decode
         # (or before the engine waits): `_send`.
         self._outbox: list[tuple[Sequence, tuple[str, Any]]] = []
@@ -336,6 +361,9 @@ class Engine:
         slot.follows = None
         slot.logprobs = [] if seq.logprobs is not None else None
         slot.prompt_logprobs, slot.prompt_text = None, 0
+        most = self._draft_most(seq)
+        slot.lookup = PromptLookup(seq.tokens) if most > 0 else None
+        slot.draft, slot.draft_cap = [], most
         if seq.prompt_logprobs:
             first = 1 if self.bos is not None and seq.tokens[0] == self.bos else 0
             slot.prompt_logprobs = []
@@ -377,6 +405,8 @@ class Engine:
             self._put(n, slot.next_token, len(slot.cache), slot.seq_id, True)
             outputs.append((slot, n))
             n += 1
+        if self._drafts:
+            n = self._put_drafts(generating, n)
         chunks: list[tuple[Slot, int]] = []
         scored: list[tuple[Slot, int, int, int]] = []  # slot, first position, index, count
         read: list[tuple[Slot, int]] = []  # slots whose prompt this batch ends, and index
@@ -407,6 +437,13 @@ class Engine:
         self.batch.n_tokens = n
         self._deliver()  # the readers wake while llama_decode runs without the GIL
         ret = llama_cpp.llama_decode(self.ctx, self.batch)
+        drafted = [s for s in generating if s.draft]
+        if ret != 0:
+            for slot in drafted:
+                slot.draft = []
+        if ret == 1 and drafted:
+            self._drafts = False  # the same step again without drafts
+            return
         if ret == 1:
             self._kv_full(had_prompt=bool(chunks))
             return
@@ -429,12 +466,69 @@ class Engine:
                     outputs.append((slot, index))
         for slot, index in outputs:
             try:
-                self._sample(slot, index)
+                if slot.draft:
+                    self._verify(slot, index)
+                else:
+                    self._sample(slot, index)
             except Exception as e:  # one sequence's sampling failed: end it, not the engine
                 log.exception(
                     "engine %s: sampling failed for %s", self.name, slot.job and slot.job.label
                 )
                 self._fail(slot, f"sampling failed: {type(e).__name__}: {e}")
+
+    def _put_drafts(self, generating: list[Slot], n: int) -> int:
+        """Each drafting sequence's draft after the next tokens, within 1/DRAFT_SHARE of the
+        batch; the batch's new length."""
+        end = min(self.n_batch, n + self.n_batch // DRAFT_SHARE)
+        for slot in generating:
+            if slot.lookup is None or n >= end:
+                continue
+            most = min(slot.draft_cap, slot.max_tokens - slot.generated - 1, end - n)
+            draft = slot.lookup.draft(most)
+            if not draft:
+                continue
+            slot.draft, slot.draft_at = draft, n
+            pos = len(slot.cache) + 1  # the next token's position is len(slot.cache)
+            for j, token in enumerate(draft):
+                self._put(n + j, token, pos + j, slot.seq_id, True)
+            n += len(draft)
+        return n
+
+    def _verify(self, slot: Slot, index: int) -> None:
+        """Sample `slot` at its next token's position, then at each drafted position while
+        the draft holds the pick; remove the cells of the rest of the draft."""
+        draft, at = slot.draft, slot.draft_at
+        slot.draft = []
+        kept = 0
+        self._sample(slot, index)
+        while kept < len(draft) and slot.job is not None and slot.next_token == draft[kept]:
+            slot.cache.append(draft[kept])
+            self._sample(slot, at + kept)
+            kept += 1
+        self.tokens_drafted += len(draft)
+        self.tokens_accepted += kept
+        slot.draft_cap = self._next_cap(slot, kept, len(draft))
+        if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, len(slot.cache), -1):
+            # Not expected of a cache that holds positions (recurrent models draft nothing).
+            self.draft_max = 0
+            if slot.job is not None:
+                self._fail(slot, "the KV cache could not remove a draft's cells")
+            else:
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                slot.cache.clear()
+
+    def _next_cap(self, slot: Slot, kept: int, drafted: int) -> int:
+        """The most tokens the slot's next draft may have: twice as many after a draft fully
+        kept, 1 after a miss."""
+        if kept == drafted:
+            return min(2 * slot.draft_cap, self._draft_most(slot.job))
+        return 1
+
+    def _draft_most(self, seq: Sequence | None) -> int:
+        """The most tokens `seq` drafts a step: its own limit, within the engine's."""
+        if seq is None or seq.draft_max is None:
+            return self.draft_max
+        return min(seq.draft_max, self.draft_max)
 
     def _score_prompt(self, slot: Slot, start: int, index: int, take: int) -> None:
         """The logprobs of the prompt tokens that positions start..start+take-1 predict."""
@@ -489,6 +583,8 @@ class Engine:
             self._finish(slot, "cancelled")
         else:
             slot.next_token = token
+            if slot.lookup is not None:
+                slot.lookup.add(token)
 
     def _record_logprobs(self, slot: Slot, index: int, token: int) -> None:
         job, text, found = slot.job, slot.text, slot.logprobs
@@ -526,6 +622,7 @@ class Engine:
         slot.job, slot.sampler, slot.text, slot.decoder = None, None, None, None
         slot.pending = []
         slot.follows, slot.logprobs, slot.prompt_logprobs = None, None, None
+        slot.lookup, slot.draft = None, []
         for other in self.slots:  # those waiting for this prompt read it themselves now
             if other.follows is slot and other.job is not None:
                 other.follows = None
@@ -533,6 +630,7 @@ class Engine:
         slot.last_used = time.monotonic()
         # A sequence ended: its cells may be reused, so try the full batch again.
         self._hold = False
+        self._drafts = True
         self._prompt_budget = self.n_batch
 
     @staticmethod

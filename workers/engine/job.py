@@ -64,6 +64,9 @@ class Sequence:
     leader: Sequence | None = None
     logprobs: int | None = None  # report each token's logprob and this many alternatives
     prompt_logprobs: bool = False  # and the prompt's tokens' (echo): every position evaluated
+    # Prompt-lookup speculation: the most tokens drafted a step from the sequence's own
+    # tokens (lookup.py); 0: none; None: the engine's default.
+    draft_max: int | None = None
     generated: int = 0  # tokens so far, written by the engine thread
     # Where the engine puts this sequence's events: anything with put((kind, value)); a
     # SimpleQueue unless the sequence is one choice of several (workers/choices.py).
