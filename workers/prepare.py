@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from llama_cpp import llama_chat_format
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 
 from farm.errors import JobFailed
 from farm.request import SAMPLING_FIELDS, Message, Request
 from farm.tools.formats import SchemaToGbnf, ToolPlan, plan
 from workers.engine import EmbeddingJob
 from workers.engine import Sequence as EngineSequence
+from workers.json_grammar import json_schema_to_gbnf
 from workers.spec import ModelSpec
 
 # What a tokenizer gives for a request: the prompt's tokens and the chat template's stops.
@@ -114,7 +115,8 @@ def request_grammar(request: Request) -> str | None:
     """The request's GBNF grammar for llama.cpp's grammar sampler, or None.
 
     `grammar` is used as given; `response_format` `json_object` is llama-cpp-python's JSON
-    grammar, and `json_schema` is converted by llama-cpp-python's schema converter.
+    grammar, and `json_schema` is converted by llama-cpp-python's schema converter (with
+    integer bounds: workers/json_grammar.py).
     JobFailed when the schema cannot be converted."""
     if request.grammar is not None:
         return request.grammar
