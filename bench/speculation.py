@@ -4,7 +4,7 @@ without its n-gram speculation and the direct llama-cpp-python call, in one run.
 Two tasks on Gemma 3 270M, greedy, the same raw prompt (Gemma's chat turn) to every system:
 - copy: "rewrite this text, changing one word" over a ~400-token passage (the reply
   repeats most of its prompt: extraction, quoting summaries, code edits, RAG answers);
-- story: "write a short story" (little to look up: what drafting costs where it misses).
+- story: "write a short story" (less to look up; Gemma's base model repeats itself, though).
 
 Single-stream tokens/s for each, then N concurrent copy clients for farm with and without
 drafts. llama-server runs `--spec-type ngram-simple` with its defaults (12-token lookup,

@@ -127,7 +127,7 @@ class Sampling(_Strict):
         ge=0,
         le=MAX_DRAFT,
         description="prompt-lookup speculation: the most tokens drafted a step from the "
-        "prompt and reply so far; 0: none (the reply is the same either way)",
+        "prompt and reply so far (default 8); 0: none. Drafts change no distribution",
     )
 
     @field_validator("logit_bias")

@@ -47,6 +47,9 @@ def test_bounds_from_the_schema_keywords():
     assert integer_bounds({"exclusiveMinimum": 0, "exclusiveMaximum": 10}) == (1, 9)
     assert integer_bounds({"minimum": 1.5, "maximum": 7.5}) == (2, 7)
     assert integer_bounds({"minimum": 3, "exclusiveMinimum": 5}) == (6, None)
+    assert integer_bounds({"minimum": 0, "exclusiveMinimum": True}) == (1, None)  # draft 4
+    assert integer_bounds({"maximum": 9, "exclusiveMaximum": False}) == (None, 9)
+    assert integer_bounds({"minimum": 0, "maximum": 1e300}) == (0, None)  # past 16 digits
     with pytest.raises(ValueError, match="no integer"):
         integer_bounds({"minimum": 5, "maximum": 4})
     with pytest.raises(ValueError, match="must be a number"):
@@ -68,3 +71,10 @@ def test_llama_cpp_parses_the_grammar_of_a_bounded_schema():
     gbnf = json_schema_to_gbnf(json.dumps(schema))
     assert "[1-9] [0-9]" in gbnf and "[0-9]{4,15}" in gbnf
     LlamaGrammar.from_string(gbnf, verbose=False)  # raises when llama.cpp cannot parse it
+
+
+def test_an_enum_or_const_decides_before_the_bounds():
+    enum = json_schema_to_gbnf(json.dumps({"type": "integer", "minimum": 1, "enum": [1, 5, 10]}))
+    assert '"10"' in enum and "[0-9]" not in enum
+    const = json_schema_to_gbnf(json.dumps({"type": "integer", "maximum": 9, "const": 7}))
+    assert '"7"' in const and "[0-9]" not in const

@@ -102,6 +102,16 @@ def test_a_seeded_sampled_reply_with_drafts_repeats(host, sampling):
     assert engine.tokens_accepted > kept
 
 
+def test_a_requests_draft_max_holds_above_the_default_and_0_turns_drafts_off(host):
+    engine = host.engine
+    assert engine is not None
+    assert engine._draft_most(Sequence(tokens=[2], max_tokens=1, draft_max=32)) == 32
+    assert engine._draft_most(Sequence(tokens=[2], max_tokens=1)) == engine.draft_max == 8
+    drafted = engine.tokens_drafted
+    host.generate(copy_request(0))
+    assert engine.tokens_drafted == drafted
+
+
 def test_top_k_1_with_drafts_is_greedy(host):
     greedy = host.generate(copy_request(0))
     top_1 = host.generate(copy_request(8, temperature=1.0, top_k=1, seed=1))

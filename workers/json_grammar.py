@@ -18,6 +18,8 @@ from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
 MAX_DIGITS = 16  # digits of an integer without an upper bound (JSON numbers past 2^53 lose)
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+# Keys that decide an integer's values before its bounds do (the parent converter's).
+_FIRST = ("$ref", "oneOf", "anyOf", "allOf", "const", "enum")
 
 
 def json_schema_to_gbnf(schema: str) -> str:
@@ -30,7 +32,7 @@ def json_schema_to_gbnf(schema: str) -> str:
 class _Converter(SchemaConverter):
     def visit(self, schema: Any, name: str) -> Any:
         bounded = isinstance(schema, dict) and any(k in schema for k in BOUNDS)
-        if bounded and schema.get("type") == "integer":
+        if bounded and schema.get("type") == "integer" and not any(k in schema for k in _FIRST):
             low, high = integer_bounds(schema)
             rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
             return self._add_rule(rule_name, f"({integer_range(low, high)}) space")
@@ -38,10 +40,18 @@ class _Converter(SchemaConverter):
 
 
 def integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
-    """The smallest and largest integers `schema` allows (None: unbounded); ValueError for
-    bounds that are not numbers or leave no integer."""
+    """The smallest and largest integers `schema` allows (None: unbounded, as is a bound of
+    MAX_DIGITS digits or more); ValueError for bounds that are not numbers or leave no
+    integer. Draft 4's boolean exclusiveMinimum/exclusiveMaximum make minimum/maximum
+    exclusive."""
     low: int | None = None
     high: int | None = None
+    schema = dict(schema)
+    for key, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(schema.get(key), bool):  # draft 4: a flag on the plain bound
+            flag = schema.pop(key)
+            if flag and plain in schema:
+                schema[key] = schema.pop(plain)
     for key in BOUNDS:
         v = schema.get(key)
         if v is None:
@@ -58,7 +68,10 @@ def integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
             high = min(high, math.ceil(v) - 1) if high is not None else math.ceil(v) - 1
     if low is not None and high is not None and low > high:
         raise ValueError(f"no integer lies between the bounds ({low} > {high})")
-    return low, high
+    huge = 10**MAX_DIGITS
+    return (None if low is not None and low <= -huge else low), (
+        None if high is not None and high >= huge else high
+    )
 
 
 def integer_range(low: int | None, high: int | None) -> str:
