@@ -57,7 +57,9 @@ class StandIn:
         return self.rows[(self.calls + index) % len(self.rows)]
 
 
-def run(model: Any, slots: int, step_s: float, tokens: int) -> tuple[float, float, int]:
+def run(
+    model: Any, slots: int, step_s: float, tokens: int, draft_max: int = 0
+) -> tuple[float, float, int]:
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
     raw = WORDS.encode()
@@ -76,6 +78,7 @@ def run(model: Any, slots: int, step_s: float, tokens: int) -> tuple[float, floa
                 max_tokens=tokens,
                 sampling={"temperature": 0.0},
                 stops=("<end_of_turn>", "\nUser:"),
+                draft_max=draft_max,  # the stand-in's logits are random: drafts would miss
             )
             for i in range(slots)
         ]

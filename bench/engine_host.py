@@ -51,7 +51,9 @@ class Clock:
         return timed
 
 
-def run(model: Any, slots: int, sampled: bool, threads: int, chain: bool) -> dict[str, float]:
+def run(
+    model: Any, slots: int, sampled: bool, threads: int, chain: bool, draft_max: int = 0
+) -> dict[str, float]:
     """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax."""
     engine = Engine(model, slots=slots, n_ctx=256, threads=threads, name="bench")
     sampling = {"temperature": 0.8, "seed": 7} if sampled else {"temperature": 0.0}
@@ -78,7 +80,14 @@ def run(model: Any, slots: int, sampled: bool, threads: int, chain: bool) -> dic
         for i in range(slots):
             words = f"Write a short story number {i} about a fox and a river."
             tokens = _tokens(model, words)
-            seqs.append(Sequence(tokens=tokens, max_tokens=TOKENS, sampling=dict(sampling)))
+            seqs.append(
+                Sequence(
+                    tokens=tokens,
+                    max_tokens=TOKENS,
+                    sampling=dict(sampling),
+                    draft_max=draft_max,  # 0: one token a step, as the table has always counted
+                )
+            )
         done: list[int] = []
 
         def follow(seq: Sequence) -> None:  # a job's thread, as in a worker: one a sequence

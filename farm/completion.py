@@ -28,6 +28,10 @@ class Timings(BaseModel):
     queue_wait_ms: float
     ttft_ms: float | None
     generation_ms: float
+    # Prompt-lookup speculation, all choices together: tokens drafted, and those kept (each
+    # kept one saved a step). llama-server reports the same as draft_n / draft_n_accepted.
+    drafted_tokens: int = 0
+    drafted_kept: int = 0
 
 
 class Choice(BaseModel):

@@ -46,6 +46,16 @@ def test_infer_returns_text_token_counts_and_timings(farm_client):
     )
 
 
+def test_a_reply_that_copies_its_prompt_reports_the_drafted_tokens_it_kept(farm_client):
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    prompt = f"List: {text}\nThe same list again: one two three"
+    drafted = farm.infer(prompt, model=MODEL, max_tokens=12, temperature=0, timeout=60)
+    assert drafted.text.startswith(" four five six"), drafted.text
+    assert 0 < drafted.timings.drafted_kept <= drafted.timings.drafted_tokens
+    plain = farm.infer(prompt, model=MODEL, max_tokens=12, temperature=0, draft_max=0, timeout=60)
+    assert plain.timings.drafted_tokens == 0 and plain.text.startswith(" four five six")
+
+
 def test_streamed_tokens_arrive_one_by_one_and_add_up_to_the_text(farm_client):
     stream = farm.infer("Count to five:", model=MODEL, stream=True, max_tokens=24, timeout=60)
     pieces = list(stream)

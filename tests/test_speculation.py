@@ -75,6 +75,9 @@ def test_greedy_output_is_the_same_with_drafts_and_most_of_a_copy_is_drafted(hos
     assert drafted.finish_reason == plain.finish_reason
     assert "one queue per model" in drafted.text  # the model copies: drafts have something to hit
     assert kept >= drafted.completion_tokens // 2
+    # The generation reports its own drafts (the Completion's timings carry them).
+    assert drafted.drafted_kept == kept and drafted.drafted_tokens >= kept
+    assert plain.drafted_tokens == plain.drafted_kept == 0
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,8 @@ def outcome(run: Run, generations: list[Generation]) -> Outcome:
         ttft_ms=min(ttfts) if ttfts else None,
         generation_ms=max(g.generation_ms for g in generations),
         cached_tokens=sum(g.cached_tokens for g in leaders),
+        drafted_tokens=sum(g.drafted_tokens for g in generations),
+        drafted_kept=sum(g.drafted_kept for g in generations),
         logprobs=first.logprobs,
         prompt_logprobs=first.prompt_logprobs,
         tool_calls=first.tool_calls,
@@ -137,6 +139,8 @@ def _echoed(g: Generation, prompt: str) -> Generation:
         ttft_ms=g.ttft_ms,
         generation_ms=g.generation_ms,
         cached_tokens=g.cached_tokens,
+        drafted_tokens=g.drafted_tokens,
+        drafted_kept=g.drafted_kept,
         logprobs=logprobs,
         prompt_logprobs=g.prompt_logprobs,
     )

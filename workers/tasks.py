@@ -269,7 +269,11 @@ class JobRunner:
                 cached_tokens=gen.cached_tokens,
             ),
             timings=Timings(
-                queue_wait_ms=queue_wait_ms, ttft_ms=gen.ttft_ms, generation_ms=gen.generation_ms
+                queue_wait_ms=queue_wait_ms,
+                ttft_ms=gen.ttft_ms,
+                generation_ms=gen.generation_ms,
+                drafted_tokens=gen.drafted_tokens,
+                drafted_kept=gen.drafted_kept,
             ),
             worker=self.worker_id,
             choices=choices_of(gen, request),

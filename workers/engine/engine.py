@@ -98,6 +98,8 @@ class Slot:
     draft: list[int] = field(default_factory=list)  # drafted tokens fed this step
     draft_at: int = 0  # the batch position of the draft's first token
     draft_cap: int = 0  # the most tokens its next draft may have
+    drafted: int = 0  # tokens drafted for the sequence, and those kept
+    kept: int = 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -153,6 +155,8 @@ class Engine:
         self.n_batch = min(n_batch, int(llama_cpp.llama_n_batch(self.ctx)))
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):  # every position belongs to one sequence, always
+            self.batch.n_seq_id[i] = 1
         self.slots = [Slot(i) for i in range(slots)]
         self.tokens_generated = 0  # since start, for tokens/s in the heartbeat
         self.prompt_tokens_evaluated = 0  # since start: prompt tokens llama_decode read
@@ -366,6 +370,7 @@ class Engine:
         # The lookup is built at the first draft (~7 ms for 8,000 prompt tokens, on this
         # thread): a sequence that never drafts never pays for it.
         slot.lookup, slot.draft, slot.draft_cap = None, [], self._draft_most(seq)
+        slot.drafted = slot.kept = 0
         if seq.prompt_logprobs:
             first = 1 if self.bos is not None and seq.tokens[0] == self.bos else 0
             slot.prompt_logprobs = []
@@ -390,15 +395,21 @@ class Engine:
 
     def _step(self) -> None:
         now = time.perf_counter()
-        for slot in self._active():
+        generating: list[Slot] = []
+        prompting: list[Slot] = []
+        for slot in self.slots:
             job = slot.job
-            assert job is not None
+            if job is None:
+                continue
             if job.cancelled:
                 self._finish(slot, "cancelled")
             elif job.deadline is not None and now >= job.deadline:
                 self._finish(slot, "time")
-        generating = [s for s in self._active() if not s.pending and s.follows is None]
-        prompting = sorted((s for s in self._active() if s.pending), key=lambda s: s.admitted)
+            elif slot.pending:
+                prompting.append(slot)
+            elif slot.follows is None:
+                generating.append(slot)
+        prompting.sort(key=lambda s: s.admitted)
         if not generating and not prompting:
             return
         n = 0
@@ -505,13 +516,15 @@ class Engine:
         the draft holds the pick; remove the cells of the rest of the draft."""
         draft, at = slot.draft, slot.draft_at
         slot.draft = []
+        slot.drafted += len(draft)  # counted before a sample that may end the sequence
+        self.tokens_drafted += len(draft)
         kept = 0
         self._sample(slot, index)
         while kept < len(draft) and slot.job is not None and slot.next_token == draft[kept]:
             slot.cache.append(draft[kept])
-            self._sample(slot, at + kept)
+            slot.kept += 1
             kept += 1
-        self.tokens_drafted += len(draft)
+            self._sample(slot, at + kept - 1)
         self.tokens_accepted += kept
         slot.draft_cap = self._next_cap(slot, kept, len(draft))
         if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, len(slot.cache), -1):
@@ -557,8 +570,7 @@ class Engine:
         b = self.batch
         b.token[i] = token
         b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq_id
+        b.seq_id[i][0] = seq_id  # n_seq_id[i] is 1 from the start
         b.logits[i] = output
 
     def _sample(self, slot: Slot, index: int) -> None:
@@ -612,6 +624,7 @@ class Engine:
             job, text.text, reason, slot.generated, slot.cached, slot.ttft_ms, len(job.tokens)
         )
         result.logprobs, result.prompt_logprobs = slot.logprobs, slot.prompt_logprobs
+        result.drafted_tokens, result.drafted_kept = slot.drafted, slot.kept
         self._release(slot)
         self._send(job, (DONE, result))
 

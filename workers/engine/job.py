@@ -36,6 +36,9 @@ class Generation:
     logprobs: list[dict[str, Any]] | None = None
     # With Sequence.prompt_logprobs: one per prompt token after a leading BOS, the first None.
     prompt_logprobs: list[dict[str, Any]] | None = None
+    # Prompt-lookup speculation: tokens drafted for this sequence, and those kept.
+    drafted_tokens: int = 0
+    drafted_kept: int = 0
     tool_calls: list[Any] | None = None  # set by the host for a request with tools
     embeddings: list[list[float]] | None = None  # an embeddings job's vectors, one per input
 
