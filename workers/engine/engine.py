@@ -50,6 +50,7 @@ from typing import Any
 
 import llama_cpp
 
+from workers.engine.batch import Batch
 from workers.engine.job import DONE, FAILED, LOGPROBS, TEXT, Generation, Sequence
 from workers.engine.logprobs import Logprobs, first_prompt_token
 from workers.engine.lookup import PromptLookup
@@ -154,9 +155,7 @@ class Engine:
         # llama.cpp lowers n_batch to a smaller KV size: a batch past what it took aborts.
         self.n_batch = min(n_batch, int(llama_cpp.llama_n_batch(self.ctx)))
         self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        for i in range(self.n_batch):  # every position belongs to one sequence, always
-            self.batch.n_seq_id[i] = 1
+        self.batch = Batch(self.n_batch)
         self.slots = [Slot(i) for i in range(slots)]
         self.tokens_generated = 0  # since start, for tokens/s in the heartbeat
         self.prompt_tokens_evaluated = 0  # since start: prompt tokens llama_decode read
@@ -222,7 +221,7 @@ class Engine:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
-        llama_cpp.llama_batch_free(self.batch)
+        self.batch.free()
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
 
@@ -412,12 +411,13 @@ class Engine:
         prompting.sort(key=lambda s: s.admitted)
         if not generating and not prompting:
             return
-        n = 0
-        outputs: list[tuple[Slot, int]] = []
-        for slot in generating:
-            self._put(n, slot.next_token, len(slot.cache), slot.seq_id, True)
-            outputs.append((slot, n))
-            n += 1
+        n = self.batch.each(
+            0,
+            [s.next_token for s in generating],
+            [len(s.cache) for s in generating],
+            [s.seq_id for s in generating],
+        )
+        outputs = [(slot, i) for i, slot in enumerate(generating)]
         if self._drafts:
             n = self._put_drafts(generating, n)
         chunks: list[tuple[Slot, int]] = []
@@ -436,20 +436,18 @@ class Engine:
             start = len(slot.cache)
             if scoring:
                 scored.append((slot, start, n, take))
-            for j in range(take):
-                out = last and j == take - 1
-                self._put(n, slot.pending[j], start + j, slot.seq_id, out or scoring)
-                if out:
-                    outputs.append((slot, n))
-                    read.append((slot, n))
-                n += 1
+            n = self.batch.run(n, slot.pending[:take], start, slot.seq_id, scoring)
+            if last:  # its last prompt token's logits start the reply
+                self.batch.logits[n - 1] = True
+                outputs.append((slot, n - 1))
+                read.append((slot, n - 1))
             chunks.append((slot, take))
         if n == 0:
             self._kv_full(had_prompt=False)
             return
         self.batch.n_tokens = n
         self._deliver()  # the readers wake while llama_decode runs without the GIL
-        ret = llama_cpp.llama_decode(self.ctx, self.batch)
+        ret = llama_cpp.llama_decode(self.ctx, self.batch.raw)
         drafted = [s for s in generating if s.draft]
         if ret != 0:
             for slot in drafted:
@@ -505,10 +503,8 @@ class Engine:
             if not draft:
                 continue
             slot.draft, slot.draft_at = draft, n
-            pos = len(slot.cache) + 1  # the next token's position is len(slot.cache)
-            for j, token in enumerate(draft):
-                self._put(n + j, token, pos + j, slot.seq_id, True)
-            n += len(draft)
+            # after the next token, which takes position len(slot.cache)
+            n = self.batch.run(n, draft, len(slot.cache) + 1, slot.seq_id, True)
         return n
 
     def _verify(self, slot: Slot, index: int) -> None:
@@ -563,15 +559,6 @@ class Engine:
             token = job.tokens[target]
             found.append(self.logprobs.entry(index + j, token, job.logprobs or 0, slot.prompt_text))
             slot.prompt_text += len(self._text_of(token))
-
-    def _put(self, i: int, token: int, pos: int, seq_id: int, output: bool) -> None:
-        if not 0 <= i < self.n_batch:  # past n_batch llama.cpp would abort the process
-            raise IndexError(f"batch position {i} outside n_batch {self.n_batch}")
-        b = self.batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.seq_id[i][0] = seq_id  # n_seq_id[i] is 1 from the start
-        b.logits[i] = output
 
     def _sample(self, slot: Slot, index: int) -> None:
         job, sampler, text = slot.job, slot.sampler, slot.text
