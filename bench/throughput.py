@@ -142,6 +142,9 @@ def bench_farm(
         "FARM_DATABASE_URL": f"sqlite:///{home / 'registry.db'}",
     }
     os.environ.update({k: env[k] for k in ("FARM_HOME", "FARM_BROKER_URL", "FARM_DATABASE_URL")})
+    from farm.context import reset_context
+
+    reset_context()  # settings read before (workers.repack's) take the bench's farm now
     import farm
     from farm.registry import queries, transaction, upgrade
 
