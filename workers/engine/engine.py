@@ -14,7 +14,9 @@ the same batch, each with its logits. Its sampler then picks at each position in
 a drafted token is kept only when it is the pick, so a step can yield several tokens, each
 the one the sampler picks from its position's logits. The cells of the draft not kept are
 removed. A draft that missed shrinks the sequence's next one to 1 token, one fully kept
-doubles it, up to `draft_max`; drafts take at most a quarter of a batch.
+doubles it, up to `draft_max`; drafts take at most a quarter of a batch, and only while
+at most DRAFT_SEQUENCES sequences generate (where a drafted position costs less than the
+token it may save).
 
 Sequences sharing a prompt (a request's n > 1) are admitted with their leader when slots
 are free: they wait without evaluating anything, and when the leader's prompt is
@@ -69,6 +71,12 @@ DRAFT_MAX = 8  # prompt-lookup tokens drafted a step, unless a sequence says oth
 # The share of a batch drafts may take, so that prompts waiting to be read still get most of
 # it; and at most PROMPT_SCORE_CHUNK positions, for the same output buffer as echo's.
 DRAFT_SHARE = 4
+# Drafts only while at most this many sequences generate. Each drafted position costs a
+# position of logits; a kept token is worth a step's time over the sequences in it. On this
+# project's 2-core CPU (Gemma, 262k vocabulary) a position costs ~5 ms against steps of 23 ms
+# (1 sequence) and 57 ms (8): bench/throughput.py lost 12 % of its tokens/s at 8 clients
+# with drafts, and gained 1.3x at 1; copying at 4 clients gained 1.5x (bench/speculation.py).
+DRAFT_SEQUENCES = 4
 
 
 class EngineError(RuntimeError):
@@ -418,7 +426,7 @@ class Engine:
             [s.seq_id for s in generating],
         )
         outputs = [(slot, i) for i, slot in enumerate(generating)]
-        if self._drafts:
+        if self._drafts and len(generating) <= DRAFT_SEQUENCES:
             n = self._put_drafts(generating, n)
         chunks: list[tuple[Slot, int]] = []
         scored: list[tuple[Slot, int, int, int]] = []  # slot, first position, index, count
@@ -536,7 +544,9 @@ class Engine:
 
     def _next_cap(self, slot: Slot, kept: int, drafted: int) -> int:
         """The most tokens the slot's next draft may have: twice as many after a draft fully
-        kept, 1 after a miss."""
+        kept, 1 after one cut short. (Resting a slot after drafts that missed cost a third of
+        the gain at 1 client on sampled text, 44.3 against 55-57 tok/s, and gained nothing at
+        8: bench/throughput.py.)"""
         if kept == drafted:
             return min(2 * slot.draft_cap, self._draft_most(slot.job))
         return 1
