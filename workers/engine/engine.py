@@ -14,9 +14,9 @@ the same batch, each with its logits. Its sampler then picks at each position in
 a drafted token is kept only when it is the pick, so a step can yield several tokens, each
 the one the sampler picks from its position's logits. The cells of the draft not kept are
 removed. A draft that missed shrinks the sequence's next one to 1 token, one fully kept
-doubles it, up to `draft_max`; drafts take at most a quarter of a batch, and only while
-at most DRAFT_SEQUENCES sequences generate (where a drafted position costs less than the
-token it may save).
+doubles it, up to `draft_max`. Drafts take at most 64 positions of a batch (a quarter of
+a smaller one), and are made only while at most DRAFT_SEQUENCES sequences generate (where
+a drafted position costs less than the token it may save).
 
 Sequences sharing a prompt (a request's n > 1) are admitted with their leader when slots
 are free: they wait without evaluating anything, and when the leader's prompt is
@@ -75,7 +75,8 @@ DRAFT_SHARE = 4
 # position of logits; a kept token is worth a step's time over the sequences in it. On this
 # project's 2-core CPU (Gemma, 262k vocabulary) a position costs ~5 ms against steps of 23 ms
 # (1 sequence) and 57 ms (8): bench/throughput.py lost 12 % of its tokens/s at 8 clients
-# with drafts, and gained 1.3x at 1; copying at 4 clients gained 1.5x (bench/speculation.py).
+# with drafts, and gained up to 1.35x at 1; copying at 4 clients gained 1.14-1.50x
+# (bench/speculation.py).
 DRAFT_SEQUENCES = 4
 
 
