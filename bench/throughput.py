@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from llama_server import llama_server, repack_args  # noqa: E402
+from llama_server import serving  # noqa: E402
 
 MODEL = "gemma3-270m"
 TOPICS = ["the sea", "a robot", "a cat", "the moon", "a baker", "a storm", "a train", "a tree"]
@@ -84,27 +84,8 @@ def bench_direct(path: str, threads: int, tokens: int, runs: int) -> float:
 def bench_server(
     path: str, threads: int, slots: int, tokens: int, clients: list[int], runs: int
 ) -> dict[int, float]:
-    binary = llama_server()
-    port = 18089
-    proc = subprocess.Popen(
-        [str(binary), "-m", path, "-np", str(slots), "-t", str(threads), "-tb", str(threads),
-         "-c", str(4096 * slots), "--port", str(port), "--host", "127.0.0.1", "--no-webui",
-         *repack_args()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("llama-server did not start")
-            time.sleep(0.5)
+    args = ["-np", str(slots), "-t", str(threads), "-tb", str(threads), "-c", str(4096 * slots)]
+    with serving(path, args) as url:
 
         def call(i: int) -> int:
             body = json.dumps({"prompt": prompt(i), "n_predict": tokens, "cache_prompt": True})
@@ -116,9 +97,6 @@ def bench_server(
 
         call(0)
         return {c: run_clients(c, runs if c == 1 else max(2, runs // 2), call) for c in clients}
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def bench_farm(
