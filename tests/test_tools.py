@@ -237,6 +237,22 @@ def test_a_call_cut_off_by_max_tokens_is_not_a_call():
     assert p.calls == [] and p.truncated
 
 
+def test_a_call_whose_close_marker_max_tokens_cut_is_a_call_and_the_marker_is_not_text():
+    for cut in ("</", "</tool_", " </tool_call"):
+        reply = f'Sure.<tool_call>{{"name": "add", "arguments": {{"a": 1, "b": 2}}}}{cut}'
+        whole = parse_calls(GENERIC, reply, lambda i: f"call_{i}")
+        [call] = whole.calls
+        assert call.function.arguments == '{"a": 1, "b": 2}' and not whole.truncated
+        assert whole.content == "Sure."
+        parser = CallParser(GENERIC, lambda i: f"call_{i}")
+        pieces = [p for at in range(len(reply)) for p in parser.feed(reply[at])]
+        pieces += parser.close()
+        assert "".join(p for p in pieces if isinstance(p, str)) == "Sure."
+    # Anything else after a call is still text.
+    after = parse_calls(GENERIC, '<tool_call>{"name": "add", "arguments": {}}</tool_call> ok', str)
+    assert after.content == "ok" and len(after.calls) == 1
+
+
 def test_call_ids_are_stable_per_job_and_call_and_random_without_a_job():
     assert call_id("job-1", 0) == call_id("job-1", 0) != call_id("job-1", 1)
     assert call_id("job-1", 0).startswith("call_") and len(call_id("job-1", 0)) == 29

@@ -8,7 +8,9 @@ one agree: `arguments` is the model's own JSON text for the arguments, untouched
 
 Text that looks like the start of a marker is held back until it is known not to be one.
 A call whose JSON does not name its function first (a model without a grammar) is read
-whole when it closes. A call cut off by max_tokens is not in `calls` (`truncated` says so).
+whole when it closes. A call cut off by max_tokens is not in `calls` (`truncated` says so);
+one cut off inside its close marker, its JSON whole, is a call, and the marker's start is
+not text.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class CallParser:
                 self._emit_text(rest, out)
         elif self._state in (_BEFORE_CALL, _CALL):
             self.truncated = True  # a call was opened and never closed
+        elif self._state == _AFTER_CALL and self._closing_cut():
+            pass  # the call's own close marker, cut off by max_tokens: not text
         elif self._state in (_AFTER_CALL, _DONE) and self._buf.strip():
             self._emit_text(self._buf, out)
         self._buf = ""
@@ -276,6 +280,11 @@ class CallParser:
         self.calls.append(
             ToolCall(id=call_id, function=FunctionCall(name=name, arguments=arguments))
         )
+
+    def _closing_cut(self) -> bool:
+        """What is left after a call is the start of the family's close marker."""
+        close, buf = self.family.close, self._buf.strip()
+        return bool(close and buf and close.startswith(buf))
 
     def _after_call(self) -> bool:
         fam, buf = self.family, self._buf.lstrip()
