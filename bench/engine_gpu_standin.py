@@ -4,11 +4,15 @@ The real Engine (batching, sampling, detokenising, stop strings, events to a rea
 per sequence) over Gemma 3's real vocabulary, with llama_decode replaced by a stand-in that
 takes a fixed time per step without the GIL (as a GPU wait does: `time.sleep`) and logits
 of the real vocabulary size (262,144 floats per sequence, a pool of random rows whose best
-token is an ordinary word). Whatever keeps the engine from the ideal (slots / step time
+token is an ordinary word). As llama.cpp does on a GPU backend, the stand-in's
+llama_decode returns once the step is queued and the first read of its logits waits for the
+step to end (llama_get_logits_ith synchronizes); `--sync-decode` waits inside llama_decode,
+as the CPU backend does. Whatever keeps the engine from the ideal (slots / step time
 tokens a second) is the host's: farm's Python and the CPU sampler.
 
     python bench/engine_gpu_standin.py                      # 16, 64, 128 slots, 10 ms a step
     python bench/engine_gpu_standin.py --slots 64 --step-ms 5
+    python bench/engine_gpu_standin.py --sync-decode          # the step inside llama_decode
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ WORDS = " The river ran past the old mill and the fox watched it from the bank o
 
 
 class StandIn:
-    """llama_decode that waits `step_s` without the GIL; logits from a pool of rows."""
+    """llama_decode whose step takes `step_s`, waited for without the GIL at the first read of
+    its logits (or inside llama_decode with `sync`); logits from a pool of rows."""
 
-    def __init__(self, n_vocab: int, best: list[int], step_s: float, rows: int = 256):
+    def __init__(
+        self, n_vocab: int, best: list[int], step_s: float, sync: bool = False, rows: int = 256
+    ):
         rng = np.random.default_rng(7)
         self.logits = rng.standard_normal((rows, n_vocab), dtype=np.float32) * 2
         for i in range(rows):
@@ -44,21 +51,35 @@ class StandIn:
             ctypes.cast(base + i * size, ctypes.POINTER(ctypes.c_float)) for i in range(rows)
         ]
         self.step_s = step_s
+        self.sync = sync
         self.steps = 0
         self.calls = 0
+        self.ready = 0.0  # when the step queued last ends
 
     def decode(self, ctx: Any, batch: Any) -> int:
         self.steps += 1
-        time.sleep(self.step_s)
+        self.ready = time.perf_counter() + self.step_s
+        if self.sync:
+            time.sleep(self.step_s)
         return 0
 
     def logits_ith(self, ctx: Any, index: int) -> Any:
         self.calls += 1
+        wait = self.ready - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
         return self.rows[(self.calls + index) % len(self.rows)]
 
 
 def run(
-    model: Any, slots: int, step_s: float, tokens: int, draft_max: int = 0
+    model: Any,
+    slots: int,
+    step_s: float,
+    tokens: int,
+    draft_max: int = 0,
+    sync: bool = False,
+    sampling_threads: int | None = None,
+    threads: int = 2,
 ) -> tuple[float, float, int]:
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -66,8 +87,17 @@ def run(
     buf = (llama_cpp.llama_token * 64)()
     n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, 64, False, False)
     words = list(buf[:n])
-    stand_in = StandIn(n_vocab, words, step_s)
-    engine = Engine(model, slots=slots, n_ctx=tokens + 64, kv_size=256, threads=1, name="gpu")
+    stand_in = StandIn(n_vocab, words, step_s, sync)
+    engine = Engine(
+        model,
+        slots=slots,
+        n_ctx=tokens + 64,
+        kv_size=256,
+        threads=threads,
+        name="gpu",
+        async_decode=not sync,  # as workers/host.py sets it for a model on the GPU
+        sampling_threads=sampling_threads,
+    )
     real = llama_cpp.llama_decode, llama_cpp.llama_get_logits_ith
     llama_cpp.llama_decode = stand_in.decode
     llama_cpp.llama_get_logits_ith = stand_in.logits_ith
@@ -115,6 +145,20 @@ def main() -> None:
     parser.add_argument("--slots", default="16,64,128", help="comma-separated")
     parser.add_argument("--step-ms", type=float, default=10.0)
     parser.add_argument("--tokens", type=int, default=200, help="per sequence")
+    parser.add_argument(
+        "--sync-decode",
+        action="store_true",
+        help="llama_decode waits for its step (the CPU backend's way), not the logits' read",
+    )
+    parser.add_argument(
+        "--sampling-threads",
+        type=int,
+        default=None,
+        help="threads that pick a step's tokens (default: the engine's, capped at 8)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="the engine's threads (this VM's 2 cores)"
+    )
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
@@ -122,10 +166,19 @@ def main() -> None:
     model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
     step_s = args.step_ms / 1000
     print(f"stand-in decode: {args.step_ms:g} ms a step, Gemma 3's 262,144-token vocabulary, "
-          f"greedy, {args.tokens} tokens a sequence, two stop strings")  # fmt: skip
+          f"greedy, {args.tokens} tokens a sequence, two stop strings, waited for "
+          f"{'in llama_decode' if args.sync_decode else 'at the logits'}")  # fmt: skip
     print(f"{'slots':>5} {'ideal tok/s':>12} {'tok/s':>8} {'of ideal':>9} {'host ms/step':>13}")
     for slots in (int(s) for s in args.slots.split(",")):
-        rate, host_s, _ = run(model, slots, step_s, args.tokens)
+        rate, host_s, _ = run(
+            model,
+            slots,
+            step_s,
+            args.tokens,
+            sync=args.sync_decode,
+            sampling_threads=args.sampling_threads,
+            threads=args.threads,
+        )
         ideal = slots * args.tokens / ((args.tokens + 1) * step_s)  # +1: the prompt's step
         print(
             f"{slots:>5} {ideal:>12,.0f} {rate:>8,.0f} {rate / ideal:>9.2f} {host_s * 1000:>13.2f}"

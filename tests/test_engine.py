@@ -464,3 +464,93 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
     assert penalized.greedy is None and sampled.greedy is None  # the chain keeps those
     penalized.free()
     sampled.free()
+
+
+def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host):
+    """On a GPU llama_decode returns once the step is queued, and the engine puts the last
+    step's events after it (async_decode): every piece still arrives, in order, and the
+    replies are those of the CPU order (events put before llama_decode)."""
+    engine = host.engine
+    assert engine is not None and engine.async_decode is False  # CPU: before llama_decode
+
+    def streamed() -> list[tuple[str, str]]:
+        seqs = [
+            Sequence(
+                tokens=tokens(host, f"Count from {i} to {i + 20}:"),
+                max_tokens=40,
+                sampling={"temperature": 0},
+                draft_max=0,
+            )
+            for i in range(4)
+        ]
+        with engine._cond:  # admitted in one step
+            engine.submit_all(seqs)
+        out = []
+        for seq in seqs:
+            pieces = []
+            while (event := seq.events.get(timeout=120))[0] == TEXT:
+                pieces.append(event[1])
+            kind, gen = event
+            assert kind == DONE, gen
+            out.append(("".join(pieces), gen.text))
+        return out
+
+    streamed()  # the prompts into the slots' caches, so that both runs read the same batches
+    before = streamed()
+    engine.async_decode = True
+    try:
+        after = streamed()
+    finally:
+        engine.async_decode = False
+    assert all(text for text, _ in after)
+    assert all(joined == text for joined, text in after)  # every piece, in order
+    assert after == before
+
+
+def test_sequences_sampled_on_the_sampling_threads_get_the_tokens_the_engine_thread_picks(host):
+    """With SAMPLE_APART or more sequences a step, each one's next token is picked on the
+    sampling threads (the engine's threads: 2 here). Every kind of chain, seeded, gives the
+    same replies as when the engine thread picks them all, in the same batches."""
+    engine = host.engine
+    assert engine is not None and engine.sampling_threads == 2 and engine._sampling is not None
+    samplings: list[dict[str, object]] = [
+        {"temperature": 0},
+        {"temperature": 0.9, "seed": 11},
+        {"temperature": 1.1, "top_k": 8, "top_p": 0.9, "seed": 12},
+        {"repeat_penalty": 1.3, "presence_penalty": 0.4, "seed": 13},
+        {"mirostat_mode": 2, "seed": 14},
+        {"temperature": 0.7, "seed": 15, "logit_bias": {1: -100}},
+        {"temperature": 0.8, "seed": 16},
+        {"temperature": 0},
+    ]
+    grammar = 'root ::= ("yes" | "no") " " [a-z ]{1,30}'
+
+    def replies() -> list[tuple[str, str]]:
+        seqs = [
+            Sequence(
+                tokens=tokens(host, f"Question {i}: name a colour and a fruit."),
+                max_tokens=20,
+                sampling=s,
+                grammar=grammar if i == 6 else None,
+                logprobs=2 if i == 7 else None,
+                draft_max=0,
+            )
+            for i, s in enumerate(samplings)
+        ]
+        return [(g.text, g.finish_reason) for g in submit_at_once(host, seqs)]
+
+    replies()  # the prompts into the slots' caches: the runs compared below read the same
+    # batches (llama.cpp's logits vary a little with how a batch is made up)
+    picked = engine.tokens_picked_apart
+    apart = replies()
+    assert engine.tokens_picked_apart - picked >= 8 * 10  # most steps had 8 apart
+    pool, engine._sampling = engine._sampling, None  # the engine thread picks every token
+    try:
+        picked = engine.tokens_picked_apart
+        together = replies()
+        assert engine.tokens_picked_apart == picked
+    finally:
+        engine._sampling = pool
+    assert apart == together
+    assert all(text for text, _ in apart)
+    assert apart[6][0].split(" ")[0] in ("yes", "no")  # the grammar held on its thread

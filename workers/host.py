@@ -146,6 +146,7 @@ class ModelHost:
                 n_batch=opts.n_batch,
                 threads=opts.threads,
                 name=self.spec.name,
+                async_decode=gpu,
             )
         except (EngineError, EmbedderError) as e:
             self.close()

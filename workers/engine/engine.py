@@ -5,8 +5,9 @@
            build one batch: the next token of every generating slot first, then prompt
            chunks of the slots still reading their prompt, up to n_batch tokens
            llama_decode once
-           sample each sequence that produced logits with its own chain; stream its text;
-           end it on a stop, max_tokens, its time limit or cancel, and free its slot
+           sample each sequence that produced logits with its own chain (on several
+           threads when there are several); stream its text; end it on a stop,
+           max_tokens, its time limit or cancel, and free its slot
 
 Prompt-lookup speculation (lookup.py): a generating sequence whose last few tokens appeared
 before also feeds the tokens that followed them then (its draft) after its next token, in
@@ -47,6 +48,7 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +80,13 @@ DRAFT_SHARE = 4
 # with drafts, and gained up to 1.35x at 1; copying at 4 clients gained 1.14-1.50x
 # (bench/speculation.py).
 DRAFT_SEQUENCES = 4
+# A step's sequences are sampled on up to this many threads (at most the engine's own,
+# whose cores are idle between decodes): llama.cpp's sampler chain and numpy's argmax run
+# without the GIL, and each sequence's sampler is its own. Below SAMPLE_APART sequences a
+# step, or for a drafting sequence (its positions are sampled in turn), the engine thread
+# samples.
+SAMPLING_THREADS = 8
+SAMPLE_APART = 4
 
 
 class EngineError(RuntimeError):
@@ -134,11 +143,18 @@ class Engine:
         threads: int = 1,
         name: str = "",
         draft_max: int = DRAFT_MAX,
+        async_decode: bool = False,
+        sampling_threads: int | None = None,
     ):
         if not 1 <= slots <= MAX_SLOTS:
             raise EngineError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
         self.name = name
         self.n_slots = slots
+        # llama_decode returns once the step is queued on the device (a GPU backend: llama.cpp
+        # waits for it only when the logits are read), so the previous step's events are put
+        # after it, while the device computes; on the CPU it returns when the step is done,
+        # and they are put before it, while it computes without the GIL (`_step`).
+        self.async_decode = async_decode
         self.n_ctx = n_ctx  # the most one sequence may hold: prompt and reply together
         self.n_batch = n_batch
         self.threads = threads
@@ -190,9 +206,18 @@ class Engine:
         self._drafts = True  # False while the KV cache had no room for drafts
         self.tokens_drafted = 0  # since start: drafted tokens fed, and those kept
         self.tokens_accepted = 0
-        # Events of this step, put on their sequences' queues just before the next llama_decode
-        # (or before the engine waits): `_send`.
+        # Events of this step, put on their sequences' queues around the next llama_decode (or
+        # before the engine waits): `_send`.
         self._outbox: list[tuple[Sequence, tuple[str, Any]]] = []
+        self.sampling_threads = max(
+            1, min(threads, SAMPLING_THREADS) if sampling_threads is None else sampling_threads
+        )
+        self.tokens_picked_apart = 0  # since start: tokens picked on the sampling threads
+        self._sampling = (  # the engine thread samples a share itself
+            ThreadPoolExecutor(self.sampling_threads - 1, thread_name_prefix=f"sample-{name}")
+            if self.sampling_threads > 1
+            else None
+        )
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -230,6 +255,8 @@ class Engine:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+        if self._sampling is not None:
+            self._sampling.shutdown()
         self.batch.free()
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
@@ -455,8 +482,11 @@ class Engine:
             self._kv_full(had_prompt=False)
             return
         self.batch.n_tokens = n
-        self._deliver()  # the readers wake while llama_decode runs without the GIL
+        if not self.async_decode:
+            self._deliver()  # the readers wake while llama_decode runs without the GIL
         ret = llama_cpp.llama_decode(self.ctx, self.batch.raw)
+        if self.async_decode:
+            self._deliver()  # the readers wake while the device computes the step
         drafted = [s for s in generating if s.draft]
         if ret != 0:
             for slot in drafted:
@@ -484,17 +514,43 @@ class Engine:
                 if slot.follows is leader and slot.job is not None:
                     self._share(leader, slot)
                     outputs.append((slot, index))
+        picked = self._pick_apart(outputs)
         for slot, index in outputs:
             try:
                 if slot.draft:
                     self._verify(slot, index)
                 else:
-                    self._sample(slot, index)
+                    self._sample(slot, index, picked.get(slot.seq_id))
             except Exception as e:  # one sequence's sampling failed: end it, not the engine
                 log.exception(
                     "engine %s: sampling failed for %s", self.name, slot.job and slot.job.label
                 )
                 self._fail(slot, f"sampling failed: {type(e).__name__}: {e}")
+
+    def _pick_apart(self, outputs: list[tuple[Slot, int]]) -> dict[int, int | Exception]:
+        """The next tokens of the step's sequences that sample one position, picked on the
+        sampling threads when there are SAMPLE_APART or more (by seq_id; the error where a
+        pick failed); {} when the engine thread is to pick them."""
+        if self._sampling is None:
+            return {}
+        plain = [
+            (slot, index)
+            for slot, index in outputs
+            if slot.job is not None and not slot.draft and slot.max_tokens > 0
+        ]
+        if len(plain) < SAMPLE_APART:
+            return {}
+        # llama.cpp waits for the step and puts its outputs in order at the first read of
+        # the logits: here, so that the threads only read them.
+        llama_cpp.llama_get_logits_ith(self.ctx, plain[0][1])
+        self.tokens_picked_apart += len(plain)
+        k = min(self.sampling_threads, len(plain))
+        shares = [plain[j::k] for j in range(k)]
+        futures = [self._sampling.submit(_pick, share, self.ctx) for share in shares[1:]]
+        picked = _pick(shares[0], self.ctx)
+        for future in futures:
+            picked.update(future.result())
+        return picked
 
     def _put_drafts(self, generating: list[Slot], n: int) -> int:
         """Each drafting sequence's draft after the next tokens, within 1/DRAFT_SHARE of the
@@ -571,13 +627,16 @@ class Engine:
             found.append(self.logprobs.entry(index + j, token, job.logprobs or 0, slot.prompt_text))
             slot.prompt_text += len(self._text_of(token))
 
-    def _sample(self, slot: Slot, index: int) -> None:
+    def _sample(self, slot: Slot, index: int, picked: int | Exception | None = None) -> None:
+        """Take the next token at batch position `index` (`picked` already when given)."""
         job, sampler, text = slot.job, slot.sampler, slot.text
         assert job is not None and sampler is not None and text is not None
         if slot.max_tokens <= 0:  # the prompt alone was to be read (echo, max_tokens=0)
             self._finish(slot, "length")
             return
-        token = sampler.sample(self.ctx, index)
+        if isinstance(picked, Exception):
+            raise picked
+        token = sampler.sample(self.ctx, index) if picked is None else picked
         if slot.ttft_ms is None:
             slot.ttft_ms = (time.perf_counter() - job.started) * 1000
         slot.generated += 1
@@ -703,3 +762,15 @@ class Engine:
             llama_cpp.llama_memory_seq_rm(self.mem, newest.seq_id, -1, -1)
             newest.cache.clear()
             self._finish(newest, "length")
+
+
+def _pick(share: list[tuple[Slot, int]], ctx: Any) -> dict[int, int | Exception]:
+    """Each slot's next token from its logits at its batch position (a sampling thread)."""
+    picked: dict[int, int | Exception] = {}
+    for slot, index in share:
+        assert slot.sampler is not None
+        try:
+            picked[slot.seq_id] = slot.sampler.sample(ctx, index)
+        except Exception as e:  # that sequence fails, in `_step`
+            picked[slot.seq_id] = e
+    return picked

@@ -12,6 +12,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from workers.engine.sampling import logits_view
 from workers.engine.vocab import Vocab
 
 
@@ -26,9 +27,7 @@ class Logprobs:
     def entry(self, index: int, token: int, top: int, offset: int) -> dict[str, Any]:
         """`token`'s logprob at batch position `index`, with the `top` likeliest tokens
         there (most likely first), and `offset`: where its text starts in the reply."""
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,)
-        )
+        logits = logits_view(llama_cpp.llama_get_logits_ith(self.ctx, index), self.n_vocab)
         high = float(logits.max())
         total = high + float(np.log(np.exp(logits - high, dtype=np.float64).sum()))
         found = self.token(token, float(logits[token]) - total)

@@ -13,6 +13,7 @@ rejects it are the candidates filtered by the grammar and the chain run again.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -41,6 +42,18 @@ DEFAULTS: dict[str, Any] = {
 GRAMMAR_MARGIN = 12.0
 GRAMMAR_FIRST = 512
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+
+
+def logits_view(logits: Any, n_vocab: int) -> np.ndarray:
+    """The `n_vocab` floats at llama.cpp's logits pointer, as numpy's (not copied). A third
+    of np.ctypeslib.as_array's time on a pointer (1.6 against 5.5 us), once a sequence a
+    step."""
+    return np.frombuffer(_row(n_vocab).from_address(ctypes.addressof(logits.contents)), np.single)
+
+
+@functools.cache
+def _row(n_vocab: int) -> Any:
+    return ctypes.c_float * n_vocab
 
 
 class GrammarError(ValueError):
@@ -109,7 +122,7 @@ class Sampler:
         turns into NaN): the chain picks then."""
         assert self.greedy is not None
         ids, biases, raises = self.greedy
-        view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        view = logits_view(logits, self.n_vocab)
         best = int(view.argmax())
         if raises or (len(ids) and best in self._biased):
             view = view.copy()
@@ -126,7 +139,7 @@ class Sampler:
         return self._biased_ids
 
     def _pick(self, logits: Any, *, with_grammar: bool) -> int:
-        view = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        view = logits_view(logits, self.n_vocab)
         if with_grammar and self.prefilter:
             # The grammar refused the chain's pick. Filtering the whole vocabulary costs tens
             # of ms on Gemma's 262k tokens: try the tokens near the best logit first (within
