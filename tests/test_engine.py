@@ -466,12 +466,20 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
     sampled.free()
 
 
-def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host):
+def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host, monkeypatch):
     """On a GPU llama_decode returns once the step is queued, and the engine puts the last
     step's events after it (async_decode): every piece still arrives, in order, and the
     replies are those of the CPU order (events put before llama_decode)."""
     engine = host.engine
     assert engine is not None and engine.async_decode is False  # CPU: before llama_decode
+    waiting: list[int] = []  # events not yet put when each llama_decode starts
+    decode = llama_cpp.llama_decode
+
+    def recorded(ctx: object, batch: object) -> int:
+        waiting.append(len(engine._outbox))
+        return decode(ctx, batch)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recorded)
 
     def streamed() -> list[tuple[str, str]]:
         seqs = [
@@ -496,12 +504,16 @@ def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(hos
         return out
 
     streamed()  # the prompts into the slots' caches, so that both runs read the same batches
+    del waiting[:]
     before = streamed()
+    assert waiting and not any(waiting)  # put before each llama_decode
     engine.async_decode = True
+    del waiting[:]
     try:
         after = streamed()
     finally:
         engine.async_decode = False
+    assert sum(n > 0 for n in waiting) >= 30  # most steps' events were put after it
     assert all(text for text, _ in after)
     assert all(joined == text for joined, text in after)  # every piece, in order
     assert after == before

@@ -146,7 +146,8 @@ class ModelHost:
                 n_batch=opts.n_batch,
                 threads=opts.threads,
                 name=self.spec.name,
-                async_decode=gpu,
+                async_decode=gpu and self._all_layers_offloaded(),
+                sampling_threads=opts.threads if not gpu or cuda_only() else 1,
             )
         except (EngineError, EmbedderError) as e:
             self.close()
@@ -230,6 +231,12 @@ class ModelHost:
                 f"needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free; lower "
                 "--parallel, --kv-size or the model's --n-ctx"
             )
+
+    def _all_layers_offloaded(self) -> bool:
+        """Every layer on the GPU: llama_decode then returns once the step is queued (with
+        some on the CPU it computes those first)."""
+        n = self.spec.n_gpu_layers
+        return n < 0 or n >= int(llama_cpp.llama_model_n_layer(self.llm.model))
 
     @property
     def device_is_cpu(self) -> bool:
@@ -458,3 +465,12 @@ def check_gguf(path: Path, name: str) -> None:
             f"model '{name}': {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
             "convert it with llama.cpp's convert_hf_to_gguf.py"
         )
+
+
+def cuda_only() -> bool:
+    """llama.cpp was built with CUDA as its only GPU backend. Several threads may read a
+    step's logits on CUDA (a stream synchronize); Vulkan's synchronize resets a command
+    pool, which threads may not share, and other backends are unchecked."""
+    info = llama_cpp.llama_print_system_info()
+    others = (b"Vulkan", b"Metal", b"SYCL", b"OpenCL", b"CANN", b"MUSA", b"HIP", b"RPC")
+    return b"CUDA" in info and not any(name in info for name in others)

@@ -38,7 +38,8 @@ sequence is ended. The process never aborts for a full cache.
 
 llama.cpp's low-level calls abort the whole process on misuse (a batch over n_batch, the
 logits of a position not marked for output), so every index is checked here before the
-call that would use it. Only this thread calls llama.cpp's context.
+call that would use it. Only this thread calls llama.cpp's context, except that the
+sampling threads read a step's logits through it (`_pick_apart`) while this thread waits.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +85,9 @@ DRAFT_SEQUENCES = 4
 # whose cores are idle between decodes): llama.cpp's sampler chain and numpy's argmax run
 # without the GIL, and each sequence's sampler is its own. Below SAMPLE_APART sequences a
 # step, or for a drafting sequence (its positions are sampled in turn), the engine thread
-# samples.
+# samples. The threads read the logits through the context (llama_get_logits_ith, which
+# synchronizes with the device): on the CPU and CUDA backends that only rewrites counters
+# once the engine thread has read once; other GPU backends get 1 (workers/host.py).
 SAMPLING_THREADS = 8
 SAMPLE_APART = 4
 
@@ -547,7 +550,10 @@ class Engine:
         k = min(self.sampling_threads, len(plain))
         shares = [plain[j::k] for j in range(k)]
         futures = [self._sampling.submit(_pick, share, self.ctx) for share in shares[1:]]
-        picked = _pick(shares[0], self.ctx)
+        try:
+            picked = _pick(shares[0], self.ctx)
+        finally:  # no sampler may be freed while a thread still uses it
+            wait(futures)
         for future in futures:
             picked.update(future.result())
         return picked

@@ -66,7 +66,8 @@ class LogitBiasError(ValueError):
 
 @dataclass
 class Sampler:
-    """A sequence's sampler chain, and its grammar when it has one. Engine thread only."""
+    """A sequence's sampler chain, and its grammar when it has one: used by one thread at a
+    time (the engine's, or a sampling thread while the engine thread waits)."""
 
     chain: Any
     grammar: Any
