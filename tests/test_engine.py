@@ -477,7 +477,7 @@ def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(hos
 
     def recorded(ctx: object, batch: object) -> int:
         waiting.append(len(engine._outbox))
-        return decode(ctx, batch)  # type: ignore[no-any-return]
+        return decode(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", recorded)
 
