@@ -9,6 +9,7 @@ milliseconds a step and the rest decides the throughput.
 
     python bench/engine_host.py --compare        # 1, 8, 32 slots, greedy: argmax and chain
     python bench/engine_host.py --slots 32 --sampled
+    python bench/engine_host.py --sampling-threads 1    # every pick on the engine thread
 """
 
 from __future__ import annotations
@@ -33,14 +34,20 @@ TOKENS = 48
 
 
 class Clock:
-    """Seconds spent inside a wrapped callable, on the engine's thread."""
+    """Seconds spent inside wrapped callables, on the engine's thread."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.calls = 0
 
-    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(
+        self, fn: Callable[..., Any], when: Callable[[], bool] = lambda: True
+    ) -> Callable[..., Any]:
+        """`fn`, timed where `when()` says so."""
+
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if not when():
+                return fn(*args, **kwargs)
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -52,18 +59,45 @@ class Clock:
 
 
 def run(
-    model: Any, slots: int, sampled: bool, threads: int, chain: bool, draft_max: int = 0
+    model: Any,
+    slots: int,
+    sampled: bool,
+    threads: int,
+    chain: bool,
+    draft_max: int = 0,
+    sampling_threads: int | None = None,
 ) -> dict[str, float]:
-    """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax."""
-    engine = Engine(model, slots=slots, n_ctx=256, threads=threads, name="bench")
+    """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax. The
+    sampler's time is the engine thread's: its own picks, and its wait for a step's picks
+    on the sampling threads (Engine._pick_apart, its own share included)."""
+    engine = Engine(
+        model,
+        slots=slots,
+        n_ctx=256,
+        threads=threads,
+        name="bench",
+        sampling_threads=sampling_threads,
+    )
     sampling = {"temperature": 0.8, "seed": 7} if sampled else {"temperature": 0.0}
     decode, sample, step = Clock(), Clock(), Clock()
-    real_decode, real_sample, real_step, real_build = (
+    real_decode, real_sample, real_step, real_build, real_pick = (
         llama_cpp.llama_decode,
         Sampler.sample,
         Engine._step,
         engine_module.build_sampler,
+        Engine._pick_apart,
     )
+    picking = threading.local()
+
+    def alone() -> bool:  # a pick on the engine thread, not within _pick_apart
+        return threading.current_thread() is engine._thread and not getattr(picking, "on", 0)
+
+    def pick_apart(self: Engine, outputs: Any) -> Any:
+        picking.on = 1
+        try:
+            return real_pick(self, outputs)
+        finally:
+            picking.on = 0
 
     def chain_only(*args: Any, **kwargs: Any) -> Sampler:
         sampler = real_build(*args, **kwargs)
@@ -73,7 +107,8 @@ def run(
     if chain:
         engine_module.build_sampler = chain_only  # type: ignore[assignment]
     engine_module.llama_cpp.llama_decode = decode.wrap(real_decode)  # type: ignore[attr-defined]
-    Sampler.sample = sample.wrap(real_sample)  # type: ignore[method-assign]
+    Sampler.sample = sample.wrap(real_sample, alone)  # type: ignore[method-assign]
+    Engine._pick_apart = sample.wrap(pick_apart)  # type: ignore[method-assign]
     Engine._step = step.wrap(real_step)  # type: ignore[method-assign]
     try:
         seqs = []
@@ -112,6 +147,7 @@ def run(
     finally:
         engine_module.llama_cpp.llama_decode = real_decode  # type: ignore[attr-defined]
         Sampler.sample = real_sample  # type: ignore[method-assign]
+        Engine._pick_apart = real_pick  # type: ignore[method-assign]
         Engine._step = real_step  # type: ignore[method-assign]
         engine_module.build_sampler = real_build
         engine.close()
@@ -142,6 +178,12 @@ def main() -> None:
     parser.add_argument("--slots", default="1,8,32", help="comma-separated")
     parser.add_argument("--sampled", action="store_true", help="temperature 0.8, not greedy")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--sampling-threads",
+        type=int,
+        default=None,
+        help="threads that pick a step's tokens (default: --threads, as a worker's engine)",
+    )
     parser.add_argument("--runs", type=int, default=1, help="median of this many runs")
     parser.add_argument(
         "--compare", action="store_true", help="greedy by llama.cpp's chain too, in the same run"
@@ -157,7 +199,17 @@ def main() -> None:
     kinds = [False, True] if args.compare and not args.sampled else [False]
     for slots in (int(s) for s in args.slots.split(",")):
         for chain in kinds:
-            runs = [run(model, slots, args.sampled, args.threads, chain) for _ in range(args.runs)]
+            runs = [
+                run(
+                    model,
+                    slots,
+                    args.sampled,
+                    args.threads,
+                    chain,
+                    sampling_threads=args.sampling_threads,
+                )
+                for _ in range(args.runs)
+            ]
             r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
             print(
                 f"{slots:>5} {'chain' if chain or args.sampled else 'argmax':>8} "

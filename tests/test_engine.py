@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from workers.engine import DONE, FAILED, TEXT, Generation, Sequence  # noqa: E402
+from workers.engine import engine as engine_module  # noqa: E402
 from workers.host import EngineOptions, ModelHost  # noqa: E402
 from workers.spec import ModelSpec  # noqa: E402
 
@@ -519,10 +520,13 @@ def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(hos
     assert after == before
 
 
-def test_sequences_sampled_on_the_sampling_threads_get_the_tokens_the_engine_thread_picks(host):
-    """With SAMPLE_APART or more sequences a step, each one's next token is picked on the
-    sampling threads (the engine's threads: 2 here). Every kind of chain, seeded, gives the
-    same replies as when the engine thread picks them all, in the same batches."""
+def test_sequences_sampled_on_the_sampling_threads_get_the_tokens_the_engine_thread_picks(
+    host, monkeypatch
+):
+    """With SAMPLE_APART or more sequences a step (8 here), each one's next token is picked
+    on the sampling threads (the engine's threads: 2 here). Every kind of chain, seeded,
+    gives the same replies as when the engine thread picks them all, in the same batches."""
+    monkeypatch.setattr(engine_module, "SAMPLE_APART", 8)
     engine = host.engine
     assert engine is not None and engine.sampling_threads == 2 and engine._sampling is not None
     samplings: list[dict[str, object]] = [

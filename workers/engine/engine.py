@@ -85,11 +85,14 @@ DRAFT_SEQUENCES = 4
 # whose cores are idle between decodes): llama.cpp's sampler chain and numpy's argmax run
 # without the GIL, and each sequence's sampler is its own. Below SAMPLE_APART sequences a
 # step, or for a drafting sequence (its positions are sampled in turn), the engine thread
-# samples. The threads read the logits through the context (llama_get_logits_ith, which
+# samples. Measured on this project's 2-core CPU (bench/engine_host.py --sampled): 2 threads
+# took a third off the sampler's time a step at 32 sequences (27 -> 18 ms) and none at 8
+# (llama.cpp's threads still spin on the cores just after a decode); the GPU stand-in
+# (bench/engine_gpu_standin.py) gained from 64 sequences, not at 16. The threads read the logits through the context (llama_get_logits_ith, which
 # synchronizes with the device): on the CPU and CUDA backends that only rewrites counters
 # once the engine thread has read once; other GPU backends get 1 (workers/host.py).
 SAMPLING_THREADS = 8
-SAMPLE_APART = 4
+SAMPLE_APART = 16
 
 
 class EngineError(RuntimeError):
