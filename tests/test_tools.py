@@ -248,6 +248,11 @@ def test_a_call_whose_close_marker_max_tokens_cut_is_a_call_and_the_marker_is_no
         pieces = [p for at in range(len(reply)) for p in parser.feed(reply[at])]
         pieces += parser.close()
         assert "".join(p for p in pieces if isinstance(p, str)) == "Sure."
+    # The next call's open marker, cut off, is not text either.
+    for cut in ("<tool_", " <tool_call"):
+        reply = f'<tool_call>{{"name": "add", "arguments": {{"a": 1}}}}</tool_call>{cut}'
+        whole = parse_calls(GENERIC, reply, lambda i: f"call_{i}")
+        assert len(whole.calls) == 1 and whole.content == "" and not whole.truncated
     # Anything else after a call is still text.
     after = parse_calls(GENERIC, '<tool_call>{"name": "add", "arguments": {}}</tool_call> ok', str)
     assert after.content == "ok" and len(after.calls) == 1

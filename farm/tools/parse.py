@@ -10,7 +10,7 @@ Text that looks like the start of a marker is held back until it is known not to
 A call whose JSON does not name its function first (a model without a grammar) is read
 whole when it closes. A call cut off by max_tokens is not in `calls` (`truncated` says so);
 one cut off inside its close marker, its JSON whole, is a call, and the marker's start is
-not text.
+not text, nor is the start of another call's open marker after a call.
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ class CallParser:
         out: list[Parsed] = []
         if self._state == _TEXT:
             rest = self._buf
-            if not self.calls or rest.strip():
+            opening = self.family.open and self.family.open.startswith(rest.strip())
+            if self.calls and opening:
+                pass  # the next call's open marker, cut off by max_tokens: not text
+            elif not self.calls or rest.strip():
                 self._emit_text(rest, out)
         elif self._state in (_BEFORE_CALL, _CALL):
             self.truncated = True  # a call was opened and never closed
