@@ -88,9 +88,10 @@ DRAFT_SEQUENCES = 4
 # samples. Measured on this project's 2-core CPU (bench/engine_host.py --sampled): 2 threads
 # took a third off the sampler's time a step at 32 sequences (27 -> 18 ms) and none at 8
 # (llama.cpp's threads still spin on the cores just after a decode); the GPU stand-in
-# (bench/engine_gpu_standin.py) gained from 64 sequences, not at 16. The threads read the logits through the context (llama_get_logits_ith, which
-# synchronizes with the device): on the CPU and CUDA backends that only rewrites counters
-# once the engine thread has read once; other GPU backends get 1 (workers/host.py).
+# (bench/engine_gpu_standin.py) gained from 64 sequences, not at 16. The threads read the
+# logits through the context (llama_get_logits_ith, which synchronizes with the device): on
+# the CPU and CUDA backends that only rewrites counters once the engine thread has read
+# once; other GPU backends get 1 (workers/host.py).
 SAMPLING_THREADS = 8
 SAMPLE_APART = 16
 
@@ -537,7 +538,7 @@ class Engine:
         """The next tokens of the step's sequences that sample one position, picked on the
         sampling threads when there are SAMPLE_APART or more (by seq_id; the error where a
         pick failed); {} when the engine thread is to pick them."""
-        if self._sampling is None:
+        if self._sampling is None or len(outputs) < SAMPLE_APART:
             return {}
         plain = [
             (slot, index)
