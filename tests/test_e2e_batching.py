@@ -68,7 +68,18 @@ def test_celery_inspect_names_the_running_jobs_while_every_slot_is_busy(farm_cli
     busy = fill_slots(max_tokens=120)
     started = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "farm.app", "inspect", "active", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "farm.app",
+            "inspect",
+            "active",
+            "--json",
+            "--timeout",
+            "10",
+        ],
         env=farm_client.env,
         capture_output=True,
         text=True,
@@ -80,7 +91,7 @@ def test_celery_inspect_names_the_running_jobs_while_every_slot_is_busy(farm_cli
     running = {task["id"] for tasks in active.values() for task in tasks}
     assert {j.id for j in busy} <= running
     ping = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "farm.app", "status"],
+        [sys.executable, "-m", "celery", "-A", "farm.app", "status", "--timeout", "10"],
         env=farm_client.env,
         capture_output=True,
         text=True,
@@ -88,7 +99,18 @@ def test_celery_inspect_names_the_running_jobs_while_every_slot_is_busy(farm_cli
     )
     assert ping.returncode == 0 and "1 node online" in ping.stdout, ping.stdout + ping.stderr
     stats = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "farm.app", "inspect", "stats", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "farm.app",
+            "inspect",
+            "stats",
+            "--json",
+            "--timeout",
+            "10",
+        ],
         env=farm_client.env,
         capture_output=True,
         text=True,

@@ -138,7 +138,14 @@ def test_a_worker_killed_mid_job_five_times_has_its_job_running_again(up):
 def test_the_broker_killed_with_jobs_queued_is_restarted_and_loses_none(up):
     _, home, log, _ = up
     jobs = [farm.submit(f"Count to {i}:", model=MODEL, max_tokens=24) for i in range(12)]
-    time.sleep(1.5)  # the append-only file is flushed every second
+    # The submits must be in the broker's append-only file before the kill: with
+    # appendfsync everysec, Redis may hold writes back for up to 2 s while an fsync is under
+    # way. WAITAOF returns once this connection's write is on disk, and the file is written
+    # in order, so the submits before it are too.
+    pipe = get_context().broker_redis.pipeline(transaction=False)
+    pipe.set("farm:test:aof", "1")
+    pipe.execute_command("WAITAOF", 1, 0, 10_000)
+    assert pipe.execute()[1] == [1, 0]
     os.kill(broker_pid(), signal.SIGKILL)
     for job in jobs:
         c = job.result(timeout=180)

@@ -312,7 +312,8 @@ def test_a_partitioned_workers_job_runs_on_another_and_the_cut_off_run_writes_no
     try:
         cut_off.wait_for_lease(proc=cut_off.start_worker(MODEL, "a@part", "--parallel", "2"))
         healthy.activate()  # the test and its client reach both servers directly
-        job = farm.submit("Write a long story about a river.", model=MODEL, max_tokens=300, seed=7)
+        # Long enough to outlast b@part's start (5 s or more on a loaded 2-core VM).
+        job = farm.submit("Write a long story about a river.", model=MODEL, max_tokens=600, seed=7)
         stream = job.stream(timeout=300)
         for _ in range(5):
             next(stream)  # it runs on a@part, the only worker

@@ -65,7 +65,8 @@ def test_usage_columns_add_up(farm_client):
 
 
 def test_status_of_a_running_job_shows_its_tokens_so_far_and_times(farm_client):
-    job = farm.submit("Tell me a long story.", model=MODEL, max_tokens=300)
+    # Long enough to outlast the CLI calls below on a loaded 2-core VM; cancelled after them.
+    job = farm.submit("Tell me a long story.", model=MODEL, max_tokens=2000)
     stream = job.stream(timeout=60)
     for _ in range(5):
         next(stream)
