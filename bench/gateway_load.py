@@ -15,6 +15,10 @@ Against a real farm (embedded unless FARM_BROKER_URL is set) running Gemma 3 270
 
     python bench/gateway_load.py --streams 500 --waits 500 --seconds 60 --hangups 100
     python bench/gateway_load.py --streams 0 --waits 0 --hangups 0 --latency-runs 100  # 1. alone
+
+`--key`: the farm has an API key and every request sends it (the gateway checks it on
+each request); without it, a laptop's farm that never had keys. FARM_DATABASE_URL chooses
+the registry (PostgreSQL, say); the embedded farm's SQLite otherwise.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from farm_under_bench import farm_for_bench, free_port
 MODEL = "gemma3-270m"
 HI = [{"role": "user", "content": "Say hi."}]
 STORY = [{"role": "user", "content": "Write a long story about the sea."}]
+HEADERS: dict[str, str] = {}  # every gateway request's: the API key with --key
 
 
 def main() -> None:
@@ -48,8 +53,16 @@ def main() -> None:
     parser.add_argument("--hangups", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--key", action="store_true", help="requests send an API key")
     args = parser.parse_args()
     with farm_for_bench([MODEL]):
+        if args.key:
+            from farm.context import get_context
+            from farm.gateway import keys
+            from farm.registry import transaction
+
+            with transaction(get_context().database_url) as s:
+                HEADERS["authorization"] = f"Bearer {keys.create(s, 'bench')}"
         port = free_port()
         log = open(Path(os.environ["FARM_HOME"]) / "gateway.log", "ab")  # noqa: SIM115
         gateway = subprocess.Popen(
@@ -97,7 +110,7 @@ def pct(values: list[float], q: float) -> float:
 async def run(url: str, pid: int, args: argparse.Namespace) -> None:
     import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=HEADERS) as http:
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -122,7 +135,7 @@ async def added_latency(url: str, runs: int) -> None:
 
     body = {"model": MODEL, "messages": HI, "max_tokens": 1, "temperature": 0}
     direct, through = [], []
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=HEADERS) as http:
         for _ in range(3):  # warm both paths
             await asyncio.to_thread(farm.infer, messages=HI, model=MODEL, max_tokens=1)
             await http.post("/v1/chat/completions", json=body)
@@ -182,7 +195,9 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
             errors.append(f"{type(e).__name__}: {e}")
 
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=None, limits=limits, headers=HEADERS
+    ) as http:
         calls = [asyncio.create_task(guarded(streaming(http))) for _ in range(args.streams)]
         calls += [asyncio.create_task(guarded(waiting(http))) for _ in range(args.waits)]
         pending = set(calls)
@@ -264,7 +279,7 @@ async def hangups(url: str, n: int) -> None:
                     return
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=HEADERS) as http:
         await asyncio.gather(*(one(http) for _ in range(n)))
     await asyncio.sleep(2)
     with transaction(ctx.database_url) as s:

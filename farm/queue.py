@@ -61,6 +61,12 @@ def priority_list_key(model: str, step: int) -> str:
     return queue_name(model) if step == 0 else f"{queue_name(model)}\x06\x16{step}"
 
 
+def keys_version_key() -> str:
+    """A token that `farm keys revoke` changes: gateways drop the keys they cached when it
+    does (farm/gateway/keys.py)."""
+    return f"{KEY_PREFIX}keys:version"
+
+
 def stream_key(job_id: str) -> str:
     """The Redis stream a job's tokens and final event are written to."""
     return f"{KEY_PREFIX}job:{job_id}:stream"

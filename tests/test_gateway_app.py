@@ -17,20 +17,24 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from farm.config import reset_settings
-from farm.context import reset_context
+from farm.context import get_context, reset_context
 from farm.gateway import keys
 from farm.gateway.app import create_app
+from farm.queue import keys_version_key
 from farm.registry import transaction, upgrade
 from farm.registry.queries import keys as stored
 from tests.conftest import free_port, run_cli
 
 
 @pytest.fixture
-def registry(migrated_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """This process's farm pointed at an empty, migrated registry."""
+def registry(migrated_db: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """This process's farm pointed at an empty, migrated registry and the test Redis."""
     monkeypatch.setenv("FARM_DATABASE_URL", migrated_db)
+    monkeypatch.setenv("FARM_BROKER_URL", redis_url)
     monkeypatch.delenv("FARM_GATEWAY_REQUIRE_KEYS", raising=False)
     reset_settings()
     reset_context()
@@ -50,8 +54,52 @@ def new_key(url: str, session: str) -> str:
 
 
 def revoke(url: str, key: str) -> None:
-    with transaction(url) as s:
-        assert stored.revoke(s, key) == 1
+    """As `farm keys revoke` does it: the registry, then the token gateways watch."""
+    assert keys.revoke(url, key, lambda: get_context().redis) == 1
+
+
+def test_a_remembered_key_costs_no_registry_read_until_the_revocation_token_changes(registry):
+    gateway = TestClient(create_app())
+    key = new_key(registry, "erin")
+    reads: list[str] = []
+
+    def on_read(conn, cursor, statement, *args):
+        if "api_keys" in statement:
+            reads.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", on_read)
+    try:
+        assert gateway.get("/v1/models", headers=bearer(key)).status_code == 200
+        looked_up = len(reads)
+        assert looked_up > 0
+        for _ in range(5):
+            assert gateway.get("/v1/models", headers=bearer(key)).status_code == 200
+        assert len(reads) == looked_up  # remembered: the key's table was not read again
+        # Revoked behind farm's back (by SQL, no token changed): still remembered...
+        with transaction(registry) as s:
+            assert stored.revoke(s, key) == 1
+        assert gateway.get("/v1/models", headers=bearer(key)).status_code == 200
+        # ...until the token changes: here Redis loses it, as a restarted one would.
+        get_context().redis.delete(keys_version_key())
+        refused = gateway.get("/v1/models", headers=bearer(key))
+        assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]
+        assert len(reads) > looked_up
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_read)
+
+
+def test_farm_keys_revoke_refuses_a_remembered_key_on_the_next_request(registry, tmp_path):
+    gateway = TestClient(create_app())
+    key = new_key(registry, "frank")
+    other = new_key(registry, "grace")
+    for k in (key, other):
+        assert gateway.get("/v1/models", headers=bearer(k)).status_code == 200  # remembered
+    env = {**os.environ, "FARM_HOME": str(tmp_path)}
+    revoked = run_cli(env, "keys", "revoke", key)
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+    r = gateway.get("/v1/models", headers=bearer(key))
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    assert gateway.get("/v1/models", headers=bearer(other)).status_code == 200
 
 
 def test_revoking_the_last_key_leaves_keys_required_and_the_revoked_key_refused(registry):

@@ -277,11 +277,21 @@ def keys_revoke(
     ],
 ) -> None:
     """Revoke a key: it is refused from the next request on."""
-    from farm.errors import InvalidRequest
-    from farm.registry import transaction
-    from farm.registry.queries import keys
+    import redis
 
-    with transaction(_db_url()) as s:
-        if not keys.revoke(s, prefix):
-            raise InvalidRequest(f"no live key starts with '{prefix[:12]}'; see `farm keys list`")
+    from farm.context import get_context
+    from farm.errors import FarmUnavailable, InvalidRequest
+    from farm.gateway import keys
+
+    try:
+        revoked = keys.revoke(_db_url(), prefix, lambda: get_context().redis)
+    except (redis.RedisError, FarmUnavailable) as e:  # revoked, but no gateway told at once
+        err.print(
+            f"revoked in the registry, but the farm's Redis could not be told ({e}): a "
+            f"gateway that remembers the key refuses it within {keys.CACHE_MAX_AGE:.0f} s",
+            highlight=False,
+        )
+        return
+    if not revoked:
+        raise InvalidRequest(f"no live key starts with '{prefix[:12]}'; see `farm keys list`")
     out.print("revoked", highlight=False)

@@ -84,7 +84,18 @@ def create_app(*, exposed: bool = False) -> FastAPI:
         return caller.session
 
     async def session_of(request: Request) -> str:
-        return await off_loop(_session, request)
+        """`_session` on the event loop: a key the gateway remembers costs one Redis GET."""
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        ctx = get_context()
+        try:
+            r = follow.async_redis(ctx.result_url, ctx.settings.connect_timeout)
+        except FarmError:  # no farm to reach (yet): the registry is read every time
+            r = None
+        caller = await check.caller(token, r, off_loop)
+        request.state.session = caller.session
+        request.state.admin = caller.admin
+        return caller.session
 
     @app.exception_handler(keys.KeyRefused)
     def _refused(_: Request, e: keys.KeyRefused) -> JSONResponse:
