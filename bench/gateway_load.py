@@ -149,9 +149,15 @@ async def added_latency(url: str, runs: int) -> None:
             r = await http.post("/v1/chat/completions", json=body)
             assert r.status_code == 200, r.text
             through.append((time.perf_counter() - t) * 1000)
+        health = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            await http.get("/health")
+            health.append((time.perf_counter() - t) * 1000)
     d, g = statistics.median(direct), statistics.median(through)
     print(f"added latency ({runs} one-token chats, one at a time):")
     print(f"  farm.infer p50 {d:.1f} ms, through the gateway p50 {g:.1f} ms: +{g - d:.1f} ms")
+    print(f"  the HTTP floor: GET /health p50 {statistics.median(health):.2f} ms")
 
 
 async def load(url: str, pid: int, args: argparse.Namespace) -> None:

@@ -335,6 +335,9 @@ class EmbeddedFarm:
                     unready.discard(model)
                     backoff[model] = 0.0  # a healthy start: the next crash is not a loop
                 continue
+            if model in unready and self._ready(model):  # got ready since the last poll
+                unready.discard(model)
+                backoff[model] = 0.0
             requeued = self._requeue_jobs_of(model)
             when = f"restarting in {backoff[model]:g}s" if backoff[model] else "restarting now"
             self.say(

@@ -155,3 +155,11 @@ def test_a_worker_that_was_ready_restarts_at_once_and_one_that_keeps_dying_backs
     watch_once()
     dies(-9)
     assert "restarting now" in sup.said[-1] and restart_at["tiny"] <= time.monotonic()
+    restart_is_due()
+    sup.ready = False
+    dies()
+    assert "restarting in 1s" in sup.said[-1]
+    restart_is_due()
+    sup.ready = True  # got ready, and was killed before the supervisor looked again
+    dies(-9)
+    assert "restarting now" in sup.said[-1] and restart_at["tiny"] <= time.monotonic()
