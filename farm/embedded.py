@@ -271,10 +271,9 @@ class EmbeddedFarm:
                         f"the worker for '{model}' exited with status {proc.returncode}:\n"
                         + self.log_tail(model)
                     )
-                with transaction(self.database_url) as s:
-                    if queries.live_leases(s, model):
-                        pending.discard(model)
-                        self.say(f"worker   {model} ready (pid {proc.pid}, log {self._log(model)})")
+                if self._ready(model):
+                    pending.discard(model)
+                    self.say(f"worker   {model} ready (pid {proc.pid}, log {self._log(model)})")
             if pending and time.monotonic() > deadline:
                 raise WorkerStartError(
                     f"workers for {', '.join(sorted(pending))} not ready after {timeout:g}s"
@@ -335,7 +334,7 @@ class EmbeddedFarm:
                     unready.discard(model)
                     backoff[model] = 0.0  # a healthy start: the next crash is not a loop
                 continue
-            if model in unready and self._ready(model):  # got ready since the last poll
+            if model in unready and self._ready(model, quiet=True):  # since the last poll
                 unready.discard(model)
                 backoff[model] = 0.0
             requeued = self._requeue_jobs_of(model)
@@ -349,11 +348,20 @@ class EmbeddedFarm:
             restart_at[model] = now + backoff[model]
             backoff[model] = min(max(backoff[model] * 2, 1.0), max_backoff)
 
-    def _ready(self, model: str) -> bool:
-        with transaction(self.database_url) as s:
-            return any(
-                lease.worker_id == self.worker_id(model) for lease in queries.live_leases(s, model)
-            )
+    def _ready(self, model: str, *, quiet: bool = False) -> bool:
+        """Whether the model's worker process (this one, not an earlier run under the same
+        id) holds its lease. `quiet`: a registry error is "not ready", not raised."""
+        worker_id, pid = self.worker_id(model), self.workers[model].pid
+        try:
+            with transaction(self.database_url) as s:
+                if not any(lease.worker_id == worker_id for lease in queries.live_leases(s, model)):
+                    return False
+                worker = queries.get_worker(s, worker_id)
+                return worker is not None and worker.pid == pid
+        except Exception:
+            if quiet:
+                return False
+            raise
 
     def _watch_broker(self) -> None:
         if self.broker is None or self.broker.poll() is None:

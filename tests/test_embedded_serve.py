@@ -188,4 +188,9 @@ def test_farm_serve_follows_restarts_of_farm_up_and_both_say_where_and_whether_k
                     assert broker_url(home) != first_broker
                     serve.wait_for("following the farm `farm up` runs here")
                     assert complete(serve_url, key).status_code == 200
+                    # Remembered by `farm serve`, refused on the next request once revoked
+                    # (the token goes through the broker's append-only file: WAITAOF).
+                    revoked = run_cli(env, "keys", "revoke", key)
+                    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked
+                    assert complete(serve_url, key).status_code == 401
             assert serve_proc.poll() is None

@@ -4,9 +4,11 @@ and input it must refuse with a 4xx naming the parameter, never a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -24,6 +27,7 @@ from farm.config import reset_settings
 from farm.context import get_context, reset_context
 from farm.gateway import keys
 from farm.gateway.app import create_app
+from farm.gateway.edge import off_loop
 from farm.queue import keys_version_key
 from farm.registry import transaction, upgrade
 from farm.registry.queries import keys as stored
@@ -100,6 +104,52 @@ def test_farm_keys_revoke_refuses_a_remembered_key_on_the_next_request(registry,
     r = gateway.get("/v1/models", headers=bearer(key))
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
     assert gateway.get("/v1/models", headers=bearer(other)).status_code == 200
+
+
+def test_farm_keys_revoke_says_what_it_did_and_what_to_do_when_gateways_cannot_be_told(
+    registry, tmp_path
+):
+    key = new_key(registry, "heidi")
+    env = {**os.environ, "FARM_HOME": str(tmp_path)}
+    unknown = run_cli(env, "keys", "revoke", "farm-nosuchkey")
+    assert unknown.returncode != 0 and "no key starts with 'farm-nosuchk'" in unknown.stderr
+    redis = get_context().redis
+    told = run_cli({**env, "FARM_BROKER_URL": "redis://127.0.0.1:1/0"}, "keys", "revoke", key)
+    assert told.returncode == 1
+    assert (
+        "revoked in the registry" in told.stderr and f"farm keys revoke {key[:12]}" in told.stderr
+    )
+    with transaction(registry) as s:
+        assert stored.counts(s) == (1, 0)  # revoked all the same
+    before = redis.get(keys_version_key())
+    again = run_cli(env, "keys", "revoke", key[:12])  # as the message says: gateways told now
+    assert again.returncode == 0 and "already revoked; gateways told again" in again.stdout
+    assert redis.get(keys_version_key()) != before
+
+
+def test_a_redis_that_does_not_answer_is_not_waited_for_and_not_asked_again_at_once(registry):
+    key = new_key(registry, "ivan")
+    check = keys.KeyCheck(lambda: registry, required=False, exposed=False)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+
+        async def twice() -> tuple[keys.Caller, keys.Caller, float]:
+            r = aioredis.Redis(port=silent.getsockname()[1])  # no socket timeout of its own
+            t = time.monotonic()
+            first = await check.caller(key, r, off_loop)
+            waited = time.monotonic() - t
+            second = await check.caller(key, r, off_loop)
+            await r.aclose()
+            return first, second, waited
+
+        first, second, waited = asyncio.run(twice())
+        assert first.session == second.session == "ivan"  # from the registry, both times
+        assert waited < 3  # the token read gave up (after 0.25 s): it did not hang
+        silent.accept()[0].close()  # the first check's connection
+        silent.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            silent.accept()  # the second did not ask Redis again
 
 
 def test_revoking_the_last_key_leaves_keys_required_and_the_revoked_key_refused(registry):

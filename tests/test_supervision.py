@@ -116,7 +116,7 @@ class _Supervised(EmbeddedFarm):
         self.starts += 1
         self.workers[model] = _Proc()
 
-    def _ready(self, model):
+    def _ready(self, model, *, quiet=False):
         return self.ready
 
     def _requeue_jobs_of(self, model):

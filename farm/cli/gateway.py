@@ -279,19 +279,34 @@ def keys_revoke(
     """Revoke a key: it is refused from the next request on."""
     import redis
 
+    from farm import redis_url
     from farm.context import get_context
-    from farm.errors import FarmUnavailable, InvalidRequest
+    from farm.errors import FarmError, FarmUnavailable, InvalidRequest
     from farm.gateway import keys
 
+    def tell() -> redis.Redis:
+        ctx = get_context()
+        timeout = ctx.settings.connect_timeout
+        return redis_url.client(ctx.result_url, connect_timeout=timeout, socket_timeout=5)
+
     try:
-        revoked = keys.revoke(_db_url(), prefix, lambda: get_context().redis)
-    except (redis.RedisError, FarmUnavailable) as e:  # revoked, but no gateway told at once
+        revoked = keys.revoke(_db_url(), prefix, tell)
+    except FarmUnavailable:  # no farm here, so no gateway of it to tell now
         err.print(
-            f"revoked in the registry, but the farm's Redis could not be told ({e}): a "
-            f"gateway that remembers the key refuses it within {keys.CACHE_MAX_AGE:.0f} s",
+            "revoked (no farm is running here to tell; a gateway that remembers the key "
+            f"refuses it within {keys.CACHE_MAX_AGE:.0f} s)",
             highlight=False,
         )
         return
-    if not revoked:
-        raise InvalidRequest(f"no live key starts with '{prefix[:12]}'; see `farm keys list`")
-    out.print("revoked", highlight=False)
+    except (redis.RedisError, FarmError) as e:
+        err.print(
+            f"revoked in the registry, but the farm's Redis could not be told ({e}), so a "
+            f"gateway that remembers the key accepts it for up to {keys.CACHE_MAX_AGE:.0f} s "
+            "more. Check FARM_BROKER_URL (and FARM_RESULT_URL), then run "
+            f"`farm keys revoke {prefix[:12]}` again to tell the gateways now.",
+            highlight=False,
+        )
+        raise typer.Exit(1) from e
+    if revoked is None:
+        raise InvalidRequest(f"no key starts with '{prefix[:12]}'; see `farm keys list`")
+    out.print("revoked" if revoked else "already revoked; gateways told again", highlight=False)

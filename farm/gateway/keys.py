@@ -26,6 +26,7 @@ status` on the machine itself.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import threading
@@ -51,6 +52,8 @@ CREATE_HINT = "`farm keys create --session NAME` makes one"
 STATE_TTL = 1.0  # seconds the gateway trusts its count of keys: one cheap read a second
 CACHE_MAX_AGE = 60.0  # seconds a remembered key is trusted without a registry read
 CACHE_SIZE = 10_000  # keys remembered at most, the least recently used forgotten first
+TOKEN_READ_S = 0.25  # a token read slower than this is not waited for: the registry is read
+TOKEN_SYNC_S = 2.0  # how long `revoke` waits for the new token to be on Redis's disk
 
 
 def digest(key: str) -> str:
@@ -64,15 +67,27 @@ def create(s: Session, session: str, *, admin: bool = False) -> str:
     return key
 
 
-def revoke(database_url: str, prefix: str, redis_client: Callable[[], redis.Redis]) -> int:
-    """Revoke the live keys starting with `prefix` and tell every gateway (returns how
-    many): the registry first, then a new token in `redis_client()`, so that no gateway can
-    remember the key again after reading the token. The token's errors come after the
-    revocation is committed."""
+def revoke(database_url: str, prefix: str, redis_client: Callable[[], redis.Redis]) -> int | None:
+    """Revoke the live keys starting with `prefix` and tell every gateway: how many were
+    revoked (0: all were already, and gateways are told again), None for no such key.
+
+    The registry first, then a new token in `redis_client()`, so that no gateway can
+    remember the key again after reading the token; the token's errors come after the
+    revocation is committed (run it again to tell the gateways)."""
     with transaction(database_url) as s:
         n = stored.revoke(s, prefix)
-    if n:
-        redis_client().set(keys_version_key(), uuid.uuid4().hex)
+        if not n and not stored.with_prefix(s, prefix):
+            return None
+    r = redis_client()
+    r.set(keys_version_key(), uuid.uuid4().hex)
+    try:  # a Redis that crashed now must not come back with the old token
+        on_disk, _ = r.execute_command("WAITAOF", 1, 0, int(TOKEN_SYNC_S * 1000))
+    except redis.ResponseError:  # no append-only file to come back from (or Redis < 7.2)
+        return n
+    if not on_disk:
+        raise redis.TimeoutError(
+            f"the new token did not reach Redis's append-only file within {TOKEN_SYNC_S:g}s"
+        )
     return n
 
 
@@ -109,6 +124,7 @@ class KeyCheck:
         self._refreshing = threading.Event()  # a background read of the counts is under way
         self._known: OrderedDict[str, tuple[Caller, float]] = OrderedDict()  # digest -> caller
         self._version: str | None = None  # the token the remembered keys were read under
+        self._redis_back_at = 0.0  # after a failed token read: Redis is not asked before
 
     def counts(self, s: Session | None = None) -> tuple[int, int]:
         """(keys ever created, keys live): read in `s` when given, else at most STATE_TTL
@@ -181,14 +197,16 @@ class KeyCheck:
     async def _current_version(self, r: aioredis.Redis | None) -> str | None:
         """The revocation token in Redis, set when missing (a new or restarted Redis); None
         when Redis cannot be read: then nothing is remembered."""
-        if r is None:
+        if r is None or time.monotonic() < self._redis_back_at:
             return None
         try:
-            version = await r.get(keys_version_key())
-            if version is None:
-                await r.set(keys_version_key(), uuid.uuid4().hex, nx=True)
+            async with asyncio.timeout(TOKEN_READ_S):
                 version = await r.get(keys_version_key())
-        except redis.RedisError:
+                if version is None:
+                    await r.set(keys_version_key(), uuid.uuid4().hex, nx=True)
+                    version = await r.get(keys_version_key())
+        except (redis.RedisError, TimeoutError):  # slow or away: not asked again for 1 s
+            self._redis_back_at = time.monotonic() + 1.0
             return None
         return None if version is None else str(version)
 

@@ -33,6 +33,12 @@ def revoke(s: Session, prefix: str) -> int:
     return len(rows)
 
 
+def with_prefix(s: Session, prefix: str) -> int:
+    """How many keys, live or revoked, start with `prefix`."""
+    query = select(func.count(ApiKeyRecord.id)).where(ApiKeyRecord.prefix == prefix[:12])
+    return int(s.scalar(query) or 0)
+
+
 def listing(s: Session) -> list[ApiKeyRecord]:
     """Every key, live or revoked, oldest first."""
     return list(s.scalars(select(ApiKeyRecord).order_by(ApiKeyRecord.created_at)))
