@@ -152,6 +152,25 @@ def test_a_redis_that_does_not_answer_is_not_waited_for_and_not_asked_again_at_o
             silent.accept()  # the second did not ask Redis again
 
 
+def test_a_farm_that_never_had_keys_asks_redis_for_no_token(registry):
+    check = keys.KeyCheck(lambda: registry, required=False, exposed=False)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+
+        async def requests() -> list[keys.Caller]:
+            r = aioredis.Redis(port=silent.getsockname()[1])
+            found = [await check.caller(token, r, off_loop) for token in ("", "sk-x", "none")]
+            await r.aclose()
+            return found
+
+        check.counts()  # read a moment ago: no key ever
+        assert {c.session for c in asyncio.run(requests())} == {"default"}
+        silent.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            silent.accept()  # no connection: nothing to remember, no token to read
+
+
 def test_revoking_the_last_key_leaves_keys_required_and_the_revoked_key_refused(registry):
     gateway = TestClient(create_app())
     assert gateway.get("/v1/models").status_code == 200  # no key ever: a laptop's farm
