@@ -64,58 +64,30 @@ def test_eight_jobs_share_one_worker_and_status_shows_every_slot_busy(farm_clien
         assert c.finish_reason == "stop" or c.usage.completion_tokens == 60
 
 
-def test_celery_inspect_names_the_running_jobs_while_every_slot_is_busy(farm_client):
-    busy = fill_slots(max_tokens=120)
-    started = time.monotonic()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "farm.app",
-            "inspect",
-            "active",
-            "--json",
-            "--timeout",
-            "10",
-        ],
-        env=farm_client.env,
+def celery(farm: FarmUnderTest, *command: str) -> subprocess.CompletedProcess[str]:
+    """Celery's own CLI against the farm, waiting up to 10 s for the worker's replies
+    (Celery's default, 1 s, is short while every slot generates on 2 cores)."""
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "farm.app", *command, "--timeout", "10"],
+        env=farm.env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_celery_inspect_names_the_running_jobs_while_every_slot_is_busy(farm_client):
+    busy = fill_slots(max_tokens=120)
+    started = time.monotonic()
+    r = celery(farm_client, "inspect", "active", "--json")
     answered = time.monotonic() - started
     assert r.returncode == 0, r.stderr
     active = json.loads(r.stdout)
     running = {task["id"] for tasks in active.values() for task in tasks}
     assert {j.id for j in busy} <= running
-    ping = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "farm.app", "status", "--timeout", "10"],
-        env=farm_client.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ping = celery(farm_client, "status")
     assert ping.returncode == 0 and "1 node online" in ping.stdout, ping.stdout + ping.stderr
-    stats = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "farm.app",
-            "inspect",
-            "stats",
-            "--json",
-            "--timeout",
-            "10",
-        ],
-        env=farm_client.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    stats = celery(farm_client, "inspect", "stats", "--json")
     [worker_stats] = json.loads(stats.stdout).values()
     assert worker_stats["pool"]["max-concurrency"] == len(busy)
     print(f"\n`celery inspect active` answered in {answered:.1f}s with {len(busy)} slots busy")
