@@ -127,12 +127,19 @@ def test_farm_keys_revoke_says_what_it_did_and_what_to_do_when_gateways_cannot_b
     assert redis.get(keys_version_key()) != before
 
 
+@contextmanager
+def silent_redis() -> Iterator[socket.socket]:
+    """A listening socket where Redis would be: it accepts connections, never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        yield silent
+
+
 def test_a_redis_that_does_not_answer_is_not_waited_for_and_not_asked_again_at_once(registry):
     key = new_key(registry, "ivan")
     check = keys.KeyCheck(lambda: registry, required=False, exposed=False)
-    with socket.socket() as silent:  # accepts connections, never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
+    with silent_redis() as silent:
 
         async def twice() -> tuple[keys.Caller, keys.Caller, float]:
             r = aioredis.Redis(port=silent.getsockname()[1])  # no socket timeout of its own
@@ -154,9 +161,7 @@ def test_a_redis_that_does_not_answer_is_not_waited_for_and_not_asked_again_at_o
 
 def test_a_farm_that_never_had_keys_asks_redis_for_no_token(registry):
     check = keys.KeyCheck(lambda: registry, required=False, exposed=False)
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
+    with silent_redis() as silent:
 
         async def requests() -> list[keys.Caller]:
             r = aioredis.Redis(port=silent.getsockname()[1])

@@ -76,26 +76,17 @@ def create_app(*, exposed: bool = False) -> FastAPI:
 
     def _session(request: Request) -> str:
         """The session of the request's key (farm/gateway/keys.py), or KeyRefused. Blocks:
-        sync routes call it on their thread, async ones through `session_of`."""
-        auth = request.headers.get("authorization", "")
-        caller = check.caller_for(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
-        request.state.session = caller.session  # for the access log
-        request.state.admin = caller.admin  # for the operator's routes (farm/gateway/operator.py)
-        return caller.session
+        sync routes call it on their thread, async ones `session_of`."""
+        return _as(request, check.caller_for(_bearer(request)))
 
     async def session_of(request: Request) -> str:
         """`_session` on the event loop: a key the gateway remembers costs one Redis GET."""
-        auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         ctx = get_context()
         try:
             r = follow.async_redis(ctx.result_url, ctx.settings.connect_timeout)
         except FarmError:  # no farm to reach (yet): the registry is read every time
             r = None
-        caller = await check.caller(token, r, off_loop)
-        request.state.session = caller.session
-        request.state.admin = caller.admin
-        return caller.session
+        return _as(request, await check.caller(_bearer(request), r, off_loop))
 
     @app.exception_handler(keys.KeyRefused)
     def _refused(_: Request, e: keys.KeyRefused) -> JSONResponse:
@@ -189,6 +180,19 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     operator.add_routes(app, session_of)
     openapi.install(app)
     return app
+
+
+def _bearer(request: Request) -> str:
+    """The request's API key (the Bearer value), "" for none."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+
+def _as(request: Request, caller: keys.Caller) -> str:
+    """Note who the request is and return its session."""
+    request.state.session = caller.session  # for the access log
+    request.state.admin = caller.admin  # for the operator's routes (farm/gateway/operator.py)
+    return caller.session
 
 
 def _models() -> list[dict[str, Any]]:

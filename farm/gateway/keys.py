@@ -12,7 +12,7 @@ The rule, checked on every request:
 - a gateway listening beyond loopback refuses every request (503) while no key is live.
 
 A key found live is remembered by its digest, so that a busy gateway does not read the
-registry on every request (1.6-1.8 ms on PostgreSQL, on a thread). Revocation stays
+registry on every request (about 1 ms on PostgreSQL, on a thread: bench/key_check.py). Revocation stays
 immediate: `farm keys revoke` (`revoke` below) commits, then sets a new token in Redis
 (farm:keys:version), and each request reads that token first (one GET on the event loop);
 a gateway that sees it change forgets every key it remembered and its count of keys. A key
@@ -172,7 +172,8 @@ class KeyCheck:
         off_loop: Callable[..., Awaitable[tuple[Caller, bool]]],
     ) -> Caller:
         """`caller_for` for the event loop: a key remembered under the current token (read
-        from `r`) costs no registry read; otherwise `caller_for` runs through `off_loop`."""
+        from `r`) costs no registry read; otherwise the registry is read through
+        `off_loop`."""
         if not self.required and not self.exposed and self._never_had_keys():
             return (await off_loop(self._lookup, token))[0]  # a laptop's: nothing to remember
         version = await self._current_version(r)
