@@ -3,13 +3,19 @@ job's stream (farm/stream.py) with redis.asyncio, so that a request waiting for 
 holds no thread, and a client that goes away cancels its job at once, queued or running.
 
 `Job.apply` (farm/results.py) interprets each event, as it does for the blocking reader of
-`farm.infer` and the CLI; only the waiting differs. Each waiting request blocks on one
-pooled async connection (an XREAD of its own stream); the rare fallback that asks the
-result backend and the registry (a stream that expired, or was never written) runs in a
-worker thread, 1 s into the wait, then less and less often. A request whose job waits in
-the queue costs the event loop one call every BLOCK_MS and a thread hop every SETTLED_MAX_S
-at most: with a thousand of them waiting, the loop stays free for /health and new requests
-(a one-second XREAD and a check every 5 s made /health's p99 ~350 ms under 1,000 clients).
+`farm.infer` and the CLI; only the waiting differs. The waiting requests of one event loop
+share their readers (`_Reader`): each holds one connection and follows up to SHARD streams
+in one blocking XREAD, and hands each request the events of its own stream. A request that
+arrives while its reader blocks wakes it with one write to the reader's own wake stream, so
+the reader asks again with the new stream among the others. A thousand waiting requests
+therefore hold eight connections, not a thousand (each connection kept ~18 KiB that CPython
+never gave back: bench/pool_rss.py).
+
+The rare fallback that asks the result backend and the registry (a stream that expired, or
+was never written) runs in a worker thread, 1 s into the wait, then less and less often: a
+request whose job waits in the queue costs a thread hop every SETTLED_MAX_S at most, so
+with a thousand of them waiting the loop stays free for /health and new requests (a
+one-second XREAD and a check every 5 s made /health's p99 ~350 ms under 1,000 clients).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,20 +37,26 @@ from farm import redis_url
 from farm.errors import FarmUnavailable
 from farm.queue import stream_key
 from farm.results import Job, Piece
-from farm.stream import RECONNECT_WINDOW_S
+from farm.stream import RECONNECT_WINDOW_S, TERMINAL_EVENTS
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 4096  # Redis's own default limit is 10,000 clients
 BLOCK_MS = 10_000  # one XREAD waits at most this long (an event ends it at once)
+SHARD = 128  # streams one reader follows in one XREAD (and one connection)
 SETTLED_FIRST_S = 1.0  # a silent stream is first checked against the backend/registry then,
 SETTLED_MAX_S = 15.0  # and again after twice as long each time, up to this
+WAKE_TTL_MS = 60_000  # a reader's wake stream outlives it by at most this
+
+Entries = list[tuple[str, dict[str, str]]]
 
 # One async client per event loop and Redis URL: a redis.asyncio connection belongs to the
 # loop that opened it (the test client runs each app in a loop of its own).
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
     weakref.WeakKeyDictionary()
 )
+# The readers that share a client's connections.
+_followers: weakref.WeakKeyDictionary[aioredis.Redis, _Follower] = weakref.WeakKeyDictionary()
 
 
 def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
@@ -56,11 +69,144 @@ def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
             # Past the longest XREAD block: redis-py's default (5 s) would cut it short.
             socket_timeout=BLOCK_MS / 1000 + 5,
             decode_responses=True,
-            # One per waiting request, reused after; past this many, a request waits for a
-            # free one instead of failing (redis-py's pool refuses past 100 by default).
+            # Key checks, wakes and the readers; past this many, a caller waits for a free
+            # one instead of failing (redis-py's pool refuses past 100 by default).
             max_connections=MAX_CONNECTIONS,
         )
     return per_loop[url]
+
+
+class _Follow:
+    """One request's hold on a stream: the events its reader hands it, in order, and the
+    error that ended the reader, if one did."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.last = "0"  # the last entry handed over; the reader asks for what follows
+        self.events: asyncio.Queue[Entries | FarmUnavailable] = asyncio.Queue()
+        self.reader: _Reader | None = None
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.drop(self)
+
+
+class _Reader:
+    """One connection following up to SHARD streams in one blocking XREAD; ends (giving the
+    connection back) once it follows none."""
+
+    def __init__(self, follower: _Follower) -> None:
+        self.follower = follower
+        self.follows: dict[str, _Follow] = {}
+        self.wake_key = f"farm:gateway:wake:{uuid.uuid4().hex}"
+        self.wake_last = "0"
+        self.reading = False  # an XREAD is out, which may not name every stream followed
+        self.woken = False  # and a wake was sent for it
+        self.closed = False
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def add(self, follow: _Follow) -> None:
+        self.follows[follow.key] = follow
+        follow.reader = self
+        if self.reading and not self.woken:
+            self.woken = True
+            self.follower.spawn(self._wake())
+
+    def drop(self, follow: _Follow) -> None:
+        # Its stream stays in the XREAD that is out; what comes on it is dropped.
+        if self.follows.get(follow.key) is follow:
+            del self.follows[follow.key]
+
+    async def _wake(self) -> None:
+        try:
+            async with self.follower.client.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.pexpire(self.wake_key, WAKE_TTL_MS)
+                await pipe.execute()
+        except redis.RedisError:
+            # The XREAD out meets the same trouble; the next one names every stream.
+            log.debug("could not wake reader %s", self.wake_key, exc_info=True)
+
+    async def _run(self) -> None:
+        conn = self.follower.client.client()  # one connection, held while this reader runs
+        lost_since: float | None = None
+        try:
+            while self.follows:
+                streams: dict[Any, Any] = {key: f.last for key, f in self.follows.items()}
+                streams[self.wake_key] = self.wake_last
+                self.reading, self.woken = True, False
+                try:
+                    reply: Any = await conn.xread(streams, block=BLOCK_MS, count=256)
+                    lost_since = None
+                except redis.ConnectionError as e:
+                    # A broker restarting (farm up restarts its own) comes back with the
+                    # streams: ride it out for a while.
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > RECONNECT_WINDOW_S:
+                        self._fail(
+                            f"lost the connection to Redis while waiting, for over "
+                            f"{RECONNECT_WINDOW_S:g}s: {e}; the job goes on"
+                        )
+                    await asyncio.sleep(0.5)
+                    continue
+                except redis.RedisError as e:
+                    self._fail(f"lost the connection to Redis while waiting: {e}")
+                    continue
+                finally:
+                    self.reading = False
+                for key, entries in reply or ():
+                    if key == self.wake_key:
+                        self.wake_last = entries[-1][0]
+                        continue
+                    follow = self.follows.get(key)
+                    if follow is not None and entries:
+                        follow.last = entries[-1][0]
+                        follow.events.put_nowait(entries)
+                        if any(f.get("kind") in TERMINAL_EVENTS for _, f in entries):
+                            del self.follows[key]  # the stream ends there
+        finally:
+            # Taken out of use before the first await, so no request joins a reader that
+            # is ending.
+            self.closed = True
+            self.follower.readers.remove(self)
+            await conn.aclose()
+
+    def _fail(self, message: str) -> None:
+        for follow in self.follows.values():
+            follow.events.put_nowait(FarmUnavailable(message))
+        self.follows.clear()
+
+
+class _Follower:
+    """The readers of one client (one event loop and Redis)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.readers: list[_Reader] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def follow(self, key: str) -> _Follow:
+        follow = _Follow(key)
+        for reader in self.readers:
+            if len(reader.follows) < SHARD and key not in reader.follows and not reader.closed:
+                reader.add(follow)
+                return follow
+        reader = _Reader(self)
+        self.readers.append(reader)
+        reader.add(follow)
+        return follow
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
+
+
+def _follower(r: aioredis.Redis) -> _Follower:
+    follower = _followers.get(r)
+    if follower is None:
+        follower = _followers[r] = _Follower(r)
+    return follower
 
 
 async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[Piece]:
@@ -68,44 +214,38 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
     choice and logprobs (farm/results.py's Piece); when this ends, `job.completion`
     holds the result, or JobFailed / JobCancelled was raised. Cancelling the task that
     iterates this stops the wait at once (the job itself is cancelled by the caller)."""
-    key = stream_key(job.id)
-    last = "0"
+    follow = _follower(r).follow(stream_key(job.id))
     every = SETTLED_FIRST_S
     check_at = time.monotonic() + every
-    lost_since: float | None = None
-    while True:
-        try:
-            # Blocks until an event comes, or the next check of a silent stream is due.
-            block_ms = min(BLOCK_MS, max(1, int((check_at - time.monotonic()) * 1000)))
-            reply: Any = await r.xread({key: last}, block=block_ms, count=256)
-            if not reply and time.monotonic() >= check_at:
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, check_at - time.monotonic())):
+                    got = await follow.events.get()
+            except TimeoutError:
+                # A silent stream: it may have expired long ago, or the job may have ended
+                # without writing to it. Ask the backend and the registry.
                 every = min(every * 2, SETTLED_MAX_S)
                 check_at = time.monotonic() + every
-                if await anyio.to_thread.run_sync(job.settled):
+                try:
+                    if await anyio.to_thread.run_sync(job.settled):
+                        return
+                except redis.ConnectionError:
+                    pass  # the reader rides out a lost connection, or says it was lost
+                except redis.RedisError as e:
+                    raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
+                continue
+            if isinstance(got, FarmUnavailable):
+                raise got
+            check_at = time.monotonic() + every  # checked once silent that long
+            for _, fields in got:
+                piece, ended = job.apply(fields)
+                if piece is not None and tokens:
+                    yield piece
+                if ended:
                     return
-            lost_since = None
-        except redis.ConnectionError as e:
-            # A broker restarting (farm up restarts its own) comes back with the stream.
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since > RECONNECT_WINDOW_S:
-                raise FarmUnavailable(
-                    f"lost the connection to Redis while waiting, for over "
-                    f"{RECONNECT_WINDOW_S:g}s: {e}; the job goes on"
-                ) from e
-            await asyncio.sleep(0.5)
-            continue
-        except redis.RedisError as e:
-            raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
-        if not reply:
-            continue
-        check_at = time.monotonic() + every  # checked once silent that long
-        for entry_id, fields in reply[0][1]:
-            last = entry_id
-            piece, ended = job.apply(fields)
-            if piece is not None and tokens:
-                yield piece
-            if ended:
-                return
+    finally:
+        follow.close()
 
 
 async def result(job: Job, r: aioredis.Redis) -> None:
