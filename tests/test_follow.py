@@ -46,7 +46,7 @@ def _follow_all(redis_url: str, jobs: int, name: str, during: Any) -> dict[str, 
         r = urls.async_client(
             redis_url,
             connect_timeout=1.0,
-            max_connections=follow.MAX_CONNECTIONS,
+            max_connections=follow.READER_CONNECTIONS,
             socket_timeout=follow.BLOCK_MS / 1000 + 5,
             decode_responses=True,
             client_name=name,
@@ -138,3 +138,18 @@ def test_a_request_that_arrives_while_its_reader_waits_is_followed_at_once(redis
 
     took = asyncio.run(run())
     assert took < follow.BLOCK_MS / 1000 / 2
+
+
+def test_a_burst_of_short_commands_keeps_few_connections_open(redis_url):
+    """A thousand requests arriving at once each read the key token (one GET): redis-py's
+    pool kept a connection per request open, idle, ever after. Short commands share
+    SHORT_CONNECTIONS."""
+    url = redis_url.rsplit("/", 1)[0] + "/13"  # a database of its own: its clients counted
+
+    async def run() -> int:
+        r = follow.async_redis(url, 1.0)
+        await asyncio.gather(*(r.get(f"farm-test-burst-{i}") for i in range(500)))
+        return sum(c.get("db") == "13" for c in await r.client_list())
+
+    assert follow.SHORT_CONNECTIONS < 100  # else the burst proves nothing
+    assert asyncio.run(run()) <= follow.SHORT_CONNECTIONS

@@ -9,7 +9,8 @@ in one blocking XREAD, and hands each request the events of its own stream. A re
 arrives while its reader blocks wakes it with one write to the reader's own wake stream, so
 the reader asks again with the new stream among the others. A thousand waiting requests
 therefore hold eight connections, not a thousand (each connection kept ~18 KiB that CPython
-never gave back: bench/pool_rss.py).
+never gave back: bench/pool_rss.py). Short commands (the key check's GET, the wakes) share a
+few connections of their own.
 
 The rare fallback that asks the result backend and the registry (a stream that expired, or
 was never written) runs in a worker thread, 1 s into the wait, then less and less often: a
@@ -41,7 +42,10 @@ from farm.stream import RECONNECT_WINDOW_S, TERMINAL_EVENTS
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 4096  # Redis's own default limit is 10,000 clients
+# Short commands (a key check's GET, a wake) share a few connections, each held ~0.1 ms:
+# a pool that grew to one per request in a burst kept them all open, idle, ever after.
+SHORT_CONNECTIONS = 32
+READER_CONNECTIONS = 4096  # SHARD streams each; Redis's own default limit is 10,000 clients
 BLOCK_MS = 10_000  # one XREAD waits at most this long (an event ends it at once)
 SHARD = 128  # streams one reader follows in one XREAD (and one connection)
 SETTLED_FIRST_S = 1.0  # a silent stream is first checked against the backend/registry then,
@@ -60,20 +64,27 @@ _followers: weakref.WeakKeyDictionary[aioredis.Redis, _Follower] = weakref.WeakK
 
 
 def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
-    """This event loop's client for `url` (the farm's result backend Redis)."""
+    """This event loop's client for `url` (the farm's result backend Redis), for short
+    commands: at most SHORT_CONNECTIONS at once, a caller past them waits for a free one.
+    Following a job's stream with it (`events`) uses connections of the readers' own."""
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     if url not in per_loop:
-        per_loop[url] = redis_url.async_client(
-            url,
-            connect_timeout=connect_timeout,
-            # Past the longest XREAD block: redis-py's default (5 s) would cut it short.
-            socket_timeout=BLOCK_MS / 1000 + 5,
-            decode_responses=True,
-            # Key checks, wakes and the readers; past this many, a caller waits for a free
-            # one instead of failing (redis-py's pool refuses past 100 by default).
-            max_connections=MAX_CONNECTIONS,
-        )
+        short = per_loop[url] = _client(url, connect_timeout, SHORT_CONNECTIONS)
+        _followers[short] = _Follower(short, _client(url, connect_timeout, READER_CONNECTIONS))
     return per_loop[url]
+
+
+def _client(url: str, connect_timeout: float, connections: int) -> aioredis.Redis:
+    return redis_url.async_client(
+        url,
+        connect_timeout=connect_timeout,
+        # Past the longest XREAD block: redis-py's default (5 s) would cut it short.
+        socket_timeout=BLOCK_MS / 1000 + 5,
+        decode_responses=True,
+        # Past this many, a caller waits for a free one instead of failing (redis-py's
+        # pool refuses past 100 by default).
+        max_connections=connections,
+    )
 
 
 class _Follow:
@@ -128,7 +139,7 @@ class _Reader:
             log.debug("could not wake reader %s", self.wake_key, exc_info=True)
 
     async def _run(self) -> None:
-        conn = self.follower.client.client()  # one connection, held while this reader runs
+        conn = self.follower.reader_client.client()  # one connection, held while this reader runs
         lost_since: float | None = None
         try:
             while self.follows:
@@ -178,10 +189,12 @@ class _Reader:
 
 
 class _Follower:
-    """The readers of one client (one event loop and Redis)."""
+    """The readers of one client (one event loop and Redis): `client` for their wakes,
+    `reader_client` for their connections."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, reader_client: aioredis.Redis) -> None:
         self.client = client
+        self.reader_client = reader_client
         self.readers: list[_Reader] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -205,7 +218,7 @@ class _Follower:
 def _follower(r: aioredis.Redis) -> _Follower:
     follower = _followers.get(r)
     if follower is None:
-        follower = _followers[r] = _Follower(r)
+        follower = _followers[r] = _Follower(r, r)
     return follower
 
 
