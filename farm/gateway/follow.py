@@ -13,8 +13,9 @@ never gave back: bench/pool_rss.py). Short commands (the key check's GET, the wa
 few connections of their own.
 
 The rare fallback that asks the result backend and the registry (a stream that expired, or
-was never written) runs in a worker thread, 1 s into the wait, then less and less often: a
-request whose job waits in the queue costs a thread hop every SETTLED_MAX_S at most, so
+was never written) runs on two threads of its own (CHECKS), 1 s into the wait, then less
+and less often: a request whose job waits in the queue costs a thread hop every
+SETTLED_MAX_S at most, so
 with a thousand of them waiting the loop stays free for /health and new requests (a
 one-second XREAD and a check every 5 s made /health's p99 ~350 ms under 1,000 clients).
 """
@@ -23,14 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import anyio
 import redis
 import redis.asyncio as aioredis
 
@@ -241,7 +241,7 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
                 every = min(every * 2, SETTLED_MAX_S)
                 check_at = time.monotonic() + every
                 try:
-                    if await anyio.to_thread.run_sync(job.settled):
+                    if await asyncio.get_running_loop().run_in_executor(CHECKS, job.settled):
                         return
                 except redis.ConnectionError:
                     pass  # the reader rides out a lost connection, or says it was lost
@@ -267,11 +267,20 @@ async def result(job: Job, r: aioredis.Redis) -> None:
         pass
 
 
+# The fallback checks of silent streams, on a few threads: a burst of requests comes due
+# for its first check at once, and a thousand checks on Starlette's 40 threads held the GIL
+# away from the event loop (/health stalled 240-500 ms at 1, 3 and 7 s into the wait).
+CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-checks")
+# Cancels of jobs whose clients went away, on threads of their own: a thread each made a
+# storm of hang-ups stall the event loop (Thread.start waits there for the new thread to
+# run), and Starlette's pool may be full of submits.
+CANCELS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-cancels")
+
+
 def cancel_soon(job: Job) -> None:
-    """Cancel `job` from a task that is itself being cancelled (its client went away): on a
-    thread of its own, as an await here would be cut short and the thread pool may be full
-    of submits."""
-    threading.Thread(target=_cancel, args=(job,), name=f"cancel-{job.id}", daemon=True).start()
+    """Cancel `job` from a task that is itself being cancelled (its client went away): an
+    await here would be cut short, so the cancel is handed to CANCELS and not waited for."""
+    CANCELS.submit(_cancel, job)
 
 
 def _cancel(job: Job) -> None:
