@@ -78,13 +78,14 @@ def main() -> None:
 
 
 def probe(url: str) -> None:
-    """`--probe URL`: GET /health every 50 ms until terminated, printing each time in ms
-    (-1 for a failure)."""
+    """`--probe URL`: GET /health every 50 ms until terminated, printing for each the
+    seconds since the first and the time it took in ms (-1 for a failure)."""
     import signal
 
     import httpx
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    started = time.perf_counter()
     with httpx.Client(base_url=url, timeout=30) as http:
         while True:
             t = time.perf_counter()
@@ -92,7 +93,8 @@ def probe(url: str) -> None:
                 ok = http.get("/health").status_code == 200
             except httpx.HTTPError:
                 ok = False
-            print((time.perf_counter() - t) * 1000 if ok else -1, flush=True)
+            took = (time.perf_counter() - t) * 1000 if ok else -1
+            print(f"{t - started:.2f} {took}", flush=True)
             time.sleep(0.05)
 
 
@@ -215,9 +217,11 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
             call.cancel()  # the bound: these clients hang up
         await asyncio.gather(*pending, return_exceptions=True)
     prober.terminate()
-    health = [float(x) for x in (prober.communicate()[0] or "").split()]
-    errors += [f"health probe failed: {x}" for x in health if x < 0]
-    health = [x for x in health if x >= 0]
+    probes = [line.split() for line in (prober.communicate()[0] or "").splitlines()]
+    timed = [(float(took), float(at)) for at, took in probes]
+    errors += [f"health probe failed {at:.1f}s in" for took, at in timed if took < 0]
+    health = [took for took, _ in timed if took >= 0]
+    slowest = sorted(timed, reverse=True)[:5]
     took = time.monotonic() - started
     await asyncio.sleep(5)  # the cancelled jobs drain
     rss["after"] = rss_mib(pid)
@@ -234,6 +238,11 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
     print(
         f"  /health while they waited ({len(health)} probes): p50 {pct(health, 0.5):.1f} ms, "
         f"p99 {pct(health, 0.99):.1f} ms, max {max(health):.1f} ms"
+    )
+    print(
+        "    the slowest: "
+        + ", ".join(f"{took:.0f} ms {at:.1f}s in" for took, at in slowest)
+        + f" (the bound: {args.seconds:g}s in)"
     )
     print(
         f"  gateway RSS: before {rss['before']:.0f} MiB, peak {rss['peak']:.0f} MiB, "

@@ -36,7 +36,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import farm
@@ -51,7 +50,7 @@ from farm.gateway import models as model_routes
 from farm.gateway import responses as response_routes
 from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
-from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
+from farm.gateway.edge import JobStream, off_loop, read_body, submitted, until_done_or_gone
 from farm.gateway.models import ModelList
 from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
@@ -220,7 +219,7 @@ async def _complete(
         raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
     stream = body.get("stream") is True  # request_fields checked it is a boolean
     submit = partial(farm.submit, session=session, priority=priority, stream_tokens=stream)  # type: ignore[arg-type]
-    job: Job = await run_in_threadpool(submit, **fields)
+    job: Job = await submitted(submit, **fields)
     request.state.job_id = job.id  # the response's x-request-id, and the access log's job
     ctx = get_context()
     r = follow.async_redis(ctx.result_url, ctx.settings.connect_timeout)

@@ -23,13 +23,23 @@ T = TypeVar("T")
 
 FLUSH_BEFORE_HEADERS_S = 2.0
 
-# Key checks and registry reads: short, and never queued behind submits on Starlette's pool.
+# Key checks and registry reads: short, and never queued behind submits.
 READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-reads")
+
+
+# Submits, on a few threads of their own: on Starlette's 40, a burst of requests kept 40
+# threads contending with the event loop for the GIL.
+SUBMITS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-submits")
 
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` on the READS pool, awaited."""
     return await asyncio.get_running_loop().run_in_executor(READS, partial(fn, *args))
+
+
+async def submitted(submit: Callable[..., T], **fields: Any) -> T:
+    """`submit(**fields)` (farm.submit) on the SUBMITS pool, awaited."""
+    return await asyncio.get_running_loop().run_in_executor(SUBMITS, partial(submit, **fields))
 
 
 async def read_body(request: Request, limit: int | None = None) -> bytes:

@@ -18,7 +18,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 import farm
 from farm import openai_api as openai
@@ -26,7 +25,7 @@ from farm.admission.quotas import RateState
 from farm.context import get_context
 from farm.errors import JobFailed
 from farm.gateway import follow, openapi
-from farm.gateway.edge import read_body, until_done_or_gone
+from farm.gateway.edge import read_body, submitted, until_done_or_gone
 from farm.openai_embeddings import EmbeddingsBody, embedding_fields, embeddings_response
 from farm.queue import PRIORITIES
 from farm.results import Job
@@ -45,7 +44,7 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) ->
         if priority not in PRIORITIES:
             raise openai.BadBody("X-Farm-Priority must be high, normal or low", "X-Farm-Priority")
         submit = partial(farm.submit, session=session, priority=priority, stream_tokens=False)  # type: ignore[arg-type]
-        job: Job = await run_in_threadpool(submit, **fields)
+        job: Job = await submitted(submit, **fields)
         request.state.job_id = job.id  # the response's x-request-id, and the access log's job
         ctx = get_context()
         r = follow.async_redis(ctx.result_url, ctx.settings.connect_timeout)

@@ -23,7 +23,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 import farm
 from farm import openai_api as openai
@@ -33,7 +32,7 @@ from farm.context import get_context
 from farm.errors import FarmError, InvalidRequest, JobFailed
 from farm.gateway import follow, openapi
 from farm.gateway.batches import Id
-from farm.gateway.edge import JobStream, off_loop, read_body, until_done_or_gone
+from farm.gateway.edge import JobStream, off_loop, read_body, submitted, until_done_or_gone
 from farm.queue import PRIORITIES
 from farm.registry import transaction
 from farm.registry.queries import responses as stored
@@ -72,7 +71,7 @@ def add_routes(app: FastAPI, session_of: Callable[[Request], Awaitable[str]]) ->
         stream = body.get("stream") is True
         submit = partial(farm.submit, session=session, priority=priority, stream_tokens=stream)  # type: ignore[arg-type]
         with _renamed():
-            job: Job = await run_in_threadpool(submit, **fields)
+            job: Job = await submitted(submit, **fields)
         request.state.job_id = job.id
         turn = _Turn(f"resp_{uuid.uuid4().hex}", body, session, conversation)
         ctx = get_context()
