@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--key", action="store_true", help="requests send an API key")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="the load that many times (is the RSS bounded?)"
+    )
     args = parser.parse_args()
     with farm_for_bench([MODEL]):
         if args.key:
@@ -124,7 +127,7 @@ async def run(url: str, pid: int, args: argparse.Namespace) -> None:
             await asyncio.sleep(0.2)
     if args.latency_runs:
         await added_latency(url, args.latency_runs)
-    if args.streams or args.waits:
+    for _ in range(args.rounds if args.streams or args.waits else 0):
         await load(url, pid, args)
     if args.hangups:
         await hangups(url, args.hangups)
