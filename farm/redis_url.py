@@ -176,6 +176,8 @@ class _AsyncSentinelMaster(aioredis.Redis):
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool)
+        if self.single_connection_client:
+            return  # a copy on one of the pool's connections (`.client()`): not the owner
         for sentinel in self.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
             await sentinel.aclose()
 

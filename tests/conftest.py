@@ -19,6 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# Imported now, not at the session's end where Hypothesis's pytest plugin imports it: the
+# assertion rewriter's ast.parse there met CPython 3.11's AST recursion-depth bug
+# (python/cpython#106905), seen as SystemError "AST constructor recursion depth mismatch"
+# at the end of some runs of tests/test_follow.py alone.
+import hypothesis  # noqa: F401
 import pytest
 import redis
 from sqlalchemy import create_engine, text

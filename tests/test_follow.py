@@ -153,3 +153,99 @@ def test_a_burst_of_short_commands_keeps_few_connections_open(redis_url):
 
     assert follow.SHORT_CONNECTIONS < 100  # else the burst proves nothing
     assert asyncio.run(run()) <= follow.SHORT_CONNECTIONS
+
+
+def _job(job_id: str) -> Any:
+    from farm.config import Settings
+    from farm.context import FarmContext
+    from farm.results import Job
+
+    return Job(job_id, ctx=FarmContext(Settings()))
+
+
+async def _text(job: Any, r: Any, into: list[str] | None = None) -> str:
+    """The job's text; `into` gets each piece as it comes (kept if the job then fails)."""
+    into = [] if into is None else into
+    async for piece in follow.events(job, r, tokens=True):
+        into.append(piece.text)
+    return "".join(into)
+
+
+def test_a_lost_connection_is_ridden_out_per_request_then_reported(redis_url, monkeypatch):
+    """Redis gone (a proxy cut): a request waiting since before gets FarmUnavailable once
+    the outage outlasts RECONNECT_WINDOW_S; one that joined the same reader during the
+    outage has its own window, and once Redis is back it gets its stream's text."""
+    import redis as sync_redis
+
+    from farm.errors import FarmUnavailable, JobCancelled
+    from farm.queue import stream_key
+    from tests.proxy import Proxy
+
+    monkeypatch.setattr(follow, "SETTLED_FIRST_S", 60.0)
+    monkeypatch.setattr(follow, "RECONNECT_WINDOW_S", 3.0)
+    proxy = Proxy("127.0.0.1", 6379)
+    db = redis_url.rsplit("/", 1)[1]
+    direct = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    first, second = (f"farm-test-follow-{uuid.uuid4()}" for _ in range(2))
+
+    async def run() -> tuple[str, float, str]:
+        r = follow.async_redis(f"redis://127.0.0.1:{proxy.port}/{db}", 1.0)
+        waiting = asyncio.ensure_future(_text(_job(first), r))
+        await asyncio.sleep(0.3)  # its reader blocks
+        proxy.cut()
+        cut = time.monotonic()
+        await asyncio.sleep(2.0)
+        got: list[str] = []
+        joined = asyncio.ensure_future(_text(_job(second), r, got))
+        outcome = "no error"
+        try:
+            async with asyncio.timeout(10):
+                await waiting
+        except FarmUnavailable as e:
+            outcome = str(e)
+        failed_after = time.monotonic() - cut
+        assert not joined.done()  # its window is its own
+        proxy.restore()
+        direct.xadd(stream_key(second), {"kind": "token", "text": "back"})
+        direct.xadd(stream_key(second), {"kind": "cancelled"})
+        with contextlib.suppress(JobCancelled):
+            async with asyncio.timeout(10):
+                await joined
+        return outcome, failed_after, "".join(got)
+
+    try:
+        outcome, failed_after, text = asyncio.run(run())
+    finally:
+        proxy.cut()
+    assert "lost the connection to Redis while waiting, for over 3s" in outcome
+    assert failed_after >= 3.0
+    assert text == "back"
+    direct.delete(stream_key(first), stream_key(second))
+
+
+def test_text_that_came_while_the_silent_stream_check_ran_is_not_lost(redis_url, monkeypatch):
+    """The check of a silent stream finds the job's outcome; the text that reached the
+    stream while the check ran (queued behind other checks) is still sent first."""
+    import redis as sync_redis
+
+    from farm.queue import stream_key
+    from farm.results import Job
+
+    monkeypatch.setattr(follow, "SETTLED_FIRST_S", 0.2)
+    direct = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    job_id = f"farm-test-follow-{uuid.uuid4()}"
+
+    class Ended(Job):
+        def settled(self) -> bool:
+            # The text lands while the check runs; its reader hands part of it over.
+            direct.xadd(stream_key(self.id), {"kind": "token", "text": "hello "})
+            time.sleep(0.3)
+            direct.xadd(stream_key(self.id), {"kind": "token", "text": "world"})
+            return True
+
+    async def run() -> str:
+        r = follow.async_redis(redis_url, 1.0)
+        return await _text(Ended(job_id, ctx=_job(job_id)._ctx), r)
+
+    assert asyncio.run(run()) == "hello world"
+    direct.delete(stream_key(job_id))

@@ -23,13 +23,14 @@ one-second XREAD and a check every 5 s made /health's p99 ~350 ms under 1,000 cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -59,8 +60,6 @@ Entries = list[tuple[str, dict[str, str]]]
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
     weakref.WeakKeyDictionary()
 )
-# The readers that share a client's connections.
-_followers: weakref.WeakKeyDictionary[aioredis.Redis, _Follower] = weakref.WeakKeyDictionary()
 
 
 def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
@@ -70,7 +69,9 @@ def async_redis(url: str, connect_timeout: float) -> aioredis.Redis:
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     if url not in per_loop:
         short = per_loop[url] = _client(url, connect_timeout, SHORT_CONNECTIONS)
-        _followers[short] = _Follower(short, _client(url, connect_timeout, READER_CONNECTIONS))
+        short._farm_follower = _Follower(  # type: ignore[attr-defined]
+            short, _client(url, connect_timeout, READER_CONNECTIONS)
+        )
     return per_loop[url]
 
 
@@ -94,6 +95,7 @@ class _Follow:
     def __init__(self, key: str) -> None:
         self.key = key
         self.last = "0"  # the last entry handed over; the reader asks for what follows
+        self.since = time.monotonic()  # a lost connection is ridden out from here at least
         self.events: asyncio.Queue[Entries | FarmUnavailable] = asyncio.Queue()
         self.reader: _Reader | None = None
 
@@ -139,7 +141,10 @@ class _Reader:
             log.debug("could not wake reader %s", self.wake_key, exc_info=True)
 
     async def _run(self) -> None:
-        conn = self.follower.reader_client.client()  # one connection, held while this reader runs
+        # One connection, held while this reader runs (not `.client()`: a Sentinel client's
+        # copy would close the sentinels' connections that the pool shares, once done).
+        pool = self.follower.reader_client.connection_pool
+        conn = aioredis.Redis(connection_pool=pool, single_connection_client=True)
         lost_since: float | None = None
         try:
             while self.follows:
@@ -152,12 +157,18 @@ class _Reader:
                 except redis.ConnectionError as e:
                     # A broker restarting (farm up restarts its own) comes back with the
                     # streams: ride it out for a while.
-                    lost_since = lost_since or time.monotonic()
-                    if time.monotonic() - lost_since > RECONNECT_WINDOW_S:
-                        self._fail(
-                            f"lost the connection to Redis while waiting, for over "
-                            f"{RECONNECT_WINDOW_S:g}s: {e}; the job goes on"
-                        )
+                    now = time.monotonic()
+                    lost_since = lost_since or now
+                    self._fail(
+                        f"lost the connection to Redis while waiting, for over "
+                        f"{RECONNECT_WINDOW_S:g}s: {e}; the job goes on",
+                        # each request that joined since rides it out as long
+                        [
+                            f
+                            for f in self.follows.values()
+                            if now - max(lost_since, f.since) > RECONNECT_WINDOW_S
+                        ],
+                    )
                     await asyncio.sleep(0.5)
                     continue
                 except redis.RedisError as e:
@@ -177,15 +188,18 @@ class _Reader:
                             del self.follows[key]  # the stream ends there
         finally:
             # Taken out of use before the first await, so no request joins a reader that
-            # is ending.
+            # is ending; a request it still follows (the loop is closing, or an error not
+            # Redis's ended it) is told, not left waiting.
             self.closed = True
             self.follower.readers.remove(self)
+            self._fail("the gateway stopped following the job's stream; the job goes on")
             await conn.aclose()
 
-    def _fail(self, message: str) -> None:
-        for follow in self.follows.values():
+    def _fail(self, message: str, follows: list[_Follow] | None = None) -> None:
+        """Hand each of `follows` (all, by default) the error, and follow them no more."""
+        for follow in list(self.follows.values()) if follows is None else follows:
             follow.events.put_nowait(FarmUnavailable(message))
-        self.follows.clear()
+            self.drop(follow)
 
 
 class _Follower:
@@ -216,9 +230,11 @@ class _Follower:
 
 
 def _follower(r: aioredis.Redis) -> _Follower:
-    follower = _followers.get(r)
+    """`r`'s readers (for a client not made by `async_redis`, on its own connections)."""
+    follower: _Follower | None = getattr(r, "_farm_follower", None)
     if follower is None:
-        follower = _followers[r] = _Follower(r, r)
+        follower = _Follower(r, r)
+        r._farm_follower = follower  # type: ignore[attr-defined]
     return follower
 
 
@@ -228,6 +244,7 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
     holds the result, or JobFailed / JobCancelled was raised. Cancelling the task that
     iterates this stops the wait at once (the job itself is cancelled by the caller)."""
     follow = _follower(r).follow(stream_key(job.id))
+    applied = "0"  # the last entry applied here
     every = SETTLED_FIRST_S
     check_at = time.monotonic() + every
     try:
@@ -239,19 +256,24 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
                 # A silent stream: it may have expired long ago, or the job may have ended
                 # without writing to it. Ask the backend and the registry.
                 every = min(every * 2, SETTLED_MAX_S)
-                check_at = time.monotonic() + every
                 try:
-                    if await asyncio.get_running_loop().run_in_executor(CHECKS, job.settled):
-                        return
+                    settled = await asyncio.get_running_loop().run_in_executor(CHECKS, job.settled)
                 except redis.ConnectionError:
-                    pass  # the reader rides out a lost connection, or says it was lost
+                    settled = False  # the reader rides out a lost connection, or says so
                 except redis.RedisError as e:
                     raise FarmUnavailable(f"lost the connection to Redis while waiting: {e}") from e
-                continue
+                check_at = time.monotonic() + every  # from the check's end: it may queue
+                if not settled:
+                    continue
+                if tokens:  # the text may have come while the check ran: not lost
+                    async for late in _rest(job, r, follow, applied):
+                        yield late
+                return
             if isinstance(got, FarmUnavailable):
                 raise got
             check_at = time.monotonic() + every  # checked once silent that long
-            for _, fields in got:
+            for entry_id, fields in got:
+                applied = entry_id
                 piece, ended = job.apply(fields)
                 if piece is not None and tokens:
                     yield piece
@@ -259,6 +281,26 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
                     return
     finally:
         follow.close()
+
+
+async def _rest(job: Job, r: aioredis.Redis, follow: _Follow, applied: str) -> AsyncIterator[Piece]:
+    """The pieces of the job's stream after `applied`, for a job whose outcome its check
+    found: what its reader handed over meanwhile, then what is on the stream after that."""
+    entries: Entries = []
+    while not follow.events.empty():
+        got = follow.events.get_nowait()
+        if not isinstance(got, FarmUnavailable):
+            entries += got
+    last = entries[-1][0] if entries else applied
+    # If Redis is gone, the outcome is known still; the text in between is what is lost.
+    with contextlib.suppress(redis.RedisError):
+        entries += cast(Entries, await r.xrange(follow.key, min=f"({last}", max="+"))
+    for _, fields in entries:
+        rest, ended = job.apply(fields)
+        if rest is not None:
+            yield rest
+        if ended:
+            return
 
 
 async def result(job: Job, r: aioredis.Redis) -> None:
