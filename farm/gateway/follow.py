@@ -249,6 +249,7 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
     check_at = time.monotonic() + every
     try:
         while True:
+            settled = False
             try:
                 async with asyncio.timeout(max(0.0, check_at - time.monotonic())):
                     got = await follow.events.get()
@@ -265,10 +266,10 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
                 check_at = time.monotonic() + every  # from the check's end: it may queue
                 if not settled:
                     continue
-                if tokens:  # the text may have come while the check ran: not lost
-                    async for late in _rest(job, r, follow, applied):
-                        yield late
-                return
+                if not tokens:
+                    return
+                # The text may have come while the check ran: sent, not lost.
+                got = await _rest(r, follow, applied)
             if isinstance(got, FarmUnavailable):
                 raise got
             check_at = time.monotonic() + every  # checked once silent that long
@@ -279,12 +280,14 @@ async def events(job: Job, r: aioredis.Redis, *, tokens: bool) -> AsyncIterator[
                     yield piece
                 if ended:
                     return
+            if settled:
+                return
     finally:
         follow.close()
 
 
-async def _rest(job: Job, r: aioredis.Redis, follow: _Follow, applied: str) -> AsyncIterator[Piece]:
-    """The pieces of the job's stream after `applied`, for a job whose outcome its check
+async def _rest(r: aioredis.Redis, follow: _Follow, applied: str) -> Entries:
+    """The entries of the followed stream after `applied`, for a job whose outcome its check
     found: what its reader handed over meanwhile, then what is on the stream after that."""
     entries: Entries = []
     while not follow.events.empty():
@@ -295,12 +298,7 @@ async def _rest(job: Job, r: aioredis.Redis, follow: _Follow, applied: str) -> A
     # If Redis is gone, the outcome is known still; the text in between is what is lost.
     with contextlib.suppress(redis.RedisError):
         entries += cast(Entries, await r.xrange(follow.key, min=f"({last}", max="+"))
-    for _, fields in entries:
-        rest, ended = job.apply(fields)
-        if rest is not None:
-            yield rest
-        if ended:
-            return
+    return entries
 
 
 async def result(job: Job, r: aioredis.Redis) -> None:
