@@ -470,6 +470,23 @@ def test_what_the_http_server_answers_itself_is_json_and_slow_headers_are_cut_of
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400"), answer[:200]
         assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    # The head's limit (64 KiB) holds whether the head comes at once or in pieces, and a
+    # head under it, trickled in pieces that each come in time, is answered.
+    host, port = gateway.removeprefix("http://").split(":")
+    for size, pieces, status in ((70_000, 1, b"400"), (70_000, 7, b"400"), (60_000, 4, b"200")):
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+        step = len(head) // pieces + 1
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for i in range(0, len(head), step):
+                sock.sendall(head[i : i + step])
+                time.sleep(0.3 if pieces > 1 else 0)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 " + status), (size, pieces, answer[:200])
+    # A head that grows past the limit without ending is refused as it passes it, not
+    # buffered until the header timeout.
+    endless = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000
+    answer, took = raw_exchange(gateway, endless)
+    assert answer.startswith(b"HTTP/1.1 400") and took < 1.5, (answer[:200], took)
     # A connection that keeps its requests coming in time is never cut off.
     with httpx.Client(base_url=gateway, timeout=10) as http:
         for _ in range(3):

@@ -1,11 +1,18 @@
-"""The gateway's HTTP server: uvicorn on h11, with what farm adds at the connection level.
+"""The gateway's HTTP server: uvicorn on httptools (llhttp, in C), with what farm adds at
+the connection level.
 
 - A request's headers must arrive within FARM_GATEWAY_HEADER_TIMEOUT seconds of its first
   byte (of the connection, for the first request): a client that trickles them (slow-loris)
   gets 408 and its connection is closed, instead of holding it forever.
+- A request's head (its line and headers) is at most MAX_HEADER_BYTES: llhttp sets no
+  limit of its own.
 - What uvicorn answers itself before the app sees a request (a request that is not HTTP,
-  headers over MAX_HEADER_BYTES) is in OpenAI's JSON error shape, as every other error of
-  the gateway, not plain text.
+  a head over the limit) is in OpenAI's JSON error shape, as every other error of the
+  gateway, not plain text.
+
+httptools, not h11: h11 parses and writes HTTP in Python, about a fifth of the event loop's
+work for a one-token chat, on the loop that every waiting request and /health share
+(bench/README.md, "The gateway's HTTP parser").
 """
 
 from __future__ import annotations
@@ -14,9 +21,8 @@ import asyncio
 import json
 from typing import Any
 
-import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from farm.config import get_settings
 
@@ -24,12 +30,20 @@ MAX_HEADER_BYTES = 64 * 1024
 LINGER_S = 2.0  # how long a connection answered with an error drains before closing
 
 
-class GatewayProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a header timeout and JSON errors (see the module)."""
+class HeadTooLarge(Exception):
+    """Raised from the parser's callback: a request's head over MAX_HEADER_BYTES."""
+
+
+class GatewayProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header timeout, a limit on the head and JSON
+    errors (see the module)."""
 
     header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
     _answered = False  # an error was sent; the connection lingers, then closes
+    _head_open = False  # a request's head has begun and is not complete yet
+    _head_bytes = 0  # bytes received since it began (an upper bound on its size)
+    _head_size = 0  # the size of its line and headers as parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -39,10 +53,35 @@ class GatewayProtocol(H11Protocol):
         if self._answered:
             return  # lingering after our error: what the client still sends is dropped
         super().data_received(data)
-        if self.conn.their_state is h11.IDLE:  # still reading a request's headers
-            self._arm()
-        else:
+        if self._answered or self.transport.is_closing():
+            return
+        if self._head_open:  # counted from before it began: an upper bound
+            self._head_bytes += len(data)
+        if not self._head_open:
             self._disarm()
+        elif self._head_bytes > MAX_HEADER_BYTES:  # and still not complete
+            self.send_400_response("")
+        else:
+            self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_open = True
+        self._head_bytes = self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEADER_BYTES:
+            raise HeadTooLarge  # httptools stops and raises HttpParserError: a 400
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -59,8 +98,12 @@ class GatewayProtocol(H11Protocol):
 
     def _too_slow(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a pipelined request's head, behind a response still being sent
+        if not self._head_open and self.cycle is not None:
+            return  # between requests: uvicorn's keep-alive timeout closes an idle one
         self._reply(
             408,
             "Request Timeout",
@@ -79,7 +122,7 @@ class GatewayProtocol(H11Protocol):
         )
 
     def _reply(self, status: int, reason: str, message: str, code: str) -> None:
-        """Answer and close, written as bytes: h11 has no request to answer in these states."""
+        """Answer and close, written as bytes: there is no request to answer in these states."""
         error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
         body = json.dumps({"error": error}).encode()
         head = (
@@ -105,7 +148,6 @@ def gateway_config(app: Any, **kwargs: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         http=protocol,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         log_level="warning",
         **kwargs,
     )
