@@ -4,7 +4,9 @@ Against a real farm (embedded unless FARM_BROKER_URL is set) running Gemma 3 270
 `farm serve` in its own process, all on 127.0.0.1:
 
 1. added latency: `farm.infer` and the same one-token request through the gateway, one
-   at a time; the gateway's p50 over farm.infer's;
+   at a time; the gateway's p50 over farm.infer's, through httpx (what most users' tools
+   run on) and through a plain HTTP/1.1 client (asyncio streams on one keep-alive
+   connection: what the gateway adds, with less of the client's own work);
 2. load: `--streams` streaming and `--waits` non-streaming clients at once (httpx, async),
    for at most `--seconds`; /health polled every 50 ms meanwhile (p99 and max), and the
    gateway's RSS before, during and after. Requests still waiting at the bound hang up
@@ -126,14 +128,14 @@ async def run(url: str, pid: int, args: argparse.Namespace) -> None:
             assert time.monotonic() < deadline, "farm serve did not start"
             await asyncio.sleep(0.2)
     if args.latency_runs:
-        await added_latency(url, args.latency_runs)
+        await added_latency(url, pid, args.latency_runs)
     for _ in range(args.rounds if args.streams or args.waits else 0):
         await load(url, pid, args)
     if args.hangups:
         await hangups(url, args.hangups)
 
 
-async def added_latency(url: str, runs: int) -> None:
+async def added_latency(url: str, pid: int, runs: int) -> None:
     import httpx
 
     import farm
@@ -159,10 +161,53 @@ async def added_latency(url: str, runs: int) -> None:
             t = time.perf_counter()
             await http.get("/health")
             health.append((time.perf_counter() - t) * 1000)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
+    chat = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n{head}"
+        f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+    get_health = f"GET /health HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+
+    async def plain(request: bytes) -> float:
+        t = time.perf_counter()
+        writer.write(request)
+        answer = await reader.readuntil(b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        length = next(
+            int(line.split(b":")[1])
+            for line in answer.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        return (time.perf_counter() - t) * 1000
+
+    import psutil
+
+    gateway = psutil.Process(pid)
+    direct_again, plain_through, plain_health, cpu = [], [], [], 0.0
+    for _ in range(runs):
+        t = time.perf_counter()
+        await asyncio.to_thread(farm.infer, messages=HI, model=MODEL, max_tokens=1, temperature=0)
+        direct_again.append((time.perf_counter() - t) * 1000)
+        before = sum(gateway.cpu_times()[:2])
+        plain_through.append(await plain(chat))
+        cpu += sum(gateway.cpu_times()[:2]) - before
+    for _ in range(runs):
+        plain_health.append(await plain(get_health))
+    writer.close()
     d, g = statistics.median(direct), statistics.median(through)
+    d2, p = statistics.median(direct_again), statistics.median(plain_through)
     print(f"added latency ({runs} one-token chats, one at a time):")
     print(f"  farm.infer p50 {d:.1f} ms, through the gateway p50 {g:.1f} ms: +{g - d:.1f} ms")
     print(f"  the HTTP floor: GET /health p50 {statistics.median(health):.2f} ms")
+    print(f"  with a plain HTTP/1.1 client: farm.infer p50 {d2:.1f} ms, through the gateway")
+    print(
+        f"  p50 {p:.1f} ms: +{p - d2:.1f} ms; GET /health p50 {statistics.median(plain_health):.2f} ms"
+    )
+    print(f"  the gateway's CPU (all its threads) per chat: {cpu / runs * 1000:.2f} ms")
 
 
 async def load(url: str, pid: int, args: argparse.Namespace) -> None:
