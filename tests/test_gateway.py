@@ -494,6 +494,36 @@ def test_what_the_http_server_answers_itself_is_json_and_slow_headers_are_cut_of
             time.sleep(1)
 
 
+def test_pipelined_requests_and_blank_lines_meet_the_connection_rules_as_single_ones(gateway):
+    """llhttp parses a connection's requests as they come, pipelined ones included, and
+    skips blank lines between them: neither may dodge the header timeout nor trip the head's
+    limit, and an error for a later request never cuts into an earlier one's answer."""
+    host, port = gateway.removeprefix("http://").split(":")
+    # Blank lines are not a request's head: they get the header timeout (2 s here) too.
+    answer, took = raw_exchange(gateway, b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 408") and 1.5 < took < 8, (answer[:200], took)
+    # 2,000 pipelined requests (70 KB) and the next one's first bytes in one write: their
+    # bytes are not the next head's, which is answered once it is complete.
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2000 + b"GET /hea")
+        time.sleep(0.3)
+        sock.sendall(b"lth HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 200") == 2001 and b"HTTP/1.1 400" not in answer
+    # Not HTTP, pipelined behind a stream: the stream is sent whole, then the connection
+    # closes (an error written at once went into the middle of the stream).
+    body = json.dumps({"model": MODEL, "messages": HI, "max_tokens": 8, "stream": True})
+    stream = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    answer, _ = raw_exchange(gateway, stream + b"BOGUS\x01 / HTTP/1.1\r\n\r\n", wait=60)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:400]
+    assert b"data: [DONE]" in answer and b"HTTP/1.1 400" not in answer, answer[-400:]
+
+
 def test_a_rate_limited_session_gets_429_with_retry_after_and_ratelimit_headers(gateway, live_farm):
     assert live_farm.farm("quota", "set", "default", "--rpm", "2").returncode == 0
     try:

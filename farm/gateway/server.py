@@ -41,9 +41,12 @@ class GatewayProtocol(HttpToolsProtocol):
     header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
     _answered = False  # an error was sent; the connection lingers, then closes
-    _head_open = False  # a request's head has begun and is not complete yet
-    _head_bytes = 0  # bytes received since it began (an upper bound on its size)
+    _in_message = False  # a request has begun to arrive and has not arrived whole
+    _head_open = False  # its head (line and headers) has begun and is not complete
+    _head_bytes = 0  # bytes received since the head began (an upper bound on its size)
     _head_size = 0  # the size of its line and headers as parsed
+    _began_in_chunk = False  # in the chunk being parsed: a head began,
+    _ended_in_chunk = False  # and a request ended
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -52,22 +55,27 @@ class GatewayProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._answered:
             return  # lingering after our error: what the client still sends is dropped
+        self._began_in_chunk = self._ended_in_chunk = False
         super().data_received(data)
         if self._answered or self.transport.is_closing():
             return
-        if self._head_open:  # counted from before it began: an upper bound
-            self._head_bytes += len(data)
-        if not self._head_open:
-            self._disarm()
-        elif self._head_bytes > MAX_HEADER_BYTES:  # and still not complete
-            self.send_400_response("")
-        else:
+        if self._head_open:
+            # A chunk in which a request ended before this head began held that request's
+            # bytes too: the head is counted from the next chunk, within a chunk of exact.
+            if not (self._began_in_chunk and self._ended_in_chunk):
+                self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:  # and still not complete
+                self.send_400_response("")
+        elif not self._in_message:
+            # Bytes that began no request (llhttp skips blank lines between requests), and
+            # that uvicorn's keep-alive timer stopped for: the header timeout holds them.
             self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_open = True
+        self._in_message = self._head_open = self._began_in_chunk = True
         self._head_bytes = self._head_size = 0
+        self._arm()
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
@@ -81,7 +89,13 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_open = False
+        self._disarm()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._ended_in_chunk = True
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -96,14 +110,20 @@ class GatewayProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
     def _too_slow(self) -> None:
         self._header_timer = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            return  # a pipelined request's head, behind a response still being sent
-        if not self._head_open and self.cycle is not None:
-            return  # between requests: uvicorn's keep-alive timeout closes an idle one
+        if self._responding():
+            self._arm()  # a pipelined head behind a response still being sent: after it
+            return
+        if self._in_message and not self._head_open:
+            return  # a request's body is arriving: not the head's timeout
+        if not self._head_open and self.timeout_keep_alive_task is not None:
+            return  # idle between requests: uvicorn's keep-alive timeout closes it
         self._reply(
             408,
             "Request Timeout",
@@ -114,6 +134,13 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         self._disarm()
+        if self._responding():
+            # A bad request pipelined behind a response still being sent: that response
+            # is finished first, then the connection closed (an answer written now would
+            # cut into it).
+            self._answered = True
+            self.cycle.keep_alive = False
+            return
         self._reply(
             400,
             "Bad Request",
