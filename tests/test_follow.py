@@ -132,6 +132,44 @@ def test_requests_one_after_another_reuse_one_reader_client(redis_url):
     assert len(used) == 1 and idle == 1, (used, idle)
 
 
+def test_a_request_that_arrives_while_its_reader_waits_is_followed_at_once(redis_url, monkeypatch):
+    """The reader is blocked on an XREAD that does not name the new request's stream: the
+    new request wakes it (well inside BLOCK_MS, after which it would have asked again)."""
+    from farm.config import Settings
+    from farm.context import FarmContext
+    from farm.errors import JobCancelled
+    from farm.queue import stream_key
+    from farm.results import Job
+
+    monkeypatch.setattr(follow, "SETTLED_FIRST_S", 60.0)
+    ctx = FarmContext(Settings())
+    first, second = (f"farm-test-follow-{uuid.uuid4()}" for _ in range(2))
+
+    async def run() -> float:
+        r = follow.async_redis(redis_url, 1.0)
+        waiting = asyncio.ensure_future(follow.result(Job(first, ctx=ctx), r))
+        await asyncio.sleep(0.5)  # its reader blocks on the first stream alone
+        assert len(follow._follower(r).readers) == 1
+        later = asyncio.ensure_future(follow.result(Job(second, ctx=ctx), r))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await r.xadd(stream_key(second), {"kind": "cancelled"})
+        try:
+            async with asyncio.timeout(follow.BLOCK_MS / 1000 / 2):
+                await later
+        except JobCancelled:
+            pass
+        took = time.monotonic() - started
+        await r.xadd(stream_key(first), {"kind": "cancelled"})
+        with contextlib.suppress(JobCancelled):
+            await waiting
+        await r.delete(stream_key(first), stream_key(second))
+        return took
+
+    took = asyncio.run(run())
+    assert took < follow.BLOCK_MS / 1000 / 2
+
+
 def test_a_burst_of_short_commands_keeps_few_connections_open(redis_url):
     """A thousand requests arriving at once each read the key token (one GET): redis-py's
     pool kept a connection per request open, idle, ever after. Short commands share
