@@ -20,8 +20,8 @@ A request waiting for its job holds no thread: it reads the job's stream on the 
 (farm/gateway/follow.py), and a client that goes away, streaming or not, queued or running,
 cancels its job at once. Threads do the short, blocking parts: the key check and registry
 reads on a pool of their own (so /v1/models never waits behind a burst of submits), and
-`farm.submit` on Starlette's pool. The key is checked before the body is read, and a body
-over FARM_GATEWAY_MAX_BODY is refused (413) before it is read.
+`farm.submit` on another (farm/gateway/edge.py). The key is checked before the body is
+read, and a body over FARM_GATEWAY_MAX_BODY is refused (413) before it is read.
 """
 
 from __future__ import annotations

@@ -332,7 +332,7 @@ async def result(job: Job, r: aioredis.Redis) -> None:
 CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-checks")
 # Cancels of jobs whose clients went away, on threads of their own: a thread each made a
 # storm of hang-ups stall the event loop (Thread.start waits there for the new thread to
-# run), and Starlette's pool may be full of submits.
+# run), and the other pools may be full.
 CANCELS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-cancels")
 
 
