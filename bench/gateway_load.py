@@ -17,6 +17,7 @@ Against a real farm (embedded unless FARM_BROKER_URL is set) running Gemma 3 270
 
     python bench/gateway_load.py --streams 500 --waits 500 --seconds 60 --hangups 100
     python bench/gateway_load.py --streams 0 --waits 0 --hangups 0 --latency-runs 100  # 1. alone
+    python bench/gateway_load.py --hangups 0 --warm 150 --rounds 2  # the RSS after 300, 1000, 1000
 
 `--key`: the farm has an API key and every request sends it (the gateway checks it on
 each request); without it, a laptop's farm that never had keys. FARM_DATABASE_URL chooses
@@ -58,6 +59,13 @@ def main() -> None:
     parser.add_argument("--key", action="store_true", help="requests send an API key")
     parser.add_argument(
         "--rounds", type=int, default=1, help="the load that many times (is the RSS bounded?)"
+    )
+    parser.add_argument(
+        "--warm",
+        type=int,
+        default=0,
+        help="first, a load of this many streaming and this many non-streaming clients, "
+        "bounded at 10 s (does the RSS after follow the largest load, or each load?)",
     )
     args = parser.parse_args()
     with farm_for_bench([MODEL]):
@@ -129,6 +137,10 @@ async def run(url: str, pid: int, args: argparse.Namespace) -> None:
             await asyncio.sleep(0.2)
     if args.latency_runs:
         await added_latency(url, pid, args.latency_runs)
+    if args.warm:
+        print("warm-up:")
+        warm = {"streams": args.warm, "waits": args.warm, "seconds": 10.0}
+        await load(url, pid, argparse.Namespace(**{**vars(args), **warm}))
     for _ in range(args.rounds if args.streams or args.waits else 0):
         await load(url, pid, args)
     if args.hangups:
