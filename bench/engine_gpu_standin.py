@@ -13,6 +13,7 @@ tokens a second) is the host's: farm's Python and the CPU sampler.
     python bench/engine_gpu_standin.py                      # 16, 64, 128 slots, 10 ms a step
     python bench/engine_gpu_standin.py --slots 64 --step-ms 5
     python bench/engine_gpu_standin.py --sync-decode          # the step inside llama_decode
+    python bench/engine_gpu_standin.py --device-sampling      # greedy picked on the device
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class StandIn:
         self.rows = [
             ctypes.cast(base + i * size, ctypes.POINTER(ctypes.c_float)) for i in range(rows)
         ]
+        self.picks = [best[i % len(best)] for i in range(rows)]  # each row's best token
         self.step_s = step_s
         self.sync = sync
         self.steps = 0
@@ -70,6 +72,19 @@ class StandIn:
             time.sleep(wait)
         return self.rows[(self.calls + index) % len(self.rows)]
 
+    def sampled_token_ith(self, ctx: Any, index: int) -> int:
+        """The device's greedy pick (`--device-sampling`): the best token of the row that
+        `logits_ith` would have returned, with no logits read by the host."""
+        self.calls += 1
+        wait = self.ready - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return self.picks[(self.calls + index) % len(self.picks)]
+
+    @staticmethod
+    def set_sampler(ctx: Any, seq_id: int, chain: Any) -> bool:
+        return True  # the stand-in's graph "runs" any chain
+
 
 def run(
     model: Any,
@@ -80,6 +95,7 @@ def run(
     sync: bool = False,
     sampling_threads: int | None = None,
     threads: int = 2,
+    device_sampling: bool = False,
 ) -> tuple[float, float, int]:
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -97,10 +113,15 @@ def run(
         name="gpu",
         async_decode=not sync,  # as workers/host.py sets it for a model on the GPU
         sampling_threads=sampling_threads,
+        device_sampling=device_sampling,
     )
-    real = llama_cpp.llama_decode, llama_cpp.llama_get_logits_ith
+    names = ("llama_decode", "llama_get_logits_ith", "llama_get_sampled_token_ith")
+    names += ("llama_set_sampler",)
+    real = {name: getattr(llama_cpp, name) for name in names}
     llama_cpp.llama_decode = stand_in.decode
     llama_cpp.llama_get_logits_ith = stand_in.logits_ith
+    llama_cpp.llama_get_sampled_token_ith = stand_in.sampled_token_ith
+    llama_cpp.llama_set_sampler = stand_in.set_sampler
     try:
         seqs = [
             Sequence(
@@ -134,7 +155,8 @@ def run(
         wall = time.perf_counter() - started
         steps = stand_in.steps - steps0
     finally:
-        llama_cpp.llama_decode, llama_cpp.llama_get_logits_ith = real
+        for name, call in real.items():
+            setattr(llama_cpp, name, call)
         engine.close()
     assert len(done) == slots and sum(done) == slots * tokens, (len(done), sum(done))
     return sum(done) / wall, wall / max(1, steps) - step_s, steps
@@ -159,6 +181,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=2, help="the engine's threads (this VM's 2 cores)"
     )
+    parser.add_argument(
+        "--device-sampling",
+        action="store_true",
+        help="greedy picked on the device (llama.cpp's backend sampling, as on a GPU): the "
+        "stand-in hands the engine each row's token, and the host reads no logits",
+    )
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
@@ -167,7 +195,8 @@ def main() -> None:
     step_s = args.step_ms / 1000
     print(f"stand-in decode: {args.step_ms:g} ms a step, Gemma 3's 262,144-token vocabulary, "
           f"greedy, {args.tokens} tokens a sequence, two stop strings, waited for "
-          f"{'in llama_decode' if args.sync_decode else 'at the logits'}")  # fmt: skip
+          f"{'in llama_decode' if args.sync_decode else 'at the logits'}, picked "
+          f"{'on the device' if args.device_sampling else 'on the host'}")  # fmt: skip
     print(f"{'slots':>5} {'ideal tok/s':>12} {'tok/s':>8} {'of ideal':>9} {'host ms/step':>13}")
     for slots in (int(s) for s in args.slots.split(",")):
         rate, host_s, _ = run(
@@ -178,6 +207,7 @@ def main() -> None:
             sync=args.sync_decode,
             sampling_threads=args.sampling_threads,
             threads=args.threads,
+            device_sampling=args.device_sampling,
         )
         ideal = slots * args.tokens / ((args.tokens + 1) * step_s)  # +1: the prompt's step
         print(

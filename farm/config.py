@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         "not (false). Unset: not where llama.cpp would run its AMX kernels, which crash on "
         "some CPUs (llama.cpp#20824), else yes.",
     )
+    device_sampling: bool | None = Field(
+        default=None,
+        description="Greedy sequences pick their token on the GPU inside the step, so the "
+        "host reads no logits for them (llama.cpp's backend sampling, experimental there): "
+        "true or false. Unset: on for a model wholly on a GPU, off on the CPU, where "
+        "llama.cpp's graph argmax is slower than the host's (bench/backend_sampling.py).",
+    )
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."
     )

@@ -467,6 +467,75 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
     sampled.free()
 
 
+def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, monkeypatch):
+    """With device sampling (llama.cpp's backend sampling, on by default only for a model
+    wholly on a GPU), a greedy sequence that drafts nothing picks each token after its
+    first inside the step: the same text as picked on the host, with and without a ban."""
+    engine = host.engine
+    assert engine is not None
+    prompt = tokens(host, "Count: 1, 2, 3,")
+
+    def run(on: bool, **sampling: object) -> tuple[Generation, int]:
+        monkeypatch.setattr(engine, "device_sampling", on)
+        before = engine.tokens_picked_on_device
+        seq = Sequence(tokens=prompt, max_tokens=24, sampling=sampling, draft_max=0)
+        [gen] = submit_at_once(host, [seq])
+        return gen, engine.tokens_picked_on_device - before
+
+    host_gen, none = run(False, temperature=0)
+    device_gen, picked = run(True, temperature=0)
+    assert none == 0 and host_gen.finish_reason == "length"
+    assert device_gen.text == host_gen.text
+    assert picked == 23  # every token but the first (from the prompt's last position)
+    # A ban (a logit bias) goes with the chain to the device.
+    second = host.llm.tokenize(host_gen.text.encode(), add_bos=False, special=False)[1]
+    ban = {"temperature": 0, "logit_bias": {str(second): -100}}
+    host_ban, _ = run(False, **ban)
+    device_ban, picked = run(True, **ban)
+    assert device_ban.text == host_ban.text != host_gen.text and picked > 0
+    assert not any(s.device_chain for s in engine.slots)  # detached as each ended
+
+
+def test_device_sampling_leaves_drafts_logprobs_and_sampled_chains_to_the_host(host, monkeypatch):
+    """A sequence that may draft (at most DRAFT_SEQUENCES generate), one that wants
+    logprobs and a sampled one pick on the host; greedy ones beside more than
+    DRAFT_SEQUENCES others pick on the device (one output each a step, as llama.cpp
+    requires), and every sequence ends as asked."""
+    engine = host.engine
+    assert engine is not None
+    monkeypatch.setattr(engine, "device_sampling", True)
+    repeats = tokens(host, "a b c d e f g a b c d e f g a b c d e f g a b c")
+    before = engine.tokens_picked_on_device, engine.tokens_drafted
+    [alone] = submit_at_once(
+        host, [Sequence(tokens=repeats, max_tokens=16, sampling={"temperature": 0})]
+    )
+    assert alone.completion_tokens == 16
+    assert engine.tokens_picked_on_device == before[0]  # it drafted instead
+    assert engine.tokens_drafted > before[1]
+    greedy = [
+        Sequence(tokens=tokens(host, f"Count to {i + 20}: 1, 2,"), max_tokens=20) for i in range(5)
+    ]
+    for seq in greedy:
+        seq.sampling = {"temperature": 0}
+    scored = Sequence(
+        tokens=tokens(host, "Count: 1, 2,"), max_tokens=20, sampling={"temperature": 0}, logprobs=1
+    )
+    sampled = Sequence(
+        tokens=tokens(host, "Count: 1, 2,"), max_tokens=20, sampling={"temperature": 0.8}
+    )
+    before = engine.tokens_picked_on_device
+    gens = submit_at_once(host, [*greedy, scored, sampled])
+    for gen in gens:
+        assert gen.finish_reason in ("length", "stop")
+        assert gen.finish_reason == "stop" or gen.completion_tokens == 20
+    assert gens[5].logprobs is not None and len(gens[5].logprobs) == gens[5].completion_tokens
+    on_device = engine.tokens_picked_on_device - before
+    # At most the greedy five's tokens after their first; at least those made while all
+    # seven generated (more than DRAFT_SEQUENCES).
+    assert 0 < on_device <= sum(g.completion_tokens for g in gens[:5])
+    assert not any(s.device_chain for s in engine.slots)
+
+
 def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host, monkeypatch):
     """On a GPU llama_decode returns once the step is queued, and the engine puts the last
     step's events after it (async_decode): every piece still arrives, in order, and the

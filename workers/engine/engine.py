@@ -25,6 +25,15 @@ evaluated its KV cells are shared with them (llama_memory_seq_cp) and each sampl
 first token from the leader's logits. The prompt is evaluated once. One that found no
 slot then runs on its own later (its prompt mostly in the prompt cache by then).
 
+With `device_sampling` (a model wholly on a GPU), a greedy sequence with no grammar and no
+logprobs picks its token on the device, inside the step (llama.cpp's backend sampling:
+`llama_set_sampler` attaches a chain of its logit biases and greedy to its seq_id, and the
+token is read with `llama_get_sampled_token_ith`), so the host reads no logits for it: 1
+MiB a sequence a step on a 262k vocabulary. llama.cpp allows such a sequence one output a
+step, so it is on the device only while it cannot draft (more than DRAFT_SEQUENCES
+generate, or it drafts nothing); its first token, from its prompt's last position, is
+picked on the host.
+
 Logprobs (the log-softmax of the logits) are read only for sequences that ask for them;
 a sequence that wants its prompt's logprobs (echo) has every prompt position output, in
 chunks of PROMPT_SCORE_CHUNK, and never reuses a cached prefix.
@@ -126,6 +135,8 @@ class Slot:
     draft_cap: int = 0  # the most tokens its next draft may have
     drafted: int = 0  # tokens drafted for the sequence, and those kept
     kept: int = 0
+    # The chain attached to the context for this seq_id while it picks on the device.
+    device_chain: Any = None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -152,6 +163,7 @@ class Engine:
         draft_max: int = DRAFT_MAX,
         async_decode: bool = False,
         sampling_threads: int | None = None,
+        device_sampling: bool = False,
     ):
         if not 1 <= slots <= MAX_SLOTS:
             raise EngineError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
@@ -162,11 +174,16 @@ class Engine:
         # after it, while the device computes; on the CPU it returns when the step is done,
         # and they are put before it, while it computes without the GIL (`_step`).
         self.async_decode = async_decode
+        self.device_sampling = device_sampling  # greedy picks on the device (module doc)
+        self.tokens_picked_on_device = 0  # since start
         self.n_ctx = n_ctx  # the most one sequence may hold: prompt and reply together
         self.n_batch = n_batch
         self.threads = threads
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.tokens = Vocab(self.vocab)
+        # Read here, not at the first sequence: a scan of the whole vocabulary (~0.2 s on
+        # Gemma's 262k tokens) that would otherwise delay the first request's first token.
+        self.tokens.markers()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_size or n_ctx * slots
         params.n_batch = params.n_ubatch = n_batch
@@ -454,6 +471,8 @@ class Engine:
         prompting.sort(key=lambda s: s.admitted)
         if not generating and not prompting:
             return
+        if self.device_sampling:
+            self._place_pickers(generating)
         n = self.batch.each(
             0,
             [s.next_token for s in generating],
@@ -534,6 +553,36 @@ class Engine:
                 )
                 self._fail(slot, f"sampling failed: {type(e).__name__}: {e}")
 
+    def _place_pickers(self, generating: list[Slot]) -> None:
+        """Attach a device chain to each greedy sequence that cannot draft this step, and
+        take it back from one that may (a draft needs the logits of several positions)."""
+        drafting = self._drafts and len(generating) <= DRAFT_SEQUENCES
+        for slot in generating:
+            job, sampler = slot.job, slot.sampler
+            assert job is not None and sampler is not None
+            device = (
+                sampler.greedy is not None
+                and sampler.grammar is None
+                and slot.logprobs is None
+                and not (drafting and slot.draft_cap > 0)
+            )
+            if device and slot.device_chain is None:
+                chain = sampler.device_chain()
+                if llama_cpp.llama_set_sampler(self.ctx, slot.seq_id, chain):
+                    slot.device_chain = chain
+                else:  # this context's backend cannot: the host picks, as before
+                    llama_cpp.llama_sampler_free(chain)
+                    self.device_sampling = False
+                    log.warning("engine %s: llama.cpp refused backend sampling", self.name)
+                    return
+            elif not device and slot.device_chain is not None:
+                self._detach(slot)
+
+    def _detach(self, slot: Slot) -> None:
+        llama_cpp.llama_set_sampler(self.ctx, slot.seq_id, None)
+        llama_cpp.llama_sampler_free(slot.device_chain)
+        slot.device_chain = None
+
     def _pick_apart(self, outputs: list[tuple[Slot, int]]) -> dict[int, int | Exception]:
         """The next tokens of the step's sequences that sample one position, picked on the
         sampling threads when there are SAMPLE_APART or more (by seq_id; the error where a
@@ -543,7 +592,10 @@ class Engine:
         plain = [
             (slot, index)
             for slot, index in outputs
-            if slot.job is not None and not slot.draft and slot.max_tokens > 0
+            if slot.job is not None
+            and not slot.draft
+            and slot.max_tokens > 0
+            and slot.device_chain is None
         ]
         if len(plain) < SAMPLE_APART:
             return {}
@@ -567,7 +619,7 @@ class Engine:
         batch; the batch's new length."""
         end = min(self.n_batch, n + min(self.n_batch // DRAFT_SHARE, PROMPT_SCORE_CHUNK))
         for slot in generating:
-            if n >= end or slot.draft_cap <= 0 or slot.job is None:
+            if n >= end or slot.draft_cap <= 0 or slot.job is None or slot.device_chain:
                 continue
             most = min(slot.draft_cap, slot.max_tokens - slot.generated - 1, end - n)
             if most <= 0:
@@ -646,7 +698,15 @@ class Engine:
             return
         if isinstance(picked, Exception):
             raise picked
-        token = sampler.sample(self.ctx, index) if picked is None else picked
+        if picked is not None:
+            token = picked
+        elif slot.device_chain is not None:
+            token = int(llama_cpp.llama_get_sampled_token_ith(self.ctx, index))
+            if token < 0:
+                raise RuntimeError("llama.cpp picked no token on the device")
+            self.tokens_picked_on_device += 1
+        else:
+            token = sampler.sample(self.ctx, index)
         if slot.ttft_ms is None:
             slot.ttft_ms = (time.perf_counter() - job.started) * 1000
         slot.generated += 1
@@ -705,6 +765,8 @@ class Engine:
         self._send(job, (FAILED, reason))
 
     def _release(self, slot: Slot) -> None:
+        if slot.device_chain is not None:
+            self._detach(slot)
         if slot.sampler is not None:
             slot.sampler.free()
         slot.job, slot.sampler, slot.text, slot.decoder = None, None, None, None

@@ -132,6 +132,27 @@ class Sampler:
             best = int(view.argmax())
         return best if math.isfinite(view[best]) else None
 
+    def device_chain(self) -> Any:
+        """A new chain that picks as this greedy sampler does (its logit biases, then the
+        best logit), for llama.cpp to run inside a step's graph on the device
+        (`llama_set_sampler`). New each time: a chain attached once to a context aborts the
+        process when attached again."""
+        assert self.greedy is not None
+        ids, biases, _ = self.greedy
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if len(ids):
+            array = (llama_cpp.llama_logit_bias * len(ids))(
+                *(
+                    llama_cpp.llama_logit_bias(int(t), float(b))
+                    for t, b in zip(ids, biases, strict=True)
+                )
+            )
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(ids), array)
+            )
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+
     @property
     def _biased(self) -> frozenset[int]:
         if self._biased_ids is None:
