@@ -149,12 +149,13 @@ class Settings(BaseSettings):
         "not (false). Unset: not where llama.cpp would run its AMX kernels, which crash on "
         "some CPUs (llama.cpp#20824), else yes.",
     )
-    device_sampling: bool | None = Field(
-        default=None,
-        description="Greedy sequences pick their token on the GPU inside the step, so the "
-        "host reads no logits for them (llama.cpp's backend sampling, experimental there): "
-        "true or false. Unset: on for a model wholly on a GPU, off on the CPU, where "
-        "llama.cpp's graph argmax is slower than the host's (bench/backend_sampling.py).",
+    device_sampling: bool = Field(
+        default=False,
+        description="Workers let a greedy sequence pick its token on the device inside the "
+        "step, while it cannot draft (llama.cpp's backend sampling, experimental there): "
+        "the host then takes no argmax over the logits. Off by default: on this project's "
+        "CPU the graph's argmax is slower than the host's (bench/backend_sampling.py), and "
+        "on a GPU it is not measured yet.",
     )
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."

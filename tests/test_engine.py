@@ -494,6 +494,13 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
     device_ban, picked = run(True, **ban)
     assert device_ban.text == host_ban.text != host_gen.text and picked > 0
     assert not any(s.device_chain for s in engine.slots)  # detached as each ended
+    # A backend that cannot run the chain picks no token (-1) though it took the chain:
+    # the host picks from the chain instead, and the engine stops asking the device.
+    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", lambda ctx, i: -1)
+    fallen, picked = run(True, temperature=0)
+    assert fallen.text == host_gen.text and picked == 0
+    assert engine.device_sampling is False
+    assert not any(s.device_chain for s in engine.slots)
 
 
 def test_device_sampling_leaves_drafts_logprobs_and_sampled_chains_to_the_host(host, monkeypatch):
@@ -504,13 +511,22 @@ def test_device_sampling_leaves_drafts_logprobs_and_sampled_chains_to_the_host(h
     engine = host.engine
     assert engine is not None
     monkeypatch.setattr(engine, "device_sampling", True)
+    attached: list[Sequence | None] = []  # the sequence of each chain attached
+    set_sampler = llama_cpp.llama_set_sampler
+
+    def spy(ctx: object, seq_id: int, chain: object) -> bool:
+        if chain is not None:
+            attached.append(engine.slots[seq_id].job)
+        return bool(set_sampler(ctx, seq_id, chain))
+
+    monkeypatch.setattr(llama_cpp, "llama_set_sampler", spy)
     repeats = tokens(host, "a b c d e f g a b c d e f g a b c d e f g a b c")
     before = engine.tokens_picked_on_device, engine.tokens_drafted
     [alone] = submit_at_once(
         host, [Sequence(tokens=repeats, max_tokens=16, sampling={"temperature": 0})]
     )
     assert alone.completion_tokens == 16
-    assert engine.tokens_picked_on_device == before[0]  # it drafted instead
+    assert engine.tokens_picked_on_device == before[0] and not attached  # it drafted instead
     assert engine.tokens_drafted > before[1]
     greedy = [
         Sequence(tokens=tokens(host, f"Count to {i + 20}: 1, 2,"), max_tokens=20) for i in range(5)
@@ -530,8 +546,10 @@ def test_device_sampling_leaves_drafts_logprobs_and_sampled_chains_to_the_host(h
         assert gen.finish_reason == "stop" or gen.completion_tokens == 20
     assert gens[5].logprobs is not None and len(gens[5].logprobs) == gens[5].completion_tokens
     on_device = engine.tokens_picked_on_device - before
-    # At most the greedy five's tokens after their first; at least those made while all
-    # seven generated (more than DRAFT_SEQUENCES).
+    # Each greedy five got a chain (all seven generated together after their prompts), the
+    # others none; the picks are at most the five's tokens (their first on the host, and
+    # an end of turn picked on the device is not a completion token).
+    assert {id(seq) for seq in attached} == {id(seq) for seq in greedy}
     assert 0 < on_device <= sum(g.completion_tokens for g in gens[:5])
     assert not any(s.device_chain for s in engine.slots)
 

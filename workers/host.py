@@ -91,8 +91,8 @@ class EngineOptions:
     n_batch: int = 512
     # Weights in llama.cpp's repacked CPU buffers: off where its AMX kernels would run (repack.py)
     repack: bool = field(default_factory=default_repack)
-    # Greedy picks on the device (the engine's doc); None: for a model wholly on a GPU.
-    device_sampling: bool | None = field(default_factory=lambda: get_settings().device_sampling)
+    # Greedy picks on the device (the engine's doc; FARM_DEVICE_SAMPLING)
+    device_sampling: bool = field(default_factory=lambda: get_settings().device_sampling)
 
 
 class ModelHost:
@@ -151,9 +151,7 @@ class ModelHost:
                 name=self.spec.name,
                 async_decode=gpu and self._all_layers_offloaded(),
                 sampling_threads=opts.threads if not gpu or cuda_only() else 1,
-                device_sampling=gpu and self._all_layers_offloaded()
-                if opts.device_sampling is None
-                else opts.device_sampling,
+                device_sampling=opts.device_sampling,
             )
         except (EngineError, EmbedderError) as e:
             self.close()

@@ -25,14 +25,16 @@ evaluated its KV cells are shared with them (llama_memory_seq_cp) and each sampl
 first token from the leader's logits. The prompt is evaluated once. One that found no
 slot then runs on its own later (its prompt mostly in the prompt cache by then).
 
-With `device_sampling` (a model wholly on a GPU), a greedy sequence with no grammar and no
-logprobs picks its token on the device, inside the step (llama.cpp's backend sampling:
+With `device_sampling` (FARM_DEVICE_SAMPLING; off by default), a greedy sequence with no
+grammar and no logprobs picks its token inside the step (llama.cpp's backend sampling:
 `llama_set_sampler` attaches a chain of its logit biases and greedy to its seq_id, and the
-token is read with `llama_get_sampled_token_ith`), so the host reads no logits for it: 1
-MiB a sequence a step on a 262k vocabulary. llama.cpp allows such a sequence one output a
-step, so it is on the device only while it cannot draft (more than DRAFT_SEQUENCES
-generate, or it drafts nothing); its first token, from its prompt's last position, is
-picked on the host.
+token is read with `llama_get_sampled_token_ith`), so the host takes no argmax over its 1
+MiB of logits a step (Gemma's 262k vocabulary). This llama.cpp still copies those logits
+back, with the biases applied: nothing here may read them as raw logits. llama.cpp allows
+such a sequence one output a step, so it is on the device only while it cannot draft (more
+than DRAFT_SEQUENCES generate, or it drafts nothing); its first token, from its prompt's
+last position, is picked on the host. Each attach and detach makes llama.cpp rebuild the
+step's graph: on a GPU that cost is not measured yet.
 
 Logprobs (the log-softmax of the logits) are read only for sequences that ask for them;
 a sequence that wants its prompt's logprobs (echo) has every prompt position output, in
@@ -702,9 +704,17 @@ class Engine:
             token = picked
         elif slot.device_chain is not None:
             token = int(llama_cpp.llama_get_sampled_token_ith(self.ctx, index))
-            if token < 0:
-                raise RuntimeError("llama.cpp picked no token on the device")
-            self.tokens_picked_on_device += 1
+            if token >= 0:
+                self.tokens_picked_on_device += 1
+            else:  # the backend could not run the chain (llama_set_sampler still said yes)
+                token = int(llama_cpp.llama_sampler_sample(slot.device_chain, self.ctx, index))
+                self._detach(slot)
+                if self.device_sampling:
+                    self.device_sampling = False
+                    log.warning(
+                        "engine %s: llama.cpp's backend picked no token; picking on the host",
+                        self.name,
+                    )
         else:
             token = sampler.sample(self.ctx, index)
         if slot.ttft_ms is None:
