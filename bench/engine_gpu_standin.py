@@ -66,20 +66,20 @@ class StandIn:
         return 0
 
     def logits_ith(self, ctx: Any, index: int) -> Any:
-        self.calls += 1
-        wait = self.ready - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        return self.rows[(self.calls + index) % len(self.rows)]
+        return self.rows[self._row(index)]
 
     def sampled_token_ith(self, ctx: Any, index: int) -> int:
         """The device's greedy pick (`--device-sampling`): the best token of the row that
         `logits_ith` would have returned, with no logits read by the host."""
+        return self.picks[self._row(index)]
+
+    def _row(self, index: int) -> int:
+        """The pool row of a read, once the step queued last has ended."""
         self.calls += 1
         wait = self.ready - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        return self.picks[(self.calls + index) % len(self.picks)]
+        return (self.calls + index) % len(self.rows)
 
     @staticmethod
     def set_sampler(ctx: Any, seq_id: int, chain: Any) -> bool:

@@ -560,8 +560,8 @@ class Engine:
         take it back from one that may (a draft needs the logits of several positions)."""
         drafting = self._drafts and len(generating) <= DRAFT_SEQUENCES
         for slot in generating:
-            job, sampler = slot.job, slot.sampler
-            assert job is not None and sampler is not None
+            sampler = slot.sampler
+            assert sampler is not None
             device = (
                 sampler.greedy is not None
                 and sampler.grammar is None

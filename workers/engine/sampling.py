@@ -140,16 +140,7 @@ class Sampler:
         assert self.greedy is not None
         ids, biases, _ = self.greedy
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if len(ids):
-            array = (llama_cpp.llama_logit_bias * len(ids))(
-                *(
-                    llama_cpp.llama_logit_bias(int(t), float(b))
-                    for t, b in zip(ids, biases, strict=True)
-                )
-            )
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(ids), array)
-            )
+        _add_logit_bias(chain, self.n_vocab, list(zip(ids.tolist(), biases.tolist(), strict=True)))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
 
@@ -256,13 +247,7 @@ def build_sampler(
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
-        if biases:
-            array = (llama_cpp.llama_logit_bias * len(biases))(
-                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in biases.items())
-            )
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array)
-            )
+        _add_logit_bias(chain, n_vocab, list(biases.items()))
         _fill_chain(chain, p, n_vocab, seed)
     except BaseException:
         llama_cpp.llama_sampler_free(chain)  # frees the samplers already added too
@@ -287,6 +272,17 @@ def build_sampler(
         prefilter=not penalties and all(b <= 0 for b in biases.values()),
         greedy=greedy,
     )
+
+
+def _add_logit_bias(chain: Any, n_vocab: int, biases: list[tuple[int, float]]) -> None:
+    """A logit-bias sampler on `chain` for (token, bias) pairs; none when there are none."""
+    if biases:
+        array = (llama_cpp.llama_logit_bias * len(biases))(
+            *(llama_cpp.llama_logit_bias(token, bias) for token, bias in biases)
+        )
+        llama_cpp.llama_sampler_chain_add(
+            chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array)
+        )
 
 
 def _grammar_sampler(vocab: Any, grammar: str, lazy: Lazy | None) -> Any:
