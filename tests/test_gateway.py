@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import delete, func, select
 
 import farm
+from farm.admission.quotas import LIMITS_CACHE_S
 from farm.registry import transaction
 from farm.registry.tables import TERMINAL_STATUSES, ApiKeyRecord, UsageRecord
 from tests.conftest import LIVE_SLOTS, MODEL, FarmUnderTest, finished_usage, free_port
@@ -526,6 +527,9 @@ def test_pipelined_requests_and_blank_lines_meet_the_connection_rules_as_single_
 
 def test_a_rate_limited_session_gets_429_with_retry_after_and_ratelimit_headers(gateway, live_farm):
     assert live_farm.farm("quota", "set", "default", "--rpm", "2").returncode == 0
+    # The gateway keeps a session's limits for LIMITS_CACHE_S: an earlier test's request may
+    # have left "no limit" there just before the set.
+    time.sleep(LIMITS_CACHE_S)
     try:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
         first = httpx.post(f"{gateway}/v1/completions", json=body, timeout=60)
