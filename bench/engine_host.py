@@ -10,6 +10,7 @@ milliseconds a step and the rest decides the throughput.
     python bench/engine_host.py --compare        # 1, 8, 32 slots, greedy: argmax and chain
     python bench/engine_host.py --slots 32 --sampled
     python bench/engine_host.py --sampling-threads 1    # every pick on the engine thread
+    python bench/engine_host.py --slots 32 --unstreamed  # jobs nobody streams: no text events
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def run(
     chain: bool,
     draft_max: int = 0,
     sampling_threads: int | None = None,
+    streamed: bool = True,
 ) -> dict[str, float]:
-    """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax. The
+    """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax;
+    `streamed=False`: the readers get only each sequence's end (a job nobody streams). The
     sampler's time is the engine thread's: its own picks, and its wait for a step's picks
     on the sampling threads (Engine._pick_apart, its own share included)."""
     engine = Engine(
@@ -121,6 +124,7 @@ def run(
                     max_tokens=TOKENS,
                     sampling=dict(sampling),
                     draft_max=draft_max,  # 0: one token a step, as the table has always counted
+                    streamed=streamed,
                 )
             )
         done: list[int] = []
@@ -186,6 +190,11 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=1, help="median of this many runs")
     parser.add_argument(
+        "--unstreamed",
+        action="store_true",
+        help="the sequences are not streamed: their readers get only the end",
+    )
+    parser.add_argument(
         "--compare", action="store_true", help="greedy by llama.cpp's chain too, in the same run"
     )
     args = parser.parse_args()
@@ -193,7 +202,10 @@ def main() -> None:
     params = llama_cpp.llama_model_default_params()
     params.use_extra_bufts = default_repack()  # workers/repack.py: no AMX kernels
     model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
-    print(f"Gemma 3 270M, {TOKENS} tokens a sequence, {'sampled' if args.sampled else 'greedy'}")
+    print(
+        f"Gemma 3 270M, {TOKENS} tokens a sequence, {'sampled' if args.sampled else 'greedy'}, "
+        f"{'not streamed' if args.unstreamed else 'streamed'}"
+    )
     print(f"{'slots':>5} {'sampler':>8} {'tok/s':>7} {'decode ms':>10} {'host ms':>8} "
           f"{'sampler ms':>11} {'python us/seq-token':>20}")  # fmt: skip
     kinds = [False, True] if args.compare and not args.sampled else [False]
@@ -207,6 +219,7 @@ def main() -> None:
                     args.threads,
                     chain,
                     sampling_threads=args.sampling_threads,
+                    streamed=not args.unstreamed,
                 )
                 for _ in range(args.runs)
             ]

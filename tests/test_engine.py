@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from workers.engine import DONE, FAILED, TEXT, Generation, Sequence  # noqa: E402
+from workers.engine import DONE, FAILED, LOGPROBS, TEXT, Generation, Sequence  # noqa: E402
 from workers.engine import engine as engine_module  # noqa: E402
 from workers.host import EngineOptions, ModelHost  # noqa: E402
 from workers.spec import ModelSpec  # noqa: E402
@@ -657,3 +657,47 @@ def test_sequences_sampled_on_the_sampling_threads_get_the_tokens_the_engine_thr
     assert apart == together
     assert all(text for text, _ in apart)
     assert apart[6][0].split(" ")[0] in ("yes", "no")  # the grammar held on its thread
+
+
+def test_a_sequence_nobody_streams_gets_only_its_end_with_the_streamed_text_and_logprobs(host):
+    """Unstreamed (a job nobody streams), a sequence's reader is woken once, at its end:
+    no text or logprobs events. Its Generation is the streamed one's: the same text, cut
+    at the same stop string, and the same logprobs."""
+    engine = host.engine
+    assert engine is not None
+
+    def run(streamed: bool) -> list[tuple[list[str], Generation]]:
+        seqs = [
+            Sequence(
+                tokens=tokens(host, prompt),
+                max_tokens=30,
+                sampling={"temperature": 0},
+                stops=stops,
+                logprobs=logprobs,
+                draft_max=0,
+                streamed=streamed,
+            )
+            for prompt, stops, logprobs in [
+                ("Count from 1 to 30: 1, 2,", (" 9,",), None),
+                ("The capital of France is", (), 2),
+            ]
+        ]
+        out = []
+        for seq in seqs:  # one at a time: greedy text alone is deterministic
+            engine.submit(seq)
+            kinds = []
+            while (event := seq.events.get(timeout=120))[0] not in (DONE, FAILED):
+                kinds.append(event[0])
+            assert event[0] == DONE, event
+            out.append((kinds, event[1]))
+        return out
+
+    streamed, quiet = run(True), run(False)
+    assert streamed[0][0] and set(streamed[1][0]) == {TEXT, LOGPROBS}  # the streamed events
+    assert [kinds for kinds, _ in quiet] == [[], []]  # none: only the end
+    for (_, loud), (_, silent) in zip(streamed, quiet, strict=True):
+        assert silent.text == loud.text and silent.finish_reason == loud.finish_reason
+        assert silent.completion_tokens == loud.completion_tokens
+        assert silent.logprobs == loud.logprobs
+    assert quiet[0][1].finish_reason == "stop" and quiet[0][1].text.endswith("8,")
+    assert quiet[1][1].logprobs and len(quiet[1][1].logprobs) == quiet[1][1].completion_tokens

@@ -89,6 +89,7 @@ def _copy(seq: EngineSequence, j: int) -> EngineSequence:
         logprobs=seq.logprobs,
         prompt_logprobs=seq.prompt_logprobs,
         draft_max=seq.draft_max,
+        streamed=seq.streamed,
     )
 
 

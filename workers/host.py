@@ -295,10 +295,16 @@ class ModelHost:
         return self.follow(run, on_text=on_text, should_cancel=should_cancel)
 
     def start(
-        self, request: Request, *, time_limit_s: float | None = None, label: str = ""
+        self,
+        request: Request,
+        *,
+        time_limit_s: float | None = None,
+        label: str = "",
+        streamed: bool = True,
     ) -> Run | EmbeddingJob:
         """Tokenize the request and hand its sequences (one per choice) to the engine (an
-        embeddings job: its inputs to the embedder); follow them with `follow`.
+        embeddings job: its inputs to the embedder); follow them with `follow`. With
+        `streamed=False`, the engine sends no text before the end (`follow` passes on none).
 
         JobFailed when it cannot be served (a prompt longer than the context, embeddings
         from a model that serves none)."""
@@ -330,6 +336,7 @@ class ModelHost:
                 sequence_for(
                     r, self.spec, self.tokenize(r, tools), started=started,
                     time_limit_s=time_limit_s, label=label, tools=tools, markers=markers,
+                    streamed=streamed,
                 ),
                 r.prompts[0] if r.prompts else "",
             )

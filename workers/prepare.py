@@ -42,9 +42,12 @@ def sequence_for(
     label: str = "",
     tools: ToolPlan | None = None,
     markers: dict[str, int] | None = None,
+    streamed: bool = True,
 ) -> EngineSequence:
     """The engine's Sequence for `request` on model `spec`, its prompt already tokenized;
-    `tools`: its tool plan, `markers`: the token ids of the plan's special markers.
+    `tools`: its tool plan, `markers`: the token ids of the plan's special markers;
+    `streamed`: its text is read as it comes (a reply with tool calls always is: they are
+    parsed as they come).
 
     JobFailed when it cannot be served (a prompt longer than the context)."""
     tokens, template_stops = prompt
@@ -80,6 +83,7 @@ def sequence_for(
         label=label,
         logprobs=request.logprobs,
         prompt_logprobs=request.echo and request.logprobs is not None,
+        streamed=streamed or bool(calls),
     )
 
 

@@ -209,7 +209,13 @@ class JobRunner:
                 # The engine starts on the prompt while the registry marks the job running:
                 # the write is off the job's path. Should the row say the job must not run
                 # (cancelled while queued, or ended by an earlier delivery), it is stopped.
-                seq = host.start(request, time_limit_s=ctx.settings.job_time_limit, label=job_id)
+                # A job nobody streams has no per-token events: its thread waits for the end.
+                seq = host.start(
+                    request,
+                    time_limit_s=ctx.settings.job_time_limit,
+                    label=job_id,
+                    streamed=request.stream_tokens,
+                )
                 # Taking this job opened a place in its model's queue: the next fair turn
                 # fills it (while the engine reads the prompt, off the job's path).
                 fleet.on_take(ctx, request.model)

@@ -422,7 +422,9 @@ class Engine:
         slot.cached = keep
         slot.generated, slot.ttft_ms, slot.next_token = 0, None, -1
         slot.max_tokens = min(seq.max_tokens, self.n_ctx - len(seq.tokens))
-        slot.text = TextAssembler(seq.stops, lambda piece: self._send(seq, (TEXT, piece)))
+        slot.text = TextAssembler(
+            seq.stops, (lambda piece: self._send(seq, (TEXT, piece))) if seq.streamed else _unread
+        )
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.admitted = self._admissions
         slot.follows = None
@@ -748,7 +750,8 @@ class Engine:
         assert job is not None and text is not None and found is not None
         entry = self.logprobs.entry(index, token, job.logprobs or 0, len(text.text))
         found.append(entry)
-        self._send(job, (LOGPROBS, entry))  # before the text it brings
+        if job.streamed:
+            self._send(job, (LOGPROBS, entry))  # before the text it brings
 
     # -- ending sequences ---------------------------------------------------------------------------
     def _finish(self, slot: Slot, reason: str) -> None:
@@ -844,6 +847,10 @@ class Engine:
             llama_cpp.llama_memory_seq_rm(self.mem, newest.seq_id, -1, -1)
             newest.cache.clear()
             self._finish(newest, "length")
+
+
+def _unread(piece: str) -> None:
+    """A piece of text of a sequence nobody streams: its Generation holds the whole text."""
 
 
 def _pick(share: list[tuple[Slot, int]], ctx: Any) -> dict[int, int | Exception]:

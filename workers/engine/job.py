@@ -5,6 +5,7 @@ hands it to `Engine.submit`, and reads `Sequence.events` until the final one:
 
     ("text", str)            a piece of generated text, safe to show
     ("logprobs", dict)       a token's logprobs, before the text it brings (when asked for)
+                             (neither of these two for a sequence that is not `streamed`)
     ("done", Generation)     the end: text, finish reason, token counts, timings
     ("failed", str)          the engine could not serve it (the reason)
 
@@ -70,6 +71,10 @@ class Sequence:
     # Prompt-lookup speculation: the most tokens drafted a step from the sequence's own
     # tokens (lookup.py); 0: none; None: the engine's default.
     draft_max: int | None = None
+    # False: the engine puts no "text" or "logprobs" events, only the last one (its
+    # Generation holds the whole text and logprobs). For a reader that does not show the
+    # text as it comes: its thread is then not woken at every token.
+    streamed: bool = True
     generated: int = 0  # tokens so far, written by the engine thread
     # Where the engine puts this sequence's events: anything with put((kind, value)); a
     # SimpleQueue unless the sequence is one choice of several (workers/choices.py).

@@ -114,7 +114,10 @@ class TwinEngine:
         return _Running(
             seq=seq,
             reply=reply,
-            text=TextAssembler(seq.stops, lambda piece: seq.events.put((TEXT, piece))),
+            text=TextAssembler(
+                seq.stops,
+                (lambda piece: seq.events.put((TEXT, piece))) if seq.streamed else lambda _: None,
+            ),
             decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
             max_tokens=min(seq.max_tokens, self.n_ctx - len(seq.tokens)),
         )
