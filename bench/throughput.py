@@ -6,10 +6,13 @@ In one run, on the Gemma 3 270M GGUF, with the same threads for all three:
   (bench/llama_server.py; $LLAMA_SERVER to use another build);
 - farm: a real `farm worker --parallel SLOTS` on Redis, clients calling `farm.infer`.
 1 and N concurrent clients, COMPLETION-token completions; tokens/s counts the tokens each
-system reports it generated. Then the time to first token of a chat's second turn (its
-~1,500-token history cached) against the first.
+system reports it generated. llama-server and farm run side by side and are measured in
+turn, `--rounds` times each per client count (this VM's speed drifts by 10-20 % over
+minutes: measured one after the other, the ratio was mostly the drift). Then the time to
+first token of a chat's second turn (its ~1,500-token history cached) against the first.
 
     python bench/throughput.py [--clients 1,8] [--slots 8] [--threads N] [--tokens 64]
+                               [--rounds 4]
 
 Needs Redis (FARM_BENCH_REDIS, default redis://127.0.0.1:6379/13, flushed).
 """
@@ -17,15 +20,17 @@ Needs Redis (FARM_BENCH_REDIS, default redis://127.0.0.1:6379/13, flushed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +86,12 @@ def bench_direct(path: str, threads: int, tokens: int, runs: int) -> float:
     return rate
 
 
-def bench_server(
-    path: str, threads: int, slots: int, tokens: int, clients: list[int], runs: int
-) -> dict[int, float]:
+Call = Callable[[int], int]  # request i -> completion tokens
+
+
+@contextlib.contextmanager
+def server_client(path: str, threads: int, slots: int, tokens: int) -> Iterator[Call]:
+    """llama-server -np `slots` running, and a call that sends it request i."""
     args = ["-np", str(slots), "-t", str(threads), "-tb", str(threads), "-c", str(4096 * slots)]
     with serving(path, args) as url:
 
@@ -96,18 +104,15 @@ def bench_server(
                 return int(json.loads(r.read())["tokens_predicted"])
 
         call(0)
-        return {c: run_clients(c, runs if c == 1 else max(2, runs // 2), call) for c in clients}
+        yield call
 
 
-def bench_farm(
-    path: str,
-    threads: int,
-    slots: int,
-    tokens: int,
-    clients: list[int],
-    runs: int,
-    draft_max: int | None = None,
-) -> tuple[dict[int, float], tuple[float, float, int, int]]:
+@contextlib.contextmanager
+def farm_client(
+    path: str, threads: int, slots: int, tokens: int, draft_max: int | None = None
+) -> Iterator[Call]:
+    """A farm worker --parallel `slots` running on Redis, and a call that sends it request
+    i through `farm.infer`."""
     import redis
 
     broker = os.environ.get("FARM_BENCH_REDIS", "redis://127.0.0.1:6379/13")
@@ -144,30 +149,51 @@ def bench_farm(
             )
             return c.usage.completion_tokens
 
-        rates = {c: run_clients(c, runs if c == 1 else max(2, runs // 2), call) for c in clients}
-        facts = " ".join(f"Fact {i}: the number {i} follows {i - 1}." for i in range(1, 120))
-        history = [{"role": "user", "content": f"Remember these facts. {facts}"}]
-        first = farm.infer(model=MODEL, messages=history, max_tokens=8, timeout=120)
-        second = farm.infer(
-            model=MODEL,
-            messages=[
-                *history,
-                {"role": "assistant", "content": first.text},
-                {"role": "user", "content": "What follows 41?"},
-            ],
-            max_tokens=8,
-            timeout=120,
-        )
-        cache = (
-            first.timings.ttft_ms or 0.0,
-            second.timings.ttft_ms or 0.0,
-            second.usage.prompt_tokens,
-            second.usage.cached_tokens,
-        )
-        return rates, cache
+        yield call
     finally:
         worker.terminate()
         worker.wait(60)
+
+
+def prompt_cache() -> tuple[float, float, int, int]:
+    """Through farm: a chat's first turn and its second (~1,850-token history): TTFT of
+    each, the second's prompt tokens and how many of them were cached."""
+    import farm
+
+    facts = " ".join(f"Fact {i}: the number {i} follows {i - 1}." for i in range(1, 120))
+    history = [{"role": "user", "content": f"Remember these facts. {facts}"}]
+    first = farm.infer(model=MODEL, messages=history, max_tokens=8, timeout=120)
+    second = farm.infer(
+        model=MODEL,
+        messages=[
+            *history,
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "What follows 41?"},
+        ],
+        max_tokens=8,
+        timeout=120,
+    )
+    return (
+        first.timings.ttft_ms or 0.0,
+        second.timings.ttft_ms or 0.0,
+        second.usage.prompt_tokens,
+        second.usage.cached_tokens,
+    )
+
+
+def compare(
+    server: Call, ours: Call, clients: int, per_client: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """tokens/s of llama-server and of farm, `rounds` times each, alternating (server
+    first in even rounds, farm first in odd ones), so that a drift in the machine's speed
+    falls on both alike."""
+    theirs: list[float] = []
+    mine: list[float] = []
+    for r in range(rounds):
+        pair = [(server, theirs), (ours, mine)]
+        for call, rates in pair if r % 2 == 0 else reversed(pair):
+            rates.append(run_clients(clients, per_client, call))
+    return theirs, mine
 
 
 def main() -> None:
@@ -177,6 +203,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=4, help="requests per client (1 client)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="llama-server and farm measured this many times each per client count, "
+        "alternately (tokens/s medians; farm / llama-server per round)",
+    )
     parser.add_argument(
         "--draft-max",
         type=int,
@@ -192,20 +225,34 @@ def main() -> None:
           f"{args.slots} slots", flush=True)  # fmt: skip
     direct = bench_direct(path, args.threads, args.tokens, args.runs)
     print(f"direct llama-cpp-python, 1 client: {direct:.1f} tok/s", flush=True)
-    server = bench_server(path, args.threads, args.slots, args.tokens, clients, args.runs)
-    print(f"llama-server: {', '.join(f'{c} clients {r:.1f} tok/s' for c, r in server.items())}")
-    ours, cache = bench_farm(
-        path, args.threads, args.slots, args.tokens, clients, args.runs, args.draft_max
+    results = {}
+    with (
+        server_client(path, args.threads, args.slots, args.tokens) as server,
+        farm_client(path, args.threads, args.slots, args.tokens, args.draft_max) as ours,
+    ):
+        for c in clients:
+            per_client = args.runs if c == 1 else max(2, args.runs // 2)
+            theirs, mine = compare(server, ours, c, per_client, args.rounds)
+            results[c] = theirs, mine
+            print(
+                f"{c} clients: llama-server {' '.join(f'{x:.1f}' for x in theirs)}, "
+                f"farm {' '.join(f'{x:.1f}' for x in mine)} tok/s",
+                flush=True,
+            )
+        cold, warm, prompt_tokens, cached = prompt_cache()
+    print(
+        "\n| clients | farm tok/s | llama-server tok/s | farm / llama-server, each round "
+        "| median | farm / direct |"
     )
-    print(f"farm:         {', '.join(f'{c} clients {r:.1f} tok/s' for c, r in ours.items())}")
-    print("\n| clients | farm tok/s | llama-server tok/s | farm / llama-server | farm / direct |")
-    print("|---|---|---|---|---|")
-    for c in clients:
-        vs_direct = f"{ours[c] / direct:.2f}" if c == 1 else "-"
+    print("|---|---|---|---|---|---|")
+    for c, (theirs, mine) in results.items():
+        ratios = [m / t for m, t in zip(mine, theirs, strict=True)]
+        ours_c, server_c = statistics.median(mine), statistics.median(theirs)
+        vs_direct = f"{ours_c / direct:.2f}" if c == 1 else "-"
         print(
-            f"| {c} | {ours[c]:.1f} | {server[c]:.1f} | {ours[c] / server[c]:.2f} | {vs_direct} |"
+            f"| {c} | {ours_c:.1f} | {server_c:.1f} | {' '.join(f'{x:.2f}' for x in ratios)} "
+            f"| {statistics.median(ratios):.2f} | {vs_direct} |"
         )
-    cold, warm, prompt_tokens, cached = cache
     print(
         f"\nprompt cache: second chat turn {prompt_tokens} prompt tokens, {cached} cached; "
         f"TTFT cold {cold:.0f} ms, cached {warm:.0f} ms ({warm / cold:.2f}x)"

@@ -467,6 +467,83 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
     sampled.free()
 
 
+def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed(host):
+    """A sampled top-k chain is run on the best top_k (+ biased) tokens by raw logit, not on
+    the whole vocabulary: over real logits, with the engine's bans, a ban of the best token,
+    lowered ones, top-p/min-p and temperatures, the same seed draws the same tokens as
+    llama.cpp's chain over everything, draw after draw. Positive biases, penalties,
+    mirostat and top_k=0 keep the chain."""
+    import ctypes
+
+    import numpy as np
+
+    from workers.engine.sampling import build_sampler
+
+    engine = host.engine
+    assert engine is not None
+    vocab, n_vocab = engine.vocab, engine.logprobs.n_vocab
+    markers = engine.tokens.markers()
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.no_perf = 256, 256, True
+    own = llama_cpp.llama_init_from_model(host.llm.model, params)  # the engine's is its thread's
+    try:
+        rows = []
+        for text in ("The capital of France is", "Once upon a time, in a small"):
+            prompt = tokens(host, text)
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(own), True)
+            ids = (llama_cpp.llama_token * len(prompt))(*prompt)
+            assert llama_cpp.llama_decode(own, llama_cpp.llama_batch_get_one(ids, len(prompt))) == 0
+            raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(own, -1), shape=(n_vocab,))
+            rows.append(raw.copy())
+        for raw in rows:
+            top = [int(t) for t in np.argsort(raw)[::-1][:3]]
+            cases = [
+                {"temperature": 0.8, "seed": 3},
+                {"temperature": 1.5, "seed": 4, "top_k": 100, "top_p": 1.0, "min_p": 0.0},
+                {"temperature": 0.8, "seed": 5, "logit_bias": {str(top[0]): -100}},
+                {"temperature": 1.0, "seed": 6, "logit_bias": {str(top[1]): -2.0}, "top_k": 5},
+            ]
+            pointer = raw.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            for fields in cases:
+                pool = build_sampler(vocab, fields, None, markers)
+                chain = build_sampler(vocab, fields, None, markers)
+                chain.top_pool = 0  # llama.cpp's chain over the whole vocabulary
+                try:
+                    assert pool.top_pool >= int(fields.get("top_k", 40))
+                    fast = [pool._pick_top(pointer) for _ in range(200)]
+                    assert None not in fast
+                    slow = [chain._pick_among(None, raw, with_grammar=False) for _ in range(200)]
+                    assert fast == slow, fields
+                    assert len(set(fast)) > 1 or fields.get("top_k") == 5  # it does sample
+                    banned = [int(t) for t, b in fields.get("logit_bias", {}).items() if b <= -100]
+                    assert not set(fast) & (set(banned) | set(markers))
+                finally:
+                    pool.free()
+                    chain.free()
+    finally:
+        llama_cpp.llama_free(own)
+    for fields in (
+        {"temperature": 0.8, "logit_bias": {"42": 1.0}},  # a raise: the pool may miss it
+        {"temperature": 0.8, "repeat_penalty": 1.2},
+        {"temperature": 0.8, "mirostat_mode": 2},
+        {"temperature": 0.8, "top_k": 0},
+        {"temperature": 0.0},
+    ):
+        kept = build_sampler(vocab, fields, None, markers)
+        assert kept.top_pool == 0, fields
+        kept.free()
+    # Logits with no finite best, or too few near it: the chain draws instead.
+    pool = build_sampler(vocab, {"temperature": 0.8}, None, markers)
+    try:
+        row = np.full(n_vocab, -1000.0, dtype=np.float32)
+        row[:3] = 0.0
+        assert pool._pick_top(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) is None
+        row[:] = float("nan")
+        assert pool._pick_top(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) is None
+    finally:
+        pool.free()
+
+
 def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, monkeypatch):
     """With device sampling (llama.cpp's backend sampling, on by default only for a model
     wholly on a GPU), a greedy sequence that drafts nothing picks each token after its
