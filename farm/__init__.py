@@ -226,7 +226,7 @@ def embed(
     from farm.completion import Embeddings
     from farm.config import get_settings
     from farm.enqueue import build, check_seconds, submit_request
-    from farm.openai_embeddings import embedding_inputs
+    from farm.openai.embeddings import embedding_inputs
 
     check_seconds("timeout", timeout, optional=True)
     inputs = embedding_inputs(input)  # the gateway's rules and words (an InvalidRequest)

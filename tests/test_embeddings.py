@@ -21,8 +21,8 @@ import pytest
 from sqlalchemy import func, select
 
 import farm
-from farm.openai_api import BadBody
-from farm.openai_embeddings import embedding_fields
+from farm.openai.api import BadBody
+from farm.openai.embeddings import embedding_fields
 from farm.registry import queries, transaction
 from farm.registry.tables import UsageRecord
 from tests.conftest import MODEL, FarmUnderTest, finished_usage, free_port, gemma_path

@@ -470,9 +470,10 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
 def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed(host):
     """A sampled top-k chain is run on the best top_k (+ biased) tokens by raw logit, not on
     the whole vocabulary: over real logits, with the engine's bans, a ban of the best token,
-    lowered ones, top-p/min-p and temperatures, the same seed draws the same tokens as
-    llama.cpp's chain over everything, draw after draw. Positive biases, penalties,
-    mirostat and top_k=0 keep the chain."""
+    lowered ones, top-p/min-p and temperatures, a k past llama.cpp's partial sort (128), the
+    same seed draws the same tokens as llama.cpp's chain over everything, draw after draw.
+    Positive biases, penalties, mirostat and top_k=0 keep the chain. (Exactly equal logits
+    may be ordered otherwise, and draw another of the tied tokens: none here.)"""
     import ctypes
 
     import numpy as np
@@ -502,7 +503,11 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
                 {"temperature": 1.5, "seed": 4, "top_k": 100, "top_p": 1.0, "min_p": 0.0},
                 {"temperature": 0.8, "seed": 5, "logit_bias": {str(top[0]): -100}},
                 {"temperature": 1.0, "seed": 6, "logit_bias": {str(top[1]): -2.0}, "top_k": 5},
-            ]
+                # top-k's edge itself: the best lowered below others, no top-p or min-p cut
+                {"temperature": 2.0, "seed": 7, "logit_bias": {str(top[0]): -30.0}, "top_k": 60,
+                 "top_p": 1.0, "min_p": 0.0},
+                {"temperature": 2.0, "seed": 8, "top_k": 300, "top_p": 1.0, "min_p": 0.0},
+            ]  # fmt: skip
             pointer = raw.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             for fields in cases:
                 pool = build_sampler(vocab, fields, None, markers)
@@ -520,6 +525,19 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
                 finally:
                     pool.free()
                     chain.free()
+        # Through Sampler.sample, on the context's last logits: the pool's picks, accepted,
+        # are those of llama_sampler_sample over the whole vocabulary.
+        fields = {"temperature": 1.2, "seed": 9, "top_p": 1.0, "min_p": 0.0}
+        pool = build_sampler(vocab, fields, None, markers)
+        chain = build_sampler(vocab, fields, None, markers)
+        chain.top_pool = 0
+        try:
+            picks = [pool.sample(own, -1) for _ in range(100)]
+            assert picks == [chain.sample(own, -1) for _ in range(100)]
+            assert len(set(picks)) > 1
+        finally:
+            pool.free()
+            chain.free()
     finally:
         llama_cpp.llama_free(own)
     for fields in (

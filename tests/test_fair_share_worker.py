@@ -40,9 +40,16 @@ STARTS: Counter[str] = Counter()  # job id -> runs started on the twin
 class CountingTwin(TwinHost):
     """The twin, counting the runs it starts per job."""
 
-    def start(self, request: Request, *, time_limit_s: float | None = None, label: str = "") -> Any:
+    def start(
+        self,
+        request: Request,
+        *,
+        time_limit_s: float | None = None,
+        label: str = "",
+        streamed: bool = True,
+    ) -> Any:
         STARTS[label] += 1
-        return super().start(request, time_limit_s=time_limit_s, label=label)
+        return super().start(request, time_limit_s=time_limit_s, label=label, streamed=streamed)
 
 
 @pytest.fixture(scope="module")

@@ -344,8 +344,8 @@ def test_batch_bodies_and_files_holding_nul_are_refused_naming_the_field(registr
 
 
 def test_a_503_for_a_model_no_worker_serves_tells_an_http_client_to_retry_not_a_cli_flag():
-    from farm import openai_api
     from farm.errors import NoLiveWorker
+    from farm.openai import api as openai_api
 
     raised = NoLiveWorker(
         "no worker is serving model 'qwen'; start one with `farm worker --model qwen` (or "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from farm.completion import Choice, Completion, Timings, Usage
-from farm.openai_api import BadBody, chat_response, completion_response, request_fields
+from farm.openai.api import BadBody, chat_response, completion_response, request_fields
 from farm.request import make_request
 
 ENTRY = {

@@ -16,7 +16,7 @@ from referencing.jsonschema import DRAFT202012
 from farm.config import reset_settings
 from farm.context import reset_context
 from farm.gateway.app import create_app
-from farm.openai_shapes import ChatBody
+from farm.openai.shapes import ChatBody
 from farm.request import Sampling, Stopping
 
 # POST routes: the body's media type and the fields it must hold.

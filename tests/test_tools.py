@@ -11,7 +11,7 @@ from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from farm.batches.lines import check
 from farm.errors import BatchFileError, InvalidRequest
-from farm.openai_api import BadBody, error, request_fields
+from farm.openai.api import BadBody, error, request_fields
 from farm.request import make_request
 from farm.tools.formats import GENERIC, HERMES, LLAMA3, MISTRAL, Family, family_for, plan
 from farm.tools.parse import CallParser, call_id, parse_calls

@@ -19,9 +19,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from farm import openai_api, openai_embeddings
 from farm.config import Settings
 from farm.errors import BatchFileError, InvalidRequest
+from farm.openai import api as openai_api
+from farm.openai import embeddings as openai_embeddings
 from farm.request import Request, Stopping, oversized, valid_text
 
 EMBEDDINGS_URL = "/v1/embeddings"

@@ -16,10 +16,10 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from farm import openai_api as openai
 from farm.completion import Completion
 from farm.errors import JobFailed
-from farm.openai_embeddings import embeddings_response
+from farm.openai import api as openai
+from farm.openai.embeddings import embeddings_response
 from farm.registry.tables import BatchLineRecord, as_utc
 
 NEVER_RAN = {"cancelled": "batch_cancelled", "expired": "batch_expired"}

@@ -39,8 +39,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 import farm
-from farm import openai_api as openai
-from farm import openai_shapes as shapes
 from farm.admission.quotas import RateState
 from farm.config import get_settings
 from farm.context import get_context
@@ -52,6 +50,8 @@ from farm.gateway.access import AccessLog
 from farm.gateway.batches import add_routes
 from farm.gateway.edge import JobStream, off_loop, read_body, submitted, until_done_or_gone
 from farm.gateway.models import ModelList
+from farm.openai import api as openai
+from farm.openai import shapes
 from farm.queue import PRIORITIES
 from farm.registry import queries, transaction
 from farm.results import Job

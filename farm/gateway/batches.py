@@ -30,7 +30,7 @@ from farm.context import get_context
 from farm.errors import UnknownBatch
 from farm.gateway import openapi
 from farm.gateway.edge import read_body
-from farm.openai_api import BadBody, parse_body
+from farm.openai.api import BadBody, parse_body
 from farm.registry import transaction
 from farm.registry.tables import as_utc
 from farm.request import valid_text

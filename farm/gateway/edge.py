@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from farm import openai_api as openai
 from farm.config import get_settings
 from farm.context import get_context
 from farm.gateway import follow
+from farm.openai import api as openai
 from farm.results import Job
 
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """POST /v1/embeddings: OpenAI's embeddings endpoint, as a farm job on the model's queue.
 
-    body -> openai_embeddings.embedding_fields (400 naming the parameter; nothing queued)
+    body -> farm.openai.embeddings.embedding_fields (400 naming the parameter; nothing queued)
          -> farm.submit: the model serves embeddings? dimensions allowed? quota, queue room
          -> the worker's embedder batches its inputs with other jobs' -> the vectors
 
@@ -20,13 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import farm
-from farm import openai_api as openai
 from farm.admission.quotas import RateState
 from farm.context import get_context
 from farm.errors import JobFailed
 from farm.gateway import follow, openapi
 from farm.gateway.edge import read_body, submitted, until_done_or_gone
-from farm.openai_embeddings import EmbeddingsBody, embedding_fields, embeddings_response
+from farm.openai import api as openai
+from farm.openai.embeddings import EmbeddingsBody, embedding_fields, embeddings_response
 from farm.queue import PRIORITIES
 from farm.results import Job
 

@@ -1,6 +1,6 @@
 """What the gateway's /openapi.json says beyond what FastAPI infers from its routes.
 
-The routes read their bodies by hand (farm/openai_api.py and its siblings) so that every
+The routes read their bodies by hand (farm/openai/api.py and its siblings) so that every
 refusal is OpenAI's error naming the parameter; FastAPI therefore sees no request body and
 no error. Each route says them here instead:
 
@@ -20,11 +20,11 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from farm.openai_shapes import ErrorBody
+from farm.openai.shapes import ErrorBody
 
 REF = "#/components/schemas/{model}"
 
-# What each status means on this gateway (farm/openai_api.py's `error` decides them).
+# What each status means on this gateway (farm/openai/api.py's `error` decides them).
 STATUSES = {
     400: "the body or a parameter is not what the route takes; `param` names it",
     401: "a missing, unknown or revoked API key (farm/gateway/keys.py)",

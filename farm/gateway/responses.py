@@ -1,4 +1,4 @@
-"""OpenAI's Responses API on farm's chat jobs (shapes in farm/openai_responses.py).
+"""OpenAI's Responses API on farm's chat jobs (shapes in farm/openai/responses.py).
 
     POST   /v1/responses         input, instructions, tools, previous_response_id, store, ...;
                                  "stream": true gives the Responses event stream
@@ -25,14 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import farm
-from farm import openai_api as openai
-from farm import openai_responses as shapes
 from farm.admission.quotas import RateState
 from farm.context import get_context
 from farm.errors import FarmError, InvalidRequest, JobFailed
 from farm.gateway import follow, openapi
 from farm.gateway.batches import Id
 from farm.gateway.edge import JobStream, off_loop, read_body, submitted, until_done_or_gone
+from farm.openai import api as openai
+from farm.openai import responses as shapes
 from farm.queue import PRIORITIES
 from farm.registry import transaction
 from farm.registry.queries import responses as stored

@@ -97,7 +97,8 @@ class Sampler:
     # by raw logit (top_k and the biased tokens) hold every token the chain could draw, so
     # the chain is run on them alone (`_pick_top`, ~0.09 against ~0.21 ms a token on Gemma's
     # 262k vocabulary: it copies the whole vocabulary into candidates first). The same draws
-    # for the same seed. 0: the chain over the whole vocabulary.
+    # for the same seed, but where logits are exactly equal (llama.cpp's sorts are not
+    # stable: tied tokens may come in another order). 0: the chain over the whole vocabulary.
     top_pool: int = 0
     _biased_ids: frozenset[int] | None = None
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm.completion import Completion, decode_vector
-from farm.openai_api import BadBody, json_type
+from farm.openai.api import BadBody, json_type
 from farm.request import MAX_EMBEDDING_INPUTS
 
 KNOWN = ("model", "input", "encoding_format", "dimensions", "user")

@@ -2,7 +2,7 @@
 responses and stream chunks, farm's errors into OpenAI's error body and status code.
 
 The bodies are read by hand (`request_fields`), for OpenAI's error messages naming the
-parameter; farm/openai_shapes.py says the same shapes as pydantic models, only to document
+parameter; farm/openai/shapes.py says the same shapes as pydantic models, only to document
 them in the gateway's /openapi.json (tests/test_openapi.py checks that the two agree)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from farm.errors import (
     UnknownJob,
     UnknownModel,
 )
-from farm.openai_choices import (
+from farm.openai.choices import (
     CHAT_PARAMS,
     COMPLETION_PARAMS,
     BadBody,

@@ -1,5 +1,5 @@
 """OpenAI's Responses API shapes: a /v1/responses body into a chat body for farm's Request
-(farm/openai_api.py), and a Completion into a response object and its stream's events.
+(farm/openai/api.py), and a Completion into a response object and its stream's events.
 
     input (a string, or items: messages, function_call, function_call_output),
     instructions, tools (flat function tools), tool_choice, max_output_tokens, temperature,
@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farm.openai_api import BadBody, json_type
+from farm.openai.api import BadBody, json_type
 from farm.request import MAX_TOKENS_LIMIT, valid_text
 
 # What a Responses body may hold besides what `chat_body` converts.
@@ -272,7 +272,7 @@ def _response_format(text: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def chat_body(body: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
-    """The chat body (for farm.openai_api.request_fields) of a Responses body whose whole
+    """The chat body (for farm.openai.api.request_fields) of a Responses body whose whole
     conversation is `items`."""
     chat: dict[str, Any] = {"model": body["model"], "messages": messages(items)}
     if body.get("instructions"):

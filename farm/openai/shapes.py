@@ -1,5 +1,5 @@
 """OpenAI's chat and completions bodies and its error body as pydantic models, only to
-document them in the gateway's /openapi.json: farm/openai_api.py reads the bodies by hand
+document them in the gateway's /openapi.json: farm/openai/api.py reads the bodies by hand
 (`request_fields`), for OpenAI's error messages naming the parameter, and
 tests/test_openapi.py checks that the two agree."""
 
@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farm.openai_choices import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS
+from farm.openai.choices import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS
 from farm.request import MAX_DRAFT, MAX_LOGIT_BIAS, MAX_N, MAX_TOKENS_LIMIT, ResponseFormat
 from farm.tools.schema import Tool, ToolChoice
 
