@@ -14,6 +14,7 @@ tokens a second) is the host's: farm's Python and the CPU sampler.
     python bench/engine_gpu_standin.py --slots 64 --step-ms 5
     python bench/engine_gpu_standin.py --sync-decode          # the step inside llama_decode
     python bench/engine_gpu_standin.py --device-sampling      # greedy picked on the device
+    python bench/engine_gpu_standin.py --unstreamed           # readers get only the end
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def run(
     sampling_threads: int | None = None,
     threads: int = 2,
     device_sampling: bool = False,
+    streamed: bool = True,
 ) -> tuple[float, float, int]:
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -130,6 +132,7 @@ def run(
                 sampling={"temperature": 0.0},
                 stops=("<end_of_turn>", "\nUser:"),
                 draft_max=draft_max,  # the stand-in's logits are random: drafts would miss
+                streamed=streamed,
             )
             for i in range(slots)
         ]
@@ -187,6 +190,12 @@ def main() -> None:
         help="greedy picked on the device (llama.cpp's backend sampling, as on a GPU): the "
         "stand-in hands the engine each row's token, and the host reads no logits",
     )
+    parser.add_argument(
+        "--unstreamed",
+        action="store_true",
+        help="the sequences are not streamed (batch lines, non-streaming calls): their "
+        "readers get only the end",
+    )
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
@@ -196,7 +205,8 @@ def main() -> None:
     print(f"stand-in decode: {args.step_ms:g} ms a step, Gemma 3's 262,144-token vocabulary, "
           f"greedy, {args.tokens} tokens a sequence, two stop strings, waited for "
           f"{'in llama_decode' if args.sync_decode else 'at the logits'}, picked "
-          f"{'on the device' if args.device_sampling else 'on the host'}")  # fmt: skip
+          f"{'on the device' if args.device_sampling else 'on the host'}, "
+          f"{'not streamed' if args.unstreamed else 'streamed'}")  # fmt: skip
     print(f"{'slots':>5} {'ideal tok/s':>12} {'tok/s':>8} {'of ideal':>9} {'host ms/step':>13}")
     for slots in (int(s) for s in args.slots.split(",")):
         rate, host_s, _ = run(
@@ -208,6 +218,7 @@ def main() -> None:
             sampling_threads=args.sampling_threads,
             threads=args.threads,
             device_sampling=args.device_sampling,
+            streamed=not args.unstreamed,
         )
         ideal = slots * args.tokens / ((args.tokens + 1) * step_s)  # +1: the prompt's step
         print(
