@@ -423,7 +423,7 @@ class Engine:
         slot.generated, slot.ttft_ms, slot.next_token = 0, None, -1
         slot.max_tokens = min(seq.max_tokens, self.n_ctx - len(seq.tokens))
         slot.text = TextAssembler(
-            seq.stops, (lambda piece: self._send(seq, (TEXT, piece))) if seq.streamed else _unread
+            seq.stops, (lambda piece: self._send(seq, (TEXT, piece))) if seq.streamed else None
         )
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.admitted = self._admissions
@@ -847,10 +847,6 @@ class Engine:
             llama_cpp.llama_memory_seq_rm(self.mem, newest.seq_id, -1, -1)
             newest.cache.clear()
             self._finish(newest, "length")
-
-
-def _unread(piece: str) -> None:
-    """A piece of text of a sequence nobody streams: its Generation holds the whole text."""
 
 
 def _pick(share: list[tuple[Slot, int]], ctx: Any) -> dict[int, int | Exception]:

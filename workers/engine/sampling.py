@@ -294,6 +294,7 @@ def build_sampler(
             llama_cpp.llama_sampler_free(grammar_sampler)
         raise
     penalties = _penalized(p)
+    lowers_only = all(b <= 0 for b in biases.values())  # no bias raises a logit
     top_pool = 0
     if (
         grammar_sampler is None
@@ -301,7 +302,7 @@ def build_sampler(
         and p["temperature"] > 0.0
         and p["mirostat_mode"] == 0
         and p["top_k"] > 0
-        and all(b <= 0 for b in biases.values())
+        and lowers_only
     ):
         top_pool = p["top_k"] + len(biases)
         if top_pool > min(TOP_POOL, n_vocab // 2):
@@ -320,7 +321,7 @@ def build_sampler(
         int(p["penalty_last_n"]),
         penalties,
         stateless=not penalties and p["mirostat_mode"] == 0,
-        prefilter=not penalties and all(b <= 0 for b in biases.values()),
+        prefilter=not penalties and lowers_only,
         greedy=greedy,
         top_pool=top_pool,
     )

@@ -27,7 +27,9 @@ def is_marker(name: str) -> bool:
 class TextAssembler:
     """Collects generated text, cuts it at the first stop string, and streams what is safe."""
 
-    def __init__(self, stops: tuple[str, ...], emit: Callable[[str], None]):
+    def __init__(self, stops: tuple[str, ...], emit: Callable[[str], None] | None):
+        """`emit` gets each piece that is safe to show; None: nobody reads the text as it
+        comes (`text` holds it all at the end)."""
         self.stops = stops
         self.emit = emit
         self.text = ""
@@ -68,5 +70,6 @@ class TextAssembler:
 
     def _send(self, upto: int) -> None:
         if upto > self.sent:
-            self.emit(self.text[self.sent : upto])
+            if self.emit is not None:
+                self.emit(self.text[self.sent : upto])
             self.sent = upto

@@ -116,7 +116,7 @@ class TwinEngine:
             reply=reply,
             text=TextAssembler(
                 seq.stops,
-                (lambda piece: seq.events.put((TEXT, piece))) if seq.streamed else lambda _: None,
+                (lambda piece: seq.events.put((TEXT, piece))) if seq.streamed else None,
             ),
             decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
             max_tokens=min(seq.max_tokens, self.n_ctx - len(seq.tokens)),
