@@ -470,8 +470,9 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
 def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed(host):
     """A sampled top-k chain is run on the best top_k (+ biased) tokens by raw logit, not on
     the whole vocabulary: over real logits, with the engine's bans, a ban of the best token,
-    lowered ones, top-p/min-p and temperatures, a k past llama.cpp's partial sort (128), the
-    same seed draws the same tokens as llama.cpp's chain over everything, draw after draw.
+    lowered ones, top-p/min-p and temperatures, a k past llama.cpp's partial sort (128), and
+    over a flat row (most of the vocabulary within the pool's margin of the best: the margin
+    narrows), the same seed draws the same tokens as llama.cpp's chain over everything.
     Positive biases, penalties, mirostat and top_k=0 keep the chain. (Exactly equal logits
     may be ordered otherwise, and draw another of the tied tokens: none here.)"""
     import ctypes
@@ -496,6 +497,15 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
             assert llama_cpp.llama_decode(own, llama_cpp.llama_batch_get_one(ids, len(prompt))) == 0
             raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(own, -1), shape=(n_vocab,))
             rows.append(raw.copy())
+        # A flat row, as a model with random weights gives: every logit within TOP_MARGIN.
+        rng = np.random.default_rng(0)
+        rows.append((rng.standard_normal(n_vocab) * 0.7).astype(np.float32))
+        # And one that narrowing past the best 40 would cut short: 30 tokens within 0.3 of the
+        # best, 200,000 between 0.6 and 1.0 below it, the rest 5 below.
+        stair = np.full(n_vocab, -5.0, dtype=np.float32)
+        stair[:30] = -0.01 * np.arange(30)
+        stair[30:200_030] = -0.6 - 0.4 * np.arange(200_000) / 200_000  # no two equal
+        rows.append(stair)
         for raw in rows:
             top = [int(t) for t in np.argsort(raw)[::-1][:3]]
             cases = [
@@ -558,6 +568,9 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
         assert pool._pick_top(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) is None
         row[:] = float("nan")
         assert pool._pick_top(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) is None
+        # Every logit equal: the narrowing ends (after NARROWINGS) and a token is drawn.
+        row[:] = 0.0
+        assert pool._pick_top(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) is not None
     finally:
         pool.free()
 
