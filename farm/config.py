@@ -153,9 +153,9 @@ class Settings(BaseSettings):
         default=False,
         description="Workers let a greedy sequence pick its token on the device inside the "
         "step, while it cannot draft (llama.cpp's backend sampling, experimental there): "
-        "the host then takes no argmax over the logits. Off by default: on this project's "
-        "CPU the graph's argmax is slower than the host's (bench/backend_sampling.py), and "
-        "on a GPU it is not measured yet.",
+        "the host then takes no argmax over the logits. Off by default: it made greedy "
+        "generation slower on the CPU (bench/backend_sampling.py) and on an H200, 0.4-0.6x "
+        "of the host's picks at 1-64 sequences (bench/README.md, throughput.py on a GPU).",
     )
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."

@@ -576,7 +576,7 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
 
 
 def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, monkeypatch):
-    """With device sampling (llama.cpp's backend sampling, on by default only for a model
+    """With device sampling (llama.cpp's backend sampling, off by default; for a model
     wholly on a GPU), a greedy sequence that drafts nothing picks each token after its
     first inside the step: the same text as picked on the host, with and without a ban."""
     engine = host.engine
