@@ -1,7 +1,8 @@
 """A GGUF of Gemma 3's architecture at a chosen size, with random weights and Gemma's own
 tokenizer: for measuring speed where real weights cannot travel (a GPU machine with no
 network, reached with at most 64 MiB of files). A decode step's time depends on the shapes,
-not the values; the text is noise and completions run to their max_tokens.
+not the values; the text is noise and completions run to their max_tokens. The logits are
+spread as a real model's are (LOGIT_STD), so that samplers meet rows like a real model's.
 
     python bench/random_model.py OUT.gguf [--size 1b] [--tokenizer GGUF]
     python bench/random_model.py --vocab-only OUT.gguf   # the tokenizer alone (~5 MB)
@@ -27,6 +28,11 @@ SIZES = {
     "4b": {"embd": 2560, "ffn": 10240, "blocks": 34, "heads": 8, "kv_heads": 4},
 }
 HEAD_DIM = 256
+STD = 0.02  # the weights' standard deviation
+# The logits' standard deviation, set through the output norm's weight: Gemma 3 270M's rows
+# have 8 to 487 tokens within 8 of the best logit, as a spread of ~5 gives (~350); the
+# weights alone give ~0.7, a flat row where nearly every token is within 8.
+LOGIT_STD = 5.0
 # Random values drawn once, then tiled: a prime count, so that no two rows of a matrix
 # (fewer rows than this) are the same and no two tokens' logits tie.
 POOL = (1 << 24) - 3
@@ -77,7 +83,7 @@ def add_weights(writer: gguf.GGUFWriter, size: str, n_vocab: int) -> int:
     """The tensors llama.cpp's gemma3 loader reads; returns their parameter count."""
     s = SIZES[size]
     embd, ffn, q, kv = s["embd"], s["ffn"], s["heads"] * HEAD_DIM, s["kv_heads"] * HEAD_DIM
-    pool = (np.random.default_rng(0).standard_normal(POOL, dtype=np.float32) * 0.02).astype(
+    pool = (np.random.default_rng(0).standard_normal(POOL, dtype=np.float32) * STD).astype(
         np.float16
     )
     offset = 0
@@ -93,13 +99,15 @@ def add_weights(writer: gguf.GGUFWriter, size: str, n_vocab: int) -> int:
         offset += 7919 * 1024 + 1  # a different window of the pool for the next one
         params += n
 
-    def norm(name: str, n: int) -> None:
+    def norm(name: str, n: int, weight: float = 1.0) -> None:
         nonlocal params
-        writer.add_tensor(name, np.ones(n, dtype=np.float32))
+        writer.add_tensor(name, np.full(n, weight, dtype=np.float32))
         params += n
 
+    # The logits are the normed last hidden state (RMS 1 over embd) times the tied
+    # embeddings (STD): their spread is STD * sqrt(embd) times the output norm's weight.
     matrix("token_embd.weight", n_vocab, embd)
-    norm("output_norm.weight", embd)
+    norm("output_norm.weight", embd, LOGIT_STD / (STD * embd**0.5))
     for i in range(s["blocks"]):
         b = f"blk.{i}"
         norm(f"{b}.attn_norm.weight", embd)
