@@ -4,7 +4,7 @@ network, reached with at most 64 MiB of files). A decode step's time depends on 
 not the values; the text is noise and completions run to their max_tokens. The logits are
 spread as a real model's are (LOGIT_STD), so that samplers meet rows like a real model's.
 
-    python bench/random_model.py OUT.gguf [--size 1b] [--tokenizer GGUF]
+    python bench/random_model.py OUT.gguf [--size 1b] [--tokenizer GGUF] [--logit-std 5]
     python bench/random_model.py --vocab-only OUT.gguf   # the tokenizer alone (~5 MB)
 
 --tokenizer is any GGUF with Gemma's tokenizer (a --vocab-only file will do); by default
@@ -22,11 +22,15 @@ import numpy as np
 
 ARCH = "gemma3"
 # Gemma 3's published shapes (the models' config.json); `vocab` is the tokenizer's.
+# (Gemma 3 4B's RoPE scaling of its global layers is left out: it changes no step's time.)
 SIZES = {
-    "270m": {"embd": 640, "ffn": 2048, "blocks": 18, "heads": 4, "kv_heads": 1},
-    "1b": {"embd": 1152, "ffn": 6912, "blocks": 26, "heads": 4, "kv_heads": 1},
-    "4b": {"embd": 2560, "ffn": 10240, "blocks": 34, "heads": 8, "kv_heads": 4},
-}
+    "270m": {"embd": 640, "ffn": 2048, "blocks": 18, "heads": 4, "kv_heads": 1, "window": 512,
+             "context": 32768},
+    "1b": {"embd": 1152, "ffn": 6912, "blocks": 26, "heads": 4, "kv_heads": 1, "window": 512,
+           "context": 32768},
+    "4b": {"embd": 2560, "ffn": 10240, "blocks": 34, "heads": 8, "kv_heads": 4, "window": 1024,
+           "context": 131072},
+}  # fmt: skip
 HEAD_DIM = 256
 STD = 0.02  # the weights' standard deviation
 # The logits' standard deviation, set through the output norm's weight: Gemma 3 270M's rows
@@ -34,7 +38,8 @@ STD = 0.02  # the weights' standard deviation
 # weights alone give ~0.7, a flat row where nearly every token is within 8.
 LOGIT_STD = 5.0
 # Random values drawn once, then tiled: a prime count, so that no two rows of a matrix
-# (fewer rows than this) are the same and no two tokens' logits tie.
+# (fewer rows than this) are the same (two equal embedding rows would give every token a
+# twin with its logit: 2^24 values tiled gave each token one).
 POOL = (1 << 24) - 3
 
 
@@ -65,7 +70,7 @@ def copy_tokenizer(writer: gguf.GGUFWriter, source: str) -> int:
 def add_architecture(writer: gguf.GGUFWriter, size: str) -> None:
     s = SIZES[size]
     writer.add_name(f"Gemma 3 {size} shape, random weights")
-    writer.add_context_length(32768)
+    writer.add_context_length(s["context"])
     writer.add_embedding_length(s["embd"])
     writer.add_block_count(s["blocks"])
     writer.add_feed_forward_length(s["ffn"])
@@ -75,11 +80,11 @@ def add_architecture(writer: gguf.GGUFWriter, size: str) -> None:
     writer.add_value_length(HEAD_DIM)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(1_000_000.0)
-    writer.add_sliding_window(512)
+    writer.add_sliding_window(s["window"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
 
-def add_weights(writer: gguf.GGUFWriter, size: str, n_vocab: int) -> int:
+def add_weights(writer: gguf.GGUFWriter, size: str, n_vocab: int, logit_std: float) -> int:
     """The tensors llama.cpp's gemma3 loader reads; returns their parameter count."""
     s = SIZES[size]
     embd, ffn, q, kv = s["embd"], s["ffn"], s["heads"] * HEAD_DIM, s["kv_heads"] * HEAD_DIM
@@ -107,7 +112,7 @@ def add_weights(writer: gguf.GGUFWriter, size: str, n_vocab: int) -> int:
     # The logits are the normed last hidden state (RMS 1 over embd) times the tied
     # embeddings (STD): their spread is STD * sqrt(embd) times the output norm's weight.
     matrix("token_embd.weight", n_vocab, embd)
-    norm("output_norm.weight", embd, LOGIT_STD / (STD * embd**0.5))
+    norm("output_norm.weight", embd, logit_std / (STD * embd**0.5) if logit_std else 1.0)
     for i in range(s["blocks"]):
         b = f"blk.{i}"
         norm(f"{b}.attn_norm.weight", embd)
@@ -134,11 +139,17 @@ def main() -> None:
         "--tokenizer", help="a GGUF with Gemma's tokenizer (default: the package's)"
     )
     parser.add_argument("--vocab-only", action="store_true", help="write the tokenizer alone")
+    parser.add_argument(
+        "--logit-std",
+        type=float,
+        default=LOGIT_STD,
+        help="the logits' spread (0: the weights' own, ~0.7 at 1B: nearly flat rows)",
+    )
     args = parser.parse_args()
     writer = gguf.GGUFWriter(args.out, ARCH)
     add_architecture(writer, args.size)
     n_vocab = copy_tokenizer(writer, args.tokenizer or default_tokenizer())
-    params = 0 if args.vocab_only else add_weights(writer, args.size, n_vocab)
+    params = 0 if args.vocab_only else add_weights(writer, args.size, n_vocab, args.logit_std)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -300,7 +301,7 @@ def main() -> None:
             args.slots,
             args.tokens,
             args.temperature,
-            tuple(args.server_args.split()),
+            tuple(shlex.split(args.server_args)),
         ) as server,
         farm_client(
             path, args.threads, args.slots, args.tokens, args.draft_max, args.temperature

@@ -154,7 +154,7 @@ class Settings(BaseSettings):
         description="Workers let a greedy sequence pick its token on the device inside the "
         "step, while it cannot draft (llama.cpp's backend sampling, experimental there): "
         "the host then takes no argmax over the logits. Off by default: it made greedy "
-        "generation slower on the CPU (bench/backend_sampling.py) and on an H200, 0.4-0.6x "
+        "generation slower on the CPU (bench/backend_sampling.py) and on an H200, 0.33-0.63x "
         "of the host's picks at 1-64 sequences (bench/README.md, throughput.py on a GPU).",
     )
     log_prompts: bool = Field(

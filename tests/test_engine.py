@@ -471,8 +471,9 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
     """A sampled top-k chain is run on the best top_k (+ biased) tokens by raw logit, not on
     the whole vocabulary: over real logits, with the engine's bans, a ban of the best token,
     lowered ones, top-p/min-p and temperatures, a k past llama.cpp's partial sort (128), and
-    over a flat row (most of the vocabulary within the pool's margin of the best: the margin
-    narrows), the same seed draws the same tokens as llama.cpp's chain over everything.
+    over flat rows (most of the vocabulary within the pool's margin of the best, at once or
+    once widened: the margin narrows), the same seed draws the same tokens as llama.cpp's
+    chain over everything.
     Positive biases, penalties, mirostat and top_k=0 keep the chain. (Exactly equal logits
     may be ordered otherwise, and draw another of the tied tokens: none here.)"""
     import ctypes
@@ -500,12 +501,18 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
         # A flat row, as a model with random weights gives: every logit within TOP_MARGIN.
         rng = np.random.default_rng(0)
         rows.append((rng.standard_normal(n_vocab) * 0.7).astype(np.float32))
-        # And one that narrowing past the best 40 would cut short: 30 tokens within 0.3 of the
-        # best, 200,000 between 0.6 and 1.0 below it, the rest 5 below.
+        # One whose margin, halved once too often, lets fewer than 40 pass: 30 tokens within
+        # 0.3 of the best, 200,000 between 0.6 and 1.0 below it, the rest 5 below.
         stair = np.full(n_vocab, -5.0, dtype=np.float32)
         stair[:30] = -0.01 * np.arange(30)
         stair[30:200_030] = -0.6 - 0.4 * np.arange(200_000) / 200_000  # no two equal
         rows.append(stair)
+        # A peaked row with a flat remainder: 11 tokens within 5 of the best, every other one
+        # between 12 and 30 below it (the margin widens past 8, then narrows again).
+        peak = np.empty(n_vocab, dtype=np.float32)
+        peak[:11] = -0.5 * np.arange(11)
+        peak[11:] = -12.0 - 18.0 * np.arange(n_vocab - 11) / (n_vocab - 11)
+        rows.append(peak)
         for raw in rows:
             top = [int(t) for t in np.argsort(raw)[::-1][:3]]
             cases = [

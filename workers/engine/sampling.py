@@ -48,7 +48,7 @@ GRAMMAR_FIRST = 512
 TOP_MARGIN = 8.0
 TOP_POOL = 1024
 # A row whose strided sample (every FLAT_STRIDE-th logit) puts more than FLAT_ROW tokens
-# within TOP_MARGIN of the best is flat: the margin narrows, at most NARROWINGS halvings.
+# within the margin of the best is flat: the margin narrows, in NARROWINGS counts at most.
 FLAT_STRIDE = 256
 FLAT_ROW = 8192
 NARROWINGS = 12
@@ -165,29 +165,39 @@ class Sampler:
         top = float(view.max())
         if not math.isfinite(top):
             return None
-        margin = TOP_MARGIN
-        if np.count_nonzero(view[::FLAT_STRIDE] >= top - margin) * FLAT_STRIDE > FLAT_ROW:
-            # A flat row (most of the vocabulary within the margin, as random weights give):
-            # listing those tokens and partitioning them costs ~1.3 ms on 262k. Narrow the
-            # margin first while it keeps top_pool, by counting (~0.02 ms a pass); equal
-            # logits at the top end it after NARROWINGS.
-            count = int(np.count_nonzero(view >= top - margin))
-            for _ in range(NARROWINGS):
-                if count <= 4 * self.top_pool:
-                    break
-                narrower = int(np.count_nonzero(view >= top - margin / 2))
-                if narrower < self.top_pool:
-                    break
-                margin, count = margin / 2, narrower
-        best = np.flatnonzero(view >= top - margin)
-        while len(best) < self.top_pool and margin < 8 * TOP_MARGIN:
-            margin *= 2
+        margin, short = TOP_MARGIN, 0.0  # `short`: a margin that lets too few pass, if known
+        while True:  # widened (doubled) until top_pool pass, from TOP_MARGIN to 8 times it
+            if np.count_nonzero(view[::FLAT_STRIDE] >= top - margin) * FLAT_STRIDE > FLAT_ROW:
+                margin = self._narrowed(view, top, margin, short)
             best = np.flatnonzero(view >= top - margin)
+            if len(best) >= self.top_pool or margin >= 8 * TOP_MARGIN:
+                break
+            short, margin = margin, margin * 2
         if len(best) < self.top_pool:
             return None
         if len(best) > 4 * self.top_pool:  # a threshold found the best; a partition trims it
             best = best[np.argpartition(view[best], -self.top_pool)[-self.top_pool :]]
         return self._pick_among(best.astype(np.intc), view[best], with_grammar=False)
+
+    def _narrowed(self, view: Any, top: float, margin: float, short: float) -> float:
+        """A narrower margin for a flat row (most of the vocabulary within `margin` of the
+        best, as random weights give, or a peaked row's remainder once widened past
+        `short`, which lets fewer than top_pool pass): listing those tokens and partitioning
+        them costs ~1.3 ms on 262k. The margin is halved, then bisected between the last
+        that let too few pass and the last that let enough, by counting (~0.02 ms a pass),
+        until at most 4 * top_pool pass, for NARROWINGS passes at most (equal logits at the
+        top end it there). Every margin it returns lets top_pool or more pass."""
+        count = int(np.count_nonzero(view >= top - margin))
+        for _ in range(NARROWINGS):
+            if count <= 4 * self.top_pool:
+                break
+            middle = (short + margin) / 2 if short else margin / 2
+            passing = int(np.count_nonzero(view >= top - middle))
+            if passing < self.top_pool:
+                short = middle
+            else:
+                margin, count = middle, passing
+        return margin
 
     def device_chain(self) -> Any:
         """A new chain that picks as this greedy sampler does (its logit biases, then the
