@@ -186,7 +186,8 @@ class Sampler:
         them costs ~1.3 ms on 262k. The margin is halved, then bisected between the last
         that let too few pass and the last that let enough, by counting (~0.02 ms a pass),
         until at most 4 * top_pool pass, for NARROWINGS passes at most (equal logits at the
-        top end it there). Every margin it returns lets top_pool or more pass."""
+        top end it there). It never narrows to a margin that lets fewer than top_pool pass;
+        a `margin` that already does comes back as it is (the caller widens it)."""
         count = int(np.count_nonzero(view >= top - margin))
         for _ in range(NARROWINGS):
             if count <= 4 * self.top_pool:
