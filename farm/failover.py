@@ -13,9 +13,11 @@ one at every promotion and every restart) beside the id recorded under BROKER_EP
 one round trip. When they differ, the worker that takes BROKER_RECONCILE_LOCK:
 
   1. reads the jobs the registry has queued, and looks for their messages in the broker
-     (`broker.jobs_in_broker`: priority lists, fair-share holds, unacknowledged);
-  2. on its next beat, a moment later, looks again for those it did not find (a message
-     is between two places for a moment when a worker takes it or one is restored);
+     (`broker.jobs_in_broker`: priority lists, fair-share holds, unacknowledged) and for
+     their run keys (farm/stream.py: a run took the job and its row does not say so yet);
+  2. on a later beat, a moment later, looks again for those it did not find (a message
+     is between two places for a moment when a worker takes it or one is restored, and a
+     worker that took one while the broker was down claims its run key once it is back);
   3. ends those still missing, and still queued, as `expired` with a reason that names
      the failover, settles their quota reservations, and records the new id.
 
@@ -39,13 +41,16 @@ import redis
 from farm.admission import quotas
 from farm.broker import jobs_in_broker
 from farm.context import FarmContext
-from farm.queue import BROKER_EPOCH_KEY, BROKER_RECONCILE_LOCK
+from farm.queue import BROKER_EPOCH_KEY, BROKER_RECONCILE_LOCK, run_key
 from farm.registry import queries, transaction
 
 log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 120  # a reconciling worker that died holds the lock no longer than this
-RECHECK_AFTER_S = 1.0  # the second look comes on a later beat, at least this much later
+# The second look comes on a later beat, at least this much later: more than a worker's
+# retries (workers/stream.py `patiently`, at most 1 s apart) take to claim a run key once
+# the broker answers again.
+RECHECK_AFTER_S = 2.0
 
 # Lua: delete the lock KEYS[1] if ARGV[1] still holds it.
 _UNLOCK = """
@@ -153,11 +158,20 @@ class BrokerWatch:
 
 
 def _missing(ctx: FarmContext, jobs: dict[str, str]) -> dict[str, str]:
-    """Those of `jobs` (id -> model) whose message the broker does not hold."""
+    """Those of `jobs` (id -> model) whose message the broker does not hold and that no run
+    has taken. A worker may hold a message the broker lost (taken before the failover, its
+    `unacked` entry lost with it): its run key, in the results Redis, says a run has it."""
     if not jobs:
         return {}
     present = jobs_in_broker(ctx.app, sorted(set(jobs.values())))
-    return {job: model for job, model in jobs.items() if job not in present}
+    missing = {job: model for job, model in jobs.items() if job not in present}
+    if not missing:
+        return {}
+    pipe = ctx.redis.pipeline(transaction=False)
+    for job in missing:
+        pipe.exists(run_key(job))
+    taken = pipe.execute()
+    return {job: model for (job, model), run in zip(missing.items(), taken, strict=True) if not run}
 
 
 def _reason(pending: _Pending) -> str:

@@ -44,6 +44,7 @@ from farm.queue import (
     TASK_NAME,
     fair_cap_key,
     queue_name,
+    run_key,
 )
 from farm.registry import queries, transaction, upgrade
 from farm.registry.tables import TERMINAL_STATUSES, UsageRecord, as_utc
@@ -73,7 +74,8 @@ def test_the_jobs_a_changed_broker_lost_end_expired_and_the_others_stay_queued(
     db = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade(db)
     ctx = FarmContext(Settings(home=tmp_path, broker_url=servers.url(), database_url=db))
-    ids = {name: str(uuid.uuid4()) for name in ("listed", "held", "delivered", "lost", "starts")}
+    names = ("listed", "held", "delivered", "claimed", "lost", "starts")
+    ids = {name: str(uuid.uuid4()) for name in names}
     try:
         with transaction(db) as s:
             for job_id in ids.values():
@@ -86,6 +88,9 @@ def test_the_jobs_a_changed_broker_lost_end_expired_and_the_others_stay_queued(
         _send(ctx, ids["delivered"], 0)
         worker = ctx.app.connection_for_write()  # a worker holding it, unacknowledged
         assert worker.default_channel.basic_get(queue_name("m"), no_ack=False) is not None
+        # A worker took this one before the failover, which lost its `unacked` entry: its
+        # message is nowhere in the broker, but its run holds the run key.
+        ctx.redis.set(run_key(ids["claimed"]), "w:token", px=60_000)
         ctx.broker_redis.set(BROKER_EPOCH_KEY, "0123456789abcdef-an-older-master")
 
         watch = failover.BrokerWatch(ctx)
@@ -102,7 +107,8 @@ def test_the_jobs_a_changed_broker_lost_end_expired_and_the_others_stay_queued(
             rows = {name: queries.get_usage(s, job_id) for name, job_id in ids.items()}
         statuses = {name: row.status for name, row in rows.items() if row is not None}
         assert statuses == {"listed": "queued", "held": "queued", "delivered": "queued",
-                            "lost": "expired", "starts": "running"}  # fmt: skip
+                            "claimed": "queued", "lost": "expired",
+                            "starts": "running"}  # fmt: skip
         error = rows["lost"].error if rows["lost"] is not None else ""
         assert error and error.startswith("lost in a broker failover") and "01234567 ->" in error
         epoch = ctx.broker_redis.info("replication")["master_replid"]
