@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError, FarmUnavailable
@@ -306,8 +307,20 @@ def get_settings() -> Settings:
     """The process's settings, read once from the environment."""
     try:
         return Settings()
+    except ValidationError as e:
+        raise ConfigError(
+            "invalid farm settings: " + "; ".join(_named(x) for x in e.errors())
+        ) from e
     except ValueError as e:
         raise ConfigError(f"invalid farm settings: {e}") from e
+
+
+def _named(error: Any) -> str:
+    """One setting's error, named as the user set it: FARM_X='value': what was wrong."""
+    field = ".".join(str(part) for part in error.get("loc", ()))
+    name = f"FARM_{field.upper()}" if field else "a setting"
+    given = f"={error['input']!r}" if field and isinstance(error.get("input"), str) else ""
+    return f"{name}{given}: {error.get('msg', 'invalid')}"
 
 
 def reset_settings() -> None:

@@ -43,6 +43,13 @@ def test_a_model_missing_from_the_registry_stops_the_worker(env):
     assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
 
 
+def test_a_setting_that_does_not_parse_stops_the_worker_naming_it(env):
+    _, environ = env
+    r = run_worker({**environ, "FARM_JOB_TIME_LIMIT": "soon"}, "--model", "gemma3-270m")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "FARM_JOB_TIME_LIMIT='soon': Input should be a valid integer" in r.stderr
+
+
 def test_a_truncated_gguf_is_refused_by_llama_cpp(env, tmp_path):
     db, environ = env
     path = tmp_path / "truncated.gguf"

@@ -97,7 +97,11 @@ def serve(
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # `kill -USR1 PID` prints every thread's stack to the worker's log: what is it doing?
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    ctx = get_context()
+    try:
+        ctx = get_context()
+    except FarmError as e:  # a setting that does not parse (FARM_...): say which, no traceback
+        print(f"farm worker: cannot serve {', '.join(models)}: {e}", file=sys.stderr)
+        return EXIT_START_FAILED
     if not ctx.settings.log_prompts:
         # Celery logs each task's return value, which holds the generated text: user data.
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
