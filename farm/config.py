@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError, FarmUnavailable
@@ -150,14 +150,27 @@ class Settings(BaseSettings):
         "not (false). Unset: not where llama.cpp would run its AMX kernels, which crash on "
         "some CPUs (llama.cpp#20824), else yes.",
     )
-    device_sampling: bool = Field(
-        default=False,
-        description="Workers let a greedy sequence pick its token on the device inside the "
-        "step, while it cannot draft (llama.cpp's backend sampling, experimental there): "
-        "the host then takes no argmax over the logits. Off by default: it made greedy "
-        "generation slower on the CPU (bench/backend_sampling.py) and on an H200, 0.33-0.63x "
-        "of the host's picks at 1-64 sequences (bench/README.md, throughput.py on a GPU).",
+    device_sampling: Literal["off", "greedy", "all"] = Field(
+        default="off",
+        description="Workers let a sequence pick its token on the device inside the step, "
+        "while it cannot draft (llama.cpp's backend sampling, experimental there): 'greedy' "
+        "for greedy sequences, 'all' for top-k draws without a seed too (the same "
+        "distribution; a seeded request stays on the host); true means 'greedy', false "
+        "'off'. Off by default: bench/README.md, 'On a GPU', has what greedy gave on an H200.",
     )
+
+    @field_validator("device_sampling", mode="before")
+    @classmethod
+    def _device_sampling_switch(cls, value: object) -> object:
+        """FARM_DEVICE_SAMPLING=true/false (a switch before it had modes) still works."""
+        if isinstance(value, bool):
+            return "greedy" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return "greedy"
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", ""):
+            return "off"
+        return value
+
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."
     )

@@ -602,12 +602,19 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
     assert none == 0 and host_gen.finish_reason == "length"
     assert device_gen.text == host_gen.text
     assert picked == 23  # every token but the first (from the prompt's last position)
-    # A ban (a logit bias) goes with the chain to the device.
+    # A ban (a logit bias that lowers) stays off the device: where the device's pick is a
+    # banned token, the host picks again from the raw logits, as it would have.
     second = host.llm.tokenize(host_gen.text.encode(), add_bos=False, special=False)[1]
     ban = {"temperature": 0, "logit_bias": {str(second): -100}}
     host_ban, _ = run(False, **ban)
     device_ban, picked = run(True, **ban)
-    assert device_ban.text == host_ban.text != host_gen.text and picked > 0
+    assert device_ban.text == host_ban.text != host_gen.text
+    assert 0 < picked < device_ban.completion_tokens - 1  # the banned token's step: the host
+    # A bias that raises a token goes with the chain to the device.
+    raised = {"temperature": 0, "logit_bias": {str(second): 5}}
+    host_raised, _ = run(False, **raised)
+    device_raised, picked = run(True, **raised)
+    assert device_raised.text == host_raised.text and picked == 23
     assert not any(s.device_chain for s in engine.slots)  # detached as each ended
     # A backend that cannot run the chain picks no token (-1) though it took the chain:
     # the host picks from the chain instead, and the engine stops asking the device.
@@ -615,6 +622,70 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
     fallen, picked = run(True, temperature=0)
     assert fallen.text == host_gen.text and picked == 0
     assert engine.device_sampling is False
+    assert not any(s.device_chain for s in engine.slots)
+
+
+def test_top_k_draws_picked_on_the_device_stay_in_the_top_k_and_seeds_stay_on_the_host(
+    host, monkeypatch
+):
+    """With FARM_DEVICE_SAMPLING=all a sampled sequence (top-k first, nothing that keeps
+    state, and no seed) draws inside the step too: its whole chain has a backend form.
+    top_k=1 is the greedy text; every draw is one of the top_k candidates of its step, not
+    always the best; a seeded request stays on the host and repeats; a ban holds on the device;
+    typical-p, which llama.cpp cannot run there, keeps a sequence on the host."""
+
+    engine = host.engine
+    assert engine is not None
+    monkeypatch.setattr(engine, "device_sampling", True)
+    monkeypatch.setattr(engine, "device_draws", True)
+    prompt = tokens(host, "Write one line about rivers:")
+
+    def run(**sampling: object) -> tuple[Generation, int]:
+        before = engine.tokens_picked_on_device
+        seq = Sequence(tokens=prompt, max_tokens=16, sampling=sampling, draft_max=0)
+        [gen] = submit_at_once(host, [seq])
+        return gen, engine.tokens_picked_on_device - before
+
+    greedy, _ = run(temperature=0)
+    one, picked = run(temperature=0.8, top_k=1)
+    assert one.text == greedy.text and picked == one.completion_tokens - 1 > 0
+    # Each draw is one of the 5 candidates top-k left (top_p=1 and min_p=0 keep them all),
+    # read beside each pick; not always the best of them. (Which 5 are best is the chain's
+    # word: a context of our own scores the same text a little differently, a batch's
+    # shape changing the quantized kernels' sums, and may rank the fifth sixth.)
+    ranks: list[int] = []
+    sampled_token = llama_cpp.llama_get_sampled_token_ith
+
+    def spy(ctx: object, index: int) -> int:
+        token = int(sampled_token(ctx, index))
+        n = llama_cpp.llama_get_sampled_candidates_count_ith(ctx, index)
+        ids = llama_cpp.llama_get_sampled_candidates_ith(ctx, index)
+        logits = llama_cpp.llama_get_logits_ith(ctx, index)  # the candidates' alone, now
+        found = [ids[i] for i in range(n)]
+        assert n == 5 and token in found, (token, found)
+        chosen = logits[found.index(token)]
+        ranks.append(sum(logits[i] > chosen for i in range(n)))
+        return token
+
+    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", spy)
+    texts = set()
+    for _ in range(2):
+        drawn, picked = run(temperature=1.5, top_k=5, top_p=1.0, min_p=0.0)
+        texts.add(drawn.text)
+    assert picked > 0 and len(ranks) >= picked and max(ranks) > 0, ranks
+    assert len(texts) == 2  # 2 x 15 draws among 5 at temperature 1.5: not the same twice
+    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", sampled_token)
+    # A request with a seed stays on the host, where its seed repeats its draws.
+    seeded, picked = run(temperature=1.5, top_k=5, seed=11)
+    again, picked_again = run(temperature=1.5, top_k=5, seed=11)
+    assert picked == picked_again == 0 and seeded.text == again.text
+    # A ban goes with the chain: the greedy text's first token, banned, is never drawn.
+    banned = host.llm.tokenize(greedy.text.encode(), add_bos=False, special=False)[0]
+    kept, picked = run(temperature=0.8, top_k=1, logit_bias={str(banned): -100})
+    assert picked > 0 and kept.text != greedy.text
+    assert banned not in host.llm.tokenize(kept.text.encode(), add_bos=False, special=False)
+    _, picked = run(temperature=0.8, typical_p=0.9)
+    assert picked == 0
     assert not any(s.device_chain for s in engine.slots)
 
 

@@ -1,6 +1,8 @@
 """Queue names, the priority mapping (farm/queue.py) and the Celery app's settings
 (farm/broker.py)."""
 
+import pytest
+
 from farm.broker import make_app
 from farm.config import Settings
 from farm.queue import (
@@ -81,3 +83,12 @@ def test_the_broker_urls_celery_and_farm_print_mask_a_password_only_where_there_
         for conn in (app.connection_for_read(), app.connection_for_write(), app.connection()):
             assert conn.as_uri().endswith(shown), (url, conn.as_uri())
         assert masked(url) == ours
+
+
+@pytest.mark.parametrize(
+    ("setting", "mode"),
+    [("true", "greedy"), ("1", "greedy"), ("false", "off"), ("", "off"), ("all", "all")],
+)
+def test_farm_device_sampling_takes_a_mode_or_the_old_switch(monkeypatch, setting, mode):
+    monkeypatch.setenv("FARM_DEVICE_SAMPLING", setting)
+    assert Settings(home="/tmp/x").device_sampling == mode

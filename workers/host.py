@@ -91,8 +91,8 @@ class EngineOptions:
     n_batch: int = 512
     # Weights in llama.cpp's repacked CPU buffers: off where its AMX kernels would run (repack.py)
     repack: bool = field(default_factory=default_repack)
-    # Greedy picks on the device (the engine's doc; FARM_DEVICE_SAMPLING)
-    device_sampling: bool = field(default_factory=lambda: get_settings().device_sampling)
+    # Picks on the device: off, greedy or all (the engine's doc; FARM_DEVICE_SAMPLING)
+    device_sampling: str = field(default_factory=lambda: get_settings().device_sampling)
 
 
 class ModelHost:
@@ -151,7 +151,8 @@ class ModelHost:
                 name=self.spec.name,
                 async_decode=gpu and self._all_layers_offloaded(),
                 sampling_threads=opts.threads if not gpu or cuda_only() else 1,
-                device_sampling=opts.device_sampling,
+                device_sampling=opts.device_sampling != "off",
+                device_draws=opts.device_sampling == "all",
             )
         except (EngineError, EmbedderError) as e:
             self.close()

@@ -25,17 +25,23 @@ evaluated its KV cells are shared with them (llama_memory_seq_cp) and each sampl
 first token from the leader's logits. The prompt is evaluated once. One that found no
 slot then runs on its own later (its prompt mostly in the prompt cache by then).
 
-With `device_sampling` (FARM_DEVICE_SAMPLING; off by default), a greedy sequence with no
-grammar and no logprobs picks its token inside the step (llama.cpp's backend sampling:
-`llama_set_sampler` attaches a chain of its logit biases and greedy to its seq_id, and the
-token is read with `llama_get_sampled_token_ith`), so the host takes no argmax over its 1
-MiB of logits a step (Gemma's 262k vocabulary). This llama.cpp still copies those logits
-back, with the biases applied: nothing here may read them as raw logits. llama.cpp allows
-such a sequence one output a step, so it is on the device only while it cannot draft (more
-than DRAFT_SEQUENCES generate, or it drafts nothing); its first token, from its prompt's
-last position, is picked on the host. Each attach and detach makes llama.cpp rebuild the
-step's graph. On an H200 it made greedy generation slower (148-2,046 tok/s at 1-64
-sequences against 418-3,230 with the host's argmax; bench/README.md), so it is off.
+With `device_sampling` (FARM_DEVICE_SAMPLING=greedy; off by default), a greedy sequence
+with no grammar and no logprobs picks its token inside the step (llama.cpp's backend
+sampling: `llama_set_sampler` attaches a greedy chain to its seq_id, and the token is read
+with `llama_get_sampled_token_ith`), so the host takes no argmax over its 1 MiB of logits
+a step (Gemma's 262k vocabulary). Its bans stay on the host: only when the device picked a
+banned token does the host pick again (`Sampler.checked_on_host`); a bias that raises a
+token goes first in the chain. With `device_draws` too (FARM_DEVICE_SAMPLING=all), so does
+a sampled sequence whose chain has a backend form (the biases, top-k, top-p, min-p,
+temperature, dist) and that gave no seed (`Sampler.drawn`). This llama.cpp still copies
+logits back: after greedy the raw ones (biased where a bias raises), after top-k the
+candidates' alone: nothing but `checked_on_host`'s pick reads them. llama.cpp allows such a
+sequence one output a step, so it is on the device only while it cannot draft (more than
+DRAFT_SEQUENCES generate, or it drafts nothing); its first token, from its prompt's last
+position, is picked on the host. Each attach and detach makes llama.cpp rebuild the step's
+graph. On an H200 greedy on the device made generation slower (148-2,046 tok/s at 1-64
+sequences against 418-3,230 with the host's argmax; bench/README.md), so it is off; the
+draws are not measured on a GPU yet.
 
 Logprobs (the log-softmax of the logits) are read only for sequences that ask for them;
 a sequence that wants its prompt's logprobs (echo) has every prompt position output, in
@@ -167,6 +173,7 @@ class Engine:
         async_decode: bool = False,
         sampling_threads: int | None = None,
         device_sampling: bool = False,
+        device_draws: bool = False,
     ):
         if not 1 <= slots <= MAX_SLOTS:
             raise EngineError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
@@ -178,6 +185,7 @@ class Engine:
         # and they are put before it, while it computes without the GIL (`_step`).
         self.async_decode = async_decode
         self.device_sampling = device_sampling  # greedy picks on the device (module doc)
+        self.device_draws = device_draws  # and top-k draws too, with device_sampling
         self.tokens_picked_on_device = 0  # since start
         self.n_ctx = n_ctx  # the most one sequence may hold: prompt and reply together
         self.n_batch = n_batch
@@ -566,8 +574,8 @@ class Engine:
             sampler = slot.sampler
             assert sampler is not None
             device = (
-                sampler.greedy is not None
-                and sampler.grammar is None
+                sampler.on_device
+                and (sampler.greedy is not None or self.device_draws)
                 and slot.logprobs is None
                 and not (drafting and slot.draft_cap > 0)
             )
@@ -707,7 +715,9 @@ class Engine:
             token = picked
         elif slot.device_chain is not None:
             token = int(llama_cpp.llama_get_sampled_token_ith(self.ctx, index))
-            if token >= 0:
+            if token >= 0 and sampler.checked_on_host(token):
+                token = sampler.sample(self.ctx, index)  # a ban or bias decides: the host picks
+            elif token >= 0:
                 self.tokens_picked_on_device += 1
             else:  # the backend could not run the chain (llama_set_sampler still said yes)
                 token = int(llama_cpp.llama_sampler_sample(slot.device_chain, self.ctx, index))

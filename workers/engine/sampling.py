@@ -105,7 +105,17 @@ class Sampler:
     # for the same seed, but where logits are exactly equal (llama.cpp's sorts are not
     # stable: tied tokens may come in another order). 0: the chain over the whole vocabulary.
     top_pool: int = 0
+    # A sampled chain that llama.cpp can run inside a step's graph (`device_chain`): its
+    # logit biases, top-k, top-p, min-p, temperature and seed. None where a step has no
+    # backend form (typical-p, penalties, mirostat), a grammar follows the pick, or the
+    # request gave a seed (build_sampler).
+    drawn: tuple[list[tuple[int, float]], int, float, float, float, int] | None = None
     _biased_ids: frozenset[int] | None = None
+
+    @property
+    def on_device(self) -> bool:
+        """Whether llama.cpp can pick this sampler's tokens inside the step."""
+        return self.grammar is None and (self.greedy is not None or self.drawn is not None)
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties see the prompt's last tokens, as llama-server does."""
@@ -201,16 +211,48 @@ class Sampler:
         return margin
 
     def device_chain(self) -> Any:
-        """A new chain that picks as this greedy sampler does (its logit biases, then the
-        best logit), for llama.cpp to run inside a step's graph on the device
-        (`llama_set_sampler`). New each time: a chain attached once to a context aborts the
-        process when attached again."""
-        assert self.greedy is not None
-        ids, biases, _ = self.greedy
+        """A new chain that picks as this sampler does, for llama.cpp to run inside a
+        step's graph on the device (`llama_set_sampler`): greedy's best logit (after its
+        biases only where one raises a logit: else `checked_on_host` says whether its pick
+        stands), or a draw's biases, top-k, top-p, min-p, temperature and dist. Every step
+        of it has a backend form, so all of it runs there. A draw from its own random
+        numbers: the same distribution as the host's chain. New each time: a chain
+        attached once to a context aborts the process when attached again."""
+        assert self.on_device
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        _add_logit_bias(chain, self.n_vocab, list(zip(ids.tolist(), biases.tolist(), strict=True)))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+        if self.greedy is not None:
+            ids, biases, raises = self.greedy
+            if raises:  # a raised token may win: the biases go first, on the device
+                pairs = list(zip(ids.tolist(), biases.tolist(), strict=True))
+                _add_logit_bias(chain, self.n_vocab, pairs)
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        assert self.drawn is not None
+        biases, top_k, top_p, min_p, temperature, seed = self.drawn
+        _add_logit_bias(chain, self.n_vocab, biases)
+        add(llama_cpp.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed))
         return chain
+
+    def checked_on_host(self, token: int) -> bool:
+        """Whether a token a device chain picked must be picked again on the host: a greedy
+        chain without its biases (they only lower logits) picked a biased token, so the
+        best once biased may be another. The logits it leaves are the raw ones. On the
+        device the biases are a step in the graph (a fill, set_rows and add over the whole
+        vocabulary) and two synchronous host-to-device copies a sequence a step (llama.cpp
+        sets the sampler's inputs with ggml_backend_tensor_set); a model's best logit is
+        seldom a banned marker, so the host seldom picks again. (On this CPU the step is
+        within the noise of a run: bench/backend_sampling.py --bias; not measured on a GPU.)"""
+        return self.greedy is not None and not self.greedy[2] and token in self._biased
 
     @property
     def _biased(self) -> frozenset[int]:
@@ -336,6 +378,13 @@ def build_sampler(
         top_pool = p["top_k"] + len(biases)
         if top_pool > min(TOP_POOL, n_vocab // 2):
             top_pool = 0
+    drawn = None
+    # On the device, a draw comes from the device chain's own random numbers, and a sequence
+    # moves between host and device as drafting comes and goes with the load: a request that
+    # gave a seed, to have its draws again, stays on the host. Typical-p has no backend form.
+    if top_pool and p["typical_p"] >= 1.0 and p.get("seed") is None:
+        drawn = (list(biases.items()), int(p["top_k"]), float(p["top_p"]), float(p["min_p"]),
+                 float(p["temperature"]), seed)  # fmt: skip
     greedy = None
     if p["temperature"] == 0.0 and not penalties:
         greedy = (
@@ -353,6 +402,7 @@ def build_sampler(
         prefilter=not penalties and lowers_only,
         greedy=greedy,
         top_pool=top_pool,
+        drawn=drawn,
     )
 
 
