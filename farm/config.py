@@ -165,11 +165,14 @@ class Settings(BaseSettings):
         """FARM_DEVICE_SAMPLING=true/false (a switch before it had modes) still works."""
         if isinstance(value, bool):
             return "greedy" if value else "off"
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word in ("true", "1", "yes", "on"):
             return "greedy"
-        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", ""):
+        if word in ("false", "0", "no", ""):
             return "off"
-        return value
+        return word
 
     log_prompts: bool = Field(
         default=False, description="Show prompts in logs and Flower. Off: prompts are user data."

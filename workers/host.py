@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import llama_cpp
 
@@ -92,7 +92,9 @@ class EngineOptions:
     # Weights in llama.cpp's repacked CPU buffers: off where its AMX kernels would run (repack.py)
     repack: bool = field(default_factory=default_repack)
     # Picks on the device: off, greedy or all (the engine's doc; FARM_DEVICE_SAMPLING)
-    device_sampling: str = field(default_factory=lambda: get_settings().device_sampling)
+    device_sampling: Literal["off", "greedy", "all"] = field(
+        default_factory=lambda: get_settings().device_sampling
+    )
 
 
 class ModelHost:

@@ -720,7 +720,7 @@ class Engine:
             elif token >= 0:
                 self.tokens_picked_on_device += 1
             else:  # the backend could not run the chain (llama_set_sampler still said yes)
-                token = int(llama_cpp.llama_sampler_sample(slot.device_chain, self.ctx, index))
+                token = sampler.sample(self.ctx, index)  # the host's picks, bans and all
                 self._detach(slot)
                 if self.device_sampling:
                     self.device_sampling = False

@@ -109,7 +109,7 @@ class Sampler:
     # logit biases, top-k, top-p, min-p, temperature and seed. None where a step has no
     # backend form (typical-p, penalties, mirostat), a grammar follows the pick, or the
     # request gave a seed (build_sampler).
-    drawn: tuple[list[tuple[int, float]], int, float, float, float, int] | None = None
+    drawn: tuple[list[tuple[int, float]], int, float, float, float] | None = None
     _biased_ids: frozenset[int] | None = None
 
     @property
@@ -232,7 +232,7 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_greedy())
             return chain
         assert self.drawn is not None
-        biases, top_k, top_p, min_p, temperature, seed = self.drawn
+        biases, top_k, top_p, min_p, temperature = self.drawn
         _add_logit_bias(chain, self.n_vocab, biases)
         add(llama_cpp.llama_sampler_init_top_k(top_k))
         if top_p < 1.0:
@@ -240,7 +240,9 @@ class Sampler:
         if min_p > 0.0:
             add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
         add(llama_cpp.llama_sampler_init_temp(temperature))
-        add(llama_cpp.llama_sampler_init_dist(seed))
+        # A seed of its own: each chain attached (again) draws afresh, never the numbers the
+        # host's chain or an earlier device chain drew.
+        add(llama_cpp.llama_sampler_init_dist(random.randrange(2**31)))
         return chain
 
     def checked_on_host(self, token: int) -> bool:
@@ -379,12 +381,13 @@ def build_sampler(
         if top_pool > min(TOP_POOL, n_vocab // 2):
             top_pool = 0
     drawn = None
-    # On the device, a draw comes from the device chain's own random numbers, and a sequence
+    # On the device, a draw comes from each device chain's own random numbers, and a sequence
     # moves between host and device as drafting comes and goes with the load: a request that
-    # gave a seed, to have its draws again, stays on the host. Typical-p has no backend form.
-    if top_pool and p["typical_p"] >= 1.0 and p.get("seed") is None:
+    # gave a seed, to have its draws again, stays on the host. Typical-p has no backend form,
+    # and llama.cpp's backend min-p of 1 keeps no token at all (the host's keeps the best).
+    if top_pool and p["typical_p"] >= 1.0 and p["min_p"] < 1.0 and p.get("seed") is None:
         drawn = (list(biases.items()), int(p["top_k"]), float(p["top_p"]), float(p["min_p"]),
-                 float(p["temperature"]), seed)  # fmt: skip
+                 float(p["temperature"]))  # fmt: skip
     greedy = None
     if p["temperature"] == 0.0 and not penalties:
         greedy = (
