@@ -67,6 +67,13 @@ def main() -> None:
         help="first, a load of this many streaming and this many non-streaming clients, "
         "bounded at 10 s (does the RSS after follow the largest load, or each load?)",
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=20.0,
+        help="seconds after a load before the RSS after it is read (FARM_GATEWAY_RECYCLE_IDLE, "
+        "10 s by default, and a new process's start must fit in it)",
+    )
     args = parser.parse_args()
     with farm_for_bench([MODEL]):
         if args.key:
@@ -111,10 +118,22 @@ def probe(url: str) -> None:
             time.sleep(0.05)
 
 
-def rss_mib(pid: int) -> float:
+def tree(pid: int) -> list[Any]:
+    """`farm serve`'s processes: the supervisor and its gateway child (or children, while
+    one replaces another: farm/gateway/supervisor.py), or the one process without it."""
     import psutil
 
-    return psutil.Process(pid).memory_info().rss / 2**20
+    top = psutil.Process(pid)
+    return [top, *top.children(recursive=True)]
+
+
+def rss_mib(pid: int) -> float:
+    """The RSS of `farm serve`, all of its processes together."""
+    return sum(p.memory_info().rss for p in tree(pid)) / 2**20
+
+
+def cpu_s(pid: int) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in tree(pid))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -196,17 +215,14 @@ async def added_latency(url: str, pid: int, runs: int) -> None:
         await reader.readexactly(length)
         return (time.perf_counter() - t) * 1000
 
-    import psutil
-
-    gateway = psutil.Process(pid)
     direct_again, plain_through, plain_health, cpu = [], [], [], 0.0
     for _ in range(runs):
         t = time.perf_counter()
         await asyncio.to_thread(farm.infer, messages=HI, model=MODEL, max_tokens=1, temperature=0)
         direct_again.append((time.perf_counter() - t) * 1000)
-        before = sum(gateway.cpu_times()[:2])
+        before = cpu_s(pid)
         plain_through.append(await plain(chat))
-        cpu += sum(gateway.cpu_times()[:2]) - before
+        cpu += cpu_s(pid) - before
     for _ in range(runs):
         plain_health.append(await plain(get_health))
     writer.close()
@@ -283,8 +299,11 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
     health = [took for took, _ in timed if took >= 0]
     slowest = sorted(timed, reverse=True)[:5]
     took = time.monotonic() - started
-    await asyncio.sleep(5)  # the cancelled jobs drain
+    # The cancelled jobs drain; with recycling, the grown gateway process is replaced once
+    # it has served nothing for FARM_GATEWAY_RECYCLE_IDLE seconds (--settle).
+    await asyncio.sleep(args.settle)
     rss["after"] = rss_mib(pid)
+    parts = " + ".join(f"{p.memory_info().rss / 2**20:.0f}" for p in tree(pid))
     print(
         f"load: {args.streams} streaming + {args.waits} non-streaming clients at once, "
         f"max_tokens {args.max_tokens}, bound {args.seconds:g}s:"
@@ -306,7 +325,8 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
     )
     print(
         f"  gateway RSS: before {rss['before']:.0f} MiB, peak {rss['peak']:.0f} MiB, "
-        f"after {rss['after']:.0f} MiB ({(rss['after'] / rss['before'] - 1) * 100:+.0f} %)"
+        f"after {rss['after']:.0f} MiB ({(rss['after'] / rss['before'] - 1) * 100:+.0f} %; "
+        f"by process, the supervisor first: {parts}) {args.settle:g} s after the load"
     )
 
 

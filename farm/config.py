@@ -220,6 +220,20 @@ class Settings(BaseSettings):
         description="Seconds the gateway waits for a request's headers before closing the "
         "connection (a client that never finishes them holds nothing for long).",
     )
+    gateway_recycle_growth: float = Field(
+        default=0.10,
+        ge=0,
+        description="`farm serve` replaces its gateway process with a fresh one on the same "
+        "socket once the process has served nothing for FARM_GATEWAY_RECYCLE_IDLE seconds "
+        "and its RSS is this fraction above what it was after its first requests (a load's "
+        "peak stays in the allocators: bench/README.md). 0: one process, never replaced.",
+    )
+    gateway_recycle_idle: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds without a request in flight before `farm serve` may replace a "
+        "grown gateway process (FARM_GATEWAY_RECYCLE_GROWTH).",
+    )
 
     @model_validator(mode="after")
     def _limits_agree(self) -> Settings:

@@ -146,6 +146,9 @@ class FarmUnderTest:
             "FARM_HEARTBEAT_INTERVAL": "1",
             "FARM_LEASE_TTL": "4",
             "PYTHONUNBUFFERED": "1",
+            # A `farm serve` keeps its process through a module's tests (its caches and
+            # counters are what they check); tests/test_gateway_recycle.py replaces it.
+            "FARM_GATEWAY_RECYCLE_IDLE": "3600",
         }
         self.broker_url = broker_url
         self.database_url = database_url

@@ -24,39 +24,74 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     feeder: Annotated[bool, typer.Option(help="run the batch feeder in this process too")] = True,
+    socket_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    supervisor_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    quiet: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """The OpenAI-compatible HTTP API (base URL http://HOST:PORT/v1), and the batch feeder.
 
     Beside a `farm up` on this machine, it follows that farm when it restarts elsewhere
-    (its broker on another port): no need to restart `farm serve`."""
+    (its broker on another port): no need to restart `farm serve`. After a load, once idle,
+    it moves to a fresh process on the same port to give back what the load's peak took
+    (FARM_GATEWAY_RECYCLE_GROWTH; farm/gateway/supervisor.py)."""
     from farm.config import get_settings
+    from farm.gateway.recycle import rss_bytes
 
+    settings = get_settings()
     protected = keys_exist()
-    if host not in LOCAL and not live_key_exists():
-        from farm.errors import ConfigError
+    if socket_fd is None:
+        if host not in LOCAL and not live_key_exists():
+            from farm.errors import ConfigError
 
-        raise ConfigError(
-            f"refusing to serve on {host} without API keys: anyone could use the farm; "
-            "create one with `farm keys create --session NAME` first, or serve on 127.0.0.1"
-        )
-    sock = listen(host, port)
+            raise ConfigError(
+                f"refusing to serve on {host} without API keys: anyone could use the farm; "
+                "create one with `farm keys create --session NAME` first, or serve on 127.0.0.1"
+            )
+        sock = listen(host, port)
+        if settings.gateway_recycle_growth > 0 and rss_bytes() is not None:
+            _supervise(sock, host, port, feeder)  # this process becomes the supervisor
+    else:  # a child of the supervisor: its socket, already bound
+        sock = socket.socket(fileno=socket_fd)
+    watch = None
+    if supervisor_fd is not None:
+        watch = (supervisor_fd, settings.gateway_recycle_growth, settings.gateway_recycle_idle)
     feeding = _Feeding(enabled=feeder)
     following = None
-    if not get_settings().broker_url:  # the broker is the one `farm up` runs here
+    if not settings.broker_url:  # the broker is the one `farm up` runs here
         following = _follow_farm_up(feeding)
     feeding.start()
     url = base_url(host, port)
+
+    def ready() -> None:
+        if not quiet:
+            err.print(f"farm serve ready: {url} ({key_note(protected)})", highlight=False)
+
     try:
         _log_access_to_stderr()
-        gateway_server(
-            lambda: err.print(f"farm serve ready: {url} ({key_note(protected)})", highlight=False),
-            exposed=host not in LOCAL,
-        ).run(sockets=[sock])
+        gateway_server(ready, exposed=host not in LOCAL, watch=watch).run(sockets=[sock])
     finally:
         if following is not None:
             following()
         feeding.stop()
         sock.close()
+
+
+def _supervise(sock: socket.socket, host: str, port: int, feeder: bool) -> None:
+    """Become `farm serve`'s supervisor (same pid, a fresh interpreter that imports nothing
+    of the gateway: it stays small), holding `sock`; it runs this command again as its
+    child on that socket. Never returns."""
+    import os
+    import sys
+
+    os.set_inheritable(sock.fileno(), True)
+    child = [sys.executable, "-m", "farm.cli", "serve", "--host", host, "--port", str(port)]
+    child.append("--feeder" if feeder else "--no-feeder")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "farm.gateway.supervisor", "--fd", str(sock.fileno()), "--", *child],
+    )
 
 
 def _key_check() -> Any:
@@ -183,22 +218,35 @@ def _log_access_to_stderr() -> None:
         access.propagate = False
 
 
-def gateway_server(ready: Any, *, exposed: bool = False) -> Any:
+def gateway_server(
+    ready: Any, *, exposed: bool = False, watch: tuple[int, float, float] | None = None
+) -> Any:
     """The gateway's uvicorn server; it calls `ready()` once it takes connections.
     `exposed`: it listens beyond loopback (then it refuses every request while no key is
-    live)."""
+    live). `watch`: it is a child of `farm serve`'s supervisor (its pipe's fd, the growth
+    and the idle seconds of farm/gateway/recycle.py), told when it is ready and when it
+    should be replaced."""
+    import asyncio
+
     import uvicorn
 
     from farm.gateway.app import create_app
+    from farm.gateway.recycle import RecycleWatch
     from farm.gateway.server import gateway_config
+
+    app: Any = create_app(exposed=exposed)
+    recycle = RecycleWatch(app, *watch) if watch is not None else None
 
     class Gateway(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:
                 ready()
+                if recycle is not None:
+                    recycle.tell("ready")
+                    self.recycling = asyncio.get_running_loop().create_task(recycle.run(self))
 
-    return Gateway(gateway_config(create_app(exposed=exposed)))
+    return Gateway(gateway_config(recycle or app))
 
 
 def start_gateway(sock: socket.socket, timeout: float = 30.0) -> Any:

@@ -1,0 +1,163 @@
+"""`farm serve` runs its gateway in a child process under a supervisor that holds the port
+(farm/gateway/supervisor.py): a child grown by a load is replaced once idle, one that dies
+is replaced, and a stop reaches every process. A real `farm serve` in front of the live
+farm's worker, real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL, FarmUnderTest, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def wait_for(what: str, check, timeout: float = 60):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return found
+
+
+class Serve:
+    def __init__(self, farm: FarmUnderTest, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = farm.home / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "farm.cli", "serve", "--port", str(self.port)],
+            env={**farm.env, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        wait_for("ready", lambda: "farm serve ready" in self.text(), timeout=90)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def child(self) -> int:
+        [pid] = wait_for("one child", lambda: len(kids := children(self.proc.pid)) == 1 and kids)
+        return int(pid)
+
+
+@pytest.fixture
+def serve(live_farm: FarmUnderTest) -> Iterator[Serve]:
+    s = Serve(live_farm, FARM_GATEWAY_RECYCLE_GROWTH="0.02", FARM_GATEWAY_RECYCLE_IDLE="2")
+    yield s
+    if s.proc.poll() is None:
+        s.proc.terminate()
+        s.proc.wait(60)
+
+
+class Prober:
+    """GET /health every 20 ms, on a new connection each time and on one kept alive."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.failures: list[str] = []
+        self.answered = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as kept:
+            while not self.stop.is_set():
+                for get in (kept.get, lambda path: httpx.get(self.url + path, timeout=10)):
+                    try:
+                        r = get("/health")
+                        assert r.status_code == 200, r.status_code
+                        self.answered += 1
+                    except (httpx.HTTPError, AssertionError) as e:
+                        self.failures.append(f"{type(e).__name__}: {e}")
+                time.sleep(0.02)
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+async def load(url: str, n: int) -> list[int]:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        answers = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(n)))
+    return [a.status_code for a in answers]
+
+
+def test_a_grown_gateway_is_replaced_once_idle_on_the_same_port_refusing_nothing(serve):
+    first = serve.child()
+    started = rss_mib(first)
+    prober = Prober(serve.url)
+    try:
+        assert set(asyncio.run(load(serve.url, 120))) == {200}
+        grown = rss_mib(first)
+        assert grown > started * 1.02, (started, grown)  # the load grew it past the setting
+        line = wait_for(
+            "the replacement",
+            lambda: [x for x in serve.text().splitlines() if "took over from" in x],
+            timeout=90,
+        )[0]
+        second = serve.child()
+        assert second != first and f"process {second} took over from {first}" in line
+        wait_for("the old child gone", lambda: not os.path.exists(f"/proc/{first}"), timeout=30)
+        assert rss_mib(second) < grown
+        # The new process serves, through the supervisor's socket.
+        assert set(asyncio.run(load(serve.url, 4))) == {200}
+        time.sleep(1)
+    finally:
+        prober.end()
+    assert not prober.failures, prober.failures[:5]
+    assert prober.answered > 50
+    assert serve.text().count("farm serve ready") == 1  # the URL is said once
+    assert serve.proc.poll() is None
+
+
+def test_a_gateway_process_that_dies_is_replaced_and_a_stop_reaches_every_process(serve):
+    first = serve.child()
+    os.kill(first, signal.SIGKILL)
+    wait_for(
+        "the restart",
+        lambda: "the gateway process exited with status -9; starting another" in serve.text(),
+    )
+    second = serve.child()
+    assert second != first
+    wait_for("it answers", lambda: httpx.get(f"{serve.url}/health", timeout=10).status_code == 200)
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(60) == 0
+    assert not os.path.exists(f"/proc/{second}")
+    with pytest.raises(httpx.ConnectError):  # the port is closed: nothing is left on it
+        httpx.get(f"{serve.url}/health", timeout=5)
+
+
+def test_without_recycling_farm_serve_is_one_process(live_farm):
+    s = Serve(live_farm, FARM_GATEWAY_RECYCLE_GROWTH="0")
+    try:
+        assert children(s.proc.pid) == []
+        assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+    finally:
+        s.proc.terminate()
+        s.proc.wait(60)
