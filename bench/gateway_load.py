@@ -127,13 +127,26 @@ def tree(pid: int) -> list[Any]:
     return [top, *top.children(recursive=True)]
 
 
+def alive(read: Any, default: float = 0.0) -> Any:
+    """`read` over `farm serve`'s processes, counting one that exited meanwhile as 0."""
+    import psutil
+
+    def one(process: Any) -> float:
+        try:
+            return float(read(process))
+        except psutil.NoSuchProcess:
+            return default
+
+    return one
+
+
 def rss_mib(pid: int) -> float:
     """The RSS of `farm serve`, all of its processes together."""
-    return sum(p.memory_info().rss for p in tree(pid)) / 2**20
+    return sum(map(alive(lambda p: p.memory_info().rss), tree(pid))) / 2**20
 
 
 def cpu_s(pid: int) -> float:
-    return sum(sum(p.cpu_times()[:2]) for p in tree(pid))
+    return sum(map(alive(lambda p: sum(p.cpu_times()[:2])), tree(pid)))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -303,7 +316,7 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
     # it has served nothing for FARM_GATEWAY_RECYCLE_IDLE seconds (--settle).
     await asyncio.sleep(args.settle)
     rss["after"] = rss_mib(pid)
-    parts = " + ".join(f"{p.memory_info().rss / 2**20:.0f}" for p in tree(pid))
+    parts = " + ".join(f"{alive(lambda p: p.memory_info().rss)(p) / 2**20:.0f}" for p in tree(pid))
     print(
         f"load: {args.streams} streaming + {args.waits} non-streaming clients at once, "
         f"max_tokens {args.max_tokens}, bound {args.seconds:g}s:"

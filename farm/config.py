@@ -224,8 +224,8 @@ class Settings(BaseSettings):
         default=0.10,
         ge=0,
         description="`farm serve` replaces its gateway process with a fresh one on the same "
-        "socket once the process has served nothing for FARM_GATEWAY_RECYCLE_IDLE seconds "
-        "and its RSS is this fraction above what it was after its first requests (a load's "
+        "socket once the process has had no request in flight for FARM_GATEWAY_RECYCLE_IDLE "
+        "seconds and its RSS is this fraction above what it was when it started (a load's "
         "peak stays in the allocators: bench/README.md). 0: one process, never replaced.",
     )
     gateway_recycle_idle: float = Field(

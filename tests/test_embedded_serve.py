@@ -153,7 +153,10 @@ def test_farm_serve_follows_restarts_of_farm_up_and_both_say_where_and_whether_k
         assert slots(env) == [2]  # the models file's `parallel`
         first_broker = broker_url(home)
 
-        with running(env, "serve", "--port", str(serve_port)) as (serve_proc, serve):
+        # Its process stays (tests/test_gateway_recycle.py replaces one): the lines it says
+        # when it follows the farm are what this test reads.
+        serve_env = {**env, "FARM_GATEWAY_RECYCLE_IDLE": "3600"}
+        with running(serve_env, "serve", "--port", str(serve_port)) as (serve_proc, serve):
             ready = serve.wait_for("farm serve ready")
             assert serve_url in ready and "no API key needed" in ready
             assert complete(serve_url).status_code == 200

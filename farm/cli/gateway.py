@@ -52,8 +52,12 @@ def serve(
             _supervise(sock, host, port, feeder)  # this process becomes the supervisor
     else:  # a child of the supervisor: its socket, already bound
         sock = socket.socket(fileno=socket_fd)
+        sock.set_inheritable(False)  # nothing this process starts holds the port
     watch = None
     if supervisor_fd is not None:
+        import os
+
+        os.set_inheritable(supervisor_fd, False)
         watch = (supervisor_fd, settings.gateway_recycle_growth, settings.gateway_recycle_idle)
     feeding = _Feeding(enabled=feeder)
     following = None
@@ -226,8 +230,6 @@ def gateway_server(
     live). `watch`: it is a child of `farm serve`'s supervisor (its pipe's fd, the growth
     and the idle seconds of farm/gateway/recycle.py), told when it is ready and when it
     should be replaced."""
-    import asyncio
-
     import uvicorn
 
     from farm.gateway.app import create_app
@@ -243,8 +245,7 @@ def gateway_server(
             if self.started:
                 ready()
                 if recycle is not None:
-                    recycle.tell("ready")
-                    self.recycling = asyncio.get_running_loop().create_task(recycle.run(self))
+                    recycle.start(self)
 
     return Gateway(gateway_config(recycle or app))
 
