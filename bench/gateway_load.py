@@ -127,26 +127,26 @@ def tree(pid: int) -> list[Any]:
     return [top, *top.children(recursive=True)]
 
 
-def alive(read: Any, default: float = 0.0) -> Any:
-    """`read` over `farm serve`'s processes, counting one that exited meanwhile as 0."""
+def each(pid: int, read: Any) -> list[float]:
+    """`read` of each of `farm serve`'s processes; 0 for one that exited meanwhile."""
     import psutil
 
-    def one(process: Any) -> float:
+    found = []
+    for process in tree(pid):
         try:
-            return float(read(process))
+            found.append(float(read(process)))
         except psutil.NoSuchProcess:
-            return default
-
-    return one
+            found.append(0.0)
+    return found
 
 
 def rss_mib(pid: int) -> float:
     """The RSS of `farm serve`, all of its processes together."""
-    return sum(map(alive(lambda p: p.memory_info().rss), tree(pid))) / 2**20
+    return sum(each(pid, lambda p: p.memory_info().rss)) / 2**20
 
 
 def cpu_s(pid: int) -> float:
-    return sum(map(alive(lambda p: sum(p.cpu_times()[:2])), tree(pid)))
+    return sum(each(pid, lambda p: sum(p.cpu_times()[:2])))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -316,7 +316,7 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> None:
     # it has served nothing for FARM_GATEWAY_RECYCLE_IDLE seconds (--settle).
     await asyncio.sleep(args.settle)
     rss["after"] = rss_mib(pid)
-    parts = " + ".join(f"{alive(lambda p: p.memory_info().rss)(p) / 2**20:.0f}" for p in tree(pid))
+    parts = " + ".join(f"{b / 2**20:.0f}" for b in each(pid, lambda p: p.memory_info().rss))
     print(
         f"load: {args.streams} streaming + {args.waits} non-streaming clients at once, "
         f"max_tokens {args.max_tokens}, bound {args.seconds:g}s:"

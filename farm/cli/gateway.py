@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
+import sys
 import threading
 from typing import Annotated, Any
 
@@ -55,8 +57,6 @@ def serve(
         sock.set_inheritable(False)  # nothing this process starts holds the port
     watch = None
     if supervisor_fd is not None:
-        import os
-
         os.set_inheritable(supervisor_fd, False)
         watch = (supervisor_fd, settings.gateway_recycle_growth, settings.gateway_recycle_idle)
     feeding = _Feeding(enabled=feeder)
@@ -84,9 +84,6 @@ def _supervise(sock: socket.socket, host: str, port: int, feeder: bool) -> None:
     """Become `farm serve`'s supervisor (same pid, a fresh interpreter that imports nothing
     of the gateway: it stays small), holding `sock`; it runs this command again as its
     child on that socket. Never returns."""
-    import os
-    import sys
-
     os.set_inheritable(sock.fileno(), True)
     child = [sys.executable, "-m", "farm.cli", "serve", "--host", host, "--port", str(port)]
     child.append("--feeder" if feeder else "--no-feeder")

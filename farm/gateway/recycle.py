@@ -11,10 +11,11 @@ nothing has moved for DRAIN_QUIET_S (a connection accepted just before holds its
 by then) or DRAIN_MOST_S have passed (clients that keep a connection alive and busy), and
 stops as uvicorn does: a kept-alive connection between two requests is closed (its client
 opens a new one, to the new process; one that sends a request at that very moment sees it
-closed, as with any server's keep-alive timeout), requests under way are answered. It tells the
-supervisor it is alive every CHECK_S; a broken pipe means the supervisor is gone
-(SIGKILLed: nobody would replace or stop this process, and it would hold the port), and it
-stops.
+closed, as with any server's keep-alive timeout), requests under way are answered.
+
+It tells the supervisor it is alive every CHECK_S; a broken pipe means the supervisor is
+gone (SIGKILLed: nobody would replace or stop this process, and it would hold the port),
+and it stops.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 
 CHECK_S = 1.0  # how often the RSS is read and the supervisor told this process is alive
 ASK_AGAIN_S = 60.0  # a replacement that did not start is asked for again after this
-DRAIN_QUIET_S = 1.0  # replaced: nothing in flight nor begun for this long, then it exits,
-DRAIN_MOST_S = 5.0  # or after this: uvicorn closes idle kept-alive connections, answers the rest
+# Replaced: it stops once nothing has been in flight nor begun for DRAIN_QUIET_S, or after
+# DRAIN_MOST_S whatever its kept-alive clients do.
+DRAIN_QUIET_S = 1.0
+DRAIN_MOST_S = 5.0
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

@@ -106,7 +106,7 @@ class Sampler:
     # stable: tied tokens may come in another order). 0: the chain over the whole vocabulary.
     top_pool: int = 0
     # A sampled chain that llama.cpp can run inside a step's graph (`device_chain`): its
-    # logit biases, top-k, top-p, min-p, temperature and seed. None where a step has no
+    # logit biases, top-k, top-p, min-p and temperature. None where a step has no
     # backend form (typical-p, penalties, mirostat), a grammar follows the pick, or the
     # request gave a seed (build_sampler).
     drawn: tuple[list[tuple[int, float]], int, float, float, float] | None = None
