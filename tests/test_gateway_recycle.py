@@ -17,7 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from farm.queue import BATCH_FEEDER_LOCK
 from tests.conftest import MODEL, FarmUnderTest, free_port
 
 pytestmark = pytest.mark.e2e
@@ -152,7 +154,7 @@ def test_a_grown_gateway_is_replaced_once_idle_on_the_same_port_refusing_nothing
     assert serve.proc.poll() is None
 
 
-def test_a_gateway_process_that_dies_is_replaced_and_a_stop_reaches_every_process(serve):
+def test_a_gateway_process_that_dies_is_replaced_and_a_stop_reaches_every_process(serve, live_farm):
     first = serve.child()
     os.kill(first, signal.SIGKILL)
     wait_for(
@@ -162,9 +164,15 @@ def test_a_gateway_process_that_dies_is_replaced_and_a_stop_reaches_every_proces
     second = serve.child()
     assert second != first
     wait_for("it answers", lambda: answers(f"{serve.url}/health"))
+    # The child's batch feeder makes its passes under a Redis lock (15 s TTL): a SIGTERM
+    # must let it give the lock back, not leave it to expire.
+    lock = redis.Redis.from_url(live_farm.broker_url)
+    lock.delete(BATCH_FEEDER_LOCK)  # one another module's `farm serve` may have left
+    wait_for("the feeder's lock", lambda: lock.exists(BATCH_FEEDER_LOCK))
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.proc.wait(60) == 0
     assert not os.path.exists(f"/proc/{second}")
+    assert not lock.exists(BATCH_FEEDER_LOCK)
     with pytest.raises(httpx.ConnectError):  # the port is closed: nothing is left on it
         httpx.get(f"{serve.url}/health", timeout=5)
 

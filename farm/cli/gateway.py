@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -18,6 +19,7 @@ keys_app = typer.Typer(help="API keys for the gateway; each maps to a session.")
 app.add_typer(keys_app, name="keys", no_args_is_help=True)
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
+FEEDER_STOP_WAIT_S = 5.0  # a stopping `farm serve` waits this long for its feeder's pass
 
 
 @app.command()
@@ -70,14 +72,33 @@ def serve(
         if not quiet:
             err.print(f"farm serve ready: {url} ({key_note(protected)})", highlight=False)
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _log_access_to_stderr()
         gateway_server(ready, exposed=host not in LOCAL, watch=watch).run(sockets=[sock])
+    except _Terminated:
+        pass
     finally:
         if following is not None:
             following()
         feeding.stop()
         sock.close()
+    if _Terminated.caught:  # end by the signal, as a process that SIGTERM ends does
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in `farm serve`'s main thread so that its cleanup runs (the feeder
+    gives back its Redis lock). uvicorn takes SIGTERM while it serves, shuts down, and then
+    raises the signal again, which comes here."""
+
+    caught = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    _Terminated.caught = True
+    raise _Terminated
 
 
 def _supervise(sock: socket.socket, host: str, port: int, feeder: bool) -> None:
@@ -121,17 +142,23 @@ class _Feeding:
     def __init__(self, *, enabled: bool):
         self.enabled = enabled
         self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         from farm.batches.feeder import start_feeder
 
         if self.enabled:
-            self._stop = start_feeder()[1]
+            self._thread, self._stop = start_feeder()
 
     def stop(self) -> None:
+        """Stop the feeder, and wait a little for it to end its pass and give back its lock
+        (else another feeder waits for the lock to expire: LOCK_TTL_MS)."""
         if self._stop is not None:
             self._stop.set()
             self._stop = None
+            assert self._thread is not None
+            self._thread.join(FEEDER_STOP_WAIT_S)
+            self._thread = None
 
 
 def _follow_farm_up(feeding: _Feeding) -> Any:
