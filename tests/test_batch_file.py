@@ -314,3 +314,45 @@ def test_a_line_past_max_prompt_chars_is_a_bad_line_and_a_bulk_item_its_own_erro
     )
     assert [type(r).__name__ for r in results] == ["InvalidRequest", "NoLiveWorker"]
     assert "invalid 'prompt': 2,001 characters" in str(results[0])
+
+
+def test_a_feeder_stopped_with_sigterm_gives_back_its_lock(migrated_db: str, tmp_path: Path):
+    """A service manager stops `farm batch feeder` with SIGTERM: it ends its pass, gives
+    the lock back and exits 0, rather than leave the next feeder to wait out the lock's
+    15 s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REDIS_URL
+
+    url = REDIS_URL.rsplit("/", 1)[0] + "/8"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path),
+        "FARM_BROKER_URL": url,
+        "FARM_DATABASE_URL": migrated_db,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "batch", "feeder"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not r.exists(BATCH_FEEDER_LOCK):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the feeder never took its lock"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not r.exists(BATCH_FEEDER_LOCK)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        r.flushdb()

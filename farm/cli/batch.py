@@ -283,12 +283,16 @@ def cancel(batch_id: BatchId, as_json: AsJson = False) -> None:
 @batch_app.command("feeder")
 @friendly
 def feeder() -> None:
-    """Run the batch feeder here until Ctrl-C (`farm up` and `farm serve` run one too)."""
+    """Run the batch feeder here until Ctrl-C or SIGTERM (`farm up` and `farm serve` run
+    one too)."""
+    import signal
     import threading
 
     from farm.batches.feeder import Feeder
 
     stop = threading.Event()
+    # A service manager's stop: the pass in progress ends and the lock is given back.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     err.print("batch feeder running; Ctrl-C stops it", highlight=False)
     try:
         Feeder().run(stop)
