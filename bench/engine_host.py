@@ -13,11 +13,15 @@ milliseconds a step and the rest decides the throughput.
     python bench/engine_host.py --slots 32 --unstreamed  # jobs nobody streams: no text events
     python bench/engine_host.py --sampled --whole-vocabulary  # top-k over all the tokens
     python bench/engine_host.py --model m.gguf --device-sampling all   # picks inside the step
+    python bench/engine_host.py --slots 1 --tokens 8 --requests 30 --device-sampling greedy
 
 --model takes another GGUF (bench/random_model.py), with every layer on the GPU where
 llama.cpp has one. --device-sampling greedy/all lets llama.cpp pick inside the step
 (FARM_DEVICE_SAMPLING); --no-bans leaves the non-text markers unbanned, so a draw's chain
-on the device has no logit-bias step (a probe: farm always bans them).
+on the device has no logit-bias step (a probe: farm always bans them). --requests N has
+each of the S clients ask N times, one sequence after another (as throughput.py's clients
+do): "set_sampler" counts the chains attached to the context and taken back meanwhile
+(each makes llama.cpp reserve the step's graph again).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def run(
     streamed: bool = True,
     device: str = "off",
     n_ctx: int = 256,
+    requests: int = 1,
 ) -> dict[str, float]:
     """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax;
     `streamed=False`: the readers get only each sequence's end (a job nobody streams). The
@@ -106,6 +111,8 @@ def run(
         Engine._pick_apart,
     )
     picking = threading.local()
+    real_set_sampler = llama_cpp.llama_set_sampler
+    set_sampler = Clock()
 
     def alone() -> bool:  # a pick on the engine thread, not within _pick_apart
         return threading.current_thread() is engine._thread and not getattr(picking, "on", 0)
@@ -128,32 +135,36 @@ def run(
     Sampler.sample = sample.wrap(real_sample, alone)  # type: ignore[method-assign]
     Engine._pick_apart = sample.wrap(pick_apart)  # type: ignore[method-assign]
     Engine._step = step.wrap(real_step)  # type: ignore[method-assign]
+    engine_module.llama_cpp.llama_set_sampler = set_sampler.wrap(real_set_sampler)  # type: ignore[attr-defined]
     try:
-        seqs = []
-        for i in range(slots):
-            words = f"Write a short story number {i} about a fox and a river."
-            tokens = _tokens(model, words)
-            seqs.append(
-                Sequence(
-                    tokens=tokens,
-                    max_tokens=TOKENS,
-                    sampling=dict(sampling),
-                    draft_max=draft_max,  # 0: one token a step, as the table has always counted
-                    streamed=streamed,
-                )
+
+        def sequence(client: int, request: int) -> Sequence:
+            words = f"Write a short story number {client} ({request}) about a fox and a river."
+            return Sequence(
+                tokens=_tokens(model, words),
+                max_tokens=TOKENS,
+                sampling=dict(sampling),
+                draft_max=draft_max,  # 0: one token a step, as the table has always counted
+                streamed=streamed,
             )
+
+        seqs = [sequence(i, 0) for i in range(slots)]
         done: list[int] = []
 
-        def follow(seq: Sequence) -> None:  # a job's thread, as in a worker: one a sequence
-            while True:
-                kind, value = seq.events.get(timeout=600)
-                if kind == DONE:
-                    done.append(value.completion_tokens)
-                    return
-                if kind == FAILED:
-                    raise RuntimeError(value)
+        def follow(seq: Sequence, client: int) -> None:  # a job's thread, as in a worker
+            for request in range(requests):
+                if request:
+                    seq = sequence(client, request)
+                    engine.submit(seq)
+                while True:
+                    kind, value = seq.events.get(timeout=600)
+                    if kind == DONE:
+                        done.append(value.completion_tokens)
+                        break
+                    if kind == FAILED:
+                        raise RuntimeError(value)
 
-        readers = [threading.Thread(target=follow, args=(seq,)) for seq in seqs]
+        readers = [threading.Thread(target=follow, args=(s, i)) for i, s in enumerate(seqs)]
         for t in readers:
             t.start()
         started = time.perf_counter()
@@ -162,19 +173,21 @@ def run(
             t.join()
         wall = time.perf_counter() - started
         generated = sum(done)
-        assert len(done) == len(seqs), "a sequence failed"
+        assert len(done) == len(seqs) * requests, "a sequence failed"
     finally:
         engine_module.llama_cpp.llama_decode = real_decode  # type: ignore[attr-defined]
         Sampler.sample = real_sample  # type: ignore[method-assign]
         Engine._pick_apart = real_pick  # type: ignore[method-assign]
         Engine._step = real_step  # type: ignore[method-assign]
         engine_module.build_sampler = real_build
+        engine_module.llama_cpp.llama_set_sampler = real_set_sampler  # type: ignore[attr-defined]
         engine.close()
     host = step.seconds - decode.seconds
     python = host - sample.seconds
     return {
         "slots": slots,
         "on device": engine.tokens_picked_on_device / max(1, generated),
+        "set_sampler": set_sampler.calls,
         "steps": step.calls,
         "tokens": generated,
         "tokens/s": generated / wall,
@@ -223,6 +236,9 @@ def main() -> None:
     parser.add_argument("--device-sampling", choices=("off", "greedy", "all"), default="off")
     parser.add_argument("--no-bans", action="store_true", help="no markers banned (a probe)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens a sequence")
+    parser.add_argument(
+        "--requests", type=int, default=1, help="sequences each client asks for, in turn"
+    )
     args = parser.parse_args()
     TOKENS = args.tokens
     if args.no_bans:
@@ -247,7 +263,8 @@ def main() -> None:
         f"picks on the device: {args.device_sampling}{', no bans' if args.no_bans else ''}"
     )
     print(f"{'slots':>5} {'sampler':>8} {'tok/s':>7} {'decode ms':>10} {'host ms':>8} "
-          f"{'sampler ms':>11} {'python us/seq-token':>20} {'on device':>10}")  # fmt: skip
+          f"{'sampler ms':>11} {'python us/seq-token':>20} {'on device':>10} "
+          f"{'set_sampler':>11}")  # fmt: skip
     kinds = [False, True] if args.compare and not args.sampled else [False]
     for slots in (int(s) for s in args.slots.split(",")):
         for chain in kinds:
@@ -262,6 +279,7 @@ def main() -> None:
                     streamed=not args.unstreamed,
                     device=args.device_sampling,
                     n_ctx=TOKENS + 64,
+                    requests=args.requests,
                 )
                 for _ in range(args.runs)
             ]
@@ -270,7 +288,8 @@ def main() -> None:
                 f"{slots:>5} {'chain' if chain or args.sampled else 'argmax':>8} "
                 f"{r['tokens/s']:>7.1f} {r['decode ms/step']:>10.2f} "
                 f"{r['host ms/step']:>8.2f} {r['sampler ms/step']:>11.2f} "
-                f"{r['python us/seq-token']:>20.1f} {r['on device']:>10.0%}"
+                f"{r['python us/seq-token']:>20.1f} {r['on device']:>10.0%} "
+                f"{r['set_sampler']:>11.0f}"
             )
     llama_cpp.llama_model_free(model)
 

@@ -24,9 +24,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
 python3 bench/random_model.py /tmp/m1b.gguf --size 1b --tokenizer /tmp/tok.gguf 2>&1 | tail -1
 echo "setup: $(elapsed) s"
 
-ENGINE="python3 bench/engine_host.py --model /tmp/m1b.gguf --slots 1,8,64 --tokens 128 --threads 16"
-for args in "" "--device-sampling greedy" "--device-sampling greedy --no-bans" \
-            "--sampled" "--sampled --device-sampling all"; do
+# Each client asks 4 times in turn: a chain change makes llama.cpp reserve the step's graph
+# again ("set_sampler" counts them), and a sequence's start and end used to make two.
+ENGINE="python3 bench/engine_host.py --model /tmp/m1b.gguf --slots 1,8,64 --tokens 128 --threads 16 --requests 4"
+for args in "" "--device-sampling greedy" "--sampled" "--sampled --device-sampling all"; do
   $ENGINE $args 2>&1 | grep -E "^ +[0-9]+ |tokens a sequence|Error" | tee -a "$OUT/engine.txt"
   echo "t=$(elapsed) s"
 done

@@ -584,11 +584,14 @@ def test_a_top_k_draw_among_the_best_logits_is_the_chains_draw_for_the_same_seed
 
 def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, monkeypatch):
     """With device sampling (llama.cpp's backend sampling, off by default; for a model
-    wholly on a GPU), a greedy sequence that drafts nothing picks each token after its
-    first inside the step: the same text as picked on the host, with and without a ban."""
+    wholly on a GPU), a greedy sequence picks each token inside the step: the same text as
+    picked on the host, with and without a ban. Every slot gets its chain once: none is
+    attached or taken back as sequences come and go (each would make llama.cpp reserve the
+    step's graph again)."""
     engine = host.engine
     assert engine is not None
     prompt = tokens(host, "Count: 1, 2, 3,")
+    attached = engine.chains_attached
 
     def run(on: bool, **sampling: object) -> tuple[Generation, int]:
         monkeypatch.setattr(engine, "device_sampling", on)
@@ -597,32 +600,41 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
         [gen] = submit_at_once(host, [seq])
         return gen, engine.tokens_picked_on_device - before
 
+    seeded = {"temperature": 0.9, "seed": 5}
+    # First the prompt into a slot's cache: every run after it evaluates its last token
+    # alone (greedy text may change with the batch's shape: bench/README.md).
+    run(False, temperature=0)
     host_gen, none = run(False, temperature=0)
-    device_gen, picked = run(True, temperature=0)
-    assert none == 0 and host_gen.finish_reason == "length"
-    assert device_gen.text == host_gen.text
-    assert picked == 23  # every token but the first (from the prompt's last position)
-    # A ban (a logit bias that lowers) stays off the device: where the device's pick is a
-    # banned token, the host picks again from the raw logits, as it would have.
     second = host.llm.tokenize(host_gen.text.encode(), add_bos=False, special=False)[1]
     ban = {"temperature": 0, "logit_bias": {str(second): -100}}
-    host_ban, _ = run(False, **ban)
-    device_ban, picked = run(True, **ban)
-    assert device_ban.text == host_ban.text != host_gen.text
-    assert 0 < picked < device_ban.completion_tokens - 1  # the banned token's step: the host
-    # A bias that raises a token goes with the chain to the device.
     raised = {"temperature": 0, "logit_bias": {str(second): 5}}
-    host_raised, _ = run(False, **raised)
+    host_ban, host_raised, host_seeded = (run(False, **x)[0] for x in (ban, raised, seeded))
+    assert none == 0 and host_gen.finish_reason == "length"
+    assert host_ban.text != host_gen.text
+
+    device_gen, picked = run(True, temperature=0)
+    assert device_gen.text == host_gen.text
+    assert picked == 24  # every token, the first (from the prompt's last position) too
+    # A ban (a logit bias that lowers) stays off the device: where the device's pick is a
+    # banned token, the host picks again from the raw logits, as it would have.
+    device_ban, picked = run(True, **ban)
+    assert device_ban.text == host_ban.text
+    assert 0 < picked < device_ban.completion_tokens  # the banned token's step: the host
+    # A bias that raises a token: the host picks, from the raw logits the chain leaves.
     device_raised, picked = run(True, **raised)
-    assert device_raised.text == host_raised.text and picked == 23
-    assert not any(s.device_chain for s in engine.slots)  # detached as each ended
+    assert device_raised.text == host_raised.text and picked == 0
+    # A sampled sequence beside the chains: drawn on the host from those raw logits, as
+    # without them (its seed repeats its text).
+    assert run(True, **seeded)[0].text == host_seeded.text
+    assert all(s.device_chain for s in engine.slots)  # kept as each sequence ended
+    assert engine.chains_attached == attached + len(engine.slots)  # one a slot, once
     # A backend that cannot run the chain picks no token (-1) though it took the chain:
     # the host picks from the chain instead, and the engine stops asking the device.
     monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", lambda ctx, i: -1)
     fallen, picked = run(True, temperature=0)
     assert fallen.text == host_gen.text and picked == 0
     assert engine.device_sampling is False
-    assert not any(s.device_chain for s in engine.slots)
+    assert not any(s.device_chain for s in engine.slots)  # all taken back
 
 
 def test_top_k_draws_picked_on_the_device_stay_in_the_top_k_and_seeds_stay_on_the_host(
@@ -648,7 +660,12 @@ def test_top_k_draws_picked_on_the_device_stay_in_the_top_k_and_seeds_stay_on_th
 
     greedy, _ = run(temperature=0)
     one, picked = run(temperature=0.8, top_k=1)
-    assert one.text == greedy.text and picked == one.completion_tokens - 1 > 0
+    # Its first token too where its slot still had a chain of these settings.
+    assert one.text == greedy.text and one.completion_tokens - 1 <= picked > 0
+    attached = engine.chains_attached
+    again, picked = run(temperature=0.8, top_k=1)  # the same settings: the chain stays
+    assert again.text == greedy.text and picked == again.completion_tokens
+    assert engine.chains_attached == attached
     # Each draw is one of the 5 candidates top-k left (top_p=1 and min_p=0 keep them all),
     # read beside each pick; not always the best of them. (Which 5 are best is the chain's
     # word: a context of our own scores the same text a little differently, a batch's
@@ -691,34 +708,29 @@ def test_top_k_draws_picked_on_the_device_stay_in_the_top_k_and_seeds_stay_on_th
     assert picked == 0
     _, picked = run(temperature=0.8, typical_p=0.9)
     assert picked == 0
-    assert not any(s.device_chain for s in engine.slots)
 
 
-def test_device_sampling_leaves_drafts_logprobs_and_sampled_chains_to_the_host(host, monkeypatch):
-    """A sequence that may draft (at most DRAFT_SEQUENCES generate), one that wants
-    logprobs and a sampled one pick on the host; greedy ones beside more than
-    DRAFT_SEQUENCES others pick on the device (one output each a step, as llama.cpp
-    requires), and every sequence ends as asked."""
+def test_device_greedy_verifies_drafts_and_leaves_logprobs_and_sampled_chains_to_the_host(
+    host, monkeypatch
+):
+    """A greedy sequence that drafts picks on the device at each drafted position (several
+    outputs a step for its seq_id): the host's text. Beside greedy ones, a sequence that
+    wants logprobs and a sampled one pick on the host from the raw logits the greedy chains
+    leave; every sequence ends as asked, and no chain is attached or taken back meanwhile."""
     engine = host.engine
     assert engine is not None
-    monkeypatch.setattr(engine, "device_sampling", True)
-    attached: list[Sequence | None] = []  # the sequence of each chain attached
-    set_sampler = llama_cpp.llama_set_sampler
-
-    def spy(ctx: object, seq_id: int, chain: object) -> bool:
-        if chain is not None:
-            attached.append(engine.slots[seq_id].job)
-        return bool(set_sampler(ctx, seq_id, chain))
-
-    monkeypatch.setattr(llama_cpp, "llama_set_sampler", spy)
     repeats = tokens(host, "a b c d e f g a b c d e f g a b c d e f g a b c")
-    before = engine.tokens_picked_on_device, engine.tokens_drafted
-    [alone] = submit_at_once(
-        host, [Sequence(tokens=repeats, max_tokens=16, sampling={"temperature": 0})]
-    )
-    assert alone.completion_tokens == 16
-    assert engine.tokens_picked_on_device == before[0] and not attached  # it drafted instead
-    assert engine.tokens_drafted > before[1]
+    alone = Sequence(tokens=repeats, max_tokens=16, sampling={"temperature": 0})
+    [on_host] = submit_at_once(host, [alone])
+    monkeypatch.setattr(engine, "device_sampling", True)
+    before = engine.tokens_picked_on_device, engine.tokens_drafted, engine.tokens_accepted
+    alone = Sequence(tokens=repeats, max_tokens=16, sampling={"temperature": 0})
+    [drafted] = submit_at_once(host, [alone])
+    assert drafted.text == on_host.text and drafted.completion_tokens == 16
+    assert engine.tokens_drafted > before[1] and engine.tokens_accepted > before[2]
+    # each token, the drafted ones kept among them, was the device's pick
+    assert engine.tokens_picked_on_device - before[0] >= 16
+    attached = engine.chains_attached
     greedy = [
         Sequence(tokens=tokens(host, f"Count to {i + 20}: 1, 2,"), max_tokens=20) for i in range(5)
     ]
@@ -730,19 +742,18 @@ def test_device_sampling_leaves_drafts_logprobs_and_sampled_chains_to_the_host(h
     sampled = Sequence(
         tokens=tokens(host, "Count: 1, 2,"), max_tokens=20, sampling={"temperature": 0.8}
     )
-    before = engine.tokens_picked_on_device
+    before_picks = engine.tokens_picked_on_device
     gens = submit_at_once(host, [*greedy, scored, sampled])
     for gen in gens:
         assert gen.finish_reason in ("length", "stop")
         assert gen.finish_reason == "stop" or gen.completion_tokens == 20
     assert gens[5].logprobs is not None and len(gens[5].logprobs) == gens[5].completion_tokens
-    on_device = engine.tokens_picked_on_device - before
-    # Each greedy five got a chain (all seven generated together after their prompts), the
-    # others none; the picks are at most the five's tokens (their first on the host, and
-    # an end of turn picked on the device is not a completion token).
-    assert {id(seq) for seq in attached} == {id(seq) for seq in greedy}
-    assert 0 < on_device <= sum(g.completion_tokens for g in gens[:5])
-    assert not any(s.device_chain for s in engine.slots)
+    for entry in gens[5].logprobs:  # read from the raw logits: each a log-probability
+        assert entry["logprob"] <= 0.0
+    on_device = engine.tokens_picked_on_device - before_picks
+    # the greedy five's tokens (an end of turn picked there is not a completion token)
+    assert sum(g.completion_tokens for g in gens[:5]) <= on_device <= 5 * 21
+    assert engine.chains_attached == attached
 
 
 def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host, monkeypatch):

@@ -26,22 +26,28 @@ first token from the leader's logits. The prompt is evaluated once. One that fou
 slot then runs on its own later (its prompt mostly in the prompt cache by then).
 
 With `device_sampling` (FARM_DEVICE_SAMPLING=greedy; off by default), a greedy sequence
-with no grammar and no logprobs picks its token inside the step (llama.cpp's backend
-sampling: `llama_set_sampler` attaches a greedy chain to its seq_id, and the token is read
-with `llama_get_sampled_token_ith`), so the host takes no argmax over its 1 MiB of logits
-a step (Gemma's 262k vocabulary). Its bans stay on the host: only when the device picked a
-banned token does the host pick again (`Sampler.checked_on_host`); a bias that raises a
-token goes first in the chain. With `device_draws` too (FARM_DEVICE_SAMPLING=all), so does
-a sampled sequence whose chain has a backend form (the biases, top-k, top-p, min-p,
-temperature, dist) and that gave no seed (`Sampler.drawn`). This llama.cpp still copies
-logits back: after greedy the raw ones (biased where a bias raises), after top-k the
-candidates' alone: nothing but `checked_on_host`'s pick reads them. llama.cpp allows such a
-sequence one output a step, so it is on the device only while it cannot draft (more than
-DRAFT_SEQUENCES generate, or it drafts nothing); its first token, from its prompt's last
-position, is picked on the host. Each attach and detach makes llama.cpp rebuild the step's
-graph. On an H200 greedy on the device made generation slower (148-2,046 tok/s at 1-64
-sequences against 418-3,230 with the host's argmax; bench/README.md), so it is off; the
-draws are not measured on a GPU yet.
+with no grammar and no logprobs picks its tokens inside the step (llama.cpp's backend
+sampling: `llama_set_sampler` attaches a chain to a seq_id, and the token is read with
+`llama_get_sampled_token_ith`), so the host takes no argmax over its 1 MiB of logits a
+position (Gemma's 262k vocabulary). Every slot gets a plain greedy chain at the first step
+and keeps a chain from one sequence to the next: llama.cpp reserves the step's graph again
+after each llama_set_sampler. (On an H200, when each sequence attached its chain and took
+it back, a cold prompt's first token took 441 ms against 56-81 ms without: bench/README.md;
+the reserve is the likely cause, not timed apart there.) The greedy chain's rows of logits are the raw ones, so every other sequence (sampled, with
+logprobs, a grammar, a raising bias) is picked on the host from them as before, and a
+greedy sequence's bans too where the device picked a banned token
+(`Sampler.checked_on_host`). A greedy sequence picks on the device at every position it
+outputs, its prompt's last and its drafts' too. With `device_draws` as well
+(FARM_DEVICE_SAMPLING=all), a sampled sequence whose chain has a backend form (the biases,
+top-k, top-p, min-p, temperature, dist) and that gave no seed (`Sampler.drawn`) draws
+there too: its slot's chain is replaced by one of its settings, which stays after it ends
+(the next sequence of the same settings keeps it), and goes back to greedy only for a
+sequence that needs the raw logits. A sampled sequence's drafts are checked on the host,
+so a draw is on the device only while it cannot draft (more than DRAFT_SEQUENCES generate, or it drafts
+nothing), and not at a prompt others share (a request's n > 1). On an H200 greedy on the
+device was slower when each sequence attached and took back its chain (148-2,046 tok/s at
+1-64 sequences against 418-3,230 with the host's argmax); the chains kept are not measured
+on a GPU yet, so it stays off.
 
 Logprobs (the log-softmax of the logits) are read only for sequences that ask for them;
 a sequence that wants its prompt's logprobs (echo) has every prompt position output, in
@@ -77,7 +83,14 @@ from workers.engine.batch import Batch
 from workers.engine.job import DONE, FAILED, LOGPROBS, TEXT, Generation, Sequence
 from workers.engine.logprobs import Logprobs, first_prompt_token
 from workers.engine.lookup import PromptLookup
-from workers.engine.sampling import GrammarError, Lazy, LogitBiasError, Sampler, build_sampler
+from workers.engine.sampling import (
+    GrammarError,
+    Lazy,
+    LogitBiasError,
+    Sampler,
+    build_sampler,
+    greedy_chain,
+)
 from workers.engine.text import TextAssembler
 from workers.engine.vocab import Vocab
 
@@ -144,8 +157,12 @@ class Slot:
     draft_cap: int = 0  # the most tokens its next draft may have
     drafted: int = 0  # tokens drafted for the sequence, and those kept
     kept: int = 0
-    # The chain attached to the context for this seq_id while it picks on the device.
+    # With device sampling: the chain attached to the context for this seq_id, kept from
+    # one sequence to the next (`_place_pickers`); its draw's settings (Sampler.drawn), or
+    # None for the plain greedy chain every slot starts with.
     device_chain: Any = None
+    chain_key: Any = None
+    device_pick: bool = False  # this step, the token is the one the device picked
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -187,6 +204,8 @@ class Engine:
         self.device_sampling = device_sampling  # greedy picks on the device (module doc)
         self.device_draws = device_draws  # and top-k draws too, with device_sampling
         self.tokens_picked_on_device = 0  # since start
+        self.chains_attached = 0  # since start: llama_set_sampler calls that attached one
+        self._attached = False  # every slot has a chain attached (`_place_pickers`)
         self.n_ctx = n_ctx  # the most one sequence may hold: prompt and reply together
         self.n_batch = n_batch
         self.threads = threads
@@ -204,6 +223,9 @@ class Engine:
         # A full-size sliding-window cache, so a cached prefix stays usable on models with
         # sliding-window attention (Gemma 3): otherwise its early positions are dropped.
         params.swa_full = True
+        # With a chain attached (device sampling) a sequence may still output several
+        # positions a step (drafts, a scored prompt); without chains this changes nothing.
+        params.n_outputs_max_per_seq = n_batch
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(model, params)
         if not self.ctx:
@@ -295,6 +317,10 @@ class Engine:
         self.batch.free()
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
+        for slot in self.slots:  # the context no longer holds them
+            if slot.device_chain is not None:
+                llama_cpp.llama_sampler_free(slot.device_chain)
+                slot.device_chain = None
 
     # -- the loop ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -425,6 +451,7 @@ class Engine:
             keep = 0
         del slot.cache[keep:]
         sampler.prime(seq.tokens)
+        sampler.backend_rows = self.device_sampling or self._attached
         self._admissions += 1
         slot.job, slot.sampler = seq, sampler
         slot.pending = list(seq.tokens[keep:])
@@ -484,8 +511,8 @@ class Engine:
         prompting.sort(key=lambda s: s.admitted)
         if not generating and not prompting:
             return
-        if self.device_sampling:
-            self._place_pickers(generating)
+        if self.device_sampling or self._attached:
+            self._place_pickers(generating, prompting)
         n = self.batch.each(
             0,
             [s.next_token for s in generating],
@@ -566,35 +593,82 @@ class Engine:
                 )
                 self._fail(slot, f"sampling failed: {type(e).__name__}: {e}")
 
-    def _place_pickers(self, generating: list[Slot]) -> None:
-        """Attach a device chain to each greedy sequence that cannot draft this step, and
-        take it back from one that may (a draft needs the logits of several positions)."""
+    def _place_pickers(self, generating: list[Slot], prompting: list[Slot]) -> None:
+        """Give each slot of the step the chain it should have, and say which sequences take
+        the token the device picks.
+
+        Every slot has a chain attached, from the first step on: a plain greedy one, whose
+        rows of logits are the raw ones (the host picks from them for every sequence that
+        does not pick on the device), or a draw's chain. A chain stays when its sequence
+        ends: llama.cpp reserves the step's graph again at each llama_set_sampler, so a
+        slot's chain is changed only when a sequence needs another (a draw on the host, a
+        draw of other settings), never as each sequence comes and goes. A greedy sequence
+        with no grammar and no logprobs picks on the device, drafts and all (each drafted
+        position's pick); a draw does where `device_draws` allows it (one output a step, so
+        not while it may draft), and its prompt's last position is drawn there too unless
+        others share that position's logits (a request's n > 1)."""
+        if not self.device_sampling:  # off, or llama.cpp could not: the host picks all
+            self._detach_all()
+            return
+        if not self._attached:
+            self._attached = True
+            for slot in self.slots:
+                if slot.sampler is not None:
+                    slot.sampler.backend_rows = True
+                if not self._attach(slot, None):
+                    return
         drafting = self._drafts and len(generating) <= DRAFT_SEQUENCES
-        for slot in generating:
+        for slot in (*generating, *prompting):
             sampler = slot.sampler
             assert sampler is not None
-            device = (
-                sampler.on_device
-                and (sampler.greedy is not None or self.device_draws)
+            key = None
+            if (
+                self.device_draws
+                and sampler.drawn is not None
+                and sampler.grammar is None
                 and slot.logprobs is None
+                and slot.prompt_logprobs is None
                 and not (drafting and slot.draft_cap > 0)
+                and not any(other.follows is slot for other in self.slots)
+            ):
+                key = sampler.drawn
+            if key != slot.chain_key and not self._attach(slot, key):
+                return
+            slot.device_pick = key is not None or (
+                sampler.greedy is not None
+                and not sampler.greedy[2]  # a raising bias: the host picks (a raw row)
+                and sampler.grammar is None
+                and slot.logprobs is None
             )
-            if device and slot.device_chain is None:
-                chain = sampler.device_chain()
-                if llama_cpp.llama_set_sampler(self.ctx, slot.seq_id, chain):
-                    slot.device_chain = chain
-                else:  # this context's backend cannot: the host picks, as before
-                    llama_cpp.llama_sampler_free(chain)
-                    self.device_sampling = False
-                    log.warning("engine %s: llama.cpp refused backend sampling", self.name)
-                    return
-            elif not device and slot.device_chain is not None:
-                self._detach(slot)
 
-    def _detach(self, slot: Slot) -> None:
-        llama_cpp.llama_set_sampler(self.ctx, slot.seq_id, None)
-        llama_cpp.llama_sampler_free(slot.device_chain)
-        slot.device_chain = None
+    def _attach(self, slot: Slot, key: Any) -> bool:
+        """Attach a new chain to `slot`: a plain greedy one (key None) or its sequence's
+        draw. False where llama.cpp refused it: then the host picks every token."""
+        if key is None:
+            chain = greedy_chain()
+        else:
+            assert slot.sampler is not None
+            chain = slot.sampler.device_chain()
+        if not llama_cpp.llama_set_sampler(self.ctx, slot.seq_id, chain):
+            llama_cpp.llama_sampler_free(chain)
+            log.warning("engine %s: llama.cpp refused backend sampling", self.name)
+            self.device_sampling = False
+            self._detach_all()
+            return False
+        self.chains_attached += 1
+        if slot.device_chain is not None:
+            llama_cpp.llama_sampler_free(slot.device_chain)
+        slot.device_chain, slot.chain_key = chain, key
+        return True
+
+    def _detach_all(self) -> None:
+        for slot in self.slots:
+            slot.device_pick = False
+            if slot.device_chain is not None:
+                llama_cpp.llama_set_sampler(self.ctx, slot.seq_id, None)
+                llama_cpp.llama_sampler_free(slot.device_chain)
+                slot.device_chain = slot.chain_key = None
+        self._attached = False
 
     def _pick_apart(self, outputs: list[tuple[Slot, int]]) -> dict[int, int | Exception]:
         """The next tokens of the step's sequences that sample one position, picked on the
@@ -608,7 +682,7 @@ class Engine:
             if slot.job is not None
             and not slot.draft
             and slot.max_tokens > 0
-            and slot.device_chain is None
+            and not slot.device_pick
         ]
         if len(plain) < SAMPLE_APART:
             return {}
@@ -632,7 +706,7 @@ class Engine:
         batch; the batch's new length."""
         end = min(self.n_batch, n + min(self.n_batch // DRAFT_SHARE, PROMPT_SCORE_CHUNK))
         for slot in generating:
-            if n >= end or slot.draft_cap <= 0 or slot.job is None or slot.device_chain:
+            if n >= end or slot.draft_cap <= 0 or slot.job is None or slot.chain_key is not None:
                 continue
             most = min(slot.draft_cap, slot.max_tokens - slot.generated - 1, end - n)
             if most <= 0:
@@ -713,21 +787,25 @@ class Engine:
             raise picked
         if picked is not None:
             token = picked
-        elif slot.device_chain is not None:
+        elif slot.device_pick and self.batch.seq[index] == slot.seq_id:  # its own row
             token = int(llama_cpp.llama_get_sampled_token_ith(self.ctx, index))
             if token >= 0 and sampler.checked_on_host(token):
-                token = sampler.sample(self.ctx, index)  # a ban or bias decides: the host picks
+                token = sampler.sample(self.ctx, index)  # a ban decides: the host picks
             elif token >= 0:
                 self.tokens_picked_on_device += 1
+                if slot.chain_key is not None:
+                    # A draw's random numbers move on only with the draws it was told were
+                    # taken (several outputs a sequence make llama.cpp's dist transactional):
+                    # else each step would draw with the same number.
+                    llama_cpp.llama_sampler_accept(slot.device_chain, token)
             else:  # the backend could not run the chain (llama_set_sampler still said yes)
                 token = sampler.sample(self.ctx, index)  # the host's picks, bans and all
-                self._detach(slot)
-                if self.device_sampling:
-                    self.device_sampling = False
-                    log.warning(
-                        "engine %s: llama.cpp's backend picked no token; picking on the host",
-                        self.name,
-                    )
+                log.warning(
+                    "engine %s: llama.cpp's backend picked no token; picking on the host",
+                    self.name,
+                )
+                self.device_sampling = False
+                self._detach_all()
         else:
             token = sampler.sample(self.ctx, index)
         if slot.ttft_ms is None:
@@ -789,8 +867,7 @@ class Engine:
         self._send(job, (FAILED, reason))
 
     def _release(self, slot: Slot) -> None:
-        if slot.device_chain is not None:
-            self._detach(slot)
+        slot.device_pick = False  # its chain stays attached for the next sequence
         if slot.sampler is not None:
             slot.sampler.free()
         slot.job, slot.sampler, slot.text, slot.decoder = None, None, None, None

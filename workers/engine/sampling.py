@@ -110,12 +110,11 @@ class Sampler:
     # backend form (typical-p, penalties, mirostat), a grammar follows the pick, or the
     # request gave a seed (build_sampler).
     drawn: tuple[list[tuple[int, float]], int, float, float, float] | None = None
+    # A chain is attached to the context for this sequence (device sampling): llama.cpp's
+    # llama_sampler_sample would return the token it picked there, so the host's chain is
+    # run over the row of logits instead (`_whole_chain`).
+    backend_rows: bool = False
     _biased_ids: frozenset[int] | None = None
-
-    @property
-    def on_device(self) -> bool:
-        """Whether llama.cpp can pick this sampler's tokens inside the step."""
-        return self.grammar is None and (self.greedy is not None or self.drawn is not None)
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties see the prompt's last tokens, as llama-server does."""
@@ -135,9 +134,9 @@ class Sampler:
                 if token is not None:
                     llama_cpp.llama_sampler_accept(self.chain, token)
                     return token
-            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+            return self._whole_chain(ctx, index)
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
-        if self.stateless:  # llama.cpp's own pick: no copy of the logits in Python
+        if self.stateless and not self.backend_rows:  # llama.cpp's own pick: no copy in Python
             token = int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
         else:
             token = self._pick(logits, with_grammar=False)
@@ -146,6 +145,16 @@ class Sampler:
         if not self.stateless:
             llama_cpp.llama_sampler_accept(self.chain, token)
         llama_cpp.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _whole_chain(self, ctx: Any, index: int) -> int:
+        """The chain's pick over the whole row at `index`, accepted."""
+        if not self.backend_rows:
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+        view = logits_view(llama_cpp.llama_get_logits_ith(ctx, index), self.n_vocab)
+        token = self._pick_among(None, view, with_grammar=False)
+        assert token is not None  # None only where a grammar allows nothing
+        llama_cpp.llama_sampler_accept(self.chain, token)
         return token
 
     def _argmax(self, logits: Any) -> int | None:
@@ -211,27 +220,18 @@ class Sampler:
         return margin
 
     def device_chain(self) -> Any:
-        """A new chain that picks as this sampler does, for llama.cpp to run inside a
-        step's graph on the device (`llama_set_sampler`): greedy's best logit (after its
-        biases only where one raises a logit: else `checked_on_host` says whether its pick
-        stands), or a draw's biases, top-k, top-p, min-p, temperature and dist. Every step
-        of it has a backend form, so all of it runs there. A draw from its own random
-        numbers: the same distribution as the host's chain. New each time: a chain
-        attached once to a context aborts the process when attached again."""
-        assert self.on_device
+        """A new chain that draws as this sampler does, for llama.cpp to run inside a step's
+        graph on the device (`llama_set_sampler`): its biases, top-k, top-p, min-p,
+        temperature and dist. Every step of it has a backend form, so all of it runs there.
+        A draw from its own random numbers: the same distribution as the host's chain. New
+        each time: a chain attached once to a context aborts the process when attached
+        again."""
+        assert self.drawn is not None
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
             llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-        if self.greedy is not None:
-            ids, biases, raises = self.greedy
-            if raises:  # a raised token may win: the biases go first, on the device
-                pairs = list(zip(ids.tolist(), biases.tolist(), strict=True))
-                _add_logit_bias(chain, self.n_vocab, pairs)
-            add(llama_cpp.llama_sampler_init_greedy())
-            return chain
-        assert self.drawn is not None
         biases, top_k, top_p, min_p, temperature = self.drawn
         _add_logit_bias(chain, self.n_vocab, biases)
         add(llama_cpp.llama_sampler_init_top_k(top_k))
@@ -246,9 +246,10 @@ class Sampler:
         return chain
 
     def checked_on_host(self, token: int) -> bool:
-        """Whether a token a device chain picked must be picked again on the host: a greedy
-        chain without its biases (they only lower logits) picked a biased token, so the
-        best once biased may be another. The logits it leaves are the raw ones. On the
+        """Whether a token a device chain picked must be picked again on the host: the plain
+        greedy chain (no biases: a greedy sequence whose biases only lower logits picks on
+        the device) picked a biased token, so the best once biased may be another. The
+        logits it leaves are the raw ones. On the
         device the biases are a step in the graph (a fill, set_rows and add over the whole
         vocabulary) and two synchronous host-to-device copies a sequence a step (llama.cpp
         sets the sampler's inputs with ggml_backend_tensor_set); a model's best logit is
@@ -407,6 +408,15 @@ def build_sampler(
         top_pool=top_pool,
         drawn=drawn,
     )
+
+
+def greedy_chain() -> Any:
+    """A new chain of llama.cpp's greedy sampler alone, for a context to run inside each step
+    (device sampling): the best raw logit of each of its sequence's rows, and the rows
+    themselves copied back as they were."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    return chain
 
 
 def _add_logit_bias(chain: Any, n_vocab: int, biases: list[tuple[int, float]]) -> None:
