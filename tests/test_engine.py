@@ -708,6 +708,28 @@ def test_top_k_draws_picked_on_the_device_stay_in_the_top_k_and_seeds_stay_on_th
     assert picked == 0
     _, picked = run(temperature=0.8, typical_p=0.9)
     assert picked == 0
+    # A prompt others share (a request's n > 1): each reads its last position's logits, so
+    # its slot has the greedy chain there (raw rows), even where it held the draw's chain.
+    wide = {"temperature": 1.5, "top_k": 5}
+    run(**wide)  # the prompt's slot now holds a chain of these settings
+    held = [s.chain_key for s in engine.slots if s.cache[: len(prompt)] == prompt]
+    assert wide["top_k"] in [key[1] for key in held if key is not None]
+    at_share: list[object] = []
+    share = engine_module.Engine._share
+
+    def spy_share(self: object, leader: object, slot: object) -> None:
+        at_share.append(leader.chain_key)  # type: ignore[attr-defined]
+        share(self, leader, slot)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module.Engine, "_share", spy_share)
+    lead = Sequence(tokens=prompt, max_tokens=8, sampling=wide, draft_max=0)
+    others = [
+        Sequence(tokens=prompt, max_tokens=8, sampling=wide, draft_max=0, leader=lead)
+        for _ in range(2)
+    ]
+    shared = submit_at_once(host, [lead, *others])
+    assert at_share == [None, None]
+    assert all(g.completion_tokens == 8 and g.cached_tokens > 0 for g in shared[1:])
 
 
 def test_device_greedy_verifies_drafts_and_leaves_logprobs_and_sampled_chains_to_the_host(

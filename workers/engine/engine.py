@@ -618,6 +618,7 @@ class Engine:
                 if not self._attach(slot, None):
                     return
         drafting = self._drafts and len(generating) <= DRAFT_SEQUENCES
+        shared = {id(other.follows) for other in self.slots if other.follows is not None}
         for slot in (*generating, *prompting):
             sampler = slot.sampler
             assert sampler is not None
@@ -629,7 +630,7 @@ class Engine:
                 and slot.logprobs is None
                 and slot.prompt_logprobs is None
                 and not (drafting and slot.draft_cap > 0)
-                and not any(other.follows is slot for other in self.slots)
+                and id(slot) not in shared  # others read its prompt's last logits
             ):
                 key = sampler.drawn
             if key != slot.chain_key and not self._attach(slot, key):
