@@ -593,14 +593,22 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
     prompt = tokens(host, "Count: 1, 2, 3,")
     attached = engine.chains_attached
 
-    def run(on: bool, **sampling: object) -> tuple[Generation, int]:
+    def run(on: bool, grammar: str | None = None, **sampling: object) -> tuple[Generation, int]:
         monkeypatch.setattr(engine, "device_sampling", on)
         before = engine.tokens_picked_on_device
-        seq = Sequence(tokens=prompt, max_tokens=24, sampling=sampling, draft_max=0)
+        seq = Sequence(
+            tokens=prompt, max_tokens=24, sampling=sampling, draft_max=0, grammar=grammar
+        )
         [gen] = submit_at_once(host, [seq])
         return gen, engine.tokens_picked_on_device - before
 
     seeded = {"temperature": 0.9, "seed": 5}
+    # Sequences the host picks for through its whole chain (penalties) or a grammar: beside
+    # the chains they must not take the token the device's greedy chain picked for their row.
+    penalized = {"temperature": 0.7, "seed": 3, "repeat_penalty": 1.3}
+    numbers = 'root ::= [0-9]+ (", " [0-9]+)*'
+    greedy = {"temperature": 0}
+    picked_kinds = [({}, penalized), ({"grammar": numbers}, seeded), ({"grammar": numbers}, greedy)]
     # First the prompt into a slot's cache: every run after it evaluates its last token
     # alone (greedy text may change with the batch's shape: bench/README.md).
     run(False, temperature=0)
@@ -609,6 +617,7 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
     ban = {"temperature": 0, "logit_bias": {str(second): -100}}
     raised = {"temperature": 0, "logit_bias": {str(second): 5}}
     host_ban, host_raised, host_seeded = (run(False, **x)[0] for x in (ban, raised, seeded))
+    host_kinds = [run(False, **g, **x)[0].text for g, x in picked_kinds]
     assert none == 0 and host_gen.finish_reason == "length"
     assert host_ban.text != host_gen.text
 
@@ -626,6 +635,8 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
     # A sampled sequence beside the chains: drawn on the host from those raw logits, as
     # without them (its seed repeats its text).
     assert run(True, **seeded)[0].text == host_seeded.text
+    assert [run(True, **g, **x)[0].text for g, x in picked_kinds] == host_kinds
+    assert host_kinds[0] != host_gen.text  # not greedy: the device's pick would show
     assert all(s.device_chain for s in engine.slots)  # kept as each sequence ended
     assert engine.chains_attached == attached + len(engine.slots)  # one a slot, once
     # A backend that cannot run the chain picks no token (-1) though it took the chain:
@@ -692,6 +703,14 @@ def test_top_k_draws_picked_on_the_device_stay_in_the_top_k_and_seeds_stay_on_th
     assert picked > 0 and len(ranks) >= picked and max(ranks) > 0, ranks
     assert len(texts) == 2  # 2 x 15 draws among 5 at temperature 1.5: not the same twice
     monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", sampled_token)
+    # A draw's chain that llama.cpp ran only in part gives no token (-1): llama.cpp runs the
+    # rest of the chain over the candidates it left (top-k 1: the greedy text again), not
+    # the host's chain over a row of candidates taken for the whole vocabulary.
+    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", lambda ctx, i: -1)
+    partial, picked = run(temperature=0.8, top_k=1)
+    assert partial.text == greedy.text and picked == 0
+    assert engine.device_sampling and engine.device_draws  # still on
+    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", sampled_token)
     # A request with a seed stays on the host (where its seed decides its draws).
     _, picked = run(temperature=1.5, top_k=5, seed=11)
     assert picked == 0
@@ -752,30 +771,75 @@ def test_device_greedy_verifies_drafts_and_leaves_logprobs_and_sampled_chains_to
     assert engine.tokens_drafted > before[1] and engine.tokens_accepted > before[2]
     # each token, the drafted ones kept among them, was the device's pick
     assert engine.tokens_picked_on_device - before[0] >= 16
-    attached = engine.chains_attached
-    greedy = [
-        Sequence(tokens=tokens(host, f"Count to {i + 20}: 1, 2,"), max_tokens=20) for i in range(5)
-    ]
-    for seq in greedy:
-        seq.sampling = {"temperature": 0}
-    scored = Sequence(
-        tokens=tokens(host, "Count: 1, 2,"), max_tokens=20, sampling={"temperature": 0}, logprobs=1
-    )
-    sampled = Sequence(
-        tokens=tokens(host, "Count: 1, 2,"), max_tokens=20, sampling={"temperature": 0.8}
-    )
-    before_picks = engine.tokens_picked_on_device
-    gens = submit_at_once(host, [*greedy, scored, sampled])
+
+    def mixed() -> list[Generation]:
+        """Five greedy sequences, one that wants logprobs and a sampled one, together."""
+        greedy = [
+            Sequence(tokens=tokens(host, f"Count to {i + 20}: 1, 2,"), max_tokens=20)
+            for i in range(5)
+        ]
+        for seq in greedy:
+            seq.sampling = {"temperature": 0}
+        scored = Sequence(
+            tokens=tokens(host, "Count: 1, 2,"),
+            max_tokens=20,
+            sampling={"temperature": 0},
+            logprobs=1,
+        )
+        sampled = Sequence(
+            tokens=tokens(host, "Count: 1, 2,"), max_tokens=20, sampling={"temperature": 0.8}
+        )
+        return submit_at_once(host, [*greedy, scored, sampled])
+
+    monkeypatch.setattr(engine, "device_sampling", False)
+    mixed()  # their prompts into the cache: the two runs below read the same batches
+    on_host = mixed()
+    monkeypatch.setattr(engine, "device_sampling", True)
+    attached, before_picks = engine.chains_attached, engine.tokens_picked_on_device
+    gens = mixed()
     for gen in gens:
         assert gen.finish_reason in ("length", "stop")
         assert gen.finish_reason == "stop" or gen.completion_tokens == 20
-    assert gens[5].logprobs is not None and len(gens[5].logprobs) == gens[5].completion_tokens
-    for entry in gens[5].logprobs:  # read from the raw logits: each a log-probability
-        assert entry["logprob"] <= 0.0
+    # The logprobs, read from the rows the greedy chains leave: the host's, as without them.
+    assert gens[5].text == on_host[5].text
+    assert gens[5].logprobs is not None and on_host[5].logprobs is not None
+    assert len(gens[5].logprobs) == gens[5].completion_tokens == on_host[5].completion_tokens
+    for device_entry, host_entry in zip(gens[5].logprobs, on_host[5].logprobs, strict=True):
+        assert device_entry["token"] == host_entry["token"]
+        assert device_entry["logprob"] == pytest.approx(host_entry["logprob"], abs=1e-3)
     on_device = engine.tokens_picked_on_device - before_picks
     # the greedy five's tokens (an end of turn picked there is not a completion token)
     assert sum(g.completion_tokens for g in gens[:5]) <= on_device <= 5 * 21
+    assert engine.chains_attached == attached + len(engine.slots)  # the first step's alone
+
+
+def test_device_draws_keep_their_chains_from_one_sequence_to_the_next(host, monkeypatch):
+    """With FARM_DEVICE_SAMPLING=all, six sampled sequences of one setting (drafts allowed)
+    give their slots a draw's chain while more than DRAFT_SEQUENCES generate; as they end
+    one by one, those left keep it rather than go back to the greedy chain to draft; six
+    more of that setting then attach nothing (each attach: a reserve of the step's graph)."""
+    engine = host.engine
+    assert engine is not None
+    monkeypatch.setattr(engine, "device_sampling", True)
+    monkeypatch.setattr(engine, "device_draws", True)
+
+    def six() -> list[Generation]:
+        seqs = [
+            Sequence(
+                tokens=tokens(host, f"Tell story {i} about a fox:"),
+                max_tokens=6 + 3 * i,  # they end one after another
+                sampling={"temperature": 0.8},
+            )
+            for i in range(6)
+        ]
+        return submit_at_once(host, seqs)
+
+    six()
+    attached, picked = engine.chains_attached, engine.tokens_picked_on_device
+    gens = six()
     assert engine.chains_attached == attached
+    assert engine.tokens_picked_on_device - picked >= sum(g.completion_tokens for g in gens) - 6
+    assert sum(g.finish_reason == "length" for g in gens) >= 3
 
 
 def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host, monkeypatch):

@@ -33,21 +33,24 @@ position (Gemma's 262k vocabulary). Every slot gets a plain greedy chain at the 
 and keeps a chain from one sequence to the next: llama.cpp reserves the step's graph again
 after each llama_set_sampler. (On an H200, when each sequence attached its chain and took
 it back, a cold prompt's first token took 441 ms against 56-81 ms without: bench/README.md;
-the reserve is the likely cause, not timed apart there.) The greedy chain's rows of logits are the raw ones, so every other sequence (sampled, with
-logprobs, a grammar, a raising bias) is picked on the host from them as before, and a
-greedy sequence's bans too where the device picked a banned token
-(`Sampler.checked_on_host`). A greedy sequence picks on the device at every position it
-outputs, its prompt's last and its drafts' too. With `device_draws` as well
-(FARM_DEVICE_SAMPLING=all), a sampled sequence whose chain has a backend form (the biases,
-top-k, top-p, min-p, temperature, dist) and that gave no seed (`Sampler.drawn`) draws
-there too: its slot's chain is replaced by one of its settings, which stays after it ends
-(the next sequence of the same settings keeps it), and goes back to greedy only for a
-sequence that needs the raw logits. A sampled sequence's drafts are checked on the host,
-so a draw is on the device only while it cannot draft (more than DRAFT_SEQUENCES generate, or it drafts
-nothing), and not at a prompt others share (a request's n > 1). On an H200 greedy on the
-device was slower when each sequence attached and took back its chain (148-2,046 tok/s at
-1-64 sequences against 418-3,230 with the host's argmax); the chains kept are not measured
-on a GPU yet, so it stays off.
+the reserve is the likely cause, not timed apart there.) The greedy chain's rows of logits
+are the raw ones, so every other sequence (sampled, with logprobs, a grammar, a raising
+bias) is picked on the host from them as before, and a greedy sequence's bans too where the
+device picked a banned token (`Sampler.checked_on_host`). A greedy sequence picks on the
+device at every position it outputs, its prompt's last and its drafts' too.
+
+With `device_draws` as well (FARM_DEVICE_SAMPLING=all), a sampled sequence whose chain has
+a backend form (the biases, top-k, top-p, min-p, temperature, dist) and that gave no seed
+(`Sampler.drawn`) draws there too: its slot's chain is replaced by one of its settings,
+which stays after it ends (the next sequence of the same settings keeps it), and goes back
+to greedy only for a sequence that needs the raw logits. A sampled sequence's drafts are
+checked on the host, so a draw moves to the device when it cannot draft (more than
+DRAFT_SEQUENCES generate, or it drafts nothing) and then drafts no more, and is not on the
+device at a prompt others share (a request's n > 1). Where llama.cpp ran a draw's chain
+only in part (no token), it runs the rest over the candidates it left (llama_sampler_sample
+on the device's chain). On an H200 greedy on the device was slower when each sequence
+attached and took back its chain (148-2,046 tok/s at 1-64 sequences against 418-3,230 with
+the host's argmax); the chains kept are not measured on a GPU yet, so it stays off.
 
 Logprobs (the log-softmax of the logits) are read only for sequences that ask for them;
 a sequence that wants its prompt's logprobs (echo) has every prompt position output, in
@@ -592,6 +595,8 @@ class Engine:
                     "engine %s: sampling failed for %s", self.name, slot.job and slot.job.label
                 )
                 self._fail(slot, f"sampling failed: {type(e).__name__}: {e}")
+        if self._attached and not self.device_sampling:
+            self._detach_all()
 
     def _place_pickers(self, generating: list[Slot], prompting: list[Slot]) -> None:
         """Give each slot of the step the chain it should have, and say which sequences take
@@ -629,8 +634,10 @@ class Engine:
                 and sampler.grammar is None
                 and slot.logprobs is None
                 and slot.prompt_logprobs is None
-                and not (drafting and slot.draft_cap > 0)
                 and id(slot) not in shared  # others read its prompt's last logits
+                # Once its slot holds its chain, a draw stays there and drafts no more:
+                # else each crossing of DRAFT_SEQUENCES would change the chain both ways.
+                and (slot.chain_key == sampler.drawn or not (drafting and slot.draft_cap > 0))
             ):
                 key = sampler.drawn
             if key != slot.chain_key and not self._attach(slot, key):
@@ -799,14 +806,19 @@ class Engine:
                     # taken (several outputs a sequence make llama.cpp's dist transactional):
                     # else each step would draw with the same number.
                     llama_cpp.llama_sampler_accept(slot.device_chain, token)
-            else:  # the backend could not run the chain (llama_set_sampler still said yes)
-                token = sampler.sample(self.ctx, index)  # the host's picks, bans and all
-                log.warning(
-                    "engine %s: llama.cpp's backend picked no token; picking on the host",
-                    self.name,
-                )
-                self.device_sampling = False
-                self._detach_all()
+            elif slot.chain_key is not None:
+                # A draw's chain that llama.cpp ran only in part (a step the backend lacks;
+                # llama_set_sampler still said yes): its row holds the candidates so far,
+                # and llama.cpp runs the rest of the chain over them here.
+                token = int(llama_cpp.llama_sampler_sample(slot.device_chain, self.ctx, index))
+            else:  # the greedy chain picked nothing: the host picks from the raw row
+                token = sampler.sample(self.ctx, index)  # bans and all
+                if self.device_sampling:
+                    log.warning(
+                        "engine %s: llama.cpp's backend picked no token; picking on the host",
+                        self.name,
+                    )
+                    self.device_sampling = False  # the chains go after this step's picks
         else:
             token = sampler.sample(self.ctx, index)
         if slot.ttft_ms is None:
