@@ -609,9 +609,9 @@ class Engine:
         slot's chain is changed only when a sequence needs another (a draw on the host, a
         draw of other settings), never as each sequence comes and goes. A greedy sequence
         with no grammar and no logprobs picks on the device, drafts and all (each drafted
-        position's pick); a draw does where `device_draws` allows it (one output a step, so
-        not while it may draft), and its prompt's last position is drawn there too unless
-        others share that position's logits (a request's n > 1)."""
+        position's pick); a draw does where `device_draws` allows it, once it cannot draft
+        (its drafts are checked on the host) and from then on without drafts, its prompt's
+        last position too unless others share that position's logits (a request's n > 1)."""
         if not self.device_sampling:  # off, or llama.cpp could not: the host picks all
             self._detach_all()
             return
