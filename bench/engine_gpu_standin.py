@@ -15,12 +15,20 @@ tokens a second) is the host's: farm's Python and the CPU sampler.
     python bench/engine_gpu_standin.py --sync-decode          # the step inside llama_decode
     python bench/engine_gpu_standin.py --device-sampling      # greedy picked on the device
     python bench/engine_gpu_standin.py --unstreamed           # readers get only the end
+    python bench/engine_gpu_standin.py --sampled              # farm's default draw
+
+`--sampled` draws with farm's default chain (top-k 40, top-p 0.95, min-p 0.05, temperature
+0.8) from rows of Gemma's own logits (its positions over the start of README.md, computed
+once at the start), so that the top-k pool meets rows as peaked as a real model's; their
+end-of-generation tokens are lowered to the row's least, so every sequence runs to its
+length.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import pathlib
 import threading
 import time
 from typing import Any
@@ -42,12 +50,23 @@ class StandIn:
     its logits (or inside llama_decode with `sync`); logits from a pool of rows."""
 
     def __init__(
-        self, n_vocab: int, best: list[int], step_s: float, sync: bool = False, rows: int = 256
+        self,
+        n_vocab: int,
+        best: list[int],
+        step_s: float,
+        sync: bool = False,
+        rows: int = 256,
+        logits: np.ndarray | None = None,
     ):
-        rng = np.random.default_rng(7)
-        self.logits = rng.standard_normal((rows, n_vocab), dtype=np.float32) * 2
-        for i in range(rows):
-            self.logits[i, best[i % len(best)]] = 20.0  # an ordinary word wins
+        if logits is None:
+            rng = np.random.default_rng(7)
+            logits = rng.standard_normal((rows, n_vocab), dtype=np.float32) * 2
+            for i in range(rows):
+                logits[i, best[i % len(best)]] = 20.0  # an ordinary word wins
+        else:
+            rows = len(logits)
+            best = [int(t) for t in logits.argmax(axis=1)]
+        self.logits = logits
         size = ctypes.sizeof(ctypes.c_float) * n_vocab
         base = self.logits.ctypes.data
         self.rows = [
@@ -88,6 +107,41 @@ class StandIn:
         return True  # the stand-in's graph "runs" any chain
 
 
+def real_rows(model: Any, n: int = 256) -> np.ndarray:
+    """Gemma's logits at the first `n` positions of README.md (each position's row, as
+    llama_decode leaves it), with every end-of-generation token lowered to its row's least."""
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+    raw = (pathlib.Path(__file__).parents[1] / "README.md").read_bytes()[: 16 * n]
+    buf = (llama_cpp.llama_token * len(raw))()
+    got = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, len(raw), True, False)
+    tokens = list(buf[: min(n, got)])
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = len(tokens)
+    params.n_threads = params.n_threads_batch = 2
+    params.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, True
+        batch.n_tokens = len(tokens)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        rows = np.stack(
+            [
+                np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), (n_vocab,))
+                for i in range(len(tokens))
+            ]
+        )
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    rows[:, eog] = rows.min(axis=1, keepdims=True)
+    return rows
+
+
 def run(
     model: Any,
     slots: int,
@@ -99,6 +153,7 @@ def run(
     threads: int = 2,
     device_sampling: bool = False,
     streamed: bool = True,
+    rows: np.ndarray | None = None,
 ) -> tuple[float, float, int]:
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -106,7 +161,7 @@ def run(
     buf = (llama_cpp.llama_token * 64)()
     n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, 64, False, False)
     words = list(buf[:n])
-    stand_in = StandIn(n_vocab, words, step_s, sync)
+    stand_in = StandIn(n_vocab, words, step_s, sync, logits=rows)
     engine = Engine(
         model,
         slots=slots,
@@ -117,6 +172,7 @@ def run(
         async_decode=not sync,  # as workers/host.py sets it for a model on the GPU
         sampling_threads=sampling_threads,
         device_sampling=device_sampling,
+        device_draws=device_sampling and rows is not None,
     )
     names = ("llama_decode", "llama_get_logits_ith", "llama_get_sampled_token_ith")
     names += ("llama_set_sampler",)
@@ -130,7 +186,7 @@ def run(
             Sequence(
                 tokens=[2, *words[i % 5 : i % 5 + 8]],
                 max_tokens=tokens,
-                sampling={"temperature": 0.0},
+                sampling={"temperature": 0.0} if rows is None else {},  # {}: the default draw
                 stops=("<end_of_turn>", "\nUser:"),
                 draft_max=draft_max,  # the stand-in's logits are random: drafts would miss
                 streamed=streamed,
@@ -182,8 +238,15 @@ def main() -> None:
     parser.add_argument(
         "--device-sampling",
         action="store_true",
-        help="greedy picked on the device (llama.cpp's backend sampling, as on a GPU): the "
-        "stand-in hands the engine each row's token, and the host reads no logits",
+        help="picked on the device (llama.cpp's backend sampling, as on a GPU; draws too with "
+        "--sampled): the stand-in hands the engine each row's best token, and the host reads "
+        "no logits",
+    )
+    parser.add_argument(
+        "--sampled",
+        action="store_true",
+        help="farm's default draw (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8) from "
+        "rows of Gemma's own logits, not greedy",
     )
     parser.add_argument(
         "--unstreamed",
@@ -197,8 +260,9 @@ def main() -> None:
     params.use_extra_bufts = default_repack()  # workers/repack.py: no AMX kernels
     model = llama_cpp.llama_model_load_from_file(str(assemble()).encode(), params)
     step_s = args.step_ms / 1000
+    rows = real_rows(model) if args.sampled else None
     print(f"stand-in decode: {args.step_ms:g} ms a step, Gemma 3's 262,144-token vocabulary, "
-          f"greedy, {args.tokens} tokens a sequence, two stop strings, waited for "
+          f"{'sampled from its own rows' if args.sampled else 'greedy'}, {args.tokens} tokens a sequence, two stop strings, waited for "
           f"{'in llama_decode' if args.sync_decode else 'at the logits'}, picked "
           f"{'on the device' if args.device_sampling else 'on the host'}, "
           f"{'not streamed' if args.unstreamed else 'streamed'}")  # fmt: skip
@@ -214,6 +278,7 @@ def main() -> None:
             threads=args.threads,
             device_sampling=args.device_sampling,
             streamed=not args.unstreamed,
+            rows=rows,
         )
         ideal = slots * args.tokens / ((args.tokens + 1) * step_s)  # +1: the prompt's step
         print(
