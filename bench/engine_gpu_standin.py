@@ -94,6 +94,31 @@ class StandIn:
         `logits_ith` would have returned, with no logits read by the host."""
         return self.picks[self._row(index)]
 
+    def narrow(self, k: int) -> None:
+        """Each pool row's best `k` tokens and their logits, for `--device-sampling
+        --sampled`: what llama.cpp's top-k chain leaves of a row on the device."""
+        self.k = k
+        self.ids, self.kept = [], []
+        self.arrays: list[np.ndarray] = []  # what the pointers point into
+        for row in self.logits:
+            ids = np.ascontiguousarray(np.argpartition(row, -k)[-k:], dtype=np.int32)
+            kept = np.ascontiguousarray(row[ids])
+            self.ids.append(ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)))
+            self.kept.append(kept.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            self.arrays += [ids, kept]
+        self.last = 0
+
+    def candidates_count_ith(self, ctx: Any, index: int) -> int:
+        return self.k
+
+    def candidates_ith(self, ctx: Any, index: int) -> Any:
+        """The device's top-k of the row that `logits_ith` would have returned."""
+        self.last = self._row(index)
+        return self.ids[self.last]
+
+    def sampled_logits_ith(self, ctx: Any, index: int) -> Any:
+        return self.kept[self.last]
+
     def _row(self, index: int) -> int:
         """The pool row of a read, once the step queued last has ended."""
         self.calls += 1
@@ -174,13 +199,20 @@ def run(
         device_sampling=device_sampling,
         device_draws=device_sampling and rows is not None,
     )
-    names = ("llama_decode", "llama_get_logits_ith", "llama_get_sampled_token_ith")
-    names += ("llama_set_sampler",)
-    real = {name: getattr(llama_cpp, name) for name in names}
-    llama_cpp.llama_decode = stand_in.decode
-    llama_cpp.llama_get_logits_ith = stand_in.logits_ith
-    llama_cpp.llama_get_sampled_token_ith = stand_in.sampled_token_ith
-    llama_cpp.llama_set_sampler = stand_in.set_sampler
+    if device_sampling and rows is not None:  # the default chain's pool: top_k and the bans
+        stand_in.narrow(40 + len(engine.tokens.markers()))
+    calls = {
+        "llama_decode": stand_in.decode,
+        "llama_get_logits_ith": stand_in.logits_ith,
+        "llama_get_sampled_token_ith": stand_in.sampled_token_ith,
+        "llama_set_sampler": stand_in.set_sampler,
+        "llama_get_sampled_candidates_count_ith": stand_in.candidates_count_ith,
+        "llama_get_sampled_candidates_ith": stand_in.candidates_ith,
+        "llama_get_sampled_logits_ith": stand_in.sampled_logits_ith,
+    }
+    real = {name: getattr(llama_cpp, name) for name in calls}
+    for name, call in calls.items():
+        setattr(llama_cpp, name, call)
     try:
         seqs = [
             Sequence(
@@ -238,9 +270,9 @@ def main() -> None:
     parser.add_argument(
         "--device-sampling",
         action="store_true",
-        help="picked on the device (llama.cpp's backend sampling, as on a GPU; draws too with "
-        "--sampled): the stand-in hands the engine each row's best token, and the host reads "
-        "no logits",
+        help="picked on the device (llama.cpp's backend sampling, as on a GPU): the stand-in "
+        "hands the engine each row's best token, and the host reads no logits; with --sampled, "
+        "each row's top-k candidates, among which the host draws",
     )
     parser.add_argument(
         "--sampled",

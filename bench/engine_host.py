@@ -17,8 +17,9 @@ milliseconds a step and the rest decides the throughput.
 
 --model takes another GGUF (bench/random_model.py), with every layer on the GPU where
 llama.cpp has one. --device-sampling greedy/all lets llama.cpp pick inside the step
-(FARM_DEVICE_SAMPLING); --no-bans leaves the non-text markers unbanned, so a draw's chain
-on the device has no logit-bias step (a probe: farm always bans them). --requests N has
+(FARM_DEVICE_SAMPLING; with all, a draw's row is narrowed there to its top-k and the host
+draws among those: the sampler column counts that draw); --no-bans leaves the non-text
+markers unbanned (a probe: farm always bans them). --requests N has
 each of the S clients ask N times, one sequence after another (as throughput.py's clients
 do): "set_sampler" counts the chains attached to the context and taken back meanwhile
 (each makes llama.cpp reserve the step's graph again).
@@ -99,16 +100,15 @@ def run(
         device_sampling=device != "off",
         device_draws=device == "all",
     )
-    # A seeded request draws on the host (workers/engine/sampling.py): none on the device.
-    seed = {} if device == "all" else {"seed": 7}
-    sampling = {"temperature": 0.8, **seed} if sampled else {"temperature": 0.0}
+    sampling = {"temperature": 0.8, "seed": 7} if sampled else {"temperature": 0.0}
     decode, sample, step = Clock(), Clock(), Clock()
-    real_decode, real_sample, real_step, real_build, real_pick = (
+    real_decode, real_sample, real_step, real_build, real_pick, real_device_pick = (
         llama_cpp.llama_decode,
         Sampler.sample,
         Engine._step,
         engine_module.build_sampler,
         Engine._pick_apart,
+        Engine._device_pick,
     )
     picking = threading.local()
     real_set_sampler = llama_cpp.llama_set_sampler
@@ -124,6 +124,13 @@ def run(
         finally:
             picking.on = 0
 
+    def device_pick(self: Engine, *args: Any) -> Any:  # a device's pick, or the host's draw
+        picking.on = 1
+        try:
+            return real_device_pick(self, *args)
+        finally:
+            picking.on = 0
+
     def chain_only(*args: Any, **kwargs: Any) -> Sampler:
         sampler = real_build(*args, **kwargs)
         sampler.greedy = None
@@ -134,6 +141,7 @@ def run(
     engine_module.llama_cpp.llama_decode = decode.wrap(real_decode)  # type: ignore[attr-defined]
     Sampler.sample = sample.wrap(real_sample, alone)  # type: ignore[method-assign]
     Engine._pick_apart = sample.wrap(pick_apart)  # type: ignore[method-assign]
+    Engine._device_pick = sample.wrap(device_pick)  # type: ignore[method-assign]
     Engine._step = step.wrap(real_step)  # type: ignore[method-assign]
     engine_module.llama_cpp.llama_set_sampler = set_sampler.wrap(real_set_sampler)  # type: ignore[attr-defined]
     try:
@@ -172,6 +180,7 @@ def run(
         engine_module.llama_cpp.llama_decode = real_decode  # type: ignore[attr-defined]
         Sampler.sample = real_sample  # type: ignore[method-assign]
         Engine._pick_apart = real_pick  # type: ignore[method-assign]
+        Engine._device_pick = real_device_pick  # type: ignore[method-assign]
         Engine._step = real_step  # type: ignore[method-assign]
         engine_module.build_sampler = real_build
         engine_module.llama_cpp.llama_set_sampler = real_set_sampler  # type: ignore[attr-defined]

@@ -153,10 +153,10 @@ class Settings(BaseSettings):
     device_sampling: Literal["off", "greedy", "all"] = Field(
         default="off",
         description="Workers let a sequence pick its token on the device inside the step "
-        "(llama.cpp's backend sampling, experimental there): 'greedy' for greedy sequences, "
-        "'all' for top-k draws without a seed too, while they cannot draft (the same "
-        "distribution; a seeded request stays on the host); true means 'greedy', false "
-        "'off'. Off by default: bench/README.md, 'On a GPU', has what greedy gave on an H200.",
+        "(llama.cpp's backend sampling, experimental there): 'greedy' for greedy sequences; "
+        "'all' also narrows a top-k draw's logits there to its top-k, among which the worker "
+        "draws (the same draws for the same seed); true means 'greedy', false 'off'. Off by "
+        "default: bench/README.md, 'On a GPU', has what greedy gave on an H200.",
     )
 
     @field_validator("device_sampling", mode="before")

@@ -23,6 +23,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from workers.engine import DONE, FAILED, LOGPROBS, TEXT, Generation, Sequence  # noqa: E402
 from workers.engine import engine as engine_module  # noqa: E402
+from workers.engine import sampling as sampling_module  # noqa: E402
 from workers.host import EngineOptions, ModelHost  # noqa: E402
 from workers.spec import ModelSpec  # noqa: E402
 
@@ -648,91 +649,86 @@ def test_greedy_picked_on_the_device_is_the_hosts_pick_token_for_token(host, mon
     assert not any(s.device_chain for s in engine.slots)  # all taken back
 
 
-def test_top_k_draws_picked_on_the_device_stay_in_the_top_k_and_seeds_stay_on_the_host(
+def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_seed(
     host, monkeypatch
 ):
-    """With FARM_DEVICE_SAMPLING=all a sampled sequence (top-k first, nothing that keeps
-    state, and no seed) draws inside the step too: its whole chain has a backend form.
-    top_k=1 is the greedy text; every draw is one of the top_k candidates of its step, not
-    always the best; a seeded request stays on the host; a ban holds on the device;
-    typical-p, which llama.cpp cannot run there, keeps a sequence on the host."""
-
+    """With FARM_DEVICE_SAMPLING=all a sampled sequence whose chain starts with top-k has
+    each row narrowed inside the step to its top_pool best tokens (top_k and the biased
+    ones): only their ids and logits come back, and the host draws among them with the
+    sequence's own chain. So a seed gives the host's text token for token (with a ban,
+    typical-p, min-p 1 too), top_k=1 is the greedy text, and unseeded draws differ."""
     engine = host.engine
     assert engine is not None
-    monkeypatch.setattr(engine, "device_sampling", True)
-    monkeypatch.setattr(engine, "device_draws", True)
     prompt = tokens(host, "Write one line about rivers:")
+    bans = len(engine.tokens.markers())  # the engine bans the non-text markers
 
-    def run(**sampling: object) -> tuple[Generation, int]:
+    def run(on: bool, **sampling: object) -> tuple[Generation, int]:
+        monkeypatch.setattr(engine, "device_sampling", on)
+        monkeypatch.setattr(engine, "device_draws", on)
         before = engine.tokens_picked_on_device
         seq = Sequence(tokens=prompt, max_tokens=16, sampling=sampling, draft_max=0)
         [gen] = submit_at_once(host, [seq])
         return gen, engine.tokens_picked_on_device - before
 
-    greedy, _ = run(temperature=0)
-    one, picked = run(temperature=0.8, top_k=1)
-    # Its first token too where its slot still had a chain of these settings.
-    assert one.text == greedy.text and one.completion_tokens - 1 <= picked > 0
-    attached = engine.chains_attached
-    again, picked = run(temperature=0.8, top_k=1)  # the same settings: the chain stays
-    assert again.text == greedy.text and picked == again.completion_tokens
-    assert engine.chains_attached == attached
-    # Each draw is one of the 5 candidates top-k left (top_p=1 and min_p=0 keep them all),
-    # read beside each pick; not always the best of them. (Which 5 are best is the chain's
-    # word: a context of our own scores the same text a little differently, a batch's
-    # shape changing the quantized kernels' sums, and may rank the fifth sixth.)
-    ranks: list[int] = []
-    sampled_token = llama_cpp.llama_get_sampled_token_ith
+    run(False, temperature=0)  # the prompt into a slot's cache: the runs below read alike
+    greedy, _ = run(False, temperature=0)
+    wide = {"temperature": 1.5, "top_k": 5, "seed": 11}
+    greedy_tokens = host.llm.tokenize(greedy.text.encode(), add_bos=False, special=False)
+    settings: list[dict[str, object]] = [
+        {"temperature": 0.8, "seed": 3},  # farm's default chain
+        wide,
+        {**wide, "logit_bias": {str(greedy_tokens[1]): -100}},
+        {"temperature": 0.9, "typical_p": 0.9, "seed": 4},
+        {"temperature": 0.8, "min_p": 1.0, "seed": 5},
+    ]
+    on_host = [run(False, **x)[0] for x in settings]
+    seen: list[tuple[int, int]] = []  # candidates a pick found, and the k asked
+    count = llama_cpp.llama_get_sampled_candidates_count_ith
 
     def spy(ctx: object, index: int) -> int:
-        token = int(sampled_token(ctx, index))
-        n = llama_cpp.llama_get_sampled_candidates_count_ith(ctx, index)
-        ids = llama_cpp.llama_get_sampled_candidates_ith(ctx, index)
-        logits = llama_cpp.llama_get_logits_ith(ctx, index)  # the candidates' alone, now
-        found = [ids[i] for i in range(n)]
-        assert n == 5 and token in found, (token, found)
-        chosen = logits[found.index(token)]
-        ranks.append(sum(logits[i] > chosen for i in range(n)))
-        return token
+        n = int(count(ctx, index))
+        seen.append((n, engine.slots[engine.batch.seq[index]].chain_key))
+        return n
 
-    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", spy)
-    texts = set()
-    for _ in range(2):
-        drawn, picked = run(temperature=1.5, top_k=5, top_p=1.0, min_p=0.0)
-        texts.add(drawn.text)
-    assert picked > 0 and len(ranks) >= picked and max(ranks) > 0, ranks
-    assert len(texts) == 2  # 2 x 15 draws among 5 at temperature 1.5: not the same twice
-    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", sampled_token)
-    # A draw's chain that llama.cpp ran only in part gives no token (-1): llama.cpp runs the
-    # rest of the chain over the candidates it left (top-k 1: the greedy text again), not
-    # the host's chain over a row of candidates taken for the whole vocabulary.
-    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", lambda ctx, i: -1)
-    partial, picked = run(temperature=0.8, top_k=1)
-    assert partial.text == greedy.text and picked == 0
-    assert engine.device_sampling and engine.device_draws  # still on
-    monkeypatch.setattr(llama_cpp, "llama_get_sampled_token_ith", sampled_token)
-    # A request with a seed stays on the host (where its seed decides its draws).
-    _, picked = run(temperature=1.5, top_k=5, seed=11)
-    assert picked == 0
-    # A ban goes with the chain: the greedy text's second token (the first the device
-    # picks) is never drawn, and the text differs from there.
-    greedy_tokens = host.llm.tokenize(greedy.text.encode(), add_bos=False, special=False)
-    banned = greedy_tokens[1]
-    kept, picked = run(temperature=0.8, top_k=1, logit_bias={str(banned): -100})
-    kept_tokens = host.llm.tokenize(kept.text.encode(), add_bos=False, special=False)
-    assert picked > 0 and kept_tokens[0] == greedy_tokens[0] and kept_tokens[1] != banned
-    assert banned not in kept_tokens
-    # llama.cpp's backend min-p of 1 would keep no token: such a chain stays on the host.
-    _, picked = run(temperature=0.8, min_p=1.0)
-    assert picked == 0
-    _, picked = run(temperature=0.8, typical_p=0.9)
-    assert picked == 0
+    monkeypatch.setattr(llama_cpp, "llama_get_sampled_candidates_count_ith", spy)
+    for x, host_gen in zip(settings, on_host, strict=True):
+        device_gen, picked = run(True, **x)
+        assert device_gen.text == host_gen.text, x
+        assert picked == device_gen.completion_tokens  # every token, the first too
+    assert {n for n, _ in seen} == {40 + bans, 5 + bans, 5 + bans + 1}
+    assert all(n == k for n, k in seen)
+    assert on_host[1].text != on_host[2].text  # the ban changed the draw
+    one, picked = run(True, temperature=0.8, top_k=1)
+    assert one.text == greedy.text and picked == one.completion_tokens
+    # The same settings again: the slot keeps its chain, nothing attached.
+    attached = engine.chains_attached
+    texts = {run(True, temperature=1.5, top_k=5)[0].text for _ in range(2)}
+    assert len(texts) == 2  # 2 x 16 draws among 5 at temperature 1.5: not the same twice
+    assert engine.chains_attached == attached + 1  # top_k 1 -> 5 once, then kept
+
+    # A backend that took the chain but could not run its top-k (llama.cpp runs a chain's
+    # steps there up to the first the device lacks; typical-p has none) leaves the whole
+    # row and no candidates: the host draws from the row, the same text, and the engine
+    # stops asking the device.
+    def unrun(k: int) -> object:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(0.9, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(k))
+        return chain
+
+    fewer = {"temperature": 0.8, "top_k": 30, "seed": 3}
+    host_fewer, _ = run(False, **fewer)
+    monkeypatch.setattr(engine_module, "top_k_chain", unrun)
+    fallen, picked = run(True, **fewer)
+    assert fallen.text == host_fewer.text and picked == 0
+    assert engine.device_sampling is False
+    assert not any(s.device_chain for s in engine.slots)  # all taken back
+    monkeypatch.setattr(engine_module, "top_k_chain", sampling_module.top_k_chain)
     # A prompt others share (a request's n > 1): each reads its last position's logits, so
-    # its slot has the greedy chain there (raw rows), even where it held the draw's chain.
-    wide = {"temperature": 1.5, "top_k": 5}
-    run(**wide)  # the prompt's slot now holds a chain of these settings
+    # its slot has the greedy chain there (raw rows), even where it held a top-k chain.
+    run(True, **wide)  # the prompt's slot now holds a top-k chain
     held = [s.chain_key for s in engine.slots if s.cache[: len(prompt)] == prompt]
-    assert wide["top_k"] in [key[1] for key in held if key is not None]
+    assert 5 + bans in held
     at_share: list[object] = []
     share = engine_module.Engine._share
 
@@ -813,11 +809,11 @@ def test_device_greedy_verifies_drafts_and_leaves_logprobs_and_sampled_chains_to
     assert engine.chains_attached == attached + len(engine.slots)  # the first step's alone
 
 
-def test_device_draws_keep_their_chains_from_one_sequence_to_the_next(host, monkeypatch):
-    """With FARM_DEVICE_SAMPLING=all, six sampled sequences of one setting (drafts allowed)
-    give their slots a draw's chain while more than DRAFT_SEQUENCES generate; as they end
-    one by one, those left keep it rather than go back to the greedy chain to draft; six
-    more of that setting then attach nothing (each attach: a reserve of the step's graph)."""
+def test_device_draws_keep_their_chains_and_check_drafts_on_the_narrowed_rows(host, monkeypatch):
+    """With FARM_DEVICE_SAMPLING=all, six sampled sequences of one setting, drafts allowed,
+    keep their slots' top-k chains as they come and go: six more attach nothing (each
+    attach: a reserve of the step's graph). A seeded draw that drafts checks each drafted
+    position among its narrowed candidates: the host's text, drafts kept as on the host."""
     engine = host.engine
     assert engine is not None
     monkeypatch.setattr(engine, "device_sampling", True)
@@ -838,8 +834,25 @@ def test_device_draws_keep_their_chains_from_one_sequence_to_the_next(host, monk
     attached, picked = engine.chains_attached, engine.tokens_picked_on_device
     gens = six()
     assert engine.chains_attached == attached
-    assert engine.tokens_picked_on_device - picked >= sum(g.completion_tokens for g in gens) - 6
+    assert engine.tokens_picked_on_device - picked == sum(g.completion_tokens for g in gens)
     assert sum(g.finish_reason == "length" for g in gens) >= 3
+
+    repeats = tokens(host, "a b c d e f g a b c d e f g a b c d e f g a b c")
+
+    def copy(on: bool) -> Generation:
+        monkeypatch.setattr(engine, "device_sampling", on)
+        seq = Sequence(tokens=repeats, max_tokens=16, sampling={"temperature": 0.3, "seed": 9})
+        [gen] = submit_at_once(host, [seq])
+        return gen
+
+    copy(False)  # the prompt into a slot's cache
+    on_host = copy(False)
+    drafted, picked = engine.tokens_drafted, engine.tokens_picked_on_device
+    on_device = copy(True)
+    assert on_device.text == on_host.text
+    assert on_device.drafted_kept == on_host.drafted_kept > 0
+    assert engine.tokens_drafted > drafted
+    assert engine.tokens_picked_on_device - picked >= on_device.completion_tokens
 
 
 def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host, monkeypatch):

@@ -39,18 +39,18 @@ bias) is picked on the host from them as before, and a greedy sequence's bans to
 device picked a banned token (`Sampler.checked_on_host`). A greedy sequence picks on the
 device at every position it outputs, its prompt's last and its drafts' too.
 
-With `device_draws` as well (FARM_DEVICE_SAMPLING=all), a sampled sequence whose chain has
-a backend form (the biases, top-k, top-p, min-p, temperature, dist) and that gave no seed
-(`Sampler.drawn`) draws there too: its slot's chain is replaced by one of its settings,
-which stays after it ends (the next sequence of the same settings keeps it), and goes back
-to greedy only for a sequence that needs the raw logits. A sampled sequence's drafts are
-checked on the host, so a draw moves to the device when it cannot draft (more than
-DRAFT_SEQUENCES generate, or it drafts nothing) and then drafts no more, and is not on the
-device at a prompt others share (a request's n > 1). Where llama.cpp ran a draw's chain
-only in part (no token), it runs the rest over the candidates it left (llama_sampler_sample
-on the device's chain). On an H200 greedy on the device was slower when each sequence
-attached and took back its chain (148-2,046 tok/s at 1-64 sequences against 418-3,230 with
-the host's argmax); the chains kept are not measured on a GPU yet, so it stays off.
+With `device_draws` as well (FARM_DEVICE_SAMPLING=all), a sampled sequence whose chain
+starts with top-k (`Sampler.top_pool`: no grammar, penalties, mirostat or raising bias) has
+each of its rows narrowed on the device: its slot's chain is llama.cpp's top-k of top_pool
+tokens (top_k and its biased ones), whose ids and logits alone come back, and the host draws
+among them with the sequence's own chain (`Sampler.draw_among`): the draw it makes among the
+same best tokens of the whole row, so a seed repeats its draws, drafts and all. The chain
+stays after the sequence ends (the next one of the same top_pool keeps it) and goes back to
+greedy only for a sequence that needs the raw logits (logprobs, a grammar, penalties, a
+prompt others share: a request's n > 1). On an H200 greedy on the device was slower when
+each sequence attached and took back its chain (148-2,046 tok/s at 1-64 sequences against
+418-3,230 with the host's argmax); the chains kept are not measured on a GPU yet, so it
+stays off.
 
 Logprobs (the log-softmax of the logits) are read only for sequences that ask for them;
 a sequence that wants its prompt's logprobs (echo) has every prompt position output, in
@@ -92,7 +92,9 @@ from workers.engine.sampling import (
     LogitBiasError,
     Sampler,
     build_sampler,
+    candidates_view,
     greedy_chain,
+    top_k_chain,
 )
 from workers.engine.text import TextAssembler
 from workers.engine.vocab import Vocab
@@ -161,7 +163,7 @@ class Slot:
     drafted: int = 0  # tokens drafted for the sequence, and those kept
     kept: int = 0
     # With device sampling: the chain attached to the context for this seq_id, kept from
-    # one sequence to the next (`_place_pickers`); its draw's settings (Sampler.drawn), or
+    # one sequence to the next (`_place_pickers`); the k of its top-k (Sampler.top_pool), or
     # None for the plain greedy chain every slot starts with.
     device_chain: Any = None
     chain_key: Any = None
@@ -205,7 +207,7 @@ class Engine:
         # and they are put before it, while it computes without the GIL (`_step`).
         self.async_decode = async_decode
         self.device_sampling = device_sampling  # greedy picks on the device (module doc)
-        self.device_draws = device_draws  # and top-k draws too, with device_sampling
+        self.device_draws = device_draws  # and top-k draws narrowed there, with device_sampling
         self.tokens_picked_on_device = 0  # since start
         self.chains_attached = 0  # since start: llama_set_sampler calls that attached one
         self._attached = False  # every slot has a chain attached (`_place_pickers`)
@@ -604,14 +606,14 @@ class Engine:
 
         Every slot has a chain attached, from the first step on: a plain greedy one, whose
         rows of logits are the raw ones (the host picks from them for every sequence that
-        does not pick on the device), or a draw's chain. A chain stays when its sequence
+        does not pick on the device), or a top-k one. A chain stays when its sequence
         ends: llama.cpp reserves the step's graph again at each llama_set_sampler, so a
-        slot's chain is changed only when a sequence needs another (a draw on the host, a
-        draw of other settings), never as each sequence comes and goes. A greedy sequence
-        with no grammar and no logprobs picks on the device, drafts and all (each drafted
-        position's pick); a draw does where `device_draws` allows it, once it cannot draft
-        (its drafts are checked on the host) and from then on without drafts, its prompt's
-        last position too unless others share that position's logits (a request's n > 1)."""
+        slot's chain is changed only when a sequence needs another (the raw rows, a top-k
+        of another k), never as each sequence comes and goes. A greedy sequence with no
+        grammar and no logprobs picks on the device, drafts and all (each drafted
+        position's pick); a top-k draw is narrowed there where `device_draws` allows it, at
+        every position it outputs, unless others share its prompt's last logits (a
+        request's n > 1)."""
         if not self.device_sampling:  # off, or llama.cpp could not: the host picks all
             self._detach_all()
             return
@@ -622,7 +624,6 @@ class Engine:
                     slot.sampler.backend_rows = True
                 if not self._attach(slot, None):
                     return
-        drafting = self._drafts and len(generating) <= DRAFT_SEQUENCES
         shared = {id(other.follows) for other in self.slots if other.follows is not None}
         for slot in (*generating, *prompting):
             sampler = slot.sampler
@@ -630,16 +631,12 @@ class Engine:
             key = None
             if (
                 self.device_draws
-                and sampler.drawn is not None
-                and sampler.grammar is None
+                and sampler.top_pool  # a top-k draw: no grammar, penalties or mirostat
                 and slot.logprobs is None
                 and slot.prompt_logprobs is None
                 and id(slot) not in shared  # others read its prompt's last logits
-                # Once its slot holds its chain, a draw stays there and drafts no more:
-                # else each crossing of DRAFT_SEQUENCES would change the chain both ways.
-                and (slot.chain_key == sampler.drawn or not (drafting and slot.draft_cap > 0))
             ):
-                key = sampler.drawn
+                key = sampler.top_pool
             if key != slot.chain_key and not self._attach(slot, key):
                 return
             slot.device_pick = key is not None or (
@@ -650,13 +647,10 @@ class Engine:
             )
 
     def _attach(self, slot: Slot, key: Any) -> bool:
-        """Attach a new chain to `slot`: a plain greedy one (key None) or its sequence's
-        draw. False where llama.cpp refused it: then the host picks every token."""
-        if key is None:
-            chain = greedy_chain()
-        else:
-            assert slot.sampler is not None
-            chain = slot.sampler.device_chain()
+        """Attach a new chain to `slot`: a plain greedy one (key None) or a top-k of `key`
+        tokens. New each time: a chain attached once to a context aborts the process when
+        attached again. False where llama.cpp refused it: then the host picks every token."""
+        chain = greedy_chain() if key is None else top_k_chain(key)
         if not llama_cpp.llama_set_sampler(self.ctx, slot.seq_id, chain):
             llama_cpp.llama_sampler_free(chain)
             log.warning("engine %s: llama.cpp refused backend sampling", self.name)
@@ -714,7 +708,7 @@ class Engine:
         batch; the batch's new length."""
         end = min(self.n_batch, n + min(self.n_batch // DRAFT_SHARE, PROMPT_SCORE_CHUNK))
         for slot in generating:
-            if n >= end or slot.draft_cap <= 0 or slot.job is None or slot.chain_key is not None:
+            if n >= end or slot.draft_cap <= 0 or slot.job is None:
                 continue
             most = min(slot.draft_cap, slot.max_tokens - slot.generated - 1, end - n)
             if most <= 0:
@@ -796,29 +790,7 @@ class Engine:
         if picked is not None:
             token = picked
         elif slot.device_pick and self.batch.seq[index] == slot.seq_id:  # its own row
-            token = int(llama_cpp.llama_get_sampled_token_ith(self.ctx, index))
-            if token >= 0 and sampler.checked_on_host(token):
-                token = sampler.sample(self.ctx, index)  # a ban decides: the host picks
-            elif token >= 0:
-                self.tokens_picked_on_device += 1
-                if slot.chain_key is not None:
-                    # A draw's random numbers move on only with the draws it was told were
-                    # taken (several outputs a sequence make llama.cpp's dist transactional):
-                    # else each step would draw with the same number.
-                    llama_cpp.llama_sampler_accept(slot.device_chain, token)
-            elif slot.chain_key is not None:
-                # A draw's chain that llama.cpp ran only in part (a step the backend lacks;
-                # llama_set_sampler still said yes): its row holds the candidates so far,
-                # and llama.cpp runs the rest of the chain over them here.
-                token = int(llama_cpp.llama_sampler_sample(slot.device_chain, self.ctx, index))
-            else:  # the greedy chain picked nothing: the host picks from the raw row
-                token = sampler.sample(self.ctx, index)  # bans and all
-                if self.device_sampling:
-                    log.warning(
-                        "engine %s: llama.cpp's backend picked no token; picking on the host",
-                        self.name,
-                    )
-                    self.device_sampling = False  # the chains go after this step's picks
+            token = self._device_pick(slot, sampler, index)
         else:
             token = sampler.sample(self.ctx, index)
         if slot.ttft_ms is None:
@@ -846,6 +818,41 @@ class Engine:
             slot.next_token = token
             if slot.lookup is not None:
                 slot.lookup.add(token)
+
+    def _device_pick(self, slot: Slot, sampler: Sampler, index: int) -> int:
+        """The next token of a sequence that picks on the device, at batch position `index`:
+        the greedy chain's (the host's again where a ban decides), or the host's draw among
+        the candidates the top-k chain left. Where the backend did not run its chain (no
+        token, no candidates: llama_set_sampler took it, but the device lacks a step),
+        llama.cpp left the whole row: the host picks from it, and the engine stops asking
+        the device (the chains go after this step's picks)."""
+        ctx = self.ctx
+        if slot.chain_key is not None:
+            n = int(llama_cpp.llama_get_sampled_candidates_count_ith(ctx, index))
+            if n == slot.chain_key:
+                self.tokens_picked_on_device += 1
+                ids, logits = candidates_view(
+                    llama_cpp.llama_get_sampled_candidates_ith(ctx, index),
+                    llama_cpp.llama_get_sampled_logits_ith(ctx, index),
+                    n,
+                )
+                return sampler.draw_among(ids, logits)
+            self._device_failed("left no candidates")
+        else:
+            token = int(llama_cpp.llama_get_sampled_token_ith(ctx, index))
+            if token >= 0 and not sampler.checked_on_host(token):
+                self.tokens_picked_on_device += 1
+                return token
+            if token < 0:
+                self._device_failed("picked no token")
+        if llama_cpp.llama_get_sampled_logits_count_ith(ctx, index) != sampler.n_vocab:
+            raise RuntimeError("llama.cpp's backend left neither a token nor the row's logits")
+        return sampler.sample(ctx, index)  # from the raw row, bans and all
+
+    def _device_failed(self, what: str) -> None:
+        if self.device_sampling:
+            log.warning("engine %s: llama.cpp's backend %s; picking on the host", self.name, what)
+            self.device_sampling = False
 
     def _record_logprobs(self, slot: Slot, index: int, token: int) -> None:
         job, text, found = slot.job, slot.text, slot.logprobs

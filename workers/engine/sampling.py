@@ -59,12 +59,26 @@ def logits_view(logits: Any, n_vocab: int) -> np.ndarray:
     """The `n_vocab` floats at llama.cpp's logits pointer, as numpy's (not copied). A third
     of np.ctypeslib.as_array's time on a pointer (1.6 against 5.5 us), once a sequence a
     step."""
-    return np.frombuffer(_row(n_vocab).from_address(ctypes.addressof(logits.contents)), np.single)
+    return np.frombuffer(_array(ctypes.c_float, n_vocab).from_address(_at(logits)), np.single)
+
+
+def candidates_view(ids: Any, logits: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `n` token ids and logits at llama.cpp's pointers (the candidates a device's top-k
+    left: llama_get_sampled_candidates_ith, llama_get_sampled_logits_ith), as numpy's (not
+    copied)."""
+    return (
+        np.frombuffer(_array(ctypes.c_int32, n).from_address(_at(ids)), np.intc),
+        np.frombuffer(_array(ctypes.c_float, n).from_address(_at(logits)), np.single),
+    )
+
+
+def _at(pointer: Any) -> int:
+    return ctypes.addressof(pointer.contents)
 
 
 @functools.cache
-def _row(n_vocab: int) -> Any:
-    return ctypes.c_float * n_vocab
+def _array(ctype: Any, n: int) -> Any:
+    return ctype * n
 
 
 class GrammarError(ValueError):
@@ -105,11 +119,6 @@ class Sampler:
     # for the same seed, but where logits are exactly equal (llama.cpp's sorts are not
     # stable: tied tokens may come in another order). 0: the chain over the whole vocabulary.
     top_pool: int = 0
-    # A sampled chain that llama.cpp can run inside a step's graph (`device_chain`): its
-    # logit biases, top-k, top-p, min-p and temperature. None where a step has no
-    # backend form (typical-p, penalties, mirostat), a grammar follows the pick, or the
-    # request gave a seed (build_sampler).
-    drawn: tuple[list[tuple[int, float]], int, float, float, float] | None = None
     # A chain is attached to the context for this sequence (device sampling): llama.cpp's
     # llama_sampler_sample would return the token it picked there, so the host's chain is
     # run over the row of logits instead (`_whole_chain`).
@@ -219,31 +228,14 @@ class Sampler:
                 margin, count = middle, passing
         return margin
 
-    def device_chain(self) -> Any:
-        """A new chain that draws as this sampler does, for llama.cpp to run inside a step's
-        graph on the device (`llama_set_sampler`): its biases, top-k, top-p, min-p,
-        temperature and dist. Every step of it has a backend form, so all of it runs there.
-        A draw from its own random numbers: the same distribution as the host's chain. New
-        each time: a chain attached once to a context aborts the process when attached
-        again."""
-        assert self.drawn is not None
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-
-        def add(sampler: Any) -> None:
-            llama_cpp.llama_sampler_chain_add(chain, sampler)
-
-        biases, top_k, top_p, min_p, temperature = self.drawn
-        _add_logit_bias(chain, self.n_vocab, biases)
-        add(llama_cpp.llama_sampler_init_top_k(top_k))
-        if top_p < 1.0:
-            add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
-        if min_p > 0.0:
-            add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
-        add(llama_cpp.llama_sampler_init_temp(temperature))
-        # A seed of its own: each chain attached (again) draws afresh, never the numbers the
-        # host's chain or an earlier device chain drew.
-        add(llama_cpp.llama_sampler_init_dist(random.randrange(2**31)))
-        return chain
+    def draw_among(self, ids: np.ndarray, logits: np.ndarray) -> int:
+        """The chain's draw among the `top_pool` best tokens by raw logit, `ids` with their
+        `logits` (the candidates the device's top-k left: device sampling), accepted: the
+        draw `_pick_top` makes from the same tokens over the whole row, for the same seed."""
+        token = self._pick_among(ids, logits, with_grammar=False)
+        assert token is not None  # None only where a grammar allows nothing
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
 
     def checked_on_host(self, token: int) -> bool:
         """Whether a token a device chain picked must be picked again on the host: the plain
@@ -381,14 +373,6 @@ def build_sampler(
         top_pool = p["top_k"] + len(biases)
         if top_pool > min(TOP_POOL, n_vocab // 2):
             top_pool = 0
-    drawn = None
-    # On the device, a draw comes from each device chain's own random numbers, and a sequence
-    # moves between host and device as drafting comes and goes with the load: a request that
-    # gave a seed, to have its draws again, stays on the host. Typical-p has no backend form,
-    # and llama.cpp's backend min-p of 1 keeps no token at all (the host's keeps the best).
-    if top_pool and p["typical_p"] >= 1.0 and p["min_p"] < 1.0 and p.get("seed") is None:
-        drawn = (list(biases.items()), int(p["top_k"]), float(p["top_p"]), float(p["min_p"]),
-                 float(p["temperature"]))  # fmt: skip
     greedy = None
     if p["temperature"] == 0.0 and not penalties:
         greedy = (
@@ -406,7 +390,6 @@ def build_sampler(
         prefilter=not penalties and lowers_only,
         greedy=greedy,
         top_pool=top_pool,
-        drawn=drawn,
     )
 
 
@@ -416,6 +399,15 @@ def greedy_chain() -> Any:
     themselves copied back as they were."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    return chain
+
+
+def top_k_chain(k: int) -> Any:
+    """A new chain of llama.cpp's top-k alone, for a context to run inside each step
+    (device sampling): each of its sequence's rows narrowed to its `k` best tokens, whose
+    ids and logits alone are copied back; nothing picked there."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(k))
     return chain
 
 
