@@ -155,7 +155,7 @@ class Settings(BaseSettings):
         description="Workers let a sequence pick its token on the device inside the step "
         "(llama.cpp's backend sampling, experimental there): 'greedy' for greedy sequences; "
         "'all' also narrows a top-k draw's logits there to its top-k, among which the worker "
-        "draws (the same draws for the same seed); true means 'greedy', false 'off'. Off by "
+        "draws (the same draws for the same seed, but where logits tie); true means 'greedy', false 'off'. Off by "
         "default: bench/README.md, 'On a GPU', has what greedy gave on an H200.",
     )
 

@@ -98,6 +98,21 @@ def submit_at_once(host: ModelHost, seqs: list[Sequence]) -> list[Generation]:
     return out
 
 
+def fresh_slots(host: ModelHost) -> None:
+    """Every slot empty and equally old (the engine idle): the sequences of the next batch
+    take the same slots in the same order as the last batch submitted after this did, and
+    so read the same batches. (A sequence's logits move in the last bits with its place in
+    a batch and with the batches its cached prefix was read in: bench/README.md.)"""
+    engine = host.engine
+    assert engine is not None
+    with engine._cond:  # an idle engine waits on it, and admits nothing meanwhile
+        for slot in engine.slots:
+            assert slot.job is None
+            llama_cpp.llama_memory_seq_rm(engine.mem, slot.seq_id, -1, -1)
+            slot.cache.clear()
+            slot.last_used = 0.0
+
+
 def tokens(host: ModelHost, text: str) -> list[int]:
     return host.llm.tokenize(text.encode(), add_bos=True, special=True)  # type: ignore[no-any-return]
 
@@ -665,8 +680,14 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     def run(on: bool, **sampling: object) -> tuple[Generation, int]:
         monkeypatch.setattr(engine, "device_sampling", on)
         monkeypatch.setattr(engine, "device_draws", on)
+        return run_greedy_only(**sampling)
+
+    def run_greedy_only(**sampling: object) -> tuple[Generation, int]:
+        """As the engine's switches stand (greedy unless `sampling` says otherwise)."""
         before = engine.tokens_picked_on_device
-        seq = Sequence(tokens=prompt, max_tokens=16, sampling=sampling, draft_max=0)
+        seq = Sequence(
+            tokens=prompt, max_tokens=16, sampling=sampling or {"temperature": 0}, draft_max=0
+        )
         [gen] = submit_at_once(host, [seq])
         return gen, engine.tokens_picked_on_device - before
 
@@ -709,7 +730,7 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     # A backend that took the chain but could not run its top-k (llama.cpp runs a chain's
     # steps there up to the first the device lacks; typical-p has none) leaves the whole
     # row and no candidates: the host draws from the row, the same text, and the engine
-    # stops asking the device.
+    # draws on the host from then on; greedy still picks on the device.
     def unrun(k: int) -> object:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(0.9, 1))
@@ -721,8 +742,9 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     monkeypatch.setattr(engine_module, "top_k_chain", unrun)
     fallen, picked = run(True, **fewer)
     assert fallen.text == host_fewer.text and picked == 0
-    assert engine.device_sampling is False
-    assert not any(s.device_chain for s in engine.slots)  # all taken back
+    assert engine.device_sampling is True and engine.device_draws is False
+    greedy_after, picked = run_greedy_only()
+    assert greedy_after.text == greedy.text and picked == greedy_after.completion_tokens
     monkeypatch.setattr(engine_module, "top_k_chain", sampling_module.top_k_chain)
     # A prompt others share (a request's n > 1): each reads its last position's logits, so
     # its slot has the greedy chain there (raw rows), even where it held a top-k chain.
@@ -807,6 +829,76 @@ def test_device_greedy_verifies_drafts_and_leaves_logprobs_and_sampled_chains_to
     # the greedy five's tokens (an end of turn picked there is not a completion token)
     assert sum(g.completion_tokens for g in gens[:5]) <= on_device <= 5 * 21
     assert engine.chains_attached == attached + len(engine.slots)  # the first step's alone
+
+
+def test_narrowed_draws_beside_shared_prompts_logprobs_and_echo_give_the_hosts_replies(
+    host, monkeypatch
+):
+    """With FARM_DEVICE_SAMPLING=all, one batch of seeded sequences: a request of n=3 (its
+    leader's prompt shared), one that wants logprobs, one that echoes its prompt's, and
+    three plain draws. Those that need whole rows get them (greedy chains), the rest are
+    narrowed: every reply, logprob and prompt logprob is the host's."""
+    engine = host.engine
+    assert engine is not None
+    prompt = tokens(host, "Write one line about rivers:")
+
+    def batch(on: bool) -> list[Generation]:
+        monkeypatch.setattr(engine, "device_sampling", on)
+        monkeypatch.setattr(engine, "device_draws", on)
+        fresh_slots(host)
+        wide = {"temperature": 1.0, "top_k": 20}
+        lead = Sequence(tokens=prompt, max_tokens=10, sampling={**wide, "seed": 5}, draft_max=0)
+        followers = [
+            Sequence(
+                tokens=prompt,
+                max_tokens=10,
+                sampling={**wide, "seed": 6 + i},
+                draft_max=0,
+                leader=lead,
+            )
+            for i in range(2)
+        ]
+        scored = Sequence(
+            tokens=tokens(host, "Count: 1, 2,"),
+            max_tokens=10,
+            sampling={"temperature": 0.9, "seed": 9},
+            logprobs=2,
+        )
+        echo = Sequence(
+            tokens=tokens(host, "Echo this please"),
+            max_tokens=5,
+            sampling={"temperature": 0.9, "seed": 10},
+            logprobs=1,
+            prompt_logprobs=True,
+        )
+        draws = [
+            Sequence(
+                tokens=tokens(host, f"Story {i} of a fox:"),
+                max_tokens=12,
+                sampling={"temperature": 0.9, "seed": 100 + i},
+                draft_max=0,
+            )
+            for i in range(3)
+        ]
+        return submit_at_once(host, [lead, *followers, scored, echo, *draws])
+
+    on_host = batch(False)
+    before = engine.tokens_picked_on_device
+    on_device = batch(True)
+    assert [g.text for g in on_device] == [g.text for g in on_host]
+    assert len({g.text for g in on_host[:3]}) == 3  # the n=3 request's own draws
+    for device_gen, host_gen in zip(on_device[3:5], on_host[3:5], strict=True):
+        assert device_gen.logprobs is not None and host_gen.logprobs is not None
+        assert [e["token"] for e in device_gen.logprobs] == [e["token"] for e in host_gen.logprobs]
+    device_prompt, host_prompt = on_device[4].prompt_logprobs, on_host[4].prompt_logprobs
+    assert device_prompt is not None and host_prompt is not None
+    assert [e["logprob"] for e in device_prompt] == pytest.approx(
+        [e["logprob"] for e in host_prompt], abs=1e-3
+    )
+    # narrowed: the three draws' tokens, and the followers' after the shared first one
+    narrowed = engine.tokens_picked_on_device - before
+    assert narrowed >= sum(g.completion_tokens for g in on_device[5:])
+    assert narrowed <= sum(g.completion_tokens for g in on_device) - 3
 
 
 def test_device_draws_keep_their_chains_and_check_drafts_on_the_narrowed_rows(host, monkeypatch):

@@ -44,10 +44,13 @@ starts with top-k (`Sampler.top_pool`: no grammar, penalties, mirostat or raisin
 each of its rows narrowed on the device: its slot's chain is llama.cpp's top-k of top_pool
 tokens (top_k and its biased ones), whose ids and logits alone come back, and the host draws
 among them with the sequence's own chain (`Sampler.draw_among`): the draw it makes among the
-same best tokens of the whole row, so a seed repeats its draws, drafts and all. The chain
-stays after the sequence ends (the next one of the same top_pool keeps it) and goes back to
-greedy only for a sequence that needs the raw logits (logprobs, a grammar, penalties, a
-prompt others share: a request's n > 1). On an H200 greedy on the device was slower when
+same best tokens of the whole row, so a seed repeats its draws, drafts and all (but where
+logits tie: which of equal logits a top-k keeps is the device's choice). The chain stays
+after the sequence ends (the next one of the same top_pool keeps it) and goes back to greedy
+for any sequence that is not such a draw (greedy, mirostat, penalties, a grammar, a raising
+bias, no top-k, a pool over TOP_POOL) or needs the raw logits (logprobs, a prompt others
+share: a request's n > 1, whose leader takes the greedy chain for its prompt's last step
+and its top-k one again after). On an H200 greedy on the device was slower when
 each sequence attached and took back its chain (148-2,046 tok/s at 1-64 sequences against
 418-3,230 with the host's argmax); the chains kept are not measured on a GPU yet, so it
 stays off.
@@ -823,9 +826,11 @@ class Engine:
         """The next token of a sequence that picks on the device, at batch position `index`:
         the greedy chain's (the host's again where a ban decides), or the host's draw among
         the candidates the top-k chain left. Where the backend did not run its chain (no
-        token, no candidates: llama_set_sampler took it, but the device lacks a step),
-        llama.cpp left the whole row: the host picks from it, and the engine stops asking
-        the device (the chains go after this step's picks)."""
+        token, no candidates: llama_set_sampler took it, but the device lacks a step, as
+        CUDA without CUB lacks a top-k over a whole vocabulary), llama.cpp left the whole
+        row: the host picks from it, and the engine stops asking the device for that kind
+        of pick (a top-k's slots get greedy chains at their next step; greedy's failing,
+        every chain goes after this step's picks)."""
         ctx = self.ctx
         if slot.chain_key is not None:
             n = int(llama_cpp.llama_get_sampled_candidates_count_ith(ctx, index))
@@ -837,22 +842,27 @@ class Engine:
                     n,
                 )
                 return sampler.draw_among(ids, logits)
-            self._device_failed("left no candidates")
+            if self.device_draws:
+                log.warning(
+                    "engine %s: llama.cpp's backend left no top-k candidates; drawing on the "
+                    "host from now on",
+                    self.name,
+                )
+                self.device_draws = False
         else:
             token = int(llama_cpp.llama_get_sampled_token_ith(ctx, index))
             if token >= 0 and not sampler.checked_on_host(token):
                 self.tokens_picked_on_device += 1
                 return token
-            if token < 0:
-                self._device_failed("picked no token")
+            if token < 0 and self.device_sampling:
+                log.warning(
+                    "engine %s: llama.cpp's backend picked no token; picking on the host",
+                    self.name,
+                )
+                self.device_sampling = False  # the chains go after this step's picks
         if llama_cpp.llama_get_sampled_logits_count_ith(ctx, index) != sampler.n_vocab:
             raise RuntimeError("llama.cpp's backend left neither a token nor the row's logits")
         return sampler.sample(ctx, index)  # from the raw row, bans and all
-
-    def _device_failed(self, what: str) -> None:
-        if self.device_sampling:
-            log.warning("engine %s: llama.cpp's backend %s; picking on the host", self.name, what)
-            self.device_sampling = False
 
     def _record_logprobs(self, slot: Slot, index: int, token: int) -> None:
         job, text, found = slot.job, slot.text, slot.logprobs
