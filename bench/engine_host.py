@@ -17,8 +17,9 @@ milliseconds a step and the rest decides the throughput.
 
 --model takes another GGUF (bench/random_model.py), with every layer on the GPU where
 llama.cpp has one. --device-sampling greedy/all lets llama.cpp pick inside the step
-(FARM_DEVICE_SAMPLING; with all, a draw's row is narrowed there to its top-k and the host
-draws among those: the sampler column counts that draw); --no-bans leaves the non-text
+(FARM_DEVICE_SAMPLING; with all, each row is narrowed there to the few best tokens that hold
+its pick, greedy or drawn, and the host picks among those: the sampler column counts that
+pick); --no-bans leaves the non-text
 markers unbanned (a probe: farm always bans them). --requests N has
 each of the S clients ask N times, one sequence after another (as throughput.py's clients
 do): "set_sampler" counts the chains attached to the context and taken back meanwhile

@@ -669,15 +669,18 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
 ):
     """With FARM_DEVICE_SAMPLING=all a sampled sequence whose chain starts with top-k has
     each row narrowed inside the step to its top_pool best tokens (top_k and the biased
-    ones): only their ids and logits come back, and the host draws among them with the
-    sequence's own chain. So a seed gives the host's text token for token (with a ban,
-    typical-p, min-p 1 too), top_k=1 is the greedy text, and unseeded draws differ."""
+    ones), a greedy one to its best and its biased ones: only their ids and logits come
+    back, and the host picks among them with the sequence's own chain. So a seed gives the
+    host's text token for token (with a ban, typical-p, min-p 1 too), greedy gives the
+    host's (with a ban; a raising bias stays on the host), top_k=1 is the greedy text, and
+    unseeded draws differ."""
     engine = host.engine
     assert engine is not None
     prompt = tokens(host, "Write one line about rivers:")
     bans = len(engine.tokens.markers())  # the engine bans the non-text markers
 
     def run(on: bool, **sampling: object) -> tuple[Generation, int]:
+        """Picked on the host, or narrowed on the device (FARM_DEVICE_SAMPLING=all)."""
         monkeypatch.setattr(engine, "device_sampling", on)
         monkeypatch.setattr(engine, "device_draws", on)
         return run_greedy_only(**sampling)
@@ -701,6 +704,9 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
         {**wide, "logit_bias": {str(greedy_tokens[1]): -100}},
         {"temperature": 0.9, "typical_p": 0.9, "seed": 4},
         {"temperature": 0.8, "min_p": 1.0, "seed": 5},
+        # greedy: narrowed to its best and its bans; a ban of the text's second token
+        {"temperature": 0},
+        {"temperature": 0, "logit_bias": {str(greedy_tokens[1]): -100}},
     ]
     on_host = [run(False, **x)[0] for x in settings]
     seen: list[tuple[int, int]] = []  # candidates a pick found, and the k asked
@@ -716,9 +722,16 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
         device_gen, picked = run(True, **x)
         assert device_gen.text == host_gen.text, x
         assert picked == device_gen.completion_tokens  # every token, the first too
-    assert {n for n, _ in seen} == {40 + bans, 5 + bans, 5 + bans + 1}
+    assert {n for n, _ in seen} == {40 + bans, 5 + bans, 5 + bans + 1, 1 + bans, 1 + bans + 1}
     assert all(n == k for n, k in seen)
     assert on_host[1].text != on_host[2].text  # the ban changed the draw
+    assert on_host[5].text == greedy.text != on_host[6].text
+    # A bias that raises a token: greedy's pick may lie anywhere in the row, so its slot has
+    # the greedy chain (the raw row) and the host picks.
+    raised = {"temperature": 0, "logit_bias": {str(greedy_tokens[1]): 5}}
+    host_raised, _ = run(False, **raised)
+    device_raised, picked = run(True, **raised)
+    assert device_raised.text == host_raised.text and picked == 0
     one, picked = run(True, temperature=0.8, top_k=1)
     assert one.text == greedy.text and picked == one.completion_tokens
     # The same settings again: the slot keeps its chain, nothing attached.
@@ -730,7 +743,7 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     # A backend that took the chain but could not run its top-k (llama.cpp runs a chain's
     # steps there up to the first the device lacks; typical-p has none) leaves the whole
     # row and no candidates: the host draws from the row, the same text, and the engine
-    # draws on the host from then on; greedy still picks on the device.
+    # narrows no rows from then on; greedy still picks on the device (its argmax chain).
     def unrun(k: int) -> object:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(0.9, 1))

@@ -39,18 +39,19 @@ bias) is picked on the host from them as before, and a greedy sequence's bans to
 device picked a banned token (`Sampler.checked_on_host`). A greedy sequence picks on the
 device at every position it outputs, its prompt's last and its drafts' too.
 
-With `device_draws` as well (FARM_DEVICE_SAMPLING=all), a sampled sequence whose chain
-starts with top-k (`Sampler.top_pool`: no grammar, penalties, mirostat or raising bias) has
-each of its rows narrowed on the device: its slot's chain is llama.cpp's top-k of top_pool
-tokens (top_k and its biased ones), whose ids and logits alone come back, and the host draws
-among them with the sequence's own chain (`Sampler.draw_among`): the draw it makes among the
-same best tokens of the whole row, so a seed repeats its draws, drafts and all (but where
-logits tie: which of equal logits a top-k keeps is the device's choice). The chain stays
-after the sequence ends (the next one of the same top_pool keeps it) and goes back to greedy
-for any sequence that is not such a draw (greedy, mirostat, penalties, a grammar, a raising
-bias, no top-k, a pool over TOP_POOL) or needs the raw logits (logprobs, a prompt others
-share: a request's n > 1, whose leader takes the greedy chain for its prompt's last step
-and its top-k one again after). On an H200 greedy on the device was slower when
+With `device_draws` as well (FARM_DEVICE_SAMPLING=all), the device narrows rows instead of
+picking: a sequence whose pick lies among its row's few best tokens by raw logit
+(`Sampler.narrowed`: a top-k draw's top_pool, its top_k and its biased tokens; greedy's 1 and
+its biased tokens, where no bias raises) has llama.cpp's top-k of that many as its slot's
+chain. Only those ids and logits come back, not the vocabulary's row (the greedy chain's
+comes back whole), and the host picks among them (`Sampler.pick_from`): greedy's token, or
+the draw its chain makes among the same best tokens of the whole row, so a seed repeats its
+draws, drafts and all (but where logits tie: which of equal logits a top-k keeps is the
+device's choice). The chain stays after the sequence ends (the next one of the same k keeps
+it), and a slot goes back to the greedy chain for a sequence that needs the raw logits
+(logprobs, a grammar, penalties, mirostat, a raising bias, no top-k, a pool over TOP_POOL, a
+prompt others share: a request's n > 1, whose leader takes the greedy chain for its prompt's
+last step and its top-k one again after). On an H200 greedy on the device was slower when
 each sequence attached and took back its chain (148-2,046 tok/s at 1-64 sequences against
 418-3,230 with the host's argmax); the chains kept are not measured on a GPU yet, so it
 stays off.
@@ -166,7 +167,7 @@ class Slot:
     drafted: int = 0  # tokens drafted for the sequence, and those kept
     kept: int = 0
     # With device sampling: the chain attached to the context for this seq_id, kept from
-    # one sequence to the next (`_place_pickers`); the k of its top-k (Sampler.top_pool), or
+    # one sequence to the next (`_place_pickers`); the k of its top-k (Sampler.narrowed), or
     # None for the plain greedy chain every slot starts with.
     device_chain: Any = None
     chain_key: Any = None
@@ -210,7 +211,7 @@ class Engine:
         # and they are put before it, while it computes without the GIL (`_step`).
         self.async_decode = async_decode
         self.device_sampling = device_sampling  # greedy picks on the device (module doc)
-        self.device_draws = device_draws  # and top-k draws narrowed there, with device_sampling
+        self.device_draws = device_draws  # rows narrowed there instead, with device_sampling
         self.tokens_picked_on_device = 0  # since start
         self.chains_attached = 0  # since start: llama_set_sampler calls that attached one
         self._attached = False  # every slot has a chain attached (`_place_pickers`)
@@ -614,9 +615,9 @@ class Engine:
         slot's chain is changed only when a sequence needs another (the raw rows, a top-k
         of another k), never as each sequence comes and goes. A greedy sequence with no
         grammar and no logprobs picks on the device, drafts and all (each drafted
-        position's pick); a top-k draw is narrowed there where `device_draws` allows it, at
-        every position it outputs, unless others share its prompt's last logits (a
-        request's n > 1)."""
+        position's pick); with `device_draws`, its rows and a top-k draw's are narrowed
+        there instead, at every position it outputs, unless others share its prompt's last
+        logits (a request's n > 1)."""
         if not self.device_sampling:  # off, or llama.cpp could not: the host picks all
             self._detach_all()
             return
@@ -634,12 +635,12 @@ class Engine:
             key = None
             if (
                 self.device_draws
-                and sampler.top_pool  # a top-k draw: no grammar, penalties or mirostat
+                and sampler.narrowed  # greedy or a top-k draw: no grammar or penalties
                 and slot.logprobs is None
                 and slot.prompt_logprobs is None
                 and id(slot) not in shared  # others read its prompt's last logits
             ):
-                key = sampler.top_pool
+                key = sampler.narrowed
             if key != slot.chain_key and not self._attach(slot, key):
                 return
             slot.device_pick = key is not None or (
@@ -824,7 +825,7 @@ class Engine:
 
     def _device_pick(self, slot: Slot, sampler: Sampler, index: int) -> int:
         """The next token of a sequence that picks on the device, at batch position `index`:
-        the greedy chain's (the host's again where a ban decides), or the host's draw among
+        the greedy chain's (the host's again where a ban decides), or the host's pick among
         the candidates the top-k chain left. Where the backend did not run its chain (no
         token, no candidates: llama_set_sampler took it, but the device lacks a step, as
         CUDA without CUB lacks a top-k over a whole vocabulary), llama.cpp left the whole
@@ -841,11 +842,11 @@ class Engine:
                     llama_cpp.llama_get_sampled_logits_ith(ctx, index),
                     n,
                 )
-                return sampler.draw_among(ids, logits)
+                return sampler.pick_from(ids, logits)
             if self.device_draws:
                 log.warning(
-                    "engine %s: llama.cpp's backend left no top-k candidates; drawing on the "
-                    "host from now on",
+                    "engine %s: llama.cpp's backend left no top-k candidates; narrowing no "
+                    "rows from now on",
                     self.name,
                 )
                 self.device_draws = False

@@ -228,10 +228,34 @@ class Sampler:
                 margin, count = middle, passing
         return margin
 
-    def draw_among(self, ids: np.ndarray, logits: np.ndarray) -> int:
-        """The chain's draw among the `top_pool` best tokens by raw logit, `ids` with their
-        `logits` (the candidates the device's top-k left: device sampling), accepted: the
-        draw `_pick_top` makes from the same tokens over the whole row, for the same seed."""
+    @property
+    def narrowed(self) -> int:
+        """How many of a row's best tokens by raw logit hold this sequence's pick, for a
+        device to narrow its rows to (device sampling): top_pool for a top-k draw; for greedy
+        whose biases only lower, 1 and the biased tokens (one of those is unbiased, and no
+        token beyond beats it). 0 where the pick needs the whole row."""
+        if self.grammar is not None:
+            return 0
+        if self.greedy is not None:
+            return 0 if self.greedy[2] else 1 + len(self.greedy[0])
+        return self.top_pool
+
+    def pick_from(self, ids: np.ndarray, logits: np.ndarray) -> int:
+        """The pick among the `narrowed` best tokens by raw logit, `ids` with their `logits`
+        (the candidates a device's top-k left), accepted: greedy's, the first of the best
+        once biased (`_argmax`: the same token), or the chain's draw (`_pick_top`'s from the
+        same tokens over the whole row, for the same seed)."""
+        if self.greedy is not None:
+            values = logits.copy()
+            with np.errstate(invalid="ignore"):  # inf + -inf: NaN, refused below
+                for j, token in enumerate(ids.tolist()):
+                    bias = self._bias_of.get(token)
+                    if bias is not None:
+                        values[j] += bias  # float32 sums, as llama.cpp's and `_argmax`'s
+            best = values.max()
+            if not math.isfinite(best):
+                raise RuntimeError("no candidate the device left has a finite logit")
+            return int(ids[values == best].min())  # the first of equals, as argmax's
         token = self._pick_among(ids, logits, with_grammar=False)
         assert token is not None  # None only where a grammar allows nothing
         llama_cpp.llama_sampler_accept(self.chain, token)
@@ -248,6 +272,13 @@ class Sampler:
         seldom a banned marker, so the host seldom picks again. (On this CPU the step is
         within the noise of a run: bench/backend_sampling.py --bias; not measured on a GPU.)"""
         return self.greedy is not None and not self.greedy[2] and token in self._biased
+
+    @functools.cached_property
+    def _bias_of(self) -> dict[int, np.float32]:
+        """Greedy's biases by token."""
+        assert self.greedy is not None
+        ids, biases, _ = self.greedy
+        return dict(zip(ids.tolist(), biases, strict=True))
 
     @property
     def _biased(self) -> frozenset[int]:
