@@ -154,9 +154,9 @@ class Settings(BaseSettings):
         default="off",
         description="Workers let a sequence pick its token on the device inside the step "
         "(llama.cpp's backend sampling, experimental there): 'greedy' for greedy sequences; "
-        "'all' narrows each row there instead, to the few best tokens that hold a sequence's "
-        "pick (a top-k draw's top-k, greedy's best), among which the worker picks (the same "
-        "draws for the same seed, but where logits tie); true means 'greedy', false 'off'. Off by "
+        "'all' narrows a sequence's logits there instead, to the few best tokens that hold its "
+        "pick (a top-k draw's top-k, greedy's best, and the tokens it bans), among which the "
+        "worker picks (the same draws for the same seed, but where logits tie); true means 'greedy', false 'off'. Off by "
         "default: bench/README.md, 'On a GPU', has what greedy gave on an H200.",
     )
 

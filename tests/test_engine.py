@@ -456,6 +456,14 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
                 assert fast.greedy is not None
                 picked = fast.sample(own, -1)
                 assert picked == chain.sample(own, -1), bias
+                # Narrowed (FARM_DEVICE_SAMPLING=all): among the row's best 1 + biased
+                # tokens, as a device's top-k leaves them, the same token; a raise needs
+                # the whole row.
+                k = fast.narrowed
+                assert (k == 0) == any(b > 0 for b in bias.values()), bias
+                if k:
+                    best = np.argsort(raw)[::-1][:k].astype(np.intc)
+                    assert fast.pick_from(best, raw[best].copy()) == picked, bias
             finally:
                 fast.free()
                 chain.free()
@@ -474,6 +482,10 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
         row = np.zeros(n_vocab, dtype=np.float32)
         row[42] = 1.0
         assert fast._argmax(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))) == 42
+        # Narrowed candidates with a NaN: the chain picks among them, as over a row.
+        ids = np.array([5, 42, markers[0], 9], dtype=np.intc)
+        logits = np.array([0.5, float("nan"), 2.0, 1.0], dtype=np.float32)
+        assert fast.pick_from(ids, logits) == 9
     finally:
         fast.free()
     penalized = build_sampler(vocab, {"temperature": 0.0, "repeat_penalty": 1.3}, None)
@@ -707,6 +719,7 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
         # greedy: narrowed to its best and its bans; a ban of the text's second token
         {"temperature": 0},
         {"temperature": 0, "logit_bias": {str(greedy_tokens[1]): -100}},
+        {"temperature": 0, "logit_bias": {str(greedy_tokens[1]): -2.5, str(greedy_tokens[2]): -1}},
     ]
     on_host = [run(False, **x)[0] for x in settings]
     seen: list[tuple[int, int]] = []  # candidates a pick found, and the k asked
@@ -722,7 +735,10 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
         device_gen, picked = run(True, **x)
         assert device_gen.text == host_gen.text, x
         assert picked == device_gen.completion_tokens  # every token, the first too
-    assert {n for n, _ in seen} == {40 + bans, 5 + bans, 5 + bans + 1, 1 + bans, 1 + bans + 1}
+    assert {n for n, _ in seen} == {
+        *(40 + bans, 5 + bans, 5 + bans + 1),  # draws
+        *(1 + bans, 1 + bans + 1, 1 + bans + 2),  # greedy
+    }
     assert all(n == k for n, k in seen)
     assert on_host[1].text != on_host[2].text  # the ban changed the draw
     assert on_host[5].text == greedy.text != on_host[6].text
@@ -917,8 +933,9 @@ def test_narrowed_draws_beside_shared_prompts_logprobs_and_echo_give_the_hosts_r
 def test_device_draws_keep_their_chains_and_check_drafts_on_the_narrowed_rows(host, monkeypatch):
     """With FARM_DEVICE_SAMPLING=all, six sampled sequences of one setting, drafts allowed,
     keep their slots' top-k chains as they come and go: six more attach nothing (each
-    attach: a reserve of the step's graph). A seeded draw that drafts checks each drafted
-    position among its narrowed candidates: the host's text, drafts kept as on the host."""
+    attach: a reserve of the step's graph). A seeded draw and a greedy sequence that draft
+    pick at each drafted position among its narrowed candidates: the host's text, drafts
+    kept as on the host."""
     engine = host.engine
     assert engine is not None
     monkeypatch.setattr(engine, "device_sampling", True)
@@ -944,20 +961,21 @@ def test_device_draws_keep_their_chains_and_check_drafts_on_the_narrowed_rows(ho
 
     repeats = tokens(host, "a b c d e f g a b c d e f g a b c d e f g a b c")
 
-    def copy(on: bool) -> Generation:
+    def copy(on: bool, **sampling: object) -> Generation:
         monkeypatch.setattr(engine, "device_sampling", on)
-        seq = Sequence(tokens=repeats, max_tokens=16, sampling={"temperature": 0.3, "seed": 9})
+        seq = Sequence(tokens=repeats, max_tokens=16, sampling=sampling)
         [gen] = submit_at_once(host, [seq])
         return gen
 
-    copy(False)  # the prompt into a slot's cache
-    on_host = copy(False)
-    drafted, picked = engine.tokens_drafted, engine.tokens_picked_on_device
-    on_device = copy(True)
-    assert on_device.text == on_host.text
-    assert on_device.drafted_kept == on_host.drafted_kept > 0
-    assert engine.tokens_drafted > drafted
-    assert engine.tokens_picked_on_device - picked >= on_device.completion_tokens
+    for sampling in ({"temperature": 0.3, "seed": 9}, {"temperature": 0}):  # drawn, greedy
+        copy(False, **sampling)  # the prompt into a slot's cache
+        on_host = copy(False, **sampling)
+        drafted, picked = engine.tokens_drafted, engine.tokens_picked_on_device
+        on_device = copy(True, **sampling)
+        assert on_device.text == on_host.text, sampling
+        assert on_device.drafted_kept == on_host.drafted_kept > 0
+        assert engine.tokens_drafted > drafted
+        assert engine.tokens_picked_on_device - picked >= on_device.completion_tokens
 
 
 def test_events_put_after_an_asynchronous_llama_decode_give_the_same_streams(host, monkeypatch):

@@ -237,25 +237,26 @@ class Sampler:
         if self.grammar is not None:
             return 0
         if self.greedy is not None:
-            return 0 if self.greedy[2] else 1 + len(self.greedy[0])
+            k = 1 + len(self.greedy[0])
+            return 0 if self.greedy[2] or k > min(TOP_POOL, self.n_vocab // 2) else k
         return self.top_pool
 
     def pick_from(self, ids: np.ndarray, logits: np.ndarray) -> int:
         """The pick among the `narrowed` best tokens by raw logit, `ids` with their `logits`
         (the candidates a device's top-k left), accepted: greedy's, the first of the best
-        once biased (`_argmax`: the same token), or the chain's draw (`_pick_top`'s from the
-        same tokens over the whole row, for the same seed)."""
+        once biased (`_argmax`: the same token; where that best is not a finite number, the
+        chain's pick among them, as the chain picks over the row then), or the chain's draw
+        (`_pick_top`'s from the same tokens over the whole row, for the same seed)."""
         if self.greedy is not None:
             values = logits.copy()
-            with np.errstate(invalid="ignore"):  # inf + -inf: NaN, refused below
+            with np.errstate(invalid="ignore"):  # inf + -inf: NaN, left to the chain below
                 for j, token in enumerate(ids.tolist()):
                     bias = self._bias_of.get(token)
                     if bias is not None:
                         values[j] += bias  # float32 sums, as llama.cpp's and `_argmax`'s
             best = values.max()
-            if not math.isfinite(best):
-                raise RuntimeError("no candidate the device left has a finite logit")
-            return int(ids[values == best].min())  # the first of equals, as argmax's
+            if math.isfinite(best):
+                return int(ids[values == best].min())  # the first of equals, as argmax's
         token = self._pick_among(ids, logits, with_grammar=False)
         assert token is not None  # None only where a grammar allows nothing
         llama_cpp.llama_sampler_accept(self.chain, token)
