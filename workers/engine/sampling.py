@@ -123,7 +123,6 @@ class Sampler:
     # llama_sampler_sample would return the token it picked there, so the host's chain is
     # run over the row of logits instead (`_whole_chain`).
     backend_rows: bool = False
-    _biased_ids: frozenset[int] | None = None
 
     def prime(self, prompt: list[int]) -> None:
         """Let the penalties see the prompt's last tokens, as llama-server does."""
@@ -177,7 +176,7 @@ class Sampler:
         ids, biases, raises = self.greedy
         view = logits_view(logits, self.n_vocab)
         best = int(view.argmax())
-        if raises or (len(ids) and best in self._biased):
+        if raises or (len(ids) and best in self._bias_of):
             view = view.copy()
             with np.errstate(invalid="ignore"):  # inf + -inf: NaN, declined below
                 view[ids] += biases
@@ -272,21 +271,14 @@ class Sampler:
         sets the sampler's inputs with ggml_backend_tensor_set); a model's best logit is
         seldom a banned marker, so the host seldom picks again. (On this CPU the step is
         within the noise of a run: bench/backend_sampling.py --bias; not measured on a GPU.)"""
-        return self.greedy is not None and not self.greedy[2] and token in self._biased
+        return self.greedy is not None and not self.greedy[2] and token in self._bias_of
 
     @functools.cached_property
     def _bias_of(self) -> dict[int, np.float32]:
-        """Greedy's biases by token."""
+        """Greedy's biases by token (and so its biased tokens)."""
         assert self.greedy is not None
         ids, biases, _ = self.greedy
         return dict(zip(ids.tolist(), biases, strict=True))
-
-    @property
-    def _biased(self) -> frozenset[int]:
-        if self._biased_ids is None:
-            assert self.greedy is not None
-            self._biased_ids = frozenset(int(t) for t in self.greedy[0])
-        return self._biased_ids
 
     def _pick(self, logits: Any, *, with_grammar: bool) -> int:
         view = logits_view(logits, self.n_vocab)
