@@ -14,6 +14,7 @@ milliseconds a step and the rest decides the throughput.
     python bench/engine_host.py --sampled --whole-vocabulary  # top-k over all the tokens
     python bench/engine_host.py --model m.gguf --device-sampling all   # picks inside the step
     python bench/engine_host.py --slots 1 --tokens 8 --requests 30 --device-sampling greedy
+    python bench/engine_host.py --slots 8 --tokens 8 --requests 20 --mixed --device-sampling all
 
 --model takes another GGUF (bench/random_model.py), with every layer on the GPU where
 llama.cpp has one. --device-sampling greedy/all lets llama.cpp pick inside the step
@@ -85,8 +86,10 @@ def run(
     device: str = "off",
     n_ctx: int = 256,
     requests: int = 1,
+    mixed: bool = False,
 ) -> dict[str, float]:
     """One run; `chain`: greedy by llama.cpp's sampler chain, not by farm's argmax;
+    `mixed`: each client's requests greedy and sampled in turn (half of each at a time);
     `streamed=False`: the readers get only each sequence's end (a job nobody streams). The
     sampler's time is the engine thread's: its own picks, and its wait for a step's picks
     on the sampling threads (Engine._pick_apart, its own share included)."""
@@ -101,7 +104,7 @@ def run(
         device_sampling=device != "off",
         device_draws=device == "all",
     )
-    sampling = {"temperature": 0.8, "seed": 7} if sampled else {"temperature": 0.0}
+    drawn, greedy = {"temperature": 0.8, "seed": 7}, {"temperature": 0.0}
     decode, sample, step = Clock(), Clock(), Clock()
     real_decode, real_sample, real_step, real_build, real_pick, real_device_pick = (
         llama_cpp.llama_decode,
@@ -152,7 +155,9 @@ def run(
             return Sequence(
                 tokens=_tokens(model, words),
                 max_tokens=TOKENS,
-                sampling=dict(sampling),
+                sampling=dict(
+                    drawn if (sampled if not mixed else (client + request) % 2) else greedy
+                ),
                 draft_max=draft_max,  # 0: one token a step, as the table has always counted
                 streamed=streamed,
             )
@@ -254,6 +259,9 @@ def main() -> None:
     parser.add_argument(
         "--requests", type=int, default=1, help="sequences each client asks for, in turn"
     )
+    parser.add_argument(
+        "--mixed", action="store_true", help="each client's requests greedy and sampled in turn"
+    )
     args = parser.parse_args()
     TOKENS = args.tokens
     if args.no_bans:
@@ -273,7 +281,7 @@ def main() -> None:
     model = llama_cpp.llama_model_load_from_file(path.encode(), params)
     print(
         f"{Path(path).name}, {TOKENS} tokens a sequence, "
-        f"{'sampled' if args.sampled else 'greedy'}, "
+        f"{'mixed' if args.mixed else 'sampled' if args.sampled else 'greedy'}, "
         f"{'not streamed' if args.unstreamed else 'streamed'}, "
         f"picks on the device: {args.device_sampling}{', no bans' if args.no_bans else ''}"
     )
@@ -295,12 +303,13 @@ def main() -> None:
                     device=args.device_sampling,
                     n_ctx=TOKENS + 64,
                     requests=args.requests,
+                    mixed=args.mixed,
                 )
                 for _ in range(args.runs)
             ]
             r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
             print(
-                f"{slots:>5} {'chain' if chain or args.sampled else 'argmax':>8} "
+                f"{slots:>5} {'mixed' if args.mixed else 'chain' if chain or args.sampled else 'argmax':>8} "
                 f"{r['tokens/s']:>7.1f} {r['decode ms/step']:>10.2f} "
                 f"{r['host ms/step']:>8.2f} {r['sampler ms/step']:>11.2f} "
                 f"{r['python us/seq-token']:>20.1f} {r['on device']:>10.0%} "

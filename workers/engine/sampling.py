@@ -128,7 +128,8 @@ class Sampler:
     penalties: bool
     # The chain keeps no state that a token it accepts changes (no penalties, no mirostat):
     # its own pick may then be made by llama.cpp, which accepts it, even when the grammar
-    # turns it down afterwards.
+    # turns it down afterwards, and a pick made on the host need not be accepted (~0.5 us;
+    # llama.cpp's dist counts accepted draws only when it draws on a device).
     stateless: bool = False
     # Nothing in the chain raises a token's logit (no penalties, no positive logit_bias): a
     # grammar's pick may look at the best tokens by raw logit first (`_pick`).
@@ -169,8 +170,7 @@ class Sampler:
             elif self.top_pool:
                 token = self._pick_top(llama_cpp.llama_get_logits_ith(ctx, index))
                 if token is not None:
-                    llama_cpp.llama_sampler_accept(self.chain, token)
-                    return token
+                    return token  # a top-k draw's chain is stateless: nothing to accept
             return self._whole_chain(ctx, index)
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
         if self.stateless and not self.backend_rows:  # llama.cpp's own pick: no copy in Python
@@ -276,10 +276,14 @@ class Sampler:
         chain's pick among them, as the chain picks over the row then), or the chain's draw
         (`_pick_top`'s from the same tokens over the whole row, for the same seed)."""
         if self.greedy is not None:
-            best = logits.max()
-            tied = ids[logits == best]  # none where the best is NaN
-            if math.isfinite(best) and not any(t in self._bias_of for t in tied.tolist()):
-                return int(tied.min())  # no bias lowers the best: the first of equals
+            j = int(logits.argmax())  # a NaN's place where there is one
+            best, first = logits[j], int(ids[j])
+            if (
+                math.isfinite(best)
+                and first not in self._bias_of
+                and np.count_nonzero(logits == best) == 1
+            ):
+                return first  # no bias lowers the best, and no other token equals it
             values = logits.copy()
             with np.errstate(invalid="ignore"):  # inf + -inf: NaN, left to the chain below
                 for j, token in enumerate(ids.tolist()):
@@ -291,7 +295,8 @@ class Sampler:
                 return int(ids[values == best].min())  # the first of equals, as argmax's
         token = self._pick_among(ids, logits, with_grammar=False)
         assert token is not None  # None only where a grammar allows nothing
-        llama_cpp.llama_sampler_accept(self.chain, token)
+        if not self.stateless:
+            llama_cpp.llama_sampler_accept(self.chain, token)
         return token
 
     def checked_on_host(self, token: int) -> bool:
