@@ -181,6 +181,11 @@ class Slot:
     device_chain: Any = None
     chain_key: Any = None
     device_pick: bool = False  # this step, the token is the one the device picked
+    # What the sequence's picks need of its rows, fixed at its start: the best `narrows`
+    # tokens (Sampler.narrowed; 0: the raw row, as logprobs need), and whether a greedy
+    # chain's token will do (greedy with no grammar, raising bias or logprobs).
+    narrows: int = 0
+    greedy_on_device: bool = False
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -494,6 +499,14 @@ class Engine:
             if first < len(seq.tokens):
                 slot.prompt_logprobs.append(first_prompt_token(seq.tokens[first], self.tokens))
                 slot.prompt_text = len(self._text_of(seq.tokens[first]))
+        plain = slot.logprobs is None and slot.prompt_logprobs is None
+        slot.narrows = sampler.narrowed if plain else 0
+        slot.greedy_on_device = (
+            sampler.greedy is not None
+            and not sampler.greedy[2]  # a raising bias: the host picks (a raw row)
+            and sampler.grammar is None
+            and slot.logprobs is None
+        )
 
     def _send(self, seq: Sequence, event: tuple[str, Any]) -> None:
         """Queue an event for `seq`'s reader. Putting it at once would wake the reader's
@@ -637,46 +650,25 @@ class Engine:
                     slot.sampler.backend_rows = True
                 if not self._attach(slot, None):
                     return
-        followers: dict[int, list[Slot]] = {}  # by leader: those that read its prompt's row
-        for other in self.slots:
-            if other.follows is not None:
-                followers.setdefault(id(other.follows), []).append(other)
+        # A leader's prompt row is read by those that share it (a request's n > 1): its
+        # narrowing must hold each one's pick.
+        followers = [other for other in self.slots if other.follows is not None]
         for slot in (*generating, *prompting):
-            sampler = slot.sampler
-            assert sampler is not None
-            key = None
-            readers = [slot, *followers.get(id(slot), ())]
-            if self.device_draws and all(self._narrows(reader) for reader in readers):
-                key = self._width(slot, max(r.sampler.narrowed for r in readers if r.sampler))
+            needed = slot.narrows if self.device_draws else 0
+            for other in followers:
+                if needed and other.follows is slot:
+                    needed = max(needed, other.narrows) if other.narrows else 0
+            key = self._width(slot, needed) if needed else None
             if key != slot.chain_key and not self._attach(slot, key):
                 return
-            slot.device_pick = key is not None or (
-                sampler.greedy is not None
-                and not sampler.greedy[2]  # a raising bias: the host picks (a raw row)
-                and sampler.grammar is None
-                and slot.logprobs is None
-            )
+            slot.device_pick = key is not None or slot.greedy_on_device
 
-    @staticmethod
-    def _narrows(slot: Slot) -> bool:
-        """Whether `slot`'s sequence picks among its rows' few best tokens (greedy or a top-k
-        draw, no grammar or penalties) and needs nothing else of them (logprobs)."""
-        sampler = slot.sampler
-        return (
-            sampler is not None
-            and bool(sampler.narrowed)
-            and slot.logprobs is None
-            and slot.prompt_logprobs is None
-        )
-
-    @staticmethod
-    def _width(slot: Slot, needed: int) -> int:
+    def _width(self, slot: Slot, needed: int) -> int:
         """The k of the top-k chain that narrows `slot`'s rows to `needed` tokens or more:
         the slot's own where it keeps enough, else `needed`, at least NARROW_WIDTH."""
         if slot.chain_key is not None and slot.chain_key >= needed:
             return int(slot.chain_key)
-        assert slot.sampler is not None
-        return max(needed, min(NARROW_WIDTH, slot.sampler.n_vocab // 2))
+        return max(needed, min(NARROW_WIDTH, self.logprobs.n_vocab // 2))
 
     def _attach(self, slot: Slot, key: Any) -> bool:
         """Attach a new chain to `slot`: a plain greedy one (key None) or a top-k of `key`
