@@ -42,7 +42,11 @@ class TextAssembler:
             return False
         start = max(0, self.sent - self._longest)
         self.text += piece
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        cut = -1  # where the first stop string begins
+        for stop in self.stops:
+            at = self.text.find(stop, start)
+            if at >= 0 and (cut < 0 or at < cut):
+                cut = at
         if cut >= 0:
             self.text = self.text[:cut]
             self.flush()
