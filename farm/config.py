@@ -154,8 +154,8 @@ class Settings(BaseSettings):
         default="off",
         description="Workers let a sequence pick its token on the device inside the step "
         "(llama.cpp's backend sampling, experimental there): 'greedy' for greedy sequences; "
-        "'all' narrows a sequence's logits there instead, to the few best tokens that hold its "
-        "pick (a top-k draw's top-k, greedy's best, and the tokens it bans), among which the "
+        "'all' narrows a sequence's logits there instead, to its 64 best tokens (more where a "
+        "top-k draw's top-k and the tokens it bans need more), among which the "
         "worker picks (the same draws for the same seed, but where logits tie); true means 'greedy', false 'off'. Off by "
         "default: bench/README.md, 'On a GPU', has what greedy gave on an H200.",
     )
