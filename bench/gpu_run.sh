@@ -28,8 +28,9 @@ echo "setup: $(elapsed) s"
 # again ("set_sampler" counts them), and a sequence's start and end used to make two.
 ENGINE="python3 bench/engine_host.py --model /tmp/m1b.gguf --slots 1,8,64 --tokens 128 --threads 16 --requests 4"
 # Greedy picked on the host, by the device's argmax (the row still copied back whole), and
-# among the device's top 4 (its best and the 3 bans: FARM_DEVICE_SAMPLING=all); then drawn.
-for args in "" "--device-sampling greedy" "--device-sampling all" "--sampled" "--sampled --device-sampling all"; do
+# among the device's top 64 (FARM_DEVICE_SAMPLING=all); then drawn; then each client's
+# requests greedy and drawn in turn (one chain a slot for both with =all).
+for args in "" "--device-sampling greedy" "--device-sampling all" "--sampled" "--sampled --device-sampling all" "--mixed --device-sampling all"; do
   $ENGINE $args 2>&1 | grep -E "^ +[0-9]+ |tokens a sequence|Error" | tee -a "$OUT/engine.txt"
   echo "t=$(elapsed) s"
 done

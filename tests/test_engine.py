@@ -765,6 +765,12 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     assert len(texts) == 2  # 2 x 16 draws among 5 at temperature 1.5: not the same twice
     assert engine.chains_attached == attached + 1  # widened once, then kept
     assert seen[-1] == (100 + bans, 100 + bans)
+    # A chain over WIDEST_KEPT times the width a sequence needs goes back to NARROW_WIDTH.
+    run(True, temperature=0.8, top_k=300, seed=1)
+    assert engine.chains_attached == attached + 2 and seen[-1] == (300 + bans, 300 + bans)
+    assert run(True, **settings[0])[0].text == on_host[0].text
+    assert engine.chains_attached == attached + 3
+    assert seen[-1] == (engine_module.NARROW_WIDTH, engine_module.NARROW_WIDTH)
 
     # A backend that took the chain but could not run its top-k (llama.cpp runs a chain's
     # steps there up to the first the device lacks; typical-p has none) leaves the whole
@@ -816,7 +822,8 @@ def test_top_k_draws_narrowed_on_the_device_are_the_hosts_draws_for_the_same_see
     assert at_share == [engine_module.NARROW_WIDTH] * 2
     assert lead_slot.seq_id not in attached_to
     assert all(g.completion_tokens == 8 and g.cached_tokens > 0 for g in shared[1:])
-    assert engine.tokens_picked_on_device - before == sum(g.completion_tokens for g in shared)
+    picked = sum(g.completion_tokens for g in shared)  # and an end of turn each, at most
+    assert picked <= engine.tokens_picked_on_device - before <= picked + 3
 
 
 def test_device_greedy_verifies_drafts_and_leaves_logprobs_and_sampled_chains_to_the_host(
@@ -951,6 +958,70 @@ def test_narrowed_draws_beside_shared_prompts_logprobs_and_echo_give_the_hosts_r
     narrowed = engine.tokens_picked_on_device - before
     plain = sum(g.completion_tokens for g in [*on_device[:3], *on_device[5:]])
     assert plain <= narrowed <= plain + 6
+
+
+def test_followers_draw_among_their_leaders_candidates_as_on_the_host(host, monkeypatch):
+    """With FARM_DEVICE_SAMPLING=all, the sequences of requests of n > 1 draw their first
+    tokens from their leader's last prompt row: narrowed wide enough for each (a follower
+    with a wider top_k widens it), or raw where a follower wants logprobs, and read where
+    the leader ended at its first token. Their picks made on the sampling threads read raw
+    rows only. Every reply is the host's."""
+    engine = host.engine
+    assert engine is not None
+    monkeypatch.setattr(engine_module, "SAMPLE_APART", 2)  # the step's host picks on threads
+    at_share: list[object] = []
+    share = engine_module.Engine._share
+
+    def spy_share(self: object, leader: object, slot: object) -> None:
+        at_share.append(leader.chain_key)  # type: ignore[attr-defined]
+        share(self, leader, slot)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module.Engine, "_share", spy_share)
+
+    def batch(on: bool) -> list[Generation]:
+        monkeypatch.setattr(engine, "device_sampling", on)
+        monkeypatch.setattr(engine, "device_draws", on)
+        fresh_slots(host)
+        at_share.clear()
+
+        def request(text: str, *samplings: dict[str, object], **fields: object) -> list[Sequence]:
+            prompt = tokens(host, text)
+            lead = Sequence(tokens=prompt, sampling=samplings[0], draft_max=0, **fields)  # type: ignore[arg-type]
+            return (
+                [lead]
+                + [
+                    Sequence(tokens=prompt, sampling=x, draft_max=0, leader=lead, **fields)  # type: ignore[arg-type]
+                    for x in samplings[1:]
+                ]
+            )
+
+        draw = {"temperature": 1.0, "top_k": 20}
+        ended = request(  # the leader ends at its first token; two read its row after
+            "A list of birds:", *({**draw, "seed": i} for i in (1, 2, 3)), max_tokens=6
+        )
+        ended[0].max_tokens = 1
+        wider = request(  # a follower's top_k 100 widens its leader's chain
+            "A list of fish:", {**draw, "seed": 4}, {**draw, "top_k": 100, "seed": 5}, max_tokens=6
+        )
+        scored = request("A list of trees:", {**draw, "seed": 6}, {**draw, "seed": 7}, max_tokens=6)
+        scored[1].logprobs = 1  # it wants logprobs: its leader's row stays raw
+        plain = Sequence(
+            tokens=tokens(host, "A list of stars:"),
+            max_tokens=6,
+            sampling={"temperature": 0.9, "seed": 8},
+            draft_max=0,
+            logprobs=1,  # picked on the host, on a thread, beside them
+        )
+        return submit_at_once(host, [*ended, *wider, *scored, plain])
+
+    on_host = batch(False)
+    assert at_share == [None] * 4
+    on_device = batch(True)
+    assert [g.text for g in on_device] == [g.text for g in on_host]
+    assert on_device[0].completion_tokens == 1 and on_device[1].completion_tokens > 1
+    bans = len(engine.tokens.markers())
+    width = engine_module.NARROW_WIDTH
+    assert sorted(map(str, at_share)) == sorted(map(str, [width, width, 100 + bans, None]))
 
 
 def test_device_draws_keep_their_chains_and_check_drafts_on_the_narrowed_rows(host, monkeypatch):

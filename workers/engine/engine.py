@@ -137,12 +137,14 @@ DRAFT_SEQUENCES = 4
 SAMPLING_THREADS = 8
 SAMPLE_APART = 16
 # With device draws, a slot's top-k chain narrows its rows to at least this many tokens: a
-# sequence's pick lies among its row's best `Sampler.narrowed` (4 for greedy with the
-# engine's bans, 43 for farm's default draw), and any chain of that many or more holds it.
-# So greedy and default draws share one chain, and mixed traffic attaches none as its
-# sequences come and go (each llama_set_sampler makes llama.cpp reserve the step's graph
-# again); the host picks among 64 where 4 would do, ~1 us more.
+# sequence's pick lies among its row's best `Sampler.narrowed` (4 for greedy with Gemma's
+# bans, 43 for farm's default draw), and any chain of that many or more holds it. So greedy
+# and default draws share one chain, and mixed traffic attaches none as its sequences come
+# and go (each llama_set_sampler makes llama.cpp reserve the step's graph again); the host
+# picks among 64 where 4 would do. A wider chain (a top_k over 60) stays for the slot's
+# next sequences while it is at most WIDEST_KEPT times as wide as they need.
 NARROW_WIDTH = 64
+WIDEST_KEPT = 4
 
 
 class EngineError(RuntimeError):
@@ -176,8 +178,9 @@ class Slot:
     drafted: int = 0  # tokens drafted for the sequence, and those kept
     kept: int = 0
     # With device sampling: the chain attached to the context for this seq_id, kept from
-    # one sequence to the next (`_place_pickers`); the k of its top-k (Sampler.narrowed), or
-    # None for the plain greedy chain every slot starts with.
+    # one sequence to the next (`_place_pickers`); the k of its top-k (`_width`: NARROW_WIDTH
+    # or more, maybe an earlier sequence's), or None for the plain greedy chain every slot
+    # starts with.
     device_chain: Any = None
     chain_key: Any = None
     device_pick: bool = False  # this step, the token is the one the device picked
@@ -635,11 +638,12 @@ class Engine:
         does not pick on the device), or a top-k one. A chain stays when its sequence
         ends: llama.cpp reserves the step's graph again at each llama_set_sampler, so a
         slot's chain is changed only when a sequence needs another (the raw rows, a top-k
-        of another k), never as each sequence comes and goes. A greedy sequence with no
-        grammar and no logprobs picks on the device, drafts and all (each drafted
-        position's pick); with `device_draws`, its rows and a top-k draw's are narrowed
-        there instead, at every position it outputs, unless others share its prompt's last
-        logits (a request's n > 1)."""
+        that keeps too few tokens or far too many: `_width`), never as each sequence comes
+        and goes. A greedy sequence with no grammar and no logprobs picks on the device,
+        drafts and all (each drafted position's pick); with `device_draws`, its rows and a
+        top-k draw's are narrowed there instead, at every position it outputs. A prompt
+        others share (a request's n > 1) is narrowed to hold each one's first pick, or
+        left raw where one of them needs the raw row."""
         if not self.device_sampling:  # off, or llama.cpp could not: the host picks all
             self._detach_all()
             return
@@ -665,10 +669,13 @@ class Engine:
 
     def _width(self, slot: Slot, needed: int) -> int:
         """The k of the top-k chain that narrows `slot`'s rows to `needed` tokens or more:
-        the slot's own where it keeps enough, else `needed`, at least NARROW_WIDTH."""
-        if slot.chain_key is not None and slot.chain_key >= needed:
+        the slot's own where it keeps enough and not more than WIDEST_KEPT times the width
+        it would get (a chain a top_k of 1,000 left would cost every later sequence there a
+        pick among 1,000), else `needed`, at least NARROW_WIDTH."""
+        width = max(needed, min(NARROW_WIDTH, self.logprobs.n_vocab // 2))
+        if slot.chain_key is not None and needed <= slot.chain_key <= WIDEST_KEPT * width:
             return int(slot.chain_key)
-        return max(needed, min(NARROW_WIDTH, self.logprobs.n_vocab // 2))
+        return width
 
     def _attach(self, slot: Slot, key: Any) -> bool:
         """Attach a new chain to `slot`: a plain greedy one (key None) or a top-k of `key`

@@ -271,10 +271,11 @@ class Sampler:
 
     def pick_from(self, ids: np.ndarray, logits: np.ndarray) -> int:
         """The pick among the `narrowed` best tokens by raw logit or more, `ids` with their
-        `logits` (the candidates a device's top-k left), accepted: greedy's, the first of the best
+        `logits` (the candidates a device's top-k left): greedy's, the first of the best
         once biased (`_argmax`: the same token; where that best is not a finite number, the
         chain's pick among them, as the chain picks over the row then), or the chain's draw
-        (`_pick_top`'s from the same tokens over the whole row, for the same seed)."""
+        (`_pick_top`'s from the same tokens over the whole row, for the same seed), accepted
+        where the chain keeps state."""
         if self.greedy is not None:
             j = int(logits.argmax())  # a NaN's place where there is one
             best, first = logits[j], int(ids[j])
