@@ -183,6 +183,29 @@ def test_on_an_80_column_terminal_names_stay_whole_and_free_text_folds():
     )
 
 
+def test_job_ids_stay_whole_on_an_80_column_terminal_and_names_too_when_wider():
+    from farm.cli.tables import FoldTable
+
+    job = "9f8afd52-fe63-4e58-8612-d2e112181ede"
+    table = FoldTable(
+        "job", "status", "model", "session", "priority", "tokens", "took", "submitted",
+        whole=("job", "model", "session"),
+    )  # fmt: skip
+    table.add_row(
+        job, "succeeded", "gemma3-270m", "alice-long-session", "normal", "12+64", "1.2s",
+        "2026-12-05 02:10:11",
+    )  # fmt: skip
+
+    def first_row(width: int) -> list[str]:  # the words of the row's first line
+        lines = printed(table, terminal=True, width=width)
+        assert all(len(line) <= width for line in lines)
+        return next(lines[i + 1] for i, line in enumerate(lines) if set(line) == {"─"}).split()
+
+    assert first_row(80)[0] == job  # the others fold beside it
+    names = [job, "gemma3-270m", "alice-long-session"]
+    assert [w for w in first_row(100) if w in names] == names
+
+
 def test_a_table_that_fits_the_terminal_is_printed_as_it_is():
     from farm.cli.tables import FoldTable
 

@@ -14,6 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 UNBOUNDED = 1_000_000  # columns: wider than any row
+# The narrowest a column folds to while the ids and names beside it are kept whole.
+FOLD_FLOOR = 4
 
 
 class FoldTable(Table):
@@ -38,6 +40,8 @@ class FoldTable(Table):
         self.whole = [name for name in whole if name in headers]
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
+        for column in self.columns:  # a width `_fit` set for another console's
+            column.width = None
         natural = self.__rich_measure__(console, options.update(max_width=UNBOUNDED)).maximum
         if not console.is_terminal:
             # Like `docker ps` and `kubectl get` when piped: whole values for grep and cut,
@@ -57,12 +61,13 @@ class FoldTable(Table):
         yield from super().__rich_console__(console, options)
 
     def _fit(self, console: Any, max_width: int) -> None:
-        """Fix each column's width for a terminal the table is too wide for. First what must
-        not fold: the `whole` columns' widest values (in order, while they fit), the other
-        columns' longest words; then the room left goes to the columns that need least to
-        show their values and header words whole, shared a character at a time; what still
-        lacks room folds (headers, long free text). When not even the words fit, rich
-        shares the width out itself."""
+        """Fix each column's width for a terminal the table is too wide for. Every column
+        starts at FOLD_FLOOR characters (fewer where its values are shorter); then, while
+        the room allows, the `whole` columns get their widest values (in order: an id
+        before a name), the other columns their longest words; the room left goes to the
+        columns that need least to show their values and header words whole, shared a
+        character at a time. What still lacks room folds (headers and free text first).
+        When not even the floors fit, rich shares the width out itself."""
         columns = self.columns
         cells = [[Text.from_markup(str(cell)) for cell in c.cells] for c in columns]
         widest = [max((t.cell_len for t in texts), default=1) for texts in cells]
@@ -72,16 +77,18 @@ class FoldTable(Table):
         ]
         header_word = [max(map(len, str(c.header).split()), default=1) for c in columns]
         room = max_width - _padding(self, console)
-        floor = list(longest_word)
-        for name in self.whole:
-            i = next(i for i, c in enumerate(columns) if c.header == name)
-            if sum(floor) - floor[i] + widest[i] <= room:
-                floor[i] = widest[i]
-        if sum(floor) > room:
+        width = [min(FOLD_FLOOR, w) for w in widest]
+        if sum(width) > room:
             return
-        width = list(floor)
-        left = room - sum(floor)
+        whole = [i for name in self.whole for i, c in enumerate(columns) if c.header == name]
+        wants = [(i, widest[i]) for i in whole]
+        wants += [(i, longest_word[i]) for i in range(len(columns)) if i not in whole]
+        for i, want in wants:
+            if width[i] < want and sum(width) - width[i] + want <= room:
+                width[i] = want
+        left = room - sum(width)
         for target in (
+            longest_word,
             [max(widest[i], header_word[i]) for i in range(len(columns))],
             [max(widest[i], len(str(c.header))) for i, c in enumerate(columns)],
         ):
