@@ -183,6 +183,24 @@ def test_on_an_80_column_terminal_names_stay_whole_and_free_text_folds():
     )
 
 
+@pytest.mark.parametrize("args", [("config",), ("config", "--json")])
+def test_a_reader_that_leaves_the_pipe_early_ends_the_command_quietly_with_status_0(tmp_path, args):
+    """`farm config | head -1`: the reader has what it wanted (rich's own answer is status 1,
+    which `set -o pipefail` scripts took for a failure)."""
+    farm = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "FARM_HOME": str(tmp_path)},
+    )
+    assert farm.stdout is not None and farm.stderr is not None
+    farm.stdout.close()  # before the command has written anything: its first write fails
+    with farm.stderr:
+        stderr = farm.stderr.read().decode()
+    assert farm.wait(timeout=60) == 0, stderr
+    assert stderr == ""
+
+
 def test_job_ids_stay_whole_on_an_80_column_terminal_and_names_too_when_wider():
     from farm.cli.tables import FoldTable
 

@@ -3,6 +3,7 @@ which turns farm's errors into one clear line and exit status 1."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from functools import wraps
 from typing import Annotated, Any, TypeVar
@@ -41,8 +42,21 @@ def _root(
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 
+
+class _Output(Console):
+    """stdout. A reader that leaves early (`farm status | head -1`) has what it wanted:
+    rich then stops writing (stdout goes to /dev/null) and the command ends with status 0,
+    not rich's 1, as when the whole output fit in the pipe."""
+
+    def on_broken_pipe(self) -> None:
+        try:
+            super().on_broken_pipe()
+        except SystemExit:
+            raise SystemExit(0) from None
+
+
 # soft_wrap: piped output keeps ids and paths whole instead of folding at 80 columns.
-out = Console(soft_wrap=True)
+out = _Output(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +87,8 @@ Priority = Annotated[
 
 
 def friendly(fn: F) -> F:
-    """Turn farm's errors into one clear line and exit status 1."""
+    """Turn farm's errors into one clear line and exit status 1; a reader that leaves the
+    pipe early (`| head`) ends the command quietly, with status 0."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -81,6 +96,11 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except FarmError as e:
             message = str(e)
+        except BrokenPipeError:  # `farm status | head -1`: the reader has what it wanted
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush to
+            raise typer.Exit(0) from None
         except Exception as e:
             if not _unreachable(e):
                 raise
