@@ -183,6 +183,21 @@ def test_on_an_80_column_terminal_names_stay_whole_and_free_text_folds():
     )
 
 
+def test_every_option_of_submit_says_what_it_does_in_its_help(tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "submit", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FARM_HOME": str(tmp_path), "COLUMNS": "200"},
+        check=True,
+    ).stdout
+    options = [line.split() for line in help_text.splitlines() if line.lstrip().startswith("-")]
+    assert len(options) > 25
+    bare = [words[0] for words in options if len(words) < 3 and words[0] != "--chat"]
+    assert bare == []  # flag, metavar, and at least a word of help (--chat: a flag alone)
+    assert any(words[:2] == ["--top-k", "N"] and "likeliest" in words for words in options)
+
+
 @pytest.mark.parametrize("args", [("config",), ("config", "--json")])
 def test_a_reader_that_leaves_the_pipe_early_ends_the_command_quietly_with_status_0(tmp_path, args):
     """`farm config | head -1`: the reader has what it wanted (rich's own answer is status 1,

@@ -46,19 +46,61 @@ def submit(
     stop: Annotated[
         list[str] | None, typer.Option(metavar="TEXT", help="stop string (repeatable)")
     ] = None,
-    temperature: Annotated[float | None, typer.Option(metavar="X")] = None,
-    top_p: Annotated[float | None, typer.Option(metavar="X")] = None,
-    top_k: Annotated[int | None, typer.Option(metavar="N")] = None,
-    min_p: Annotated[float | None, typer.Option(metavar="X")] = None,
-    typical_p: Annotated[float | None, typer.Option(metavar="X")] = None,
-    repeat_penalty: Annotated[float | None, typer.Option(metavar="X")] = None,
-    presence_penalty: Annotated[float | None, typer.Option(metavar="X")] = None,
-    frequency_penalty: Annotated[float | None, typer.Option(metavar="X")] = None,
-    penalty_last_n: Annotated[int | None, typer.Option(metavar="N")] = None,
-    mirostat_mode: Annotated[int | None, typer.Option(metavar="N")] = None,
-    mirostat_tau: Annotated[float | None, typer.Option(metavar="X")] = None,
-    mirostat_eta: Annotated[float | None, typer.Option(metavar="X")] = None,
-    seed: Annotated[int | None, typer.Option(metavar="N")] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(metavar="X", help="0 to 5; 0 picks the likeliest  [default: 0.8]"),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            metavar="X",
+            help="draw from the likeliest tokens up to this probability  [default: 0.95]",
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="draw from the N likeliest tokens (0: all)  [default: 40]"),
+    ] = None,
+    min_p: Annotated[
+        float | None,
+        typer.Option(
+            metavar="X", help="drop tokens less likely than X times the likeliest  [default: 0.05]"
+        ),
+    ] = None,
+    typical_p: Annotated[
+        float | None,
+        typer.Option(metavar="X", help="locally typical sampling (1: off)  [default: 1]"),
+    ] = None,
+    repeat_penalty: Annotated[
+        float | None,
+        typer.Option(metavar="X", help="lower tokens seen in the last N (1: off)  [default: 1]"),
+    ] = None,
+    presence_penalty: Annotated[
+        float | None,
+        typer.Option(metavar="X", help="lower tokens already present (0: off)  [default: 0]"),
+    ] = None,
+    frequency_penalty: Annotated[
+        float | None,
+        typer.Option(
+            metavar="X", help="lower tokens by how often they occur (0: off)  [default: 0]"
+        ),
+    ] = None,
+    penalty_last_n: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="tokens the penalties look back over  [default: 64]"),
+    ] = None,
+    mirostat_mode: Annotated[
+        int | None, typer.Option(metavar="N", help="Mirostat sampling: 0 off, 1 or 2  [default: 0]")
+    ] = None,
+    mirostat_tau: Annotated[
+        float | None, typer.Option(metavar="X", help="Mirostat's target surprise  [default: 5]")
+    ] = None,
+    mirostat_eta: Annotated[
+        float | None, typer.Option(metavar="X", help="Mirostat's learning rate  [default: 0.1]")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(metavar="N", help="the same seed repeats the same draws")
+    ] = None,
     draft_max: Annotated[
         int | None,
         typer.Option(
