@@ -96,6 +96,9 @@ def test_cancel_of_an_unknown_job_says_so(live_farm):
 def test_models_list_usage_and_status_show_the_farm(live_farm):
     models = json.loads(live_farm.farm("models", "list", "--json").stdout)
     assert {m["name"]: m["workers"] for m in models}[MODEL] == 1
+    alone = live_farm.farm("models")  # the list, as `farm models list` prints it
+    assert alone.returncode == 0 and alone.stdout == live_farm.farm("models", "list").stdout
+    assert MODEL in alone.stdout
     live_farm.farm("submit", "hi", "--max-tokens", "2", "--session", "usage-cli")
     usage = json.loads(live_farm.farm("usage", "--session", "usage-cli", "--json").stdout)
     assert usage[0]["jobs"] == 1 and usage[0]["model"] == MODEL

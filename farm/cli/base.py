@@ -22,7 +22,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-models_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Register, list and remove models (`farm models` alone lists them).",
+    invoke_without_command=True,
+)
 db_app = typer.Typer(help="The registry's schema.", no_args_is_help=True)
 
 

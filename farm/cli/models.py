@@ -179,6 +179,13 @@ def models_scan(
                 )
 
 
+@models_app.callback()
+def models_default(ctx: typer.Context) -> None:
+    """`farm models` alone: the list (`farm models list`)."""
+    if ctx.invoked_subcommand is None:
+        models_list()
+
+
 @models_app.command("list")
 @friendly
 def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
