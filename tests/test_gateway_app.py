@@ -527,3 +527,16 @@ def test_the_gateways_connections_send_at_once_without_nagles_delay():
         return int(nodelay)
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_wrong_method_is_a_405_naming_every_method_the_path_takes():
+    gateway = TestClient(create_app())
+    wrong = gateway.get("/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["message"] == ("/v1/chat/completions takes POST requests, not GET")
+    both = gateway.put("/v1/files")  # two routes: Starlette's own Allow named the first's
+    assert both.status_code == 405 and both.headers["allow"] == "GET, POST"
+    assert both.json()["error"]["message"] == "/v1/files takes GET or POST requests, not PUT"
+    nowhere = gateway.get("/v1/nope")
+    assert nowhere.status_code == 404 and "allow" not in nowhere.headers
+    assert nowhere.json()["error"]["message"].startswith("no endpoint GET /v1/nope: farm serves")

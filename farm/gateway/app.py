@@ -105,13 +105,30 @@ def create_app(*, exposed: bool = False) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-        message = (
-            f"no endpoint {request.method} {request.url.path}: farm serves /v1/models, "
-            "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
-            "/v1/files and /v1/batches"
-            if e.status_code in (404, 405)
-            else str(e.detail)
+        headers = e.headers
+        # Starlette's Allow names the first route's methods alone (/v1/files: POST, not GET)
+        allowed = sorted(
+            {
+                method
+                for route in app.router.routes
+                if (regex := getattr(route, "path_regex", None)) and regex.match(request.url.path)
+                for method in getattr(route, "methods", None) or ()
+            }
+            - {"HEAD"}
         )
+        if e.status_code == 405 and allowed:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            message = (
+                f"{request.url.path} takes {' or '.join(allowed)} requests, not {request.method}"
+            )
+        elif e.status_code in (404, 405):
+            message = (
+                f"no endpoint {request.method} {request.url.path}: farm serves /v1/models, "
+                "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
+                "/v1/files and /v1/batches"
+            )
+        else:
+            message = str(e.detail)
         body = {
             "error": {
                 "message": message,
@@ -120,7 +137,7 @@ def create_app(*, exposed: bool = False) -> FastAPI:
                 "code": "unknown_url" if e.status_code in (404, 405) else None,
             }
         }
-        return JSONResponse(body, status_code=e.status_code)
+        return JSONResponse(body, status_code=e.status_code, headers=headers)
 
     @app.exception_handler(FarmError)
     def _farm_error(request: Request, e: Exception) -> JSONResponse:
