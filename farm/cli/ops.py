@@ -58,6 +58,7 @@ def jobs(
 
     with transaction(_db_url()) as s:
         rows = queries.recent_jobs(s, session=session, model=model, status=status, limit=limit)
+        known = [m.name for m in queries.list_models(s)] if model and not rows else []
         found: list[dict[str, Any]] = [
             {
                 "job": r.job_id,
@@ -82,6 +83,12 @@ def jobs(
         return
     if not found:
         out.print("no jobs yet" + (" that match" if session or model or status else ""))
+        if model and model not in known:  # a typo, or a model removed with no jobs left
+            err.print(
+                f"(no model '{model}' is registered; known: {', '.join(known) or 'none yet'})",
+                highlight=False,
+                markup=False,
+            )
         return
     table = fold_table(
         "job",
