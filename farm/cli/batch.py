@@ -35,7 +35,9 @@ AsJson = Annotated[bool, typer.Option("--json", help="the batch object as JSON")
 @batch_app.command("submit")
 @friendly
 def submit(
-    file: Annotated[Path, typer.Argument(help="JSONL: one OpenAI batch request per line")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="JSONL: one OpenAI batch request per line")
+    ],
     name: Annotated[
         str | None,
         typer.Option(

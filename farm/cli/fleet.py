@@ -257,7 +257,7 @@ def flower(
 @app.command()
 @friendly
 def status(
-    job_id: Annotated[str | None, typer.Argument(help="a job to show")] = None,
+    job_id: Annotated[str | None, typer.Argument(metavar="JOB_ID", help="a job to show")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     gateway: Annotated[
         str | None,

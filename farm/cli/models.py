@@ -94,7 +94,7 @@ def models_add(
 @friendly
 def models_apply(
     file: Annotated[
-        Path | None, typer.Argument(help="models file (default FARM_MODELS_FILE)")
+        Path | None, typer.Argument(metavar="FILE", help="models file (default FARM_MODELS_FILE)")
     ] = None,
 ) -> None:
     """Register or update every model of a models file; nothing is applied if it has errors."""
