@@ -216,6 +216,41 @@ def test_a_reader_that_leaves_the_pipe_early_ends_the_command_quietly_with_statu
     assert stderr == ""
 
 
+def test_a_short_print_to_a_reader_that_left_ends_quietly_too(tmp_path):
+    """A `--json` line that sits in Python's buffer fails at its flush, not at its print."""
+    code = (
+        "import typer\n"
+        "from farm.cli.base import friendly\n"
+        "app = typer.Typer()\n"
+        "app.command()(friendly(lambda: print('{\"a\": 1}')))\n"
+        "app()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    farm = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**env, "FARM_HOME": str(tmp_path)},
+    )
+    assert farm.stdout is not None and farm.stderr is not None
+    farm.stdout.close()
+    with farm.stderr:
+        stderr = farm.stderr.read().decode()
+    assert farm.wait(timeout=60) == 0, stderr
+    assert stderr == ""
+
+
+def test_a_column_of_empty_cells_keeps_its_header_beside_a_long_id():
+    from farm.cli.tables import FoldTable
+
+    table = FoldTable("worker", "state", "loaded", whole=("worker",))
+    table.add_row("w-" + "a" * 45 + "@host", "idle", "")  # all the room, but for a floor
+    lines = printed(table, terminal=True, width=60)
+    assert all(len(line) <= 60 for line in lines)
+    assert all(column.width and column.width >= 1 for column in table.columns)
+    assert "l" in "".join(line.split()[-1][:1] for line in lines[:3] if line.split())
+
+
 def test_job_ids_stay_whole_on_an_80_column_terminal_and_names_too_when_wider():
     from farm.cli.tables import FoldTable
 

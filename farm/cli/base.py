@@ -96,7 +96,9 @@ def friendly(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe fails here, not at the interpreter's exit
+            return result
         except FarmError as e:
             message = str(e)
         except BrokenPipeError:  # `farm status | head -1`: the reader has what it wanted
@@ -123,10 +125,9 @@ def fold_table(*headers: str, title: str | None = None, whole: tuple[str, ...] =
 
 
 def _unreachable(e: Exception) -> bool:
-    """A lost connection to Redis (imported only now: the CLI starts without them). Not a
-    reader that left (`farm result ID | head`): click ends those quietly."""
-    if isinstance(e, BrokenPipeError):
-        return False
+    """A lost connection to Redis (imported only now: the CLI starts without them). A
+    reader that left (`farm result ID | head`, a BrokenPipeError: a ConnectionError too)
+    never comes here: `friendly` ends those quietly first."""
     import redis
     from kombu.exceptions import OperationalError as KombuOperationalError
 

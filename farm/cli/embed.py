@@ -16,7 +16,7 @@ from farm.cli.base import Priority, app, friendly, get_settings
 def embed(
     texts: Annotated[
         list[str],
-        typer.Argument(metavar="TEXT...", help="texts to embed ('-' reads one text per line)"),
+        typer.Argument(metavar="TEXT", help="texts to embed ('-' reads one text per line)"),
     ],
     model: Annotated[
         str | None,

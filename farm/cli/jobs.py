@@ -48,55 +48,81 @@ def submit(
     ] = None,
     temperature: Annotated[
         float | None,
-        typer.Option(metavar="X", help="0 to 5; 0 picks the likeliest  [default: 0.8]"),
+        typer.Option(
+            metavar="X", help="0 to 5; 0 picks the likeliest  [default: the model's, else 0.8]"
+        ),
     ] = None,
     top_p: Annotated[
         float | None,
         typer.Option(
             metavar="X",
-            help="draw from the likeliest tokens up to this probability  [default: 0.95]",
+            help="draw from the likeliest tokens up to this probability  [default: the model's, else 0.95]",
         ),
     ] = None,
     top_k: Annotated[
         int | None,
-        typer.Option(metavar="N", help="draw from the N likeliest tokens (0: all)  [default: 40]"),
+        typer.Option(
+            metavar="N",
+            help="draw from the N likeliest tokens (0: all)  [default: the model's, else 40]",
+        ),
     ] = None,
     min_p: Annotated[
         float | None,
         typer.Option(
-            metavar="X", help="drop tokens less likely than X times the likeliest  [default: 0.05]"
+            metavar="X",
+            help="drop tokens less likely than X times the likeliest  [default: the model's, else 0.05]",
         ),
     ] = None,
     typical_p: Annotated[
         float | None,
-        typer.Option(metavar="X", help="locally typical sampling (1: off)  [default: 1]"),
+        typer.Option(
+            metavar="X", help="locally typical sampling (1: off)  [default: the model's, else 1]"
+        ),
     ] = None,
     repeat_penalty: Annotated[
         float | None,
-        typer.Option(metavar="X", help="lower tokens seen in the last N (1: off)  [default: 1]"),
+        typer.Option(
+            metavar="X",
+            help="lower tokens seen in the last N (1: off)  [default: the model's, else 1]",
+        ),
     ] = None,
     presence_penalty: Annotated[
         float | None,
-        typer.Option(metavar="X", help="lower tokens already present (0: off)  [default: 0]"),
+        typer.Option(
+            metavar="X",
+            help="lower tokens already present (0: off)  [default: the model's, else 0]",
+        ),
     ] = None,
     frequency_penalty: Annotated[
         float | None,
         typer.Option(
-            metavar="X", help="lower tokens by how often they occur (0: off)  [default: 0]"
+            metavar="X",
+            help="lower tokens by how often they occur (0: off)  [default: the model's, else 0]",
         ),
     ] = None,
     penalty_last_n: Annotated[
         int | None,
-        typer.Option(metavar="N", help="tokens the penalties look back over  [default: 64]"),
+        typer.Option(
+            metavar="N", help="tokens the penalties look back over  [default: the model's, else 64]"
+        ),
     ] = None,
     mirostat_mode: Annotated[
-        int | None, typer.Option(metavar="N", help="Mirostat sampling: 0 off, 1 or 2  [default: 0]")
+        int | None,
+        typer.Option(
+            metavar="N", help="Mirostat sampling: 0 off, 1 or 2  [default: the model's, else 0]"
+        ),
     ] = None,
     mirostat_tau: Annotated[
-        float | None, typer.Option(metavar="X", help="Mirostat's target surprise  [default: 5]")
+        float | None,
+        typer.Option(
+            metavar="X", help="Mirostat's target surprise  [default: the model's, else 5]"
+        ),
     ] = None,
     mirostat_eta: Annotated[
-        float | None, typer.Option(metavar="X", help="Mirostat's learning rate  [default: 0.1]")
+        float | None,
+        typer.Option(
+            metavar="X", help="Mirostat's learning rate  [default: the model's, else 0.1]"
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(metavar="N", help="the same seed repeats the same draws")
@@ -316,7 +342,7 @@ def follow(
 @app.command()
 @friendly
 def result(
-    job_id: str,
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait")] = None,
 ) -> None:
@@ -328,7 +354,7 @@ def result(
 
 @app.command()
 @friendly
-def cancel(job_id: str) -> None:
+def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB_ID")]) -> None:
     """Cancel a job: a queued one never runs; a running one stops at its next token."""
     import farm
 

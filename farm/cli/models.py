@@ -21,12 +21,14 @@ from farm.cli.base import (
     out,
 )
 
+ModelName = Annotated[str, typer.Argument(metavar="NAME", help="the model's name")]
+
 
 @models_app.command("add")
 @friendly
 def models_add(
-    name: str,
-    path: Path,
+    name: ModelName,
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="the GGUF file")],
     n_ctx: Annotated[int, typer.Option(help="context size in tokens")] = 4096,
     n_gpu_layers: Annotated[int, typer.Option(help="layers on the GPU (-1: all)")] = -1,
     chat_format: Annotated[
@@ -112,7 +114,7 @@ def models_apply(
 @models_app.command("scan")
 @friendly
 def models_scan(
-    folder: Path,
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER")],
     add: Annotated[bool, typer.Option("--add", help="register the files found")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -229,21 +231,21 @@ def _steer(action: str, name: str, worker: str, timeout: float) -> None:
 
 @models_app.command("load")
 @friendly
-def models_load(name: str, worker: WorkerOption, timeout: TimeoutOption = 60.0) -> None:
+def models_load(name: ModelName, worker: WorkerOption, timeout: TimeoutOption = 60.0) -> None:
     """Load a model on a running worker (evicting least recently used ones to fit)."""
     _steer("load", name, worker, timeout)
 
 
 @models_app.command("unload")
 @friendly
-def models_unload(name: str, worker: WorkerOption, timeout: TimeoutOption = 60.0) -> None:
+def models_unload(name: ModelName, worker: WorkerOption, timeout: TimeoutOption = 60.0) -> None:
     """Free a model's memory on a worker (it loads again when a job needs it)."""
     _steer("unload", name, worker, timeout)
 
 
 @models_app.command("remove")
 @friendly
-def models_remove(name: str) -> None:
+def models_remove(name: ModelName) -> None:
     """Remove a model from the registry (its usage history stays)."""
     from farm.registry import queries, transaction
 

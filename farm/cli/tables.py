@@ -77,7 +77,7 @@ class FoldTable(Table):
         ]
         header_word = [max(map(len, str(c.header).split()), default=1) for c in columns]
         room = max_width - _padding(self, console)
-        width = [min(FOLD_FLOOR, w) for w in widest]
+        width = [max(1, min(FOLD_FLOOR, w)) for w in widest]  # 1: a column of empty cells
         if sum(width) > room:
             return
         whole = [i for name in self.whole for i, c in enumerate(columns) if c.header == name]

@@ -114,12 +114,12 @@ def create_app(*, exposed: bool = False) -> FastAPI:
                 if (regex := getattr(route, "path_regex", None)) and regex.match(request.url.path)
                 for method in getattr(route, "methods", None) or ()
             }
-            - {"HEAD"}
         )
-        if e.status_code == 405 and allowed:
+        named = [method for method in allowed if method != "HEAD"]  # HEAD goes with GET
+        if e.status_code == 405 and named:
             headers = {**(headers or {}), "Allow": ", ".join(allowed)}
             message = (
-                f"{request.url.path} takes {' or '.join(allowed)} requests, not {request.method}"
+                f"{request.url.path} takes {' or '.join(named)} requests, not {request.method}"
             )
         elif e.status_code in (404, 405):
             message = (
