@@ -125,9 +125,11 @@ def fold_table(*headers: str, title: str | None = None, whole: tuple[str, ...] =
 
 
 def _unreachable(e: Exception) -> bool:
-    """A lost connection to Redis (imported only now: the CLI starts without them). A
-    reader that left (`farm result ID | head`, a BrokenPipeError: a ConnectionError too)
-    never comes here: `friendly` ends those quietly first."""
+    """A lost connection to Redis (imported only now: the CLI starts without them). Not a
+    reader that left (`farm result ID | head`: a BrokenPipeError, a ConnectionError too),
+    which `friendly` ends quietly."""
+    if isinstance(e, BrokenPipeError):
+        return False
     import redis
     from kombu.exceptions import OperationalError as KombuOperationalError
 
