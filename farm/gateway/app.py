@@ -106,17 +106,9 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     @app.exception_handler(HTTPException)
     def _http_error(request: Request, e: HTTPException) -> JSONResponse:
         headers = e.headers
-        # Starlette's Allow names the first route's methods alone (/v1/files: POST, not GET)
-        allowed = sorted(
-            {
-                method
-                for route in app.router.routes
-                if (regex := getattr(route, "path_regex", None)) and regex.match(request.url.path)
-                for method in getattr(route, "methods", None) or ()
-            }
-        )
+        allowed = _methods(app, request.url.path) if e.status_code == 405 else []
         named = [method for method in allowed if method != "HEAD"]  # HEAD goes with GET
-        if e.status_code == 405 and named:
+        if named:
             headers = {**(headers or {}), "Allow": ", ".join(allowed)}
             message = (
                 f"{request.url.path} takes {' or '.join(named)} requests, not {request.method}"
@@ -196,6 +188,19 @@ def create_app(*, exposed: bool = False) -> FastAPI:
     operator.add_routes(app, session_of)
     openapi.install(app)
     return app
+
+
+def _methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the app's routes take at `path` (Starlette's own Allow header names the
+    first matching route's alone: /v1/files, POST and not GET)."""
+    return sorted(
+        {
+            method
+            for route in app.router.routes
+            if (regex := getattr(route, "path_regex", None)) and regex.match(path)
+            for method in getattr(route, "methods", None) or ()
+        }
+    )
 
 
 def _bearer(request: Request) -> str:
